@@ -1,0 +1,57 @@
+"""`python -m dbkernels`: the environment and which backend can run each op."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "?")
+    except Exception as e:  # noqa: BLE001 - report, never fail
+        return f"not importable ({type(e).__name__})"
+
+
+def main() -> int:
+    import torch
+
+    import dbkernels
+    from dbkernels import _backend, _ext
+
+    print(f"dbkernels {dbkernels.__version__}  python {platform.python_version()}  ({sys.executable})")
+    print(f"torch {torch.__version__}  cuda build {torch.version.cuda}  triton {_version('triton')}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i} {p.name}  sm_{p.major}{p.minor}  {p.total_memory / 2**30:.1f} GiB")
+    else:
+        print("CUDA device: none")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}  "
+          f"DBKERNELS_BACKEND={os.environ.get('DBKERNELS_BACKEND', '') or '(auto)'}")
+    for key, value in _ext.info().items():
+        print(f"ext.{key}: {value}")
+    print()
+    rows = _backend.report()
+    width = max(len(k) for k in rows)
+    print(f"{'op [device]':<{width}}  " + "  ".join(f"{b:<10}" for b in _backend.BACKENDS) + "  chosen")
+    for op_dev, status in rows.items():
+        op, dev = op_dev.split(" [")
+        dev = dev.rstrip("]")
+        try:
+            chosen = _backend.choose(op, dev)
+        except Exception as e:  # noqa: BLE001 - a forced backend that cannot run
+            chosen = f"error: {e}"
+        cells = "  ".join(f"{'yes' if s == 'ok' else 'no':<10}" for s in status.values())
+        print(f"{op_dev:<{width}}  {cells}  {chosen}")
+    reasons = {(b, s) for st in rows.values() for b, s in st.items() if s != "ok"}
+    if reasons:
+        print("\nwhy not:")
+        for b, s in sorted(reasons):
+            print(f"  {b}: {s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

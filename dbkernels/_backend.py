@@ -1,0 +1,154 @@
+"""Which implementation runs an op: cuda (our extension), triton, or reference (PyTorch).
+
+Order of precedence for one call:
+  1. `with dbkernels.force_backend(name):` (thread-local; benchmarks and tests use it)
+  2. the DBKERNELS_BACKEND environment variable (triton | cuda | reference)
+  3. the op's preference list for the tensor's device (first one usable)
+A forced backend that cannot run on the tensor's device raises BackendUnavailable
+with the reason, never silently falls back.
+
+On a machine without a CUDA device, `triton` means the Triton kernels under the
+interpreter: importing dbkernels sets TRITON_INTERPRET=1 there if triton has not
+been imported yet (Triton fixes the mode when each @triton.jit function, its own
+standard library included, is defined; torch imports triton on the first op call).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import threading
+
+BACKENDS = ("cuda", "triton", "reference")
+
+# Per-op order on a CUDA device. Not yet measured on a GPU: CUDA first because it is
+# the hand-fitted kernel; revise from bench/results when a GPU run has compared them.
+GPU_PREFERENCE = {
+    "diffusion_loss": ("cuda", "triton", "reference"),
+    "add_noise": ("cuda", "triton", "reference"),
+}
+# CPU: the reference is the fast path (the Triton interpreter is for testing only).
+CPU_PREFERENCE = ("reference",)
+
+_local = threading.local()
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run here; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def force_backend(name: str | None):
+    """Run every dbkernels op in this thread with backend `name` (None: automatic)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    prev = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def forced_backend() -> str | None:
+    name = getattr(_local, "forced", None)
+    if name is not None:
+        return name
+    env = os.environ.get("DBKERNELS_BACKEND", "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"DBKERNELS_BACKEND must be one of {BACKENDS} (or unset/auto), got {env!r}")
+    return env
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def enable_interpreter_without_gpu() -> None:
+    """Called at `import dbkernels`: no CUDA device -> Triton can only interpret."""
+    import sys
+
+    if triton_interpreting() or "triton" in sys.modules or not triton_installed():
+        return
+    if not _cuda_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _triton_built_for_interpreter() -> bool:
+    """True if triton's own @jit functions were defined in interpreter mode."""
+    import sys
+
+    if "triton" not in sys.modules:
+        return triton_interpreting()
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+def import_triton_kernels(module: str):
+    """Import an op's Triton module (after choose() said triton can run)."""
+    return importlib.import_module(module)
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run on `device_type`, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not triton_installed():
+            return "triton is not installed (pip install triton)"
+        if device_type == "cuda":
+            if triton_interpreting():
+                return "TRITON_INTERPRET=1 is set, so Triton kernels run on CPU tensors only"
+            return None
+        if device_type == "cpu":
+            if not (triton_interpreting() and _triton_built_for_interpreter()):
+                return ("Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                        "before importing triton or dbkernels, or move the tensors to the GPU")
+            return None
+        return f"Triton does not support device type {device_type!r}"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got device type {device_type!r}"
+        from . import _ext
+
+        return _ext.unavailable_reason()
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def choose(op: str, device_type: str) -> str:
+    """The backend that runs `op` for tensors on `device_type`."""
+    forced = forced_backend()
+    if forced is not None:
+        why = unavailable_reason(forced, device_type)
+        if why is not None:
+            raise BackendUnavailable(f"dbkernels backend {forced!r} was forced for {op} but {why}")
+        return forced
+    prefs = GPU_PREFERENCE.get(op, BACKENDS) if device_type == "cuda" else CPU_PREFERENCE
+    for name in prefs:
+        if unavailable_reason(name, device_type) is None:
+            return name
+    return "reference"
+
+
+def report() -> dict[str, dict[str, str]]:
+    """{op: {backend: 'ok' | reason}} for the CPU and (if present) the CUDA device."""
+    devices = ["cpu"] + (["cuda"] if _cuda_available() else [])
+    out = {}
+    for op in GPU_PREFERENCE:
+        for dev in devices:
+            out[f"{op} [{dev}]"] = {b: unavailable_reason(b, dev) or "ok" for b in BACKENDS}
+    return out
