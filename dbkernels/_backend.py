@@ -22,12 +22,9 @@ import threading
 
 BACKENDS = ("cuda", "triton", "reference")
 
-# Per-op order on a CUDA device. Not yet measured on a GPU: CUDA first because it is
-# the hand-fitted kernel; revise from bench/results when a GPU run has compared them.
-GPU_PREFERENCE = {
-    "diffusion_loss": ("cuda", "triton", "reference"),
-    "add_noise": ("cuda", "triton", "reference"),
-}
+# op -> the backends it implements, in the order tried on a CUDA device. Each op
+# module calls register_op() when imported; "reference" is always implemented.
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {}
 # CPU: the reference is the fast path (the Triton interpreter is for testing only).
 CPU_PREFERENCE = ("reference",)
 
@@ -49,6 +46,14 @@ def force_backend(name: str | None):
         yield
     finally:
         _local.forced = prev
+
+
+def register_op(op: str, gpu_preference: tuple[str, ...]) -> None:
+    """Declare `op` and its backends, fastest first on a GPU (as measured, where measured)."""
+    unknown = set(gpu_preference) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backend(s) {sorted(unknown)} for {op}; expected some of {BACKENDS}")
+    GPU_PREFERENCE[op] = tuple(gpu_preference) + (() if "reference" in gpu_preference else ("reference",))
 
 
 def forced_backend() -> str | None:
@@ -133,6 +138,9 @@ def choose(op: str, device_type: str) -> str:
     """The backend that runs `op` for tensors on `device_type`."""
     forced = forced_backend()
     if forced is not None:
+        if op in GPU_PREFERENCE and forced not in GPU_PREFERENCE[op]:
+            raise BackendUnavailable(f"dbkernels backend {forced!r} was forced but {op} has no {forced} "
+                                     f"implementation (it has: {', '.join(GPU_PREFERENCE[op])})")
         why = unavailable_reason(forced, device_type)
         if why is not None:
             raise BackendUnavailable(f"dbkernels backend {forced!r} was forced for {op} but {why}")
@@ -150,5 +158,6 @@ def report() -> dict[str, dict[str, str]]:
     out = {}
     for op in GPU_PREFERENCE:
         for dev in devices:
-            out[f"{op} [{dev}]"] = {b: unavailable_reason(b, dev) or "ok" for b in BACKENDS}
+            out[f"{op} [{dev}]"] = {b: (unavailable_reason(b, dev) or "ok") if b in GPU_PREFERENCE[op]
+                                    else f"{op} has no {b} implementation" for b in BACKENDS}
     return out
