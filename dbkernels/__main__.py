@@ -30,10 +30,8 @@ def main() -> int:
         print("CUDA device: none")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}  "
           f"DBKERNELS_BACKEND={os.environ.get('DBKERNELS_BACKEND', '') or '(auto)'}")
-    for key, value in _ext.info().items():
-        print(f"ext.{key}: {value}")
     print()
-    rows = _backend.report()
+    rows = _backend.report()  # probes the extension (a JIT build on a GPU machine without _C)
     width = max(len(k) for k in rows)
     print(f"{'op [device]':<{width}}  " + "  ".join(f"{b:<10}" for b in _backend.BACKENDS) + "  chosen")
     for op_dev, status in rows.items():
@@ -45,6 +43,11 @@ def main() -> int:
             chosen = f"error: {e}"
         cells = "  ".join(f"{'yes' if s == 'ok' else 'no':<10}" for s in status.values())
         print(f"{op_dev:<{width}}  {cells}  {chosen}")
+    print()
+    why = _ext.unavailable_reason()
+    print(f"CUDA extension: {'usable' if why is None else 'off: ' + why}")
+    for key, value in _ext.info().items():
+        print(f"ext.{key}: {value}")
     reasons = {(b, s) for st in rows.values() for b, s in st.items() if s != "ok"}
     if reasons:
         print("\nwhy not:")
