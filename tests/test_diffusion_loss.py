@@ -321,6 +321,7 @@ def _bad(**over):
     (dict(noise_offset=torch.randn(2, 3)), ValueError, r"noise_offset must have shape \(batch, channels\)"),
     (dict(pred=torch.randn(8)), ValueError, "pred must have at least 2 dimensions"),
     (dict(pred=[1.0]), TypeError, "pred must be a torch.Tensor"),
+    (dict(x0=torch.randn(2, 4, 4, 4, requires_grad=True)), ValueError, "w.r.t. pred only, but x0 requires grad"),
 ])
 def test_bad_input_names_the_argument(over, exc, match):
     with pytest.raises(exc, match=match):

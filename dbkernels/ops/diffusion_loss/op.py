@@ -206,6 +206,11 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[torch.T
         raise ValueError(f"snr_gamma must be None or > 0 (5.0 is the usual choice), got {snr_gamma}")
     x0c, noise_c, t, ac, off = _prepare(x0, noise, timesteps, alphas_cumprod, noise_offset, seed, validate,
                                         pred=pred)
+    if torch.is_grad_enabled():
+        for name, x in (("x0", x0), ("noise", noise), ("noise_offset", noise_offset)):
+            if x is not None and x.requires_grad:
+                raise ValueError(f"diffusion_loss is differentiable w.r.t. pred only, but {name} requires grad; "
+                                 f"pass {name}.detach() (e.g. latents encoded by a frozen VAE)")
     return _DiffusionLoss.apply(pred.contiguous(), x0c, noise_c, off, t, ac,
                                 PREDICTION_TYPES.index(prediction_type), num_prior, prior_weight,
                                 -1.0 if snr_gamma is None else float(snr_gamma), 0 if seed is None else seed)
