@@ -1,0 +1,233 @@
+"""The DreamBooth trainer end to end on a tiny SD model built locally (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from trainer import cli
+from trainer.tiny_sd import build_tiny_sd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd")
+
+
+def make_images(folder: Path, n=3, size=(40, 48)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        im = Image.new("RGB", size, (200, 40 * k, 40))
+        ImageDraw.Draw(im).ellipse((4 + k, 6, 30, 36), fill=(20, 200, 90))
+        im.save(folder / f"img{k}.png")
+    return folder
+
+
+def args(model, tmp_path, *extra, steps=4):
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(tmp_path / "inst"),
+            "--instance_prompt", "a photo of [V] toy", "--output_dir", str(tmp_path / "out"),
+            "--resolution", "32", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
+            "--log_every", "1", "--seed", "3", *extra]
+
+
+def run_cli(argv, capsys=None):
+    code = cli.main(argv)
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+
+def unet_state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+FAST = ["--optimizer", "adamw", "--kernels", "off"]
+
+
+def test_full_run_with_prior_preservation_loads_and_samples(tiny_model, tmp_path, capsys):
+    make_images(tmp_path / "inst")
+    cls = tmp_path / "cls"
+    make_images(cls, n=1)  # one image already there: it must be kept, and only 3 generated
+    before = (cls / "img0.png").read_bytes()
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, "--with_prior_preservation", "--class_prompt", "a photo of toy",
+                             "--class_data_dir", str(cls), "--num_class_images", "4", "--class_inference_steps", "2",
+                             "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+                             "--validation_prompt", "a [V] toy in the snow", "--validation_steps", "2",
+                             "--num_validation_images", "2", "--identifier", "auto", *FAST)], capsys)
+    assert code == 0, err
+    assert (cls / "img0.png").read_bytes() == before
+    assert len(list(cls.glob("*.png"))) == 4
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not list(out.glob(".tmp-*"))
+    assert (out / "validation" / "step-000002.png").is_file()
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    for r in log:
+        assert r["loss_prior"] is not None and abs(r["loss"] - (r["loss_instance"] + r["loss_prior"])) < 1e-4
+    # the output is a diffusers folder that StableDiffusionPipeline loads as is
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    img = pipe("a photo of toy", num_inference_steps=2, height=32, width=32).images[0]
+    assert img.size == (32, 32)
+    # and training changed the UNet
+    base = unet_state(Path(tiny_model))
+    assert any(not torch.equal(v, base[k]) for k, v in unet_state(out).items())
+    # dbtrain sample writes PNGs and a grid
+    code, err = run_cli(["sample", "--model", str(out), "--prompt", "a photo of sks toy", "--num_images", "2",
+                         "--steps", "2", "--resolution", "32", "--out", str(tmp_path / "samples")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "001.png").is_file()
+
+
+def test_text_encoder_training(tiny_model, tmp_path, capsys):
+    make_images(tmp_path / "inst")
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, "--train_text_encoder", "--center_crop",
+                                        "--random_flip", *FAST, steps=3)], capsys)
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    new = load_file(tmp_path / "out" / "text_encoder" / "model.safetensors")
+    old = load_file(Path(tiny_model) / "text_encoder" / "model.safetensors")
+    assert any(not torch.equal(v, old[k]) for k, v in new.items())
+
+
+def _train_cmd(model, tmp_path, out, *extra):
+    a = args(model, tmp_path, "--checkpointing_steps", "2", *FAST, *extra, steps=8)
+    a[a.index("--output_dir") + 1] = str(out)
+    return [sys.executable, "-m", "trainer", "train", *a]
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_model, tmp_path):
+    make_images(tmp_path / "inst")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(tiny_model, tmp_path, full), check=True, env=env, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tiny_model, tmp_path, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = killed / "logs" / "train_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # at whatever point step 3+ happens to be
+    proc.wait()
+    assert not (killed / "model_index.json").exists() or proc.returncode == 0
+    subprocess.run(_train_cmd(tiny_model, tmp_path, killed, "--resume_from_checkpoint", "latest"), check=True,
+                   env=env, capture_output=True, timeout=300)
+    a, b = unet_state(full), unet_state(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------ bad input
+
+def _one_line_error(code, err, match):
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [x for x in err.strip().splitlines() if x.startswith("dbtrain: error:")]
+    assert len(lines) == 1 and match in lines[0], err
+
+
+def test_bad_inputs_give_one_clear_line(tiny_model, tmp_path, capsys):
+    # missing instance folder
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
+    _one_line_error(code, err, "instance image folder")
+    # empty folder (only a non-image file)
+    (tmp_path / "inst").mkdir()
+    (tmp_path / "inst" / "notes.txt").write_text("not an image")
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
+    _one_line_error(code, err, "holds no images")
+    # a corrupt image is named
+    (tmp_path / "inst" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
+    _one_line_error(code, err, "broken.png")
+    (tmp_path / "inst" / "broken.png").unlink()
+    make_images(tmp_path / "inst")
+    # resolution not a multiple of 8
+    a = args(tiny_model, tmp_path, *FAST)
+    a[a.index("--resolution") + 1] = "30"
+    code, err = run_cli(["train", *a], capsys)
+    _one_line_error(code, err, "multiple of 8")
+    # prior preservation without a class prompt
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, "--with_prior_preservation", "--class_data_dir",
+                                        str(tmp_path / "cls"), *FAST)], capsys)
+    _one_line_error(code, err, "--class_prompt")
+    # a model folder missing components lists them
+    broken = tmp_path / "model"
+    (broken / "unet").mkdir(parents=True)
+    a = args(broken, tmp_path, *FAST)
+    code, err = run_cli(["train", *a], capsys)
+    _one_line_error(code, err, "missing: unet (config.json + weights), vae, text_encoder, tokenizer, scheduler")
+    # an output folder holding a previous run is refused, never overwritten
+    out = tmp_path / "out"
+    assert not out.exists()  # the failed runs above created nothing
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
+    _one_line_error(code, err, "holds a previous run")
+    assert (out / "model_index.json").read_text() == "{}"
+    # non-image files are skipped with a warning (and the run goes on)
+    import shutil
+
+    shutil.rmtree(out)
+    with pytest.warns(UserWarning, match="not images: notes.txt"):
+        code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST, steps=1)], capsys)
+    assert code == 0, err
+
+
+def test_out_of_memory_names_the_options(tiny_model, tmp_path, capsys, monkeypatch):
+    make_images(tmp_path / "inst")
+    from diffusers import UNet2DConditionModel
+
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", boom)
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
+    _one_line_error(code, err, "out of GPU memory; options that would help: --gradient_checkpointing")
+    assert "--mixed_precision bf16" in err
+
+
+def test_config_file_and_flag_override(tiny_model, tmp_path):
+    from trainer import config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('learning_rate = 3e-6\nmax_train_steps = 7\ninstance_prompt = "a [V] dog"\n')
+    cfg = config.parse(["--config", str(toml), "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                        "--max_train_steps", "9"])
+    assert cfg.learning_rate == 3e-6 and cfg.max_train_steps == 9 and cfg.instance_prompt == "a [V] dog"
+    toml.write_text("learning_rte = 1\n")
+    with pytest.raises(config.UserError, match="unknown option"):
+        config.parse(["--config", str(toml)])
+
+
+def test_identifier_auto_picks_a_rare_single_token(tiny_model):
+    from transformers import CLIPTokenizer
+
+    from trainer.models import pick_identifier
+
+    tok = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    word = pick_identifier(tok, "toy", seed=0)
+    assert len(tok.tokenize(word)) == 1 and 2 <= len(word) <= 3
+    assert word in ("sks", "zwx", "qlo", "vyt")

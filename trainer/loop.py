@@ -1,0 +1,431 @@
+"""The DreamBooth training loop, top to bottom.
+
+Every random draw of a step (which images, crops, flips, VAE samples, noise,
+timesteps) comes from generators seeded by (seed, step, micro-step), so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import dbkernels
+from dbkernels.ops.diffusion_loss import reference as loss_reference
+
+from . import checkpoint
+from .config import UserError
+from .data import ImageSet, list_images, make_grid
+from .models import load_components, pick_identifier
+from .prior import generate_class_images
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _step_seed(seed: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 1009 + micro) % (1 << 62)
+
+
+def prepare_output_dir(cfg) -> Path | None:
+    """Refuse to overwrite a previous run; returns the checkpoint to resume from."""
+    out = Path(cfg.output_dir)
+    checkpoint.remove_stale_temporaries(out)
+    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)
+    previous = [p.name for p in (out / "model_index.json", out / "logs") if p.exists()]
+    previous += [p.name for _, p in checkpoint.list_checkpoints(out)]
+    if previous and resume is None:
+        hint = ("--resume_from_checkpoint latest found no checkpoint to continue; "
+                if cfg.resume_from_checkpoint else "")
+        raise UserError(f"output_dir {out} holds a previous run ({', '.join(sorted(previous)[:3])}); {hint}"
+                        f"pass --resume_from_checkpoint latest to continue it, or choose a new --output_dir")
+    return resume
+
+
+def make_optimizer(cfg, params):
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+              eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw8bit":
+        from dbkernels.optim import AdamW8bit
+
+        return AdamW8bit(params, **kw)
+    if cfg.optimizer == "bnb8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise UserError("--optimizer bnb8bit needs bitsandbytes (pip install bitsandbytes)") from e
+        return bnb.optim.AdamW8bit(params, **kw)
+    fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kw)
+
+
+def load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint folder {folder} has no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    model.load_state_dict(state)
+
+
+def encode_prompt(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+class Batches:
+    """Makes each step's batch: [instance rows; class rows] latents and prompt embeddings.
+
+    Latents of images whose preprocessing is deterministic are encoded once and kept as
+    the VAE's (mean, std); a step samples mean + std * noise from them. Other images
+    (random crops of non-square images) are encoded when drawn.
+    """
+
+    def __init__(self, cfg, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype):
+        self.cfg, self.inst, self.cls, self.device = cfg, inst, cls, device
+        self.vae = comps.vae.to(device, dtype=vae_dtype).eval().requires_grad_(False)
+        self.vae_dtype = vae_dtype
+        self.scale = comps.vae.config.scaling_factor
+        self.tokenizer, self.text_encoder = comps.tokenizer, comps.text_encoder
+        self.train_te = cfg.train_text_encoder
+        self.prompts = prompts
+        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        for which, images in (("inst", inst), ("cls", cls)):
+            for i in range(len(images) if images is not None else 0):
+                if images.cacheable(i):
+                    for flip in images.variants(i):
+                        self.cache[(which, i, flip)] = self._encode(images.fixed_view(i, flip)[None])
+        self.all_cached = all(images.cacheable(i) for images in (inst, cls) if images is not None
+                              for i in range(len(images)))
+        if self.all_cached:  # the VAE is not needed again until export/validation
+            self.vae.to("cpu")
+        self.embeds = None
+        if not self.train_te:  # prompt embeddings are fixed: encode once, text encoder leaves the GPU
+            with torch.no_grad():
+                te = self.text_encoder.to(device)
+                self.embeds = {k: encode_prompt(self.tokenizer, te, [p], device) for k, p in prompts.items()}
+                te.to("cpu")
+
+    @torch.no_grad()
+    def _encode(self, px: torch.Tensor):
+        dist = self.vae.encode(px.to(self.device, self.vae_dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def make(self, step: int, micro: int):
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro))
+        rows, keys = [], []
+        for which, images, n in (("inst", self.inst, cfg.train_batch_size),
+                                 ("cls", self.cls, cfg.train_batch_size if self.cls is not None else 0)):
+            for _ in range(n):
+                i = int(torch.randint(0, len(images), (), generator=gen))
+                if images.cacheable(i):
+                    flip = bool(torch.randint(0, 2, (), generator=gen)) if images.random_flip else False
+                    mean, std = self.cache[(which, i, flip)]
+                else:  # a random crop: encode this view now
+                    px, _ = images.tensor(i, gen)
+                    mean, std = self._encode(px[None])
+                eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+                rows.append((mean + std * eps) * self.scale)
+                keys.append(which)
+        latents = torch.cat(rows).to(self.device)
+        if self.embeds is not None:
+            emb = torch.cat([self.embeds[k] for k in keys])
+        else:
+            emb = encode_prompt(self.tokenizer, self.text_encoder, [self.prompts[k] for k in keys], self.device)
+        return latents, emb, gen
+
+
+def train(cfg) -> Path:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(cfg.output_dir)
+    resume = prepare_output_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    comps = load_components(cfg.pretrained_model_name_or_path)
+
+    # --- prompts, with [V] replaced by the identifier ---
+    class_word = cfg.class_prompt.split()[-1] if cfg.class_prompt else None
+    ident = pick_identifier(comps.tokenizer, class_word, cfg.seed) if cfg.identifier == "auto" else cfg.identifier
+    print(f"identifier: {ident}")
+    sub = (lambda s: s.replace("[V]", ident) if s else s)
+    prompts = {"inst": sub(cfg.instance_prompt)}
+    if cfg.with_prior_preservation:
+        prompts["cls"] = cfg.class_prompt
+
+    # --- data (class images generated first if missing) ---
+    half = HALF.get(cfg.mixed_precision) if device.type == "cuda" else None
+    inst = ImageSet(list_images(cfg.instance_data_dir, "instance image"), cfg.resolution,
+                    center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+    cls = None
+    if cfg.with_prior_preservation:
+        made = generate_class_images(cfg, device, half or torch.float32)
+        if made:
+            print(f"generated {made} class image(s) in {cfg.class_data_dir}")
+        files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
+        cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
+
+    # --- trainable models ---
+    unet, te = comps.unet, comps.text_encoder
+    weights_dtype = torch.bfloat16 if cfg.weights_dtype == "bf16" else torch.float32
+    unet.to(device, dtype=weights_dtype).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.kernels:
+        from dbkernels.diffusers import use_fused_attention
+
+        use_fused_attention(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    models = {"unet": unet}
+    if cfg.train_text_encoder:
+        te.to(device, dtype=weights_dtype).train()
+        if cfg.gradient_checkpointing:
+            te.gradient_checkpointing_enable()
+        params += [p for p in te.parameters() if p.requires_grad]
+        models["text_encoder"] = te
+    else:
+        te.requires_grad_(False)
+
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(cfg, params)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
+    hook = None
+    if cfg.step_in_backward:
+        if scaler is not None:
+            raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+        from dbkernels.optim import step_in_backward
+
+        hook = step_in_backward(unet if not cfg.train_text_encoder else torch.nn.ModuleList([unet, te]),
+                                optimizer)
+
+    start = 0
+    if resume is not None:
+        for name, model in models.items():
+            load_weights(model, resume / name)
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=False))
+        lr_scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=False))
+        if scaler is not None and (resume / "scaler.pt").exists():
+            scaler.load_state_dict(torch.load(resume / "scaler.pt", weights_only=False))
+        checkpoint.set_rng_state(torch.load(resume / "rng_state.pt", weights_only=False))
+        start = checkpoint.load_state(resume)["step"]
+        print(f"resumed from {resume} at step {start}")
+
+    ac = comps.noise_scheduler.alphas_cumprod.to(device, torch.float32)
+    num_t = ac.shape[0]
+    n_prior = cfg.train_batch_size if cls is not None else 0
+    autocast = (torch.autocast(device.type, dtype=HALF[cfg.mixed_precision])
+                if cfg.mixed_precision != "no" else contextlib.nullcontext())
+    def backend():  # kernels off: every dbkernels op runs its PyTorch reference
+        return contextlib.nullcontext() if cfg.kernels else dbkernels.force_backend("reference")
+
+    log = _Log(out, cfg)
+    skipped = 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="train",
+               unit="step")
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            finite = True
+            for micro in range(cfg.gradient_accumulation_steps):
+                latents, emb, gen = batches.make(step, micro)
+                dgen = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step, micro) + 1)
+                noise = torch.randn(latents.shape, generator=dgen, device=device)
+                offset = (cfg.offset_noise * torch.randn(latents.shape[:2], generator=dgen, device=device)
+                          if cfg.offset_noise else None)
+                t = torch.randint(0, num_t, (latents.shape[0],), generator=dgen, device=device)
+                with backend():
+                    x_t = dbkernels.add_noise(latents, noise, t, ac, noise_offset=offset, validate=False)
+                    with autocast:
+                        pred = unet(x_t.to(weights_dtype), t, encoder_hidden_states=emb.to(weights_dtype)).sample
+                    loss = dbkernels.diffusion_loss(pred, latents, noise, t, ac,
+                                                    prediction_type=comps.prediction_type, num_prior=n_prior,
+                                                    prior_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                                                    noise_offset=offset, validate=False)
+                if not torch.isfinite(loss):  # never train on NaN: skip the whole step
+                    finite = False
+                    break
+                loss = loss / cfg.gradient_accumulation_steps
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            stepped = finite and _optimizer_step(cfg, optimizer, scaler, params, hook)
+            if not stepped:
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_train_steps:
+                terms = _loss_terms(pred, latents, noise, t, ac, comps.prediction_type, n_prior, cfg, offset)
+                rec = log.write(done, loss.item() * cfg.gradient_accumulation_steps, terms, lr_scheduler.get_last_lr()[0],
+                                (time.perf_counter() - t0) * 1000, device, skipped)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
+            if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+                checkpoint.save(out, done, models=models, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                scaler=scaler, config=cfg_dict(cfg), total_limit=cfg.checkpoints_total_limit)
+            if cfg.validation_prompt and done % cfg.validation_steps == 0:
+                validate(cfg, comps, unet, te, sub(cfg.validation_prompt), device, out / "validation",
+                         f"step-{done:06d}")
+        if skipped > cfg.max_train_steps // 2:
+            raise UserError(f"{skipped} of {cfg.max_train_steps} steps had a non-finite loss or gradient and were "
+                            f"skipped; lower --learning_rate or use --mixed_precision bf16")
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(oom_advice(cfg)) from e
+    finally:
+        bar.close()
+        log.close()
+        if hook is not None:
+            hook.remove()
+    export(cfg, unet, te if cfg.train_text_encoder else None, out)
+    print(f"saved the trained model to {out} ({skipped} skipped step(s))")
+    return out
+
+
+def _optimizer_step(cfg, optimizer, scaler, params, hook) -> bool:
+    """Clip and step; False if the step was skipped for non-finite gradients."""
+    if hook is not None:  # the update already happened inside backward
+        return True
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    if scaler is not None:
+        before = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update itself on inf/NaN gradients
+        scaler.update()
+        ok = scaler.get_scale() >= before
+    elif norm is not None and not torch.isfinite(norm):
+        ok = False
+    else:
+        optimizer.step()
+        ok = True
+    optimizer.zero_grad(set_to_none=True)
+    return ok
+
+
+def _loss_terms(pred, latents, noise, t, ac, prediction_type, n_prior, cfg, offset):
+    """(instance loss, prior loss) of the last micro-batch, for the log (reference math)."""
+    with torch.no_grad():
+        rows = loss_reference.per_sample_loss(pred.detach(), latents, noise, t, ac, prediction_type=prediction_type,
+                                              snr_gamma=cfg.snr_gamma, noise_offset=offset)
+    n_inst = rows.shape[0] - n_prior
+    inst = rows[:n_inst].mean().item()
+    prior = rows[n_inst:].mean().item() if n_prior else None
+    return inst, prior
+
+
+def cfg_dict(cfg) -> dict:
+    return {k: v for k, v in vars(cfg).items()}
+
+
+def oom_advice(cfg) -> str:
+    tips = []
+    if not cfg.gradient_checkpointing:
+        tips.append("--gradient_checkpointing")
+    if cfg.mixed_precision == "no":
+        tips.append("--mixed_precision bf16")
+    if cfg.optimizer != "adamw8bit":
+        tips.append("--optimizer adamw8bit")
+    if not cfg.step_in_backward and cfg.gradient_accumulation_steps == 1:
+        tips.append("--step_in_backward")
+    if cfg.weights_dtype == "fp32":
+        tips.append("--weights_dtype bf16")
+    if cfg.train_batch_size > 1:
+        tips.append("--train_batch_size 1")
+    if cfg.train_text_encoder:
+        tips.append("dropping --train_text_encoder")
+    tips.append(f"a lower --resolution than {cfg.resolution}")
+    return "out of GPU memory; options that would help: " + ", ".join(tips)
+
+
+class _Log:
+    """JSONL log (output_dir/logs/train_log.jsonl) and TensorBoard when installed."""
+
+    def __init__(self, out: Path, cfg):
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.f = open(out / "logs" / "train_log.jsonl", "a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "logs"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def write(self, step, loss, terms, lr, ms, device, skipped) -> dict:
+        rec = {"step": step, "loss": float(loss), "loss_instance": terms[0], "loss_prior": terms[1], "lr": lr,
+               "ms_per_step": round(ms, 2), "it_per_s": round(1000.0 / ms, 3) if ms > 0 else None,
+               "peak_vram_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                                if device.type == "cuda" else None),
+               "skipped_steps": skipped}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        return rec
+
+    def close(self):
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _pipeline(cfg, unet, te):
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"unet": unet}
+    if te is not None:
+        kw["text_encoder"] = te
+    return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None,
+                                                   requires_safety_checker=False, dtype=unet.dtype, **kw)
+
+
+@torch.no_grad()
+def validate(cfg, comps, unet, te, prompt, device, folder: Path, name: str) -> Path:
+    was_training = unet.training
+    unet.eval()
+    pipe = _pipeline(cfg, unet, te if cfg.train_text_encoder else None).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
+    images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
+                  width=cfg.resolution, num_inference_steps=25).images
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    make_grid(images).save(path)
+    unet.train(was_training)
+    return path
+
+
+def export(cfg, unet, te, out: Path) -> None:
+    """The output folder as a diffusers StableDiffusionPipeline (safetensors), written atomically."""
+    pipe = _pipeline(cfg, unet, te)
+    tmp = out / ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for item in sorted(tmp.iterdir()):
+        dest = out / item.name
+        if dest.exists():
+            old = out / f".tmp-old-{item.name}"
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            os.rename(dest, old)
+            os.rename(item, dest)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.rename(item, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+

@@ -1,0 +1,92 @@
+"""Loading a local diffusers SD folder (1.x / 2.x, epsilon or v-prediction)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
+                 "model.safetensors.index.json")
+
+
+def check_model_folder(path) -> Path:
+    """The folder, or a UserError listing every missing component."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"model folder {root} does not exist (a local diffusers folder is required; "
+                        f"nothing is downloaded)")
+    missing = []
+    for comp in COMPONENTS:
+        d = root / comp
+        if not d.is_dir():
+            missing.append(comp)
+        elif comp == "tokenizer":
+            if not (d / "vocab.json").is_file() and not (d / "tokenizer.json").is_file():
+                missing.append("tokenizer (vocab.json)")
+        elif comp == "scheduler":
+            if not (d / "scheduler_config.json").is_file():
+                missing.append("scheduler (scheduler_config.json)")
+        elif not (d / "config.json").is_file() or not any((d / f).is_file() for f in _WEIGHT_FILES):
+            missing.append(f"{comp} (config.json + weights)")
+    if missing:
+        raise UserError(f"model folder {root} is missing: {', '.join(missing)}")
+    return root
+
+
+@dataclass
+class Components:
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    noise_scheduler: object
+    prediction_type: str
+
+
+def load_components(path) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = check_model_folder(path)
+    sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    # Training always uses the DDPM forward process of the model's own beta schedule.
+    noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+    prediction_type = sched_cfg.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(f"{root}/scheduler: unsupported prediction_type {prediction_type!r}")
+    return Components(
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        noise_scheduler=noise_scheduler,
+        prediction_type=prediction_type,
+    )
+
+
+def pick_identifier(tokenizer, class_word: str | None, seed: int) -> str:
+    """A rare single-token word, as the paper picks its identifier.
+
+    Candidates: whole-word vocabulary entries of 2-3 lowercase letters that the tokenizer
+    maps back to exactly one token; the rarest quarter of them by merge rank (BPE adds
+    rarer merges later, so higher ids are rarer); then one chosen with `seed`.
+    """
+    import random
+
+    vocab = tokenizer.get_vocab()
+    cands = []
+    for tok, idx in vocab.items():
+        word = tok[:-4] if tok.endswith("</w>") else None
+        if word and 2 <= len(word) <= 3 and word.isalpha() and word.islower() and word != class_word:
+            if tokenizer.tokenize(word) == [tok]:
+                cands.append((idx, word))
+    if not cands:
+        raise UserError("--identifier auto: the tokenizer has no rare 2-3 letter single-token word; "
+                        "pass --identifier <word>")
+    cands.sort()
+    rare = cands[-max(1, len(cands) // 4):]
+    return random.Random(seed).choice(rare)[1]

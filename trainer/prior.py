@@ -1,0 +1,60 @@
+"""Prior preservation: the frozen model draws the class images before training.
+
+Only the missing number is generated, into new files (never over one already there),
+each written to a temporary name and renamed, so a run killed while generating resumes
+where it stopped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import list_images
+
+
+def generate_class_images(cfg, device: torch.device, dtype: torch.dtype) -> int:
+    """Make class_data_dir hold num_class_images images; returns how many were generated."""
+    folder = Path(cfg.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(list_images(folder, "class image", allow_empty=True))
+    missing = cfg.num_class_images - have
+    if missing <= 0:
+        return 0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, dtype=dtype,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    made = 0
+    size = cfg.resolution
+    with tqdm(total=missing, desc="class images", unit="img") as bar:
+        while made < missing:
+            n = min(cfg.sample_batch_size, missing - made)
+            first = have + made  # index of the first new image: the seed depends on it only
+            gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + first + k) for k in range(n)]
+            images = pipe([cfg.class_prompt] * n, num_inference_steps=cfg.class_inference_steps, generator=gens,
+                          height=size, width=size).images
+            for k, img in enumerate(images):
+                path = _free_name(folder, first + k)
+                tmp = path.with_name("." + path.name + ".tmp")
+                img.save(tmp, format="PNG")
+                os.replace(tmp, path)
+            made += n
+            bar.update(n)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return made
+
+
+def _free_name(folder: Path, index: int) -> Path:
+    k = 0
+    while True:
+        path = folder / (f"class-{index:05d}.png" if k == 0 else f"class-{index:05d}-{k}.png")
+        if not path.exists():
+            return path
+        k += 1
