@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,37 +145,29 @@ class Batches:
         return latents, emb, gen
 
 
-def train(cfg) -> Path:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(cfg.output_dir)
-    resume = prepare_output_dir(cfg)
-    torch.manual_seed(cfg.seed)
-    comps = load_components(cfg.pretrained_model_name_or_path)
+@dataclass
+class Run:
+    """Everything a training step needs (built by setup(), used by train() and bench)."""
 
-    # --- prompts, with [V] replaced by the identifier ---
-    class_word = cfg.class_prompt.split()[-1] if cfg.class_prompt else None
-    ident = pick_identifier(comps.tokenizer, class_word, cfg.seed) if cfg.identifier == "auto" else cfg.identifier
-    print(f"identifier: {ident}")
-    sub = (lambda s: s.replace("[V]", ident) if s else s)
-    prompts = {"inst": sub(cfg.instance_prompt)}
-    if cfg.with_prior_preservation:
-        prompts["cls"] = cfg.class_prompt
+    cfg: object
+    device: torch.device
+    batches: Batches
+    unet: torch.nn.Module
+    te: torch.nn.Module
+    models: dict
+    params: list
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scaler: object
+    hook: object
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    n_prior: int
+    weights_dtype: torch.dtype
 
-    # --- data (class images generated first if missing) ---
-    half = HALF.get(cfg.mixed_precision) if device.type == "cuda" else None
-    inst = ImageSet(list_images(cfg.instance_data_dir, "instance image"), cfg.resolution,
-                    center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-    cls = None
-    if cfg.with_prior_preservation:
-        made = generate_class_images(cfg, device, half or torch.float32)
-        if made:
-            print(f"generated {made} class image(s) in {cfg.class_data_dir}")
-        files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
-        cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32)
-    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
 
-    # --- trainable models ---
+def setup(cfg, comps, batches: Batches, device) -> Run:
+    """Trainable models on the device, optimizer, lr schedule, loss scaler."""
     unet, te = comps.unet, comps.text_encoder
     weights_dtype = torch.bfloat16 if cfg.weights_dtype == "bf16" else torch.float32
     unet.to(device, dtype=weights_dtype).train()
@@ -207,29 +200,112 @@ def train(cfg) -> Path:
             raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
         from dbkernels.optim import step_in_backward
 
-        hook = step_in_backward(unet if not cfg.train_text_encoder else torch.nn.ModuleList([unet, te]),
-                                optimizer)
+        hook = step_in_backward(torch.nn.ModuleList(list(models.values())), optimizer)
+    return Run(cfg=cfg, device=device, batches=batches, unet=unet, te=te, models=models, params=params,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, hook=hook,
+               alphas_cumprod=comps.noise_scheduler.alphas_cumprod.to(device, torch.float32),
+               prediction_type=comps.prediction_type,
+               n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype)
 
-    start = 0
-    if resume is not None:
-        for name, model in models.items():
-            load_weights(model, resume / name)
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=False))
-        lr_scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=False))
-        if scaler is not None and (resume / "scaler.pt").exists():
-            scaler.load_state_dict(torch.load(resume / "scaler.pt", weights_only=False))
-        checkpoint.set_rng_state(torch.load(resume / "rng_state.pt", weights_only=False))
-        start = checkpoint.load_state(resume)["step"]
-        print(f"resumed from {resume} at step {start}")
 
-    ac = comps.noise_scheduler.alphas_cumprod.to(device, torch.float32)
-    num_t = ac.shape[0]
-    n_prior = cfg.train_batch_size if cls is not None else 0
+def resume_run(run: Run, folder: Path) -> int:
+    """Load a checkpoint into the run; returns its step."""
+    for name, model in run.models.items():
+        load_weights(model, folder / name)
+    run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    run.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    if run.scaler is not None and (folder / "scaler.pt").exists():
+        run.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
+    checkpoint.set_rng_state(torch.load(folder / "rng_state.pt", weights_only=False))
+    step = checkpoint.load_state(folder)["step"]
+    print(f"resumed from {folder} at step {step}")
+    return step
+
+
+@dataclass
+class StepResult:
+    loss: float
+    stepped: bool
+    last: tuple  # (pred, latents, noise, t, offset) of the last micro-batch, for the log
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step: gradient_accumulation_steps forward/backward passes, clip, update."""
+    cfg, device = run.cfg, run.device
     autocast = (torch.autocast(device.type, dtype=HALF[cfg.mixed_precision])
                 if cfg.mixed_precision != "no" else contextlib.nullcontext())
-    def backend():  # kernels off: every dbkernels op runs its PyTorch reference
-        return contextlib.nullcontext() if cfg.kernels else dbkernels.force_backend("reference")
+    backend = contextlib.nullcontext() if cfg.kernels else dbkernels.force_backend("reference")
+    total, finite = 0.0, True
+    with backend:  # kernels off: every dbkernels op runs its PyTorch reference
+        for micro in range(cfg.gradient_accumulation_steps):
+            latents, emb, _ = run.batches.make(step, micro)
+            dgen = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step, micro) + 1)
+            noise = torch.randn(latents.shape, generator=dgen, device=device)
+            offset = (cfg.offset_noise * torch.randn(latents.shape[:2], generator=dgen, device=device)
+                      if cfg.offset_noise else None)
+            t = torch.randint(0, run.alphas_cumprod.shape[0], (latents.shape[0],), generator=dgen, device=device)
+            x_t = dbkernels.add_noise(latents, noise, t, run.alphas_cumprod, noise_offset=offset, validate=False)
+            with autocast:
+                pred = run.unet(x_t.to(run.weights_dtype), t,
+                                encoder_hidden_states=emb.to(run.weights_dtype)).sample
+            loss = dbkernels.diffusion_loss(pred, latents, noise, t, run.alphas_cumprod,
+                                            prediction_type=run.prediction_type, num_prior=run.n_prior,
+                                            prior_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                                            noise_offset=offset, validate=False)
+            if not torch.isfinite(loss):  # never train on NaN: the whole step is skipped
+                finite = False
+                break
+            total += loss.item() / cfg.gradient_accumulation_steps
+            loss = loss / cfg.gradient_accumulation_steps
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    stepped = finite and _optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.hook)
+    if not stepped:
+        run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()
+    return StepResult(loss=total if finite else float("nan"), stepped=stepped,
+                      last=(pred.detach(), latents, noise, t, offset))
 
+
+def train(cfg) -> Path:
+    """Run DreamBooth as configured; returns the output folder."""
+    try:
+        return _train(cfg)
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(oom_advice(cfg)) from e
+
+
+def _train(cfg) -> Path:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(cfg.output_dir)
+    resume = prepare_output_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    comps = load_components(cfg.pretrained_model_name_or_path)
+
+    # --- prompts, with [V] replaced by the identifier ---
+    class_word = cfg.class_prompt.split()[-1] if cfg.class_prompt else None
+    ident = pick_identifier(comps.tokenizer, class_word, cfg.seed) if cfg.identifier == "auto" else cfg.identifier
+    print(f"identifier: {ident}")
+    sub = (lambda s: s.replace("[V]", ident) if s else s)
+    prompts = {"inst": sub(cfg.instance_prompt)}
+    if cfg.with_prior_preservation:
+        prompts["cls"] = cfg.class_prompt
+
+    # --- data (class images generated first if missing) ---
+    half = HALF.get(cfg.mixed_precision) if device.type == "cuda" else None
+    inst = ImageSet(list_images(cfg.instance_data_dir, "instance image"), cfg.resolution,
+                    center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+    cls = None
+    if cfg.with_prior_preservation:
+        made = generate_class_images(cfg, device, half or torch.float32)
+        if made:
+            print(f"generated {made} class image(s) in {cfg.class_data_dir}")
+        files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
+        cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
+
+    run = setup(cfg, comps, batches, device)
+    start = resume_run(run, resume) if resume is not None else 0
     log = _Log(out, cfg)
     skipped = 0
 
@@ -242,55 +318,29 @@ def train(cfg) -> Path:
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            finite = True
-            for micro in range(cfg.gradient_accumulation_steps):
-                latents, emb, gen = batches.make(step, micro)
-                dgen = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step, micro) + 1)
-                noise = torch.randn(latents.shape, generator=dgen, device=device)
-                offset = (cfg.offset_noise * torch.randn(latents.shape[:2], generator=dgen, device=device)
-                          if cfg.offset_noise else None)
-                t = torch.randint(0, num_t, (latents.shape[0],), generator=dgen, device=device)
-                with backend():
-                    x_t = dbkernels.add_noise(latents, noise, t, ac, noise_offset=offset, validate=False)
-                    with autocast:
-                        pred = unet(x_t.to(weights_dtype), t, encoder_hidden_states=emb.to(weights_dtype)).sample
-                    loss = dbkernels.diffusion_loss(pred, latents, noise, t, ac,
-                                                    prediction_type=comps.prediction_type, num_prior=n_prior,
-                                                    prior_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
-                                                    noise_offset=offset, validate=False)
-                if not torch.isfinite(loss):  # never train on NaN: skip the whole step
-                    finite = False
-                    break
-                loss = loss / cfg.gradient_accumulation_steps
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            stepped = finite and _optimizer_step(cfg, optimizer, scaler, params, hook)
-            if not stepped:
+            res = train_step(run, step)
+            if not res.stepped:
                 skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.max_train_steps:
-                terms = _loss_terms(pred, latents, noise, t, ac, comps.prediction_type, n_prior, cfg, offset)
-                rec = log.write(done, loss.item() * cfg.gradient_accumulation_steps, terms, lr_scheduler.get_last_lr()[0],
+                rec = log.write(done, res.loss, _loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
                                 (time.perf_counter() - t0) * 1000, device, skipped)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
             if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-                checkpoint.save(out, done, models=models, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                scaler=scaler, config=cfg_dict(cfg), total_limit=cfg.checkpoints_total_limit)
+                checkpoint.save(out, done, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+                                scaler=run.scaler, config=cfg_dict(cfg), total_limit=cfg.checkpoints_total_limit)
             if cfg.validation_prompt and done % cfg.validation_steps == 0:
-                validate(cfg, comps, unet, te, sub(cfg.validation_prompt), device, out / "validation",
+                validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device, out / "validation",
                          f"step-{done:06d}")
         if skipped > cfg.max_train_steps // 2:
             raise UserError(f"{skipped} of {cfg.max_train_steps} steps had a non-finite loss or gradient and were "
                             f"skipped; lower --learning_rate or use --mixed_precision bf16")
-    except torch.cuda.OutOfMemoryError as e:
-        raise UserError(oom_advice(cfg)) from e
     finally:
         bar.close()
         log.close()
-        if hook is not None:
-            hook.remove()
-    export(cfg, unet, te if cfg.train_text_encoder else None, out)
+        if run.hook is not None:
+            run.hook.remove()
+    export(cfg, run.unet, run.te if cfg.train_text_encoder else None, out)
     print(f"saved the trained model to {out} ({skipped} skipped step(s))")
     return out
 
@@ -316,14 +366,16 @@ def _optimizer_step(cfg, optimizer, scaler, params, hook) -> bool:
     return ok
 
 
-def _loss_terms(pred, latents, noise, t, ac, prediction_type, n_prior, cfg, offset):
+def _loss_terms(run: Run, res: StepResult):
     """(instance loss, prior loss) of the last micro-batch, for the log (reference math)."""
+    pred, latents, noise, t, offset = res.last
     with torch.no_grad():
-        rows = loss_reference.per_sample_loss(pred.detach(), latents, noise, t, ac, prediction_type=prediction_type,
-                                              snr_gamma=cfg.snr_gamma, noise_offset=offset)
-    n_inst = rows.shape[0] - n_prior
+        rows = loss_reference.per_sample_loss(pred, latents, noise, t, run.alphas_cumprod,
+                                              prediction_type=run.prediction_type, snr_gamma=run.cfg.snr_gamma,
+                                              noise_offset=offset)
+    n_inst = rows.shape[0] - run.n_prior
     inst = rows[:n_inst].mean().item()
-    prior = rows[n_inst:].mean().item() if n_prior else None
+    prior = rows[n_inst:].mean().item() if run.n_prior else None
     return inst, prior
 
 
@@ -396,7 +448,7 @@ def _pipeline(cfg, unet, te):
 
 
 @torch.no_grad()
-def validate(cfg, comps, unet, te, prompt, device, folder: Path, name: str) -> Path:
+def validate(cfg, unet, te, prompt, device, folder: Path, name: str) -> Path:
     was_training = unet.training
     unet.eval()
     pipe = _pipeline(cfg, unet, te if cfg.train_text_encoder else None).to(device)
