@@ -297,3 +297,13 @@ def test_launch_count_keeps_only_device_work():
               E(device_type=cpu, activity_type="cuda_runtime", name="cudaLaunchKernel"),
               E(device_type=cpu, activity_type="cpu_op", name="aten::add")]
     assert sum(common._is_device_work(e) for e in events) == 3
+
+
+def test_train_suite_cpu_smoke(tmp_path):
+    """bench train runs our real train_step and the stock recipe (tiny architecture on CPU)."""
+    proc = _bench("train", "--device", "cpu", "--quick", "--settings", "ours-fast,ours-lowmem,stock-fast",
+                  "--text-encoder", "on", "--steps", "1", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _read_rows(tmp_path / "train.jsonl")
+    assert {r["provider"] for r in rows} == {"ours-fast", "ours-lowmem", "stock-fast"}
+    assert all(r["mode"] == "train_te" and r["ms_p50"] > 0 for r in rows)
