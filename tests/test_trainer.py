@@ -231,3 +231,16 @@ def test_identifier_auto_picks_a_rare_single_token(tiny_model):
     word = pick_identifier(tok, "toy", seed=0)
     assert len(tok.tokenize(word)) == 1 and 2 <= len(word) <= 3
     assert word in ("sks", "zwx", "qlo", "vyt")
+
+
+def test_v_prediction_bf16_autocast_min_snr_offset_noise_accumulation(tmp_path, capsys):
+    model = build_tiny_sd(tmp_path / "v-model", prediction_type="v_prediction", seed=1)
+    make_images(tmp_path / "inst")
+    code, err = run_cli(["train", *args(model, tmp_path, "--mixed_precision", "bf16", "--snr_gamma", "5",
+                                        "--offset_noise", "0.1", "--gradient_accumulation_steps", "2",
+                                        "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", *FAST, steps=2)],
+                        capsys)
+    assert code == 0, err
+    log = read_log(tmp_path / "out")
+    assert len(log) == 2 and all(r["skipped_steps"] == 0 and r["loss"] > 0 for r in log)
+    assert log[0]["lr"] != log[1]["lr"]  # the schedule moved
