@@ -21,6 +21,7 @@ import sys
 SUITES: dict[str, str] = {
     "loss": "bench.diffusion_loss",
     "diffusion_loss": "bench.diffusion_loss",
+    "attention": "bench.attention",
     "train": "bench.train",
 }
 

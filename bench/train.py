@@ -47,7 +47,7 @@ SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                 attention_head_dim=8, norm_num_groups=8)
+                 attention_head_dim=4, norm_num_groups=8)
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                 up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), latent_channels=4,
                 layers_per_block=1, norm_num_groups=8, sample_size=32)

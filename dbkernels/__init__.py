@@ -8,8 +8,10 @@ from ._backend import BACKENDS, BackendUnavailable, enable_interpreter_without_g
 
 enable_interpreter_without_gpu()
 
+from .ops.attention import attention  # noqa: E402
 from .ops.diffusion_loss import add_noise, diffusion_loss, seeded_noise  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "add_noise", "diffusion_loss", "force_backend", "seeded_noise"]
+__all__ = ["BACKENDS", "BackendUnavailable", "add_noise", "attention", "diffusion_loss", "force_backend",
+           "seeded_noise"]

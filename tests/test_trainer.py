@@ -244,3 +244,28 @@ def test_v_prediction_bf16_autocast_min_snr_offset_noise_accumulation(tmp_path, 
     log = read_log(tmp_path / "out")
     assert len(log) == 2 and all(r["skipped_steps"] == 0 and r["loss"] > 0 for r in log)
     assert log[0]["lr"] != log[1]["lr"]  # the schedule moved
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kernels_on_and_off_give_matching_losses(tiny_model, tmp_path, capsys, monkeypatch, backend):
+    """--kernels on (dbkernels loss + FusedAttnProcessor) vs off (PyTorch), same seeds."""
+    from dbkernels import _backend
+
+    if backend == "triton" and _backend.unavailable_reason("triton", "cpu"):
+        pytest.skip(_backend.unavailable_reason("triton", "cpu"))
+    make_images(tmp_path / "inst")
+    logs = {}
+    for kernels in ("off", "on"):
+        out = tmp_path / f"out-{kernels}"
+        a = args(tiny_model, tmp_path, "--optimizer", "adamw", "--kernels", kernels, steps=3)
+        a[a.index("--output_dir") + 1] = str(out)
+        if kernels == "on":
+            monkeypatch.setenv("DBKERNELS_BACKEND", backend)
+        code, err = run_cli(["train", *a], capsys)
+        assert code == 0, err
+        logs[kernels] = read_log(out)
+    for off, on in zip(logs["off"], logs["on"]):
+        assert on["loss"] == pytest.approx(off["loss"], rel=1e-4, abs=1e-6)
+    a, b = unet_state(tmp_path / "out-off"), unet_state(tmp_path / "out-on")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)

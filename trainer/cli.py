@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from .config import UserError
@@ -78,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    warnings.simplefilter("default")
     _quiet_libraries()
     try:
         if cmd == "train":

@@ -82,7 +82,7 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
         sample_size=sample_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=8)
+        attention_head_dim=4, norm_num_groups=8)  # 4 heads: head dim 8 at 32 channels
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type=prediction_type,
                               clip_sample=False, steps_offset=1)
