@@ -22,6 +22,8 @@ SUITES: dict[str, str] = {
     "loss": "bench.diffusion_loss",
     "diffusion_loss": "bench.diffusion_loss",
     "attention": "bench.attention",
+    "optim": "bench.optim",
+    "adamw8bit": "bench.optim",
     "train": "bench.train",
 }
 

@@ -10,8 +10,9 @@ enable_interpreter_without_gpu()
 
 from .ops.attention import attention  # noqa: E402
 from .ops.diffusion_loss import add_noise, diffusion_loss, seeded_noise  # noqa: E402
+from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendUnavailable", "add_noise", "attention", "diffusion_loss", "force_backend",
-           "seeded_noise"]
+           "optim", "seeded_noise"]

@@ -109,7 +109,8 @@ def test_text_encoder_training(tiny_model, tmp_path, capsys):
 
 
 def _train_cmd(model, tmp_path, out, *extra):
-    a = args(model, tmp_path, "--checkpointing_steps", "2", *FAST, *extra, steps=8)
+    # the default optimizer (adamw8bit): its 8-bit state must survive the checkpoint bitwise
+    a = args(model, tmp_path, "--checkpointing_steps", "2", "--kernels", "off", *extra, steps=8)
     a[a.index("--output_dir") + 1] = str(out)
     return [sys.executable, "-m", "trainer", "train", *a]
 
@@ -269,3 +270,24 @@ def test_kernels_on_and_off_give_matching_losses(tiny_model, tmp_path, capsys, m
     a, b = unet_state(tmp_path / "out-off"), unet_state(tmp_path / "out-on")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_defaults_and_lowest_memory_settings_run(tiny_model, tmp_path, capsys):
+    """adamw8bit + kernels on (the defaults), then bf16 weights + step_in_backward + checkpointing."""
+    make_images(tmp_path / "inst")
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, steps=2)], capsys)
+    assert code == 0, err
+    out2 = tmp_path / "lowmem"
+    a = args(tiny_model, tmp_path, "--weights_dtype", "bf16", "--step_in_backward", "--gradient_checkpointing",
+             "--train_text_encoder", steps=2)
+    a[a.index("--output_dir") + 1] = str(out2)
+    code, err = run_cli(["train", *a], capsys)
+    assert code == 0, err
+    state = unet_state(out2)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    base = unet_state(Path(tiny_model))
+    assert any(not torch.equal(v.float(), base[k].float().to(torch.bfloat16).float()) for k, v in state.items())
+    # step_in_backward refuses what it cannot do
+    a = args(tiny_model, tmp_path, "--step_in_backward", "--gradient_accumulation_steps", "2")
+    code, err = run_cli(["train", *a], capsys)
+    _one_line_error(code, err, "--step_in_backward cannot accumulate gradients")

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,7 +262,10 @@ def train_step(run: Run, step: int) -> StepResult:
     stepped = finite and _optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.hook)
     if not stepped:
         run.optimizer.zero_grad(set_to_none=True)
-    run.lr_scheduler.step()
+    with warnings.catch_warnings():
+        if run.hook is not None:  # the update ran inside backward, so optimizer.step() was never called
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        run.lr_scheduler.step()
     return StepResult(loss=total if finite else float("nan"), stepped=stepped,
                       last=(pred.detach(), latents, noise, t, offset))
 
