@@ -380,7 +380,8 @@ def _parse_list(text: str, allowed, what: str) -> list[str]:
 def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     """Run the suite; rows go to writer. Returns the exit code (1 if a provider was wrong)."""
     device: torch.device = opts.device
-    dtypes = opts.dtypes or [torch.bfloat16]
+    # CPU smoke runs: fp32, because the Triton interpreter's bf16 tl.dot is wrong (a known quirk)
+    dtypes = opts.dtypes or ([torch.bfloat16] if device.type == "cuda" else [torch.float32])
     names = list(opts.providers or default_providers(device))
     unknown = [n for n in names if n not in ALL_PROVIDERS]
     if unknown:
@@ -435,7 +436,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
                         unavailable[name] = str(exc)
                         print(f"  skip {name}: {exc}")
                     except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the others
-                        if _is_backend_unavailable(exc):
+                        if common.is_backend_unavailable(exc):
                             unavailable[name] = str(exc)
                             print(f"  skip {name}: {exc}")
                         elif is_baseline(name) and _is_rejection(exc):
@@ -461,15 +462,6 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
         print(f"{len(failures)} provider/case combination(s) failed; their rows were not written")
         return 1
     return 0
-
-
-def _is_backend_unavailable(exc: BaseException) -> bool:
-    try:
-        dbk = importlib.import_module("dbkernels")
-    except Exception:  # noqa: BLE001
-        return False
-    cls = getattr(dbk, "BackendUnavailable", None)
-    return isinstance(cls, type) and isinstance(exc, cls)
 
 
 # ---------------------------------------------------------------------------------

@@ -114,6 +114,15 @@ class NoGPU(RuntimeError):
     pass
 
 
+def is_backend_unavailable(exc: BaseException) -> bool:
+    """True for dbkernels.BackendUnavailable: a provider that cannot run here (a skip, not a failure)."""
+    try:
+        import dbkernels
+    except Exception:  # noqa: BLE001 - the bench must report, not crash, if dbkernels is broken
+        return False
+    return isinstance(exc, dbkernels.BackendUnavailable)
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,

@@ -589,7 +589,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
                         unavailable[name] = str(exc)
                         print(f"  skip {name}: {exc}")
                     except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the others
-                        if _is_backend_unavailable(exc):
+                        if common.is_backend_unavailable(exc):
                             unavailable[name] = str(exc)
                             print(f"  skip {name}: {exc}")
                         else:
@@ -614,15 +614,6 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
         print(f"{len(failures)} provider/case combination(s) failed; their rows were not written")
         return 1
     return 0
-
-
-def _is_backend_unavailable(exc: BaseException) -> bool:
-    try:
-        dbk = importlib.import_module("dbkernels")
-    except Exception:  # noqa: BLE001
-        return False
-    cls = getattr(dbk, "BackendUnavailable", None)
-    return isinstance(cls, type) and isinstance(exc, cls)
 
 
 def _row(m: Measurement, eager: Measurement | None, env: dict[str, Any]) -> dict[str, Any]:
