@@ -291,3 +291,25 @@ def test_defaults_and_lowest_memory_settings_run(tiny_model, tmp_path, capsys):
     a = args(tiny_model, tmp_path, "--step_in_backward", "--gradient_accumulation_steps", "2")
     code, err = run_cli(["train", *a], capsys)
     _one_line_error(code, err, "--step_in_backward cannot accumulate gradients")
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_non_finite_loss_skips_the_step_and_is_counted(tiny_model, tmp_path, capsys, monkeypatch, precision):
+    import dbkernels
+
+    make_images(tmp_path / "inst")
+    real = dbkernels.diffusion_loss
+    calls = []
+
+    def sometimes_nan(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(dbkernels, "diffusion_loss", sometimes_nan)
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, "--mixed_precision", precision, *FAST, steps=3)],
+                        capsys)
+    assert code == 0, err
+    log = read_log(tmp_path / "out")
+    assert [r["skipped_steps"] for r in log] == [0, 1, 1]
+    assert all(torch.isfinite(v.float()).all() for v in unet_state(tmp_path / "out").values())

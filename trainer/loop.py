@@ -330,6 +330,7 @@ def _train(cfg) -> Path:
                 rec = log.write(done, res.loss, _loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
                                 (time.perf_counter() - t0) * 1000, device, skipped)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
+                bar.write(_log_line(rec))
             if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                 checkpoint.save(out, done, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                                 scaler=run.scaler, config=cfg_dict(cfg), total_limit=cfg.checkpoints_total_limit)
@@ -405,6 +406,14 @@ def oom_advice(cfg) -> str:
         tips.append("dropping --train_text_encoder")
     tips.append(f"a lower --resolution than {cfg.resolution}")
     return "out of GPU memory; options that would help: " + ", ".join(tips)
+
+
+def _log_line(rec: dict) -> str:
+    prior = f" / prior {rec['loss_prior']:.4f}" if rec["loss_prior"] is not None else ""
+    vram = f"  peak {rec['peak_vram_gb']:.2f} GB" if rec["peak_vram_gb"] is not None else ""
+    skipped = f"  skipped {rec['skipped_steps']}" if rec["skipped_steps"] else ""
+    return (f"step {rec['step']}  loss {rec['loss']:.4f} (instance {rec['loss_instance']:.4f}{prior})  "
+            f"lr {rec['lr']:.2e}  {rec['ms_per_step']:.0f} ms/step  {rec['it_per_s']:.2f} it/s{vram}{skipped}")
 
 
 class _Log:
