@@ -147,7 +147,7 @@ def stock_step(setting, train_te, comps, res, device, data):
     if setting == "stock-lowmem":
         unet.enable_gradient_checkpointing()
         if train_te:
-            te.gradient_checkpointing_enable()
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     params = list(unet.parameters()) + (list(te.parameters()) if train_te else [])
     opt_name = "bitsandbytes AdamW8bit"
     try:

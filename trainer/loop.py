@@ -182,8 +182,8 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     models = {"unet": unet}
     if cfg.train_text_encoder:
         te.to(device, dtype=weights_dtype).train()
-        if cfg.gradient_checkpointing:
-            te.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # transformers 5 renamed it
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         params += [p for p in te.parameters() if p.requires_grad]
         models["text_encoder"] = te
     else:
