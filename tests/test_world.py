@@ -36,3 +36,16 @@ def test_subject_texture_is_new_to_the_world():
     assert min(dark) > 0.05
     plain = world.render(world.Scene("star", "orange", "big", "on the beach", 0.5, 0.5, 0.0))
     assert (np.asarray(plain).sum(axis=2) < 100).mean() < 0.01
+
+
+def test_tiny_sd_command_writes_model_and_subject_and_never_overwrites(tmp_path, capsys):
+    from trainer import tiny_sd
+    from trainer.models import check_model_folder
+
+    out, subject = tmp_path / "tiny-sd", tmp_path / "subject"
+    assert tiny_sd.main([str(out), "--subject", str(subject)]) == 0
+    check_model_folder(out)
+    assert len(list(subject.glob("*.png"))) == 5
+    before = (out / "model_index.json").read_text()
+    assert tiny_sd.main([str(out)]) == 2  # refuses a non-empty folder
+    assert (out / "model_index.json").read_text() == before

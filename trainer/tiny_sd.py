@@ -56,8 +56,8 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
                   cross_attention_dim: int = 32):
     """Write a tiny SD model folder at `path` and return the path.
 
-    Images are sample_size x sample_size pixels (latents sample_size/4: the VAE has two
-    down blocks... three downsamplings would be 8x like SD; 4x keeps CPU runs fast).
+    Images are sample_size x sample_size pixels; the VAE downsamples 4x (SD's does 8x),
+    which keeps CPU runs fast.
     """
     import tempfile
 
@@ -91,3 +91,34 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
                                    requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def main(argv=None) -> int:
+    """python -m trainer.tiny_sd OUT [--subject DIR]: the tiny model (and demo subject images)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trainer.tiny_sd",
+                                description="Write a tiny random-weight SD model folder (no downloads).")
+    p.add_argument("out", help="folder to write the model to")
+    p.add_argument("--subject", default=None, help="also write the demo subject's images to this folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    a = p.parse_args(argv)
+    if Path(a.out).exists() and any(Path(a.out).iterdir()):
+        print(f"python -m trainer.tiny_sd: {a.out} exists and is not empty; choose another folder")
+        return 2
+    build_tiny_sd(a.out, seed=a.seed, prediction_type=a.prediction_type)
+    print(f"wrote a tiny SD model to {a.out}")
+    if a.subject:
+        from .world import subject_images
+
+        folder = Path(a.subject)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, im in enumerate(subject_images(5, seed=a.seed)):
+            im.save(folder / f"subject-{k}.png")
+        print(f"wrote 5 subject images to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
