@@ -36,7 +36,6 @@ import collections
 import contextlib
 import dataclasses
 import importlib
-import os
 from typing import Any, Callable
 
 import torch
@@ -391,9 +390,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     configs = {**UNET_CONFIGS, **QUICK_CONFIGS}
     models = (_parse_list(opts.models, configs, "--models") if opts.models
               else list(QUICK_CONFIGS if opts.quick else UNET_CONFIGS))
-    if device.type == "cpu" and "dbkernels-triton" in names and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        os.environ["TRITON_INTERPRET"] = "1"  # before dbkernels defines its kernels (not imported yet)
-        print("note: set TRITON_INTERPRET=1 so dbkernels-triton runs on CPU (interpreter: timings meaningless)")
+    common.use_triton_interpreter_on_cpu(device, names)
     budget = common.QUICK_BUDGET if opts.quick else common.TimingBudget()
     env = common.environment(device)
     providers = make_providers()

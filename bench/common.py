@@ -114,6 +114,14 @@ class NoGPU(RuntimeError):
     pass
 
 
+def use_triton_interpreter_on_cpu(device: torch.device, providers) -> None:
+    """A CPU run of dbkernels-triton needs Triton's interpreter, switched on before dbkernels
+    defines its @triton.jit functions (the suites import dbkernels only after this)."""
+    if device.type == "cpu" and "dbkernels-triton" in providers and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("note: set TRITON_INTERPRET=1 so dbkernels-triton runs on CPU (interpreter: timings meaningless)")
+
+
 def is_backend_unavailable(exc: BaseException) -> bool:
     """True for dbkernels.BackendUnavailable: a provider that cannot run here (a skip, not a failure)."""
     try:

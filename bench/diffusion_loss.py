@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import importlib
 import math
-import os
 from typing import Any, Callable
 
 import torch
@@ -542,11 +541,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"--modes: unknown {bad}; choose from {list(MODES)}")
-    if device.type == "cpu" and "dbkernels-triton" in names and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        # Triton kernels run on CPU tensors only under the interpreter, which must be on
-        # before dbkernels defines its @triton.jit functions (nothing has imported it yet).
-        os.environ["TRITON_INTERPRET"] = "1"
-        print("note: set TRITON_INTERPRET=1 so dbkernels-triton runs on CPU (interpreter: timings meaningless)")
+    common.use_triton_interpreter_on_cpu(device, names)
     shapes = _parse_shapes(opts.shapes, opts.quick)
     gammas = _parse_snr(opts.snr_gamma)
     budget = common.QUICK_BUDGET if opts.quick else common.TimingBudget()

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import importlib
 import math
-import os
 from typing import Any, Callable
 
 import torch
@@ -175,11 +174,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     unknown = [n for n in names if n not in ALL_PROVIDERS]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {list(ALL_PROVIDERS)}")
-    if device.type == "cpu" and "dbkernels-triton" in names and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        # Triton runs CPU tensors only under its interpreter, which must be on before
-        # dbkernels defines its @triton.jit functions (nothing has imported them yet).
-        os.environ["TRITON_INTERPRET"] = "1"
-        print("note: set TRITON_INTERPRET=1 so dbkernels-triton runs on CPU (interpreter: timings meaningless)")
+    common.use_triton_interpreter_on_cpu(device, names)
     shapes = QUICK_SHAPES if opts.quick else sd15_shapes()
     shape_name = "quick" if opts.quick else "sd15-unet"
     numel = sum(math.prod(s) for s in shapes)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import copy
 import ctypes
 import io
-import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from cuda_headers import cuda_include_dir
 import torch
 
 import dbkernels
@@ -260,29 +260,12 @@ extern "C" int emu_step(const int64_t* meta, const int32_t* cta, int64_t num_cta
 """
 
 
-def _cuda_include():
-    nvcc = shutil.which("nvcc")
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    if nvcc:
-        cands += [str(Path(os.path.realpath(nvcc)).parents[1])]
-        try:
-            out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
-                                 timeout=30).stderr
-            cands += [m.group(1)[: -len("/include")] for m in re.finditer(r"-I\"?([^\s\"]+/include)", out)]
-        except Exception:  # noqa: BLE001
-            pass
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_runtime.h").is_file() and (Path(c) / "include" / "cuda_bf16.h").is_file():
-            return Path(c) / "include"
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on PATH: cannot build the CPU emulation of csrc/adamw8bit.cu")
-    inc = _cuda_include()
+    inc = cuda_include_dir()
     if inc is None:
         pytest.skip("CUDA headers not found: cannot build the CPU emulation of csrc/adamw8bit.cu")
     d = tmp_path_factory.mktemp("adamw_emu")

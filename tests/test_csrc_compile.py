@@ -24,6 +24,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from cuda_headers import cuda_include_dir
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,35 +323,12 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _cuda_include() -> Path | None:
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if NVCC:
-        cands.append(str(Path(os.path.realpath(NVCC)).parents[1]))
-        cands.append(str(Path(NVCC).parents[1]))
-    cands.append("/usr/local/cuda")
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
-            return Path(c) / "include"
-    try:  # nvcc may be a wrapper script: ask it
-        out = subprocess.run([NVCC, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
-                             text=True, timeout=30).stderr if NVCC else ""
-        for m in re.finditer(r"-I\"?([^\s\"]+)", out):
-            if (Path(m.group(1)) / "cuda_runtime.h").is_file():
-                return Path(m.group(1))
-    except Exception:  # noqa: BLE001
-        pass
-    return None
-
-
 def _load_reference():
-    for rel in ("dbkernels/diffusion_loss/reference.py", "dbkernels/ops/diffusion_loss/reference.py"):
-        path = ROOT / rel
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("_dbk_reference_for_emu", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-    pytest.skip("the diffusion_loss reference implementation is missing")
+    path = ROOT / "dbkernels/ops/diffusion_loss/reference.py"
+    spec = importlib.util.spec_from_file_location("_dbk_reference_for_emu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class _Emu:
@@ -394,7 +373,7 @@ class _Emu:
 def emu_libs(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ is not on PATH: cannot build the CPU emulation of the kernels")
-    inc = _cuda_include()
+    inc = cuda_include_dir()
     if inc is None:
         pytest.skip("CUDA headers (cuda_runtime.h) not found: cannot build the CPU emulation")
     d = tmp_path_factory.mktemp("emu")

@@ -77,8 +77,8 @@ def save(output_dir, step: int, *, models: dict, optimizer, lr_scheduler, scaler
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    if total_limit is not None:
-        for _, p in list_checkpoints(out)[:-total_limit] if total_limit > 0 else []:
+    if total_limit is not None and total_limit > 0:
+        for _, p in list_checkpoints(out)[:-total_limit]:  # oldest first
             shutil.rmtree(p, ignore_errors=True)
     return final
 

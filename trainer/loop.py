@@ -385,7 +385,7 @@ def _loss_terms(run: Run, res: StepResult):
 
 
 def cfg_dict(cfg) -> dict:
-    return {k: v for k, v in vars(cfg).items()}
+    return dict(vars(cfg))
 
 
 def oom_advice(cfg) -> str:
