@@ -10,8 +10,10 @@ from pathlib import Path
 
 from .config import UserError
 
-USAGE = """usage: dbtrain train [options]     DreamBooth fine-tuning (dbtrain train --help)
-       dbtrain sample [options]    images from a trained output folder (dbtrain sample --help)"""
+USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny model and subject, before/after
+       dbtrain train [options]     DreamBooth fine-tuning (dbtrain train --help)
+       dbtrain sample [options]    images from a trained output folder (dbtrain sample --help)
+       dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model"""
 
 
 def sample_parser() -> argparse.ArgumentParser:
@@ -85,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             loop.train(config.parse(rest))
         elif cmd == "sample":
             sample(rest)
+        elif cmd == "demo":
+            from . import demo
+
+            demo.run(rest)
+        elif cmd == "eval":
+            from . import evaluate
+
+            evaluate.run(rest)
         else:
             print(f"dbtrain: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
             return 2

@@ -346,6 +346,7 @@ def _train(cfg) -> Path:
         if run.hook is not None:
             run.hook.remove()
     export(cfg, run.unet, run.te if cfg.train_text_encoder else None, out)
+    _record_subject(out, ident, class_word, prompts["inst"])
     print(f"saved the trained model to {out} ({skipped} skipped step(s))")
     return out
 
@@ -448,6 +449,17 @@ class _Log:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _record_subject(out: Path, identifier: str, class_word: str | None, instance_prompt: str) -> None:
+    """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically)."""
+    if class_word is None:  # no class prompt: the word after the identifier in the instance prompt
+        words = instance_prompt.split()
+        class_word = words[words.index(identifier) + 1] if identifier in words[:-1] else None
+    tmp = out / ".dreambooth.json.tmp"
+    tmp.write_text(json.dumps({"identifier": identifier, "class_noun": class_word,
+                               "instance_prompt": instance_prompt}, indent=1))
+    os.replace(tmp, out / "dreambooth.json")
 
 
 def _pipeline(cfg, unet, te):

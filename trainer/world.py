@@ -20,6 +20,9 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
 SIZES = {"small": 0.22, "big": 0.38}
 CONTEXTS = ("on the beach", "in the snow", "on a red table", "in the grass", "in space", "on the water")
+# Surface patterns. The base world (what the text-to-image model learns) has none; the VAE and the
+# judge see them, as SD's VAE and CLIP have seen far more than any one fine-tuning subject.
+TEXTURES = ("striped", "dotted", "checked")
 
 
 @dataclass(frozen=True)
@@ -31,16 +34,39 @@ class Scene:
     x: float  # center, as a fraction of the image
     y: float
     angle: float  # degrees
-    texture: str | None = None  # "stripes": the demo subject's pattern (never in the base world)
+    texture: str | None = None  # one of TEXTURES; never in the base world (the UNet's training data)
+    texture_color: str = "black"
 
     def caption(self, noun: str | None = None) -> str:
-        return f"a {self.size} {self.color} {noun or self.shape} {self.context}"
+        tex = f" {self.texture}" if self.texture else ""
+        return f"a {self.size} {self.color}{tex} {noun or self.shape} {self.context}"
+
+    def partial_caption(self, rng: random.Random, p_size: float = 0.5, p_color: float = 0.3,
+                        p_texture: float = 0.3, p_context: float = 0.3) -> str:
+        """The caption with some attributes left out (each with its probability), so that short
+        prompts like "a star" or "a star in the snow" are in the training distribution."""
+        words = ["a"]
+        if rng.random() >= p_size:
+            words.append(self.size)
+        if rng.random() >= p_color:
+            words.append(self.color)
+        if self.texture and rng.random() >= p_texture:
+            words.append(self.texture)
+        words.append(self.shape)
+        if rng.random() >= p_context:
+            words.append(self.context)
+        return " ".join(words)
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    return Scene(shape=rng.choice(SHAPES), color=rng.choice(sorted(COLORS)), size=rng.choice(sorted(SIZES)),
-                 context=rng.choice(CONTEXTS), x=rng.uniform(0.35, 0.65), y=rng.uniform(0.4, 0.6),
-                 angle=rng.uniform(-20, 20))
+def sample_scene(rng: random.Random, p_texture: float = 0.0) -> Scene:
+    """A random scene; with probability p_texture its object gets a random pattern."""
+    scene = Scene(shape=rng.choice(SHAPES), color=rng.choice(sorted(COLORS)), size=rng.choice(sorted(SIZES)),
+                  context=rng.choice(CONTEXTS), x=rng.uniform(0.35, 0.65), y=rng.uniform(0.4, 0.6),
+                  angle=rng.uniform(-20, 20))
+    if p_texture and rng.random() < p_texture:
+        second = rng.choice([c for c in sorted(COLORS) if c != scene.color])
+        scene = Scene(**{**scene.__dict__, "texture": rng.choice(TEXTURES), "texture_color": second})
+    return scene
 
 
 def _background(draw: ImageDraw.ImageDraw, context: str, rng: random.Random) -> None:
@@ -105,6 +131,23 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     raise ValueError(shape)
 
 
+def _draw_texture(draw: ImageDraw.ImageDraw, texture: str, color: tuple[int, int, int]) -> None:
+    # Periods of 8 px: coarse enough for a VAE that downsamples 4x to keep.
+    if texture == "striped":  # diagonal stripes
+        for k in range(-SIZE, 2 * SIZE, 8):
+            draw.polygon([(k, 0), (k + 4, 0), (k + 4 - SIZE, SIZE), (k - SIZE, SIZE)], fill=color)
+    elif texture == "dotted":
+        for y in range(2, SIZE, 8):
+            for x in range(2 + (y // 8 % 2) * 4, SIZE, 8):
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+    elif texture == "checked":
+        for y in range(0, SIZE, 4):
+            for x in range((y // 4 % 2) * 4, SIZE, 8):
+                draw.rectangle((x, y, x + 3, y + 3), fill=color)
+    else:
+        raise ValueError(f"unknown texture {texture!r}; choose from {TEXTURES}")
+
+
 def render(scene: Scene, seed: int = 0) -> Image.Image:
     """The scene as a SIZE x SIZE RGB image (background details drawn from `seed`)."""
     rng = random.Random(seed)
@@ -123,31 +166,36 @@ def render(scene: Scene, seed: int = 0) -> Image.Image:
     else:
         mdraw.polygon(_shape_points(scene.shape, cx, cy, r, scene.angle), fill=255)
     fill = Image.new("RGB", (SIZE, SIZE), color)
-    if scene.texture == "stripes":  # diagonal two-colour stripes: the subject's identity
-        fdraw = ImageDraw.Draw(fill)
-        for k in range(-SIZE, 2 * SIZE, 6):
-            fdraw.polygon([(k, 0), (k + 3, 0), (k + 3 - SIZE, SIZE), (k - SIZE, SIZE)], fill=(20, 20, 20))
+    if scene.texture:
+        _draw_texture(ImageDraw.Draw(fill), scene.texture, COLORS[scene.texture_color])
     img.paste(fill, (0, 0), mask)
     return img
 
 
-def dataset(count: int, seed: int = 0) -> list[tuple[Image.Image, str]]:
-    """`count` (image, caption) pairs of the base world, reproducible from the seed."""
+def scenes(count: int, seed: int = 0, p_texture: float = 0.0) -> list[Scene]:
     rng = random.Random(seed)
-    out = []
-    for k in range(count):
-        scene = sample_scene(rng)
-        out.append((render(scene, seed=seed * 1_000_003 + k), scene.caption()))
-    return out
+    return [sample_scene(rng, p_texture) for _ in range(count)]
+
+
+def render_seed(seed: int, k: int) -> int:
+    """The background seed of scene k of the data set with `seed`."""
+    return seed * 1_000_003 + k
+
+
+def dataset(count: int, seed: int = 0, p_texture: float = 0.0) -> list[tuple[Image.Image, str]]:
+    """`count` (image, caption) pairs, reproducible from the seed (p_texture=0: the base world)."""
+    return [(render(s, seed=render_seed(seed, k)), s.caption())
+            for k, s in enumerate(scenes(count, seed, p_texture))]
 
 
 SUBJECT_CLASS = "star"
+SUBJECT_CONTEXTS = ("on the beach", "in the grass", "on the water", "in the snow", "on a red table")
 
 
 def subject_images(count: int = 5, seed: int = 0) -> list[Image.Image]:
     """The demo subject: an orange star with black diagonal stripes, in a few places."""
     rng = random.Random(seed)
-    places = ("on the beach", "in the grass", "on the water", "in the snow", "on a red table")
-    return [render(Scene(SUBJECT_CLASS, "orange", "big", places[k % len(places)], rng.uniform(0.42, 0.58),
-                         rng.uniform(0.45, 0.55), rng.uniform(-15, 15), texture="stripes"), seed=seed + k)
+    return [render(Scene(SUBJECT_CLASS, "orange", "big", SUBJECT_CONTEXTS[k % len(SUBJECT_CONTEXTS)],
+                         rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55), rng.uniform(-15, 15),
+                         texture="striped"), seed=seed + k)
             for k in range(count)]

@@ -1,0 +1,124 @@
+"""`dbtrain eval`: the paper's metrics for a model, on images it generates now.
+
+Every prompt gets the same seeds (image k of every prompt, and of every model evaluated with
+the same --seed, starts from the same noise), so two models are compared image for image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+
+# Prompt templates: {V} the identifier, {C} the class noun. The contexts are the built-in world's.
+DEFAULT_PROMPTS = ("a {V} {C} on the beach", "a {V} {C} in the snow", "a {V} {C} in space")
+CLASS_PROMPT = "a {C}"
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbtrain eval", description="DINO, CLIP-I, CLIP-T, PRES and DIV of a model.")
+    p.add_argument("--model", required=True, help="a diffusers folder (a dbtrain train output_dir)")
+    p.add_argument("--instance_data_dir", required=True, help="the subject's real images")
+    p.add_argument("--identifier", default=None, help="[V]; default: what dbtrain train recorded in the model")
+    p.add_argument("--class_noun", default=None, help="the class, e.g. dog; default: recorded in the model")
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="templates with {V} and {C} (default: " + "; ".join(DEFAULT_PROMPTS) + ")")
+    p.add_argument("--num_images", type=int, default=8, help="images per prompt")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for samples, metrics.json and metrics.md")
+    p.add_argument("--judge", default=None, help="judge folder (default: the built-in one)")
+    p.add_argument("--clip_model", default=None, help="local CLIP folder (transformers) for CLIP-I / CLIP-T")
+    p.add_argument("--dino_model", default=None, help="local DINO/ViT folder (transformers) for DINO / PRES")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def recorded_subject(model: Path) -> dict:
+    path = Path(model) / "dreambooth.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_pipeline(model, device):
+    from diffusers import StableDiffusionPipeline
+
+    from .models import check_model_folder
+
+    check_model_folder(model)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], n: int, steps: int, guidance: float, seed: int, batch: int = 32):
+    """{prompt: n images}; image k of each prompt uses seed + k."""
+    out = {}
+    for prompt in prompts:
+        images = []
+        for k0 in range(0, n, batch):
+            gens = [torch.Generator("cpu").manual_seed(seed + k) for k in range(k0, min(n, k0 + batch))]
+            images += pipe([prompt] * len(gens), num_inference_steps=steps, guidance_scale=guidance,
+                           generator=gens).images
+        out[prompt] = images
+    return out
+
+
+def subject_prompts(templates, identifier: str, class_noun: str) -> tuple[dict[str, str], str]:
+    """{prompt with identifier: the same without it}, and the bare class prompt."""
+    pairs = {}
+    for t in templates:
+        if "{V}" not in t:
+            raise UserError(f"prompt template {t!r} has no {{V}} (where the identifier goes)")
+        pairs[t.format(V=identifier, C=class_noun)] = " ".join(t.replace("{V}", "").format(C=class_noun).split())
+    return pairs, CLASS_PROMPT.format(C=class_noun)
+
+
+def evaluate(pipe, scorer, real, identifier, class_noun, templates=DEFAULT_PROMPTS, num_images=8, steps=20,
+             guidance=5.0, seed=0):
+    """(metrics, {prompt: images}) for one pipeline."""
+    from .metrics import score
+
+    pairs, class_prompt = subject_prompts(templates, identifier, class_noun)
+    samples = generate(pipe, list(pairs) + [class_prompt], num_images, steps, guidance, seed)
+    metrics = score(scorer, real, {p: samples[p] for p in pairs}, samples[class_prompt], pairs)
+    return metrics, samples
+
+
+def run(argv: list[str]) -> dict:
+    from .data import list_images, open_rgb, make_grid
+    from .metrics import Scorer, markdown_table
+
+    a = eval_parser().parse_args(argv)
+    if a.num_images < 2:
+        raise UserError("--num_images must be >= 2 (DIV compares samples of one prompt)")
+    rec = recorded_subject(Path(a.model))
+    identifier = a.identifier or rec.get("identifier")
+    class_noun = a.class_noun or rec.get("class_noun")
+    if not identifier or not class_noun:
+        raise UserError(f"{a.model} records no identifier/class (not a dbtrain train output); "
+                        f"pass --identifier and --class_noun")
+    real = [open_rgb(p) for p in list_images(a.instance_data_dir, "instance image")]
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
+    pipe = load_pipeline(a.model, device)
+    metrics, samples = evaluate(pipe, scorer, real, identifier, class_noun, a.prompts or DEFAULT_PROMPTS,
+                                a.num_images, a.steps, a.guidance, a.seed)
+    table = markdown_table({str(a.model): metrics})
+    print(table)
+    print(f"embeddings: CLIP from {scorer.names['clip']}, DINO from {scorer.names['dino']}")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for k, (prompt, images) in enumerate(samples.items()):
+            make_grid(images).save(out / f"prompt-{k}.png")
+        (out / "metrics.json").write_text(json.dumps({
+            "model": str(a.model), "identifier": identifier, "class_noun": class_noun, "prompts": list(samples),
+            "num_images": a.num_images, "seed": a.seed, "embeddings": scorer.names, "metrics": metrics}, indent=1))
+        (out / "metrics.md").write_text(table + "\n")
+        print(f"wrote samples and metrics to {out}")
+    return metrics
