@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed} done in {time.time() - t0:.0f}s", flush=True)
     meta = {"steps": a.steps, "learning_rate": a.learning_rate, "eval_images": a.eval_images,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "command": "python -m trainer.ablation " + " ".join(argv or [])}
+            "torch": torch.__version__, "command": "python -m trainer.ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".jsonl"), "w") as f:

@@ -1,0 +1,201 @@
+"""The built-in world: the shipped tiny model draws what it is told, the judge sees the subject,
+DreamBooth on it really learns the subject, and prior preservation really limits the drift.
+
+These fail if DreamBooth stops working: the runs go through the same `dbtrain train` code
+as a real SD model, with fixed seeds, kept short for the CPU CI budget.
+"""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import cli, world
+from trainer.tiny import JUDGE_DIR, MODEL_DIR
+
+CONTEXT_PROMPTS = ("a {V} star on the beach", "a {V} star in the snow")
+
+
+def folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from trainer.metrics import Scorer
+
+    return Scorer()
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    from trainer.evaluate import load_pipeline
+
+    return load_pipeline(MODEL_DIR, "cpu")
+
+
+def test_builtin_model_is_small_and_a_diffusers_folder():
+    from diffusers import StableDiffusionPipeline
+
+    assert folder_mb(MODEL_DIR) <= 20, folder_mb(MODEL_DIR)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    tok = pipe.tokenizer
+    for rare in ("sks", "zwx"):  # whole-word identifiers
+        assert len(tok.tokenize(rare)) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 is open: the shipped model was pretrained for 2700 steps on a "
+                   "2-core CPU and does not yet draw its prompts; it must pass (and this mark go) once "
+                   "`python -m trainer.tiny pretrain` has run long enough, e.g. on a GPU")
+def test_builtin_model_draws_the_prompt(base_pipe, scorer):
+    """'a red circle in the snow' gives red round things on snow, and the judge agrees it is that
+    caption rather than other shape/colour/place combinations."""
+    from trainer.evaluate import generate
+
+    prompts = ["a red circle in the snow", "a blue square on the beach", "a yellow triangle in space"]
+    samples = generate(base_pipe, prompts, 4, 20, 5.0, seed=0)
+    red = np.stack([np.asarray(im, dtype=np.int32) for im in samples[prompts[0]]])
+    r, g, b = red[..., 0], red[..., 1], red[..., 2]
+    assert ((r > 150) & (g < 90) & (b < 90)).mean() > 0.04  # red object
+    assert ((red[:, 40:].min(axis=-1) > 200)).mean() > 0.3  # white ground in the lower part
+    cands = prompts + ["a green star in the grass", "a purple ring on the water", "a blue circle on a red table"]
+    text = scorer.texts(cands)
+    for k, p in enumerate(prompts):
+        pick = (scorer.images(samples[p])["clip"] @ text.T).argmax(dim=1)
+        assert (pick == k).float().mean() >= 0.5, (p, pick)
+
+
+def test_judge_sees_the_subject_pattern(scorer):
+    subject = world.subject_images(5)
+    rng = random.Random(0)
+    plain = [world.render(world.Scene("star", "orange", "big", c, 0.5, 0.5, rng.uniform(-15, 15)), seed=k)
+             for k, c in enumerate(world.SUBJECT_CONTEXTS)]
+    other = [im for im, _ in world.dataset(10, seed=5)]
+    e = {k: scorer.images(v) for k, v in (("s", subject), ("p", plain), ("o", other))}
+    n = len(subject)
+    ss = (e["s"]["dino"] @ e["s"]["dino"].T)[~torch.eye(n, dtype=torch.bool)].mean()
+    sp = (e["s"]["dino"] @ e["p"]["dino"].T).mean()
+    so = (e["s"]["dino"] @ e["o"]["dino"].T).mean()
+    assert ss > sp + 0.1 and sp > so, (ss, sp, so)  # the stripes matter, then the orange star
+    text = scorer.texts(["a orange striped star", "a orange star", "a orange dotted star"])
+    assert ((e["s"]["clip"] @ text.T).argmax(dim=1) == 0).all()
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory, base_pipe, scorer):
+    """Two short DreamBooth runs, with and without prior preservation, and the metrics."""
+    from trainer import demo
+    from trainer.evaluate import evaluate, load_pipeline
+
+    root = tmp_path_factory.mktemp("dreambooth")
+    subject = demo.write_subject(root / "subject")
+    real = world.subject_images(5)
+    kw = {"templates": CONTEXT_PROMPTS, "num_images": 6, "seed": 7}
+    out = {"base": evaluate(base_pipe, scorer, real, demo.IDENTIFIER, "star", **kw)[0]}
+    for name, prior in (("prior", True), ("no_prior", False)):
+        trained = demo.dreambooth(MODEL_DIR, subject, root / name, prior=prior, steps=150, lr=2e-4,
+                                  num_class_images=20, seed=0, device="cpu")
+        out[name] = evaluate(load_pipeline(trained, "cpu"), scorer, real, demo.IDENTIFIER, "star", **kw)[0]
+        out[name + "_dir"] = trained
+    print({k: v for k, v in out.items() if not k.endswith("_dir")})  # shown with pytest -s
+    return out
+
+
+def test_dreambooth_learns_the_subject(short_runs):
+    base, tuned = short_runs["base"], short_runs["prior"]
+    assert tuned["DINO"] > base["DINO"] + 0.15, (base, tuned)
+    assert tuned["CLIP-I"] > base["CLIP-I"] + 0.1, (base, tuned)
+    rec = json.loads((short_runs["prior_dir"] / "dreambooth.json").read_text())
+    assert rec["identifier"] == "sks" and rec["class_noun"] == "star"
+
+
+def test_prior_preservation_keeps_the_class_prior(short_runs):
+    assert short_runs["prior"]["PRES"] < short_runs["no_prior"]["PRES"], short_runs
+
+
+def test_eval_command_with_local_clip_and_dino_folders(tmp_path, capsys):
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    torch.manual_seed(0)
+    clip_dir, dino_dir, subject = tmp_path / "clip", tmp_path / "dino", tmp_path / "subject"
+    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    CLIPModel(CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": len(tok) - 2,
+                     "eos_token_id": len(tok) - 1, "pad_token_id": len(tok) - 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)).save_pretrained(clip_dir)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                  tokenizer=tok).save_pretrained(clip_dir)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(dino_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    from trainer.demo import write_subject
+
+    write_subject(subject)
+    out = tmp_path / "eval"
+    rc = cli.main(["eval", "--model", str(MODEL_DIR), "--instance_data_dir", str(subject), "--identifier", "sks",
+                   "--class_noun", "star", "--num_images", "2", "--steps", "2", "--clip_model", str(clip_dir),
+                   "--dino_model", str(dino_dir), "--out", str(out)])
+    assert rc == 0
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["embeddings"] == {"clip": str(clip_dir), "dino": str(dino_dir)}
+    assert set(rec["metrics"]) == {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
+    assert all(np.isfinite(v) for v in rec["metrics"].values())
+    assert "| DINO | CLIP-I | CLIP-T | PRES | DIV |" in capsys.readouterr().out.replace(str(MODEL_DIR), "")
+
+
+def test_eval_command_bad_input(tmp_path, capsys):
+    subject = tmp_path / "subject"
+    from trainer.demo import write_subject
+
+    write_subject(subject)
+    base = ["eval", "--model", str(MODEL_DIR), "--instance_data_dir", str(subject), "--num_images", "2"]
+    assert cli.main(base) == 2  # the base model records no identifier
+    assert "--identifier" in capsys.readouterr().err
+    assert cli.main(base + ["--identifier", "sks", "--class_noun", "star", "--clip_model", str(tmp_path)]) == 2
+    assert "not a local transformers model folder" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--instance_data_dir", str(subject),
+                     "--identifier", "sks", "--class_noun", "star"]) == 2
+
+
+def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--out", str(out), "--steps", "4", "--num_class_images", "4", "--eval_images", "2"])
+    assert rc == 0
+    from PIL import Image
+
+    grid = Image.open(out / "before_after.png")
+    assert grid.width > 8 * world.SIZE and grid.height > 4 * world.SIZE  # 4 prompt rows, before | after
+    rec = json.loads((out / "metrics.json").read_text())
+    assert set(rec["before"]) == set(rec["after"]) == {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
+    assert rec["prior_preservation"] is True
+    assert len(list((out / "class-images").glob("*.png"))) == 4
+    before = (out / "metrics.md").read_text()
+    assert cli.main(["demo", "--out", str(out)]) == 2  # never writes over a previous demo
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "metrics.md").read_text() == before
+
+
+def test_pretrain_script_end_to_end_in_miniature(tmp_path):
+    """`python -m trainer.tiny pretrain` with a handful of steps: every stage runs and the result
+    is a folder StableDiffusionPipeline loads and a judge that loads."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer import tiny
+    from trainer.judge import Judge
+
+    model, judge = tmp_path / "model", tmp_path / "judge"
+    assert tiny.main(["pretrain", "--work", str(tmp_path / "work"), "--vae_steps", "2", "--unet_steps", "2",
+                      "--judge_steps", "2", "--images", "64", "--scenes", "64", "--dest", str(model),
+                      "--judge_dest", str(judge)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    image = pipe("a red circle in the snow", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (world.SIZE, world.SIZE, 3)
+    assert Judge.load(judge).text_embeddings(["a red circle"]).shape == (1, 64)
+    assert JUDGE_DIR != judge  # the shipped judge is untouched
