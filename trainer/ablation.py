@@ -1,6 +1,6 @@
 """The paper's prior-preservation ablation, in miniature, on the built-in world.
 
-    python -m trainer.ablation --seeds 0 1 2 --out bench/results/prior-ablation
+    python -m trainer.ablation --seeds 0 1 2 --out bench/results/ablation/prior-ablation
 
 For each seed: the demo's DreamBooth run with and without prior preservation (same steps,
 learning rate and seed; only the class term differs), then the metrics of both models on the
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=demo.STEPS)
     p.add_argument("--learning_rate", type=float, default=demo.LEARNING_RATE)
     p.add_argument("--eval_images", type=int, default=8)
-    p.add_argument("--out", default="bench/results/prior-ablation", help="prefix of the .jsonl and .md written")
+    p.add_argument("--out", default="bench/results/ablation/prior-ablation", help="prefix of the .jsonl and .md written")
     p.add_argument("--work", default="ablation-runs", help="folder for the trained models (must be new)")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
