@@ -23,7 +23,6 @@ from . import demo, world
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .evaluate import evaluate, load_pipeline
     from .metrics import METRICS, Scorer
     from .tiny import MODEL_DIR
 
@@ -47,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     for seed in a.seeds:
         kw["seed"] = 10_000 + seed
         t0 = time.time()
-        base, _ = evaluate(load_pipeline(MODEL_DIR, device), scorer, real, demo.IDENTIFIER, world.SUBJECT_CLASS, **kw)
+        base, _ = demo.score_model(MODEL_DIR, scorer, real, device, **kw)
         rows.append({"model": "base", "seed": seed, **base})
         for name, prior in (("with prior preservation", True), ("without prior preservation", False)):
             out = work / f"seed{seed}-{'prior' if prior else 'noprior'}"
             trained = demo.dreambooth(MODEL_DIR, subject, out, prior=prior, steps=a.steps, lr=a.learning_rate,
                                       num_class_images=demo.NUM_CLASS_IMAGES, seed=seed, device=a.device)
-            m, _ = evaluate(load_pipeline(trained, device), scorer, real, demo.IDENTIFIER, world.SUBJECT_CLASS, **kw)
+            m, _ = demo.score_model(trained, scorer, real, device, **kw)
             rows.append({"model": name, "seed": seed, **m})
         print(f"seed {seed} done in {time.time() - t0:.0f}s", flush=True)
     meta = {"steps": a.steps, "learning_rate": a.learning_rate, "eval_images": a.eval_images,

@@ -86,6 +86,13 @@ def dreambooth(model, subject: Path, out: Path, **kw) -> Path:
     return loop.train(config.parse(args))
 
 
+def score_model(model, scorer, real, device, **kw):
+    """(metrics, samples) of a model on the demo subject's prompts (trainer.evaluate.evaluate)."""
+    from .evaluate import evaluate, load_pipeline
+
+    return evaluate(load_pipeline(model, device), scorer, real, IDENTIFIER, world.SUBJECT_CLASS, **kw)
+
+
 def before_after_grid(before: dict, after: dict, per_row: int = 4, scale: int = 2):
     """Rows: prompts. Left: the base model; right: after DreamBooth (same seeds)."""
     from PIL import Image, ImageDraw
@@ -110,7 +117,6 @@ def before_after_grid(before: dict, after: dict, per_row: int = 4, scale: int = 
 
 def run(argv: list[str]) -> dict:
     from .data import open_rgb
-    from .evaluate import evaluate, load_pipeline
     from .metrics import Scorer, markdown_table
 
     a = demo_parser().parse_args(argv)
@@ -126,13 +132,11 @@ def run(argv: list[str]) -> dict:
     kw = {"num_images": a.eval_images, "seed": 10_000 + a.seed}
 
     print("sampling the base model ...", flush=True)
-    before, samples_before = evaluate(load_pipeline(a.model, device), scorer, real, IDENTIFIER, world.SUBJECT_CLASS,
-                                      **kw)
+    before, samples_before = score_model(a.model, scorer, real, device, **kw)
     trained = dreambooth(a.model, subject, out, prior=not a.no_prior_preservation, steps=a.steps,
                          lr=a.learning_rate, num_class_images=a.num_class_images, seed=a.seed, device=a.device)
     print("sampling the fine-tuned model ...", flush=True)
-    after, samples_after = evaluate(load_pipeline(trained, device), scorer, real, IDENTIFIER, world.SUBJECT_CLASS,
-                                    **kw)
+    after, samples_after = score_model(trained, scorer, real, device, **kw)
 
     before_after_grid(samples_before, samples_after).save(out / "before_after.png")
     table = markdown_table({"base model": before, "after DreamBooth": after})
