@@ -47,9 +47,6 @@ def test_builtin_model_is_small_and_a_diffusers_folder():
         assert len(tok.tokenize(rare)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 is open: the shipped model was pretrained for 2700 steps on a "
-                   "2-core CPU and does not yet draw its prompts; it must pass (and this mark go) once "
-                   "`python -m trainer.tiny pretrain` has run long enough, e.g. on a GPU")
 def test_builtin_model_draws_the_prompt(base_pipe, scorer):
     """'a red circle in the snow' gives red round things on snow, and the judge agrees it is that
     caption rather than other shape/colour/place combinations."""
@@ -192,8 +189,8 @@ def test_pretrain_script_end_to_end_in_miniature(tmp_path):
 
     model, judge = tmp_path / "model", tmp_path / "judge"
     assert tiny.main(["pretrain", "--work", str(tmp_path / "work"), "--vae_steps", "2", "--unet_steps", "2",
-                      "--unet2_steps", "2", "--judge_steps", "2", "--images", "64", "--scenes", "64", "--dest", str(model),
-                      "--judge_dest", str(judge)]) == 0
+                      "--unet2_steps", "2", "--unet3_steps", "2", "--judge_steps", "2", "--images", "64",
+                      "--scenes", "64", "--dest", str(model), "--judge_dest", str(judge)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(model)
     image = pipe("a red circle in the snow", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (world.SIZE, world.SIZE, 3)

@@ -174,7 +174,7 @@ def _encode_base_world(vae, n: int, seed: int, device):
 
 
 def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch: int = 64, *, lr: float = 5e-4,
-               init: str | None = None, name: str = "unet", ema_max: float = 0.999) -> Path:
+               init: str | None = None, name: str = "unet", ema_max: float = 0.999, salt: int = 0) -> Path:
     """UNet + text encoder on the base world. init: a previous stage's result to go on from
     (then the text encoder is averaged too, so the exported pair stays matched)."""
     import copy
@@ -204,8 +204,8 @@ def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch:
     alphas = sched.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    g = torch.Generator().manual_seed(seed + (7 if init else 0))
-    rng = random.Random(seed + (7 if init else 0))
+    g = torch.Generator().manual_seed(seed + salt)  # salt: each stage sees other batches and noise
+    rng = random.Random(seed + salt)
     t0 = time.time()
     for step in range(steps):
         for grp in opt.param_groups:
@@ -254,7 +254,7 @@ def assemble(work: Path, dest: Path) -> Path:
     from transformers import CLIPTextModel
 
     tok = make_tokenizer(work / "tokenizer")
-    last = work / ("unet2" if (work / "unet2" / "unet").is_dir() else "unet")
+    last = next(work / n for n in ("unet3", "unet2", "unet") if (work / n / "unet").is_dir())
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(last / "text_encoder"), tokenizer=tok,
@@ -285,10 +285,12 @@ def pretrain(argv: list[str]) -> int:
     p.add_argument("--unet_steps", type=int, default=1500)
     p.add_argument("--unet2_steps", type=int, default=1200,
                    help="second UNet stage: goes on from the first with a short EMA (0: skip)")
+    p.add_argument("--unet3_steps", type=int, default=5500,
+                   help="third UNet stage: goes on from the second at a lower rate, longer EMA (0: skip)")
     p.add_argument("--judge_steps", type=int, default=600)
     p.add_argument("--images", type=int, default=20000, help="VAE and judge training images")
     p.add_argument("--scenes", type=int, default=40000, help="base-world scenes for the UNet")
-    p.add_argument("--stages", default="vae,unet,unet2,judge,export")
+    p.add_argument("--stages", default="vae,unet,unet2,unet3,judge,export")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dest", default=str(MODEL_DIR), help="where the model folder goes")
     p.add_argument("--judge_dest", default=str(JUDGE_DIR), help="where the judge folder goes")
@@ -304,7 +306,12 @@ def pretrain(argv: list[str]) -> int:
         train_unet(work, device, a.unet_steps, a.seed, a.scenes)
     if "unet2" in stages and a.unet2_steps:
         # The first stage's EMA (0.999) averages over most of a short run; this one keeps 200 steps.
-        train_unet(work, device, a.unet2_steps, a.seed, a.scenes, lr=5e-4, init="unet", name="unet2", ema_max=0.995)
+        train_unet(work, device, a.unet2_steps, a.seed, a.scenes, lr=5e-4, init="unet", name="unet2", ema_max=0.995,
+                   salt=7)
+    if "unet3" in stages and a.unet3_steps:
+        prev = "unet2" if a.unet2_steps else "unet"
+        train_unet(work, device, a.unet3_steps, a.seed, a.scenes, lr=4e-4, init=prev, name="unet3", ema_max=0.999,
+                   salt=11)
     if "judge" in stages:
         from .judge import train_judge
 
