@@ -20,7 +20,7 @@ from .config import UserError
 IDENTIFIER = "sks"
 # The demo's training recipe, measured on the 2-core CPU (see README, "The built-in world").
 STEPS = 300
-LEARNING_RATE = 5e-4
+LEARNING_RATE = 2e-4  # 5e-4 fits the subject faster but wrecks prompt fidelity (CLIP-T 0.61 -> 0.22)
 NUM_CLASS_IMAGES = 50
 
 
