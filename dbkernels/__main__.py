@@ -1,4 +1,9 @@
-"""`python -m dbkernels`: the environment and which backend can run each op."""
+"""`python -m dbkernels`: the environment and which backend can run each op.
+
+    python -m dbkernels                 this report
+    python -m dbkernels check [--quick] every usable backend of every op against the reference, on this device
+    python -m dbkernels compile [...]   every Triton kernel compiled ahead of time for sm_86 / sm_90 (no GPU needed)
+"""
 from __future__ import annotations
 
 import os
@@ -14,7 +19,25 @@ def _version(mod: str) -> str:
         return f"not importable ({type(e).__name__})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compile":
+        from .aot import main as compile_main
+
+        return compile_main(argv[1:])
+    if argv and argv[0] == "check":
+        from .check import main as check_main
+
+        return check_main(argv[1:])
+    if argv:
+        print(__doc__.strip() if argv[0] in ("-h", "--help") else
+              f"python -m dbkernels: unknown command {argv[0]!r}\n\n{__doc__.strip()}",
+              file=sys.stdout if argv[0] in ("-h", "--help") else sys.stderr)
+        return 0 if argv[0] in ("-h", "--help") else 2
+    return report()
+
+
+def report() -> int:
     import torch
 
     import dbkernels
@@ -28,7 +51,8 @@ def main() -> int:
             print(f"cuda:{i} {p.name}  sm_{p.major}{p.minor}  {p.total_memory / 2**30:.1f} GiB")
     else:
         print("CUDA device: none")
-    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}  "
+    interp = _backend.triton_interpreting()
+    print(f"Triton mode: {'interpreter' if interp else 'compiled'} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s})  "
           f"DBKERNELS_BACKEND={os.environ.get('DBKERNELS_BACKEND', '') or '(auto)'}")
     print()
     rows = _backend.report()  # probes the extension (a JIT build on a GPU machine without _C)

@@ -8,9 +8,11 @@ A forced backend that cannot run on the tensor's device raises BackendUnavailabl
 with the reason, never silently falls back.
 
 On a machine without a CUDA device, `triton` means the Triton kernels under the
-interpreter: importing dbkernels sets TRITON_INTERPRET=1 there if triton has not
-been imported yet (Triton fixes the mode when each @triton.jit function, its own
-standard library included, is defined; torch imports triton on the first op call).
+interpreter: importing dbkernels turns Triton's interpreter on in this process there if
+triton has not been imported yet (Triton fixes the mode when each @triton.jit
+function, its own standard library included, is defined; torch imports triton on the
+first op call). The environment is left as it was, so child processes decide for
+themselves; a TRITON_INTERPRET set by the user is obeyed.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import importlib
 import importlib.util
 import os
 import threading
+
+from . import _triton
 
 BACKENDS = ("cuda", "triton", "reference")
 
@@ -79,17 +83,55 @@ def triton_installed() -> bool:
 
 
 def triton_interpreting() -> bool:
+    """True if Triton runs kernels in its interpreter in this process."""
+    import sys
+
+    if "triton" in sys.modules:
+        try:
+            from triton import knobs
+
+            return bool(knobs.runtime.interpret)
+        except ImportError:  # a triton without knobs: only the environment says
+            pass
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def enable_interpreter_without_gpu() -> None:
-    """Called at `import dbkernels`: no CUDA device -> Triton can only interpret."""
+    """Called at `import dbkernels`: no CUDA device -> Triton can only interpret.
+
+    The switch is Triton's in-process knob, not the environment: TRITON_INTERPRET=1 left
+    in os.environ would be inherited by child processes, and one that sees a GPU would
+    then run every op on the reference (or every Triton kernel in the interpreter). A
+    TRITON_INTERPRET the user set (to anything, 0 included) is their choice and is kept.
+    """
     import sys
 
-    if triton_interpreting() or "triton" in sys.modules or not triton_installed():
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules or not triton_installed():
         return
-    if not _cuda_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+    if _cuda_available():
+        return
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton defines its own @jit functions
+    try:
+        import triton  # noqa: F401  (triton.language is defined now, in interpreter mode)
+        from triton import knobs
+
+        knobs.runtime.interpret = True    # the in-process switch for our kernels, defined later
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+_warned_interpret_on_gpu = False
+
+
+def _warn_interpreting_on_gpu() -> None:
+    global _warned_interpret_on_gpu
+    if not _warned_interpret_on_gpu:
+        _warned_interpret_on_gpu = True
+        import warnings
+
+        warnings.warn("dbkernels: TRITON_INTERPRET=1 is set, so the Triton kernels cannot run on this GPU and "
+                      "their ops use the other backends (CUDA extension or PyTorch reference); unset "
+                      "TRITON_INTERPRET to use them", stacklevel=4)
 
 
 def _triton_built_for_interpreter() -> bool:
@@ -120,6 +162,8 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
                 return "TRITON_INTERPRET=1 is set, so Triton kernels run on CPU tensors only"
             return None
         if device_type == "cpu":
+            if _triton.aot_state() is not None:  # CPU tensors stand in for the GPU target being compiled
+                return None
             if not (triton_interpreting() and _triton_built_for_interpreter()):
                 return ("Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
                         "before importing triton or dbkernels, or move the tensors to the GPU")
@@ -146,6 +190,8 @@ def choose(op: str, device_type: str) -> str:
             raise BackendUnavailable(f"dbkernels backend {forced!r} was forced for {op} but {why}")
         return forced
     prefs = GPU_PREFERENCE.get(op, BACKENDS) if device_type == "cuda" else CPU_PREFERENCE
+    if device_type == "cuda" and "triton" in prefs and triton_interpreting():
+        _warn_interpreting_on_gpu()
     for name in prefs:
         if unavailable_reason(name, device_type) is None:
             return name

@@ -15,10 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import quant
-from .reference import FMIX_C1, FMIX_C2, GOLDEN_INDEX, STATE_SALT, hyperparams, sr_key
+from .. import _triton
+from . import quant, reference
+from .reference import hyperparams, sr_key
 
-MBITS: tl.constexpr = quant.MBITS
+# Globals used inside @triton.jit must be tl.constexpr objects: a plain module int (or an
+# annotation `X: tl.constexpr = 4`) runs under the interpreter but is a NameError for the GPU
+# compiler (python -m dbkernels compile checks every kernel for sm_86 / sm_90).
+MBITS = tl.constexpr(quant.MBITS)
+MANT_ONE = tl.constexpr(1 << quant.MBITS)        # (the interpreter has no int << constexpr)
+MANT_MASK = tl.constexpr((1 << quant.MBITS) - 1)
+FMIX_C1 = tl.constexpr(reference.FMIX_C1)
+FMIX_C2 = tl.constexpr(reference.FMIX_C2)
+GOLDEN_INDEX = tl.constexpr(reference.GOLDEN_INDEX)
+STATE_SALT = tl.constexpr(reference.STATE_SALT)
 
 
 @triton.jit
@@ -35,9 +45,9 @@ def _fmix32(h):
 def _decode(c, EMIN: tl.constexpr):
     """int32 magnitude code -> fp32 map value (quant.decode_magnitude)."""
     hi = c >> MBITS
-    lo = c & ((1 << MBITS) - 1)
+    lo = c & MANT_MASK
     e = tl.maximum(hi - 1, 0) + (EMIN - MBITS)
-    mant = tl.where(hi > 0, lo + (1 << MBITS), lo).to(tl.float32)
+    mant = tl.where(hi > 0, lo + MANT_ONE, lo).to(tl.float32)
     return mant * ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
@@ -46,9 +56,9 @@ def _encode(x, u, EMIN: tl.constexpr, MAXC: tl.constexpr):
     """fp32 x in [0, 1], uniform u -> int32 stochastically rounded code (quant.encode_magnitude)."""
     bits = x.to(tl.int32, bitcast=True)
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)
-    y = x * ((127 + MBITS - e) << 23).to(tl.float32, bitcast=True)
+    y = x * ((127 - e + MBITS) << 23).to(tl.float32, bitcast=True)  # tensor first: constexpr - tensor is not a tensor in the interpreter
     q = tl.floor(y + u).to(tl.int32)
-    return tl.minimum(tl.maximum((e - EMIN) * (1 << MBITS) + q, 0), MAXC)
+    return tl.minimum(tl.maximum((e - EMIN) * MANT_ONE + q, 0), MAXC)
 
 
 @triton.jit
@@ -147,7 +157,8 @@ def update_(p, g, state, *, lr, betas, eps, weight_decay, step, block_size, stoc
     else:
         s1, s2 = state["exp_avg"], state["exp_avg_sq"]
         a1 = a2 = s1
-    _adamw8bit_kernel[grid](
+    _triton.launch(
+        _adamw8bit_kernel, grid, p.device,
         p, g, s1, a1, s2, a2, n,
         h["b1"], h["omb1"], h["b2"], h["omb2"], h["eps"], h["step_size"], h["inv_sqrt_bc2"], h["decay"],
         _i32(sr_key(state["seed"], step)),

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _backend
+from ... import _backend, _triton
+from . import curated_configs
 
 LOG2E = 1.4426950408889634
 
@@ -328,24 +329,8 @@ _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 INTERPRET_SPLIT = True  # tests flip it to cover the padded layout too
 
 
-def _smem_limit() -> int:
-    try:
-        dev = torch.cuda.current_device()
-        props = triton.runtime.driver.active.utils.get_device_properties(dev)
-        return int(props["max_shared_mem"])
-    except Exception:  # noqa: BLE001 - be conservative (sm_86: 99 KB opt-in per block)
-        return 99 * 1024
-
-
 def _width(kw) -> int:
     return kw["BLOCK_D0"] + (kw["BLOCK_D1"] if kw["HAS_HI"] else 0)
-
-
-def _is_hopper() -> bool:
-    try:
-        return torch.cuda.get_device_capability()[0] >= 9
-    except Exception:  # noqa: BLE001
-        return False
 
 
 # Shared-memory models, fitted to what Triton 3.6 allocates (kernels compiled without a GPU for
@@ -373,20 +358,29 @@ def _dq_smem(bm, bn, bd, stages, esize=2, hopper=False):  # q, dout resident; k,
     return _bwd_smem_model(bn, bm, bm, bn, bd, stages, esize, hopper)
 
 
-def _prune(estimate):
+def _prune(kernel: str, estimate):
     def prune(configs, named_args, **kwargs):
         d = int(named_args.get("D", kwargs.get("D")))
         layouts = set(head_layouts(d))
         esize = 4 if str(kwargs.get("PREC", named_args.get("PREC"))) == "ieee" else 2
-        limit = _smem_limit()
-        hopper = _is_hopper()
+        caps = _triton.device_caps(named_args["Q"].device)  # the tensors' device, or the AOT target
         mine = [c for c in configs
                 if (c.kwargs["BLOCK_D0"], c.kwargs["BLOCK_D1"], c.kwargs["HAS_HI"]) in layouts]
+        aot = _triton.aot_state()
+        if aot is not None and aot.selection == "all":  # the sweep of `python -m dbkernels compile --full`
+            return mine
+        curated = curated_configs.lookup(kernel, caps, d, esize)
+        if curated is not None:
+            keep = [c for c in mine if curated.get(curated_configs.config_key(c), caps.smem_optin + 1)
+                    <= caps.smem_optin]
+            if keep:
+                return keep
 
         def need(c):
-            return estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _width(c.kwargs), c.num_stages, esize, hopper)
+            return estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _width(c.kwargs), c.num_stages, esize,
+                            caps.hopper_or_newer)
 
-        keep = [c for c in mine if need(c) * 1.1 <= limit]  # the models are within ~8% (see above)
+        keep = [c for c in mine if need(c) * 1.1 <= caps.smem_optin]  # the models are within ~8% (see above)
         # nothing fits the estimate: the smallest one (the autotuner skips it too if it really does not fit)
         return keep or [min(mine, key=need)]
     return prune
@@ -413,24 +407,27 @@ _KEY = ["Lq", "Lk", "D", "HAS_BIAS", "PREC", "SM"]
 
 # cache_results: the chosen config per key is kept in Triton's on-disk cache, so only the first
 # run on a machine pays for the tuning (roughly a minute per head dim, dtype and bias setting).
-def _tuned(kernel, configs, model):
-    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(model)},
+def _tuned(name, kernel, configs, model):
+    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(name, model)},
                            cache_results=True)(kernel)
 
 
-_fwd_tuned = _tuned(_fwd_kernel, _fwd_configs(), _fwd_smem)
-_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _bwd_configs(), _dkdv_smem)
-_dq_tuned = _tuned(_bwd_dq_kernel, _bwd_configs(), _dq_smem)
+_fwd_tuned = _tuned("fwd", _fwd_kernel, _fwd_configs(), _fwd_smem)
+_dkdv_tuned = _tuned("dkdv", _bwd_dkdv_kernel, _bwd_configs(), _dkdv_smem)
+_dq_tuned = _tuned("dq", _bwd_dq_kernel, _bwd_configs(), _dq_smem)
 
 
 def _launch(tuned, raw, grid_axis_len, bh, d, args, meta, block_name):
+    device = args[0].device
     if _backend.triton_interpreting():
         layouts = head_layouts(d)
         d0, d1, hi = layouts[-1] if INTERPRET_SPLIT else layouts[0]
         blocks = dict(_INTERP_BLOCKS, BLOCK_D0=d0, BLOCK_D1=d1, HAS_HI=hi)
-        raw[(triton.cdiv(grid_axis_len, blocks[block_name]), bh)](*args, **meta, **blocks, num_warps=4)
+        _triton.launch(raw, (triton.cdiv(grid_axis_len, blocks[block_name]), bh), device, *args, **meta,
+                       **blocks, num_warps=4)
     else:
-        tuned[lambda cfg: (triton.cdiv(grid_axis_len, cfg[block_name]), bh)](*args, **meta)
+        _triton.launch(tuned, lambda cfg: (triton.cdiv(grid_axis_len, cfg[block_name]), bh), device, *args,
+                       **meta)
 
 
 def _stride_mult(*tensors) -> int:
@@ -471,7 +468,8 @@ def attention_bwd(dout, q, k, v, out, lse, key_bias, scale):
     delta = torch.empty_like(lse)
     pre_bm = 64 if bd <= 128 else 32
     sm_pre = _stride_mult(out, dout)
-    _bwd_preprocess[(triton.cdiv(lq, pre_bm), bsz * h)](
+    _triton.launch(
+        _bwd_preprocess, (triton.cdiv(lq, pre_bm), bsz * h), q.device,
         out, dout, delta, *_strides(out, sm_pre), *_strides(dout, sm_pre), h, lq, d, SM=sm_pre,
         BLOCK_M=pre_bm, BLOCK_D=bd)
     dq = torch.empty_like(q)

@@ -79,9 +79,30 @@ def _effective_noise(x0, noise, seed, noise_offset):
     return eps
 
 
+def abar_of(timesteps, alphas_cumprod):
+    """alphas_cumprod[t] in fp32; NaN for a t outside [0, len) (as the kernels: validate=False
+    skips the range check, and such a row must poison the loss, never read out of bounds)."""
+    t = timesteps.long()
+    n = alphas_cumprod.shape[0]
+    ok = (t >= 0) & (t < n)
+    abar = alphas_cumprod.float()[t.clamp(0, n - 1)]
+    return torch.where(ok, abar, torch.full_like(abar, float("nan")))
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt, as the kernels' sqrtf: torch's vectorized CPU sqrt is not
+    (an ulp off in ~20% of elements on an AVX-512 build); sqrt in float64 rounded once is exact."""
+    return torch.sqrt(x.double()).float()
+
+
 def _coefficients(timesteps, alphas_cumprod):
-    abar = alphas_cumprod.float()[timesteps.long()]
-    return abar, torch.sqrt(abar), torch.sqrt(1.0 - abar)
+    abar = abar_of(timesteps, alphas_cumprod)
+    return abar, _sqrt_rn(abar), _sqrt_rn(1.0 - abar)
+
+
+def row_weights(abar, prediction_type, snr_gamma):
+    """w_i, NaN where abar is (an out-of-range timestep), whatever the weighting."""
+    return snr_weights(abar, prediction_type, snr_gamma) + 0.0 * abar
 
 
 def _bcast(v, like):
@@ -132,8 +153,7 @@ def per_sample_loss(pred, x0, noise, timesteps, alphas_cumprod, *, prediction_ty
     target = diffusion_target(x0, noise, timesteps, alphas_cumprod, prediction_type,
                               noise_offset=noise_offset, seed=seed)
     mse = (pred.float() - target).pow(2).flatten(1).mean(1)
-    abar = alphas_cumprod.float()[timesteps.long()]
-    return snr_weights(abar, prediction_type, snr_gamma) * mse
+    return row_weights(abar_of(timesteps, alphas_cumprod), prediction_type, snr_gamma) * mse
 
 
 def diffusion_loss(pred, x0, noise, timesteps, alphas_cumprod, *, prediction_type="epsilon",
@@ -150,10 +170,9 @@ def loss_and_grad(pred, x0, noise, timesteps, alphas_cumprod, *, prediction_type
     target = diffusion_target(x0, noise, timesteps, alphas_cumprod, prediction_type,
                               noise_offset=noise_offset, seed=seed)
     d = pred.float() - target
-    abar = alphas_cumprod.float()[timesteps.long()]
     m = pred[0].numel()
-    coef = sample_scales(pred.shape[0], num_prior, prior_weight, pred.device) * snr_weights(
-        abar, prediction_type, snr_gamma) / m
+    coef = sample_scales(pred.shape[0], num_prior, prior_weight, pred.device) * row_weights(
+        abar_of(timesteps, alphas_cumprod), prediction_type, snr_gamma) / m
     loss = (coef * d.pow(2).flatten(1).sum(1)).sum()
     grad = (2.0 * _bcast(coef, d) * d).to(pred.dtype) if need_grad else None
     return loss, grad

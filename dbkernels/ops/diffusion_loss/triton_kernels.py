@@ -12,7 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1
+from ... import _triton
+from . import reference
+
+# Globals used inside @triton.jit must be tl.constexpr: a plain module int compiles under the
+# interpreter but is a NameError for the GPU compiler (python -m dbkernels compile checks it).
+PHILOX_M0 = tl.constexpr(reference.PHILOX_M0)
+PHILOX_M1 = tl.constexpr(reference.PHILOX_M1)
+PHILOX_W0 = tl.constexpr(reference.PHILOX_W0)
+PHILOX_W1 = tl.constexpr(reference.PHILOX_W1)
+PHILOX_ROUNDS = tl.constexpr(reference.PHILOX_ROUNDS)
 
 
 @triton.jit
@@ -52,23 +61,33 @@ def _load_eps(noise_ptr, offset_ptr, gidx, col, row, mask, C, S, seed_lo, seed_h
 
 
 @triton.jit
-def _add_noise_kernel(x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_ptr, out_ptr, M, C, S, seed_lo, seed_hi,
+def _abar(t_ptr, ac_ptr, row, n_t):
+    """(alphas_cumprod[t_row] or NaN for a t outside [0, n_t), in range flag): never reads out of bounds."""
+    t = tl.load(t_ptr + row)
+    ok = (t >= 0) & (t < n_t)
+    abar = tl.load(ac_ptr + tl.where(ok, t, 0)).to(tl.float32)
+    return tl.where(ok, abar, float("nan")), ok
+
+
+@triton.jit
+def _add_noise_kernel(x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_ptr, out_ptr, M, C, S, n_t, seed_lo, seed_hi,
                       HAS_NOISE: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(1)
     col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = col < M
     gidx = row.to(tl.int64) * M + col
-    abar = tl.load(ac_ptr + tl.load(t_ptr + row)).to(tl.float32)
+    abar, _ = _abar(t_ptr, ac_ptr, row, n_t)
     x0 = tl.load(x0_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
     eps = _load_eps(noise_ptr, offset_ptr, gidx, col, row, mask, C, S, seed_lo, seed_hi, HAS_NOISE, HAS_OFFSET)
-    xt = tl.sqrt(abar) * x0 + tl.sqrt(1.0 - abar) * eps
+    # sqrt_rn: IEEE square roots, as sqrtf in csrc and the reference (tl.sqrt is approximate)
+    xt = tl.sqrt_rn(abar) * x0 + tl.sqrt_rn(1.0 - abar) * eps
     tl.store(out_ptr + gidx, xt.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_ptr, grad_ptr,
                            partial_ptr, counter_ptr, loss_ptr,
-                           M, C, S, num_partials, n_inst, inst_scale, prior_scale, snr_gamma, seed_lo, seed_hi,
+                           M, C, S, n_t, num_partials, n_inst, inst_scale, prior_scale, snr_gamma, seed_lo, seed_hi,
                            PRED_TYPE: tl.constexpr, USE_SNR: tl.constexpr, HAS_NOISE: tl.constexpr,
                            HAS_OFFSET: tl.constexpr, WRITE_GRAD: tl.constexpr,
                            BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
@@ -76,9 +95,9 @@ def _diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_pt
     row = tl.program_id(1)
     n_col_blocks = tl.num_programs(0)
 
-    abar = tl.load(ac_ptr + tl.load(t_ptr + row)).to(tl.float32)
-    a = tl.sqrt(abar)
-    s = tl.sqrt(1.0 - abar)
+    abar, t_ok = _abar(t_ptr, ac_ptr, row, n_t)
+    a = tl.sqrt_rn(abar)
+    s = tl.sqrt_rn(1.0 - abar)
     w = 1.0
     if USE_SNR:
         snr = abar / (1.0 - abar)
@@ -89,7 +108,7 @@ def _diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_pt
         else:
             w = tl.minimum(snr, snr_gamma)
     scale = tl.where(row < n_inst, inst_scale, prior_scale)
-    coef = scale * w
+    coef = tl.where(t_ok, scale * w, float("nan"))  # an out-of-range t poisons its row, as on CUDA
 
     col = pid_m * BLOCK + tl.arange(0, BLOCK)
     mask = col < M
@@ -145,9 +164,10 @@ def add_noise(x0, noise, noise_offset, timesteps, alphas_cumprod, *, seed):
     b, m, c, s = _geometry(x0)
     blk = _block(m)
     lo, hi = _seed_words(seed)
-    _add_noise_kernel[(triton.cdiv(m, blk), b)](
+    _triton.launch(
+        _add_noise_kernel, (triton.cdiv(m, blk), b), x0.device,
         x0, x0 if noise is None else noise, x0 if noise_offset is None else noise_offset,
-        timesteps, alphas_cumprod, out, m, c, s, lo, hi,
+        timesteps, alphas_cumprod, out, m, c, s, alphas_cumprod.shape[0], lo, hi,
         HAS_NOISE=noise is not None, HAS_OFFSET=noise_offset is not None, BLOCK=blk,
         num_warps=4 if blk <= 1024 else 8)
     return out
@@ -163,10 +183,11 @@ def loss_fwd(pred, x0, noise, noise_offset, timesteps, alphas_cumprod, *, pred_t
     grad = torch.empty_like(pred) if need_grad else None
     lo, hi = _seed_words(seed)
     try:
-        _diffusion_loss_kernel[grid](
+        _triton.launch(
+            _diffusion_loss_kernel, grid, pred.device,
             pred, x0, x0 if noise is None else noise, x0 if noise_offset is None else noise_offset,
             timesteps, alphas_cumprod, pred if grad is None else grad, partials, counter, loss,
-            m, c, s, grid[0] * grid[1], n_inst, inst_scale, prior_scale, max(snr_gamma, 0.0), lo, hi,
+            m, c, s, alphas_cumprod.shape[0], grid[0] * grid[1], n_inst, inst_scale, prior_scale, max(snr_gamma, 0.0), lo, hi,
             PRED_TYPE=pred_type, USE_SNR=snr_gamma >= 0, HAS_NOISE=noise is not None,
             HAS_OFFSET=noise_offset is not None, WRITE_GRAD=need_grad,
             BLOCK=blk, RBLOCK=min(1024, triton.next_power_of_2(grid[0] * grid[1])),
