@@ -46,7 +46,7 @@ class AotState:
     caps: DeviceCaps
     records: list = field(default_factory=list)   # (kernel name, config dict | None, CompiledKernel)
     config_filter: object = None                   # fn(kernel name, [Config]) -> [Config]
-    selection: str = "jit"                         # "jit": the configs the JIT could pick; "all": every one
+    selection: str = "jit"       # "jit": what the JIT may pick; "model": the smem model's prune; "all": every config
 
 
 _local = threading.local()

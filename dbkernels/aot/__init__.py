@@ -28,13 +28,20 @@ STATIC_RESULTS = ROOT / "bench" / "results" / "static"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dbkernels compile", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
-                   help="GPU architecture(s) to compile for (86: RTX 30xx, 90: H100/H200); default 86 and 90")
+    p.add_argument("--arch", type=int, action="append",
+                   help="GPU architecture(s) to compile for, as 10 x major + minor (86: RTX 30xx, 89: RTX 40xx, "
+                        "90: H100/H200); default 86 and 90")
     p.add_argument("--model", action="append", choices=["sd15", "sd21", "sdxl"],
                    help="only the calls of these models (default: all three)")
     p.add_argument("--op", action="append", choices=["attention", "diffusion_loss", "add_noise", "adamw8bit"],
                    help="only these ops (default: all)")
+    p.add_argument("--calls", default=None, metavar="REGEX",
+                   help="only the calls whose id matches (e.g. 'attention/sd15/.*/(self|cross)/bf16')")
     p.add_argument("--quick", action="store_true", help="the CI subset: each kernel and constexpr branch once")
+    p.add_argument("--configs", choices=["jit", "model", "all"], default=None,
+                   help="attention autotune configs: jit = what the JIT may pick now (the curated sets, else the "
+                        "shared-memory model's prune), model = the model's prune only (before curation), all = "
+                        "every config (default: all with --full, else jit)")
     p.add_argument("--full", action="store_true",
                    help="every autotune config of every head-dim layout (not only those the JIT may pick); "
                         "writes rows and a table to --out")
@@ -131,19 +138,29 @@ def main(argv=None) -> int:
         print("dbkernels compile: --jobs must be >= 1", file=sys.stderr)
         return 2
     archs = sorted(set(a.arch or [86, 90]))
+    if any(x < 75 for x in archs):
+        print("dbkernels compile: --arch must be 75 or newer (e.g. 86, 90)", file=sys.stderr)
+        return 2
     calls = calls_mod.select(models=a.model, quick=a.quick, ops=a.op)
-    selection = "all" if a.full else "jit"
+    if a.calls:
+        import re
+
+        calls = [c for c in calls if re.search(a.calls, c.id)]
+    if not calls:
+        print("dbkernels compile: no call matches the filters", file=sys.stderr)
+        return 2
+    selection = a.configs or ("all" if a.full else "jit")
     items = [(arch, c.id, selection, a.quick) for arch in archs for c in calls]
     cache_dir = tempfile.mkdtemp(prefix="dbkernels-aot-cache-") if a.fresh_cache else None
     print(f"dbkernels compile: {len(calls)} call(s) x {len(archs)} arch(s) "
-          f"({'every config' if a.full else 'the configs the JIT may pick'}{', first per layout' if a.quick else ''}), "
+          f"(configs: {selection}{', first per layout' if a.quick else ''}), "
           f"{a.jobs} process(es){', fresh cache ' + cache_dir if cache_dir else ''}", flush=True)
     t0 = time.perf_counter()
     rows = _run_pool(items, a.jobs, cache_dir)
     wall = time.perf_counter() - t0
     table = _dedupe(rows)
     failures = [r for r in table if r["error"]]
-    over = [r for r in table if r["over_limit"] and not a.full]
+    over = [r for r in table if r["over_limit"] and selection != "all"]
     print("\n".join(_fmt_table(table) if (a.verbose or len(table) <= 120) else _summary(table)))
     spilling = sum(1 for r in table if r["spill_bytes"])
     print(f"\n{len(table) - len(failures)} kernel binaries compiled for {', '.join(f'sm_{x}' for x in archs)} "

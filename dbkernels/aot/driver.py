@@ -83,6 +83,19 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4))}
 
 
+def _explain(e: BaseException) -> str:
+    """One line: the root cause first (e.g. the NameError under a CompilationError), then where."""
+    chain = []
+    while e is not None and len(chain) < 5:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        where = lines[0] if lines else ""
+        if type(e).__name__ == "CompilationError" and lines:
+            where = lines[0].rstrip(":")  # "at 19:15", the source snippet left out
+        chain.append(f"{type(e).__name__}: {where}" if where else type(e).__name__)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(reversed(chain))[:600]
+
+
 def one_per_layout(name, configs):
     """The CI subset's configs: the first of each head-dim layout (both layouts of D=40 get compiled)."""
     seen, out = set(), []
@@ -129,8 +142,7 @@ def run_items(items: list[tuple[int, str, str, bool]]) -> list[dict]:
             with _triton.aot_mode(state), dbkernels.force_backend("triton"):
                 call.run()
         except Exception as e:  # noqa: BLE001 - a compile failure is a row, reported by the caller
-            err = f"{type(e).__name__}: {e}".strip().splitlines()
-            err = " | ".join(x.strip() for x in err if x.strip())[:600]
+            err = _explain(e)
             if os.environ.get("DBKERNELS_AOT_TRACEBACK"):
                 traceback.print_exc()
         finally:

@@ -369,7 +369,8 @@ def _prune(kernel: str, estimate):
         aot = _triton.aot_state()
         if aot is not None and aot.selection == "all":  # the sweep of `python -m dbkernels compile --full`
             return mine
-        curated = curated_configs.lookup(kernel, caps, d, esize)
+        curated = None if (aot is not None and aot.selection == "model") else curated_configs.lookup(
+            kernel, caps, d, esize)
         if curated is not None:
             keep = [c for c in mine if curated.get(curated_configs.config_key(c), caps.smem_optin + 1)
                     <= caps.smem_optin]
