@@ -374,7 +374,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("dbkernels check: --device cuda but no CUDA device is visible", file=sys.stderr)
             return 2
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         name = torch.cuda.get_device_name(device)
     else:
         name = "CPU" + (" (Triton kernels under the interpreter)" if _backend.triton_interpreting() else "")
