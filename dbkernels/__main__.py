@@ -52,7 +52,10 @@ def report() -> int:
     else:
         print("CUDA device: none")
     interp = _backend.triton_interpreting()
-    print(f"Triton mode: {'interpreter' if interp else 'compiled'} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s})  "
+    env = os.environ.get("TRITON_INTERPRET")
+    why = f"TRITON_INTERPRET={env}" if env is not None else ("turned on in-process: no CUDA device" if interp
+                                                             else "TRITON_INTERPRET unset")
+    print(f"Triton mode: {'interpreter' if interp else 'compiled'} ({why})  "
           f"DBKERNELS_BACKEND={os.environ.get('DBKERNELS_BACKEND', '') or '(auto)'}")
     print()
     rows = _backend.report()  # probes the extension (a JIT build on a GPU machine without _C)
