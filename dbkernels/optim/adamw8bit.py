@@ -3,7 +3,10 @@
 Backends (dispatcher op "adamw8bit"): `cuda` = one multi-tensor launch per
 (param group, device, dtype, step) over every parameter of it (csrc/adamw8bit.cu),
 `triton` = one launch per parameter (triton_kernels.py), `reference` = PyTorch
-(reference.py, the spec and the CPU path). All compute the same fp32 operations.
+(reference.py, the spec). On CPU tensors the reference case runs multi_tensor.py: all
+tensors of a (param group, dtype, step) at once in cache-sized chunks, bitwise equal
+to reference.py (step_in_backward's single-tensor updates keep reference.py). All
+compute the same fp32 operations.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from .. import _backend
-from . import quant, reference
+from . import multi_tensor, quant, reference
 from .reference import fmix32_int
 
 _backend.register_op("adamw8bit", ("cuda", "triton", "reference"))
@@ -85,6 +88,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._check_hyper(defaults)
         self._sib_handle = None
         self._cuda_cache: dict = {}
+        self._cpu_cache: dict = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -118,11 +122,13 @@ class AdamW8bit(torch.optim.Optimizer):
         for p in group["params"]:
             _check_param(p, "AdamW8bit")
         self._cuda_cache.clear()
+        self._cpu_cache.clear()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_sib_handle", None)
         self.__dict__.setdefault("_cuda_cache", {})
+        self.__dict__.setdefault("_cpu_cache", {})
 
     # ------------------------------------------------------------------ state
     def _index_of(self) -> dict:
@@ -150,6 +156,7 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=p.device)
         self._cuda_cache.clear()
+        self._cpu_cache.clear()
         return state
 
     def state_bytes(self) -> int:
@@ -207,6 +214,10 @@ class AdamW8bit(torch.optim.Optimizer):
                     k = seen[(device, dtype)]
                     seen[(device, dtype)] += 1
                     impl.multi_tensor_step(self._cuda_cache, (gi, device, dtype, k), items, group, step)
+                elif name == "reference" and device.type == "cpu":
+                    k = seen[(device, dtype)]
+                    seen[(device, dtype)] += 1
+                    multi_tensor.step_(self._cpu_cache, (gi, dtype, k), items, group, step)
                 else:
                     for p, g, state in items:
                         _update_one(impl, p, g, state, group, step)
@@ -267,6 +278,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 raise ValueError("loaded 8-bit state was saved with another block_size than the parameter group's")
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._cuda_cache.clear()
+        self._cpu_cache.clear()
 
 
 def _update_one(impl, p, g, state, group, step: int) -> None:
