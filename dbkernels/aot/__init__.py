@@ -43,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
                         "shared-memory model's prune), model = the model's prune only (before curation), all = "
                         "every config (default: all with --full, else jit)")
     p.add_argument("--full", action="store_true",
-                   help="every autotune config of every head-dim layout (not only those the JIT may pick); "
-                        "writes rows and a table to --out")
+                   help="the sweep: every autotune config of every head-dim layout (not only those the JIT may "
+                        "pick), for one attention call per head dim, cross / self+bias and bf16 / fp32 (all "
+                        "calls with --calls); writes rows and a table to --out")
     p.add_argument("--curate", action="store_true",
                    help="with --full: write dbkernels/ops/attention/curated_configs.json from the sweep")
     p.add_argument("--out", default=None, help=f"folder for the rows and table (default with --full: {STATIC_RESULTS})")
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     if any(x < 75 for x in archs):
         print("dbkernels compile: --arch must be 75 or newer (e.g. 86, 90)", file=sys.stderr)
         return 2
-    calls = calls_mod.select(models=a.model, quick=a.quick, ops=a.op)
+    calls = calls_mod.select(models=a.model, quick=a.quick, ops=a.op, sweep=a.full and not a.calls)
     if a.calls:
         import re
 

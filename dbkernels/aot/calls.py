@@ -49,6 +49,7 @@ class Call:
     fn: Callable = field(compare=False, repr=False)
     quick: bool = False
     head_dim: int | None = None
+    sweep: bool = True   # in the --full sweep (attention: one call per head dim, kind and dtype)
 
     def run(self) -> None:
         self.fn()
@@ -88,6 +89,16 @@ def _attention_calls() -> list[Call]:
                         models=(model,), head_dim=d,
                         fn=lambda a=(2, h, lq, lk, d, DTYPES[dt], bias): _attention(*a))
     calls = list(found.values())
+    # The sweep (every config) compiles one call per (head dim, cross / self+bias, bf16 / fp32): the
+    # other UNet levels and fp16 differ only in integer specialisations and the element type, and
+    # the curated sets picked from the sweep are then compiled for *every* call by the default run.
+    first = set()
+    for i, c in enumerate(calls):
+        kind = c.id.split("/")[3]
+        key = (c.head_dim, kind, c.dtype)
+        keep = kind in ("cross", "self+bias") and c.dtype in ("bf16", "fp32") and key not in first
+        first.add(key)
+        calls[i] = Call(**{**c.__dict__, "sweep": keep})
     # the CI subset: split and padded layouts (D=40 has both), bias, bf16, the diffusers layout;
     # then fp32 (PREC ieee), no bias, a row stride that is not a multiple of 8 (SM = 1), cross-attention
     calls.append(Call(id="attention/quick/d40-self-bias-bf16", op="attention", shape="B1 H2 Lq64 Lk64 D40 bias",
@@ -199,11 +210,13 @@ def by_id() -> dict[str, Call]:
     return {c.id: c for c in all_calls()}
 
 
-def select(*, models=None, quick=False, ops=None) -> list[Call]:
-    """The calls of `models` (None: all three), or the quick subset; `ops` filters by op name."""
+def select(*, models=None, quick=False, ops=None, sweep=False) -> list[Call]:
+    """The calls of `models` (None: all three), or the quick subset, or the sweep's; `ops` filters by op."""
     out = []
     for c in all_calls():
         if ops and c.op not in ops:
+            continue
+        if sweep and not c.sweep:
             continue
         if quick:
             if c.quick:
