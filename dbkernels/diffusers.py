@@ -15,8 +15,9 @@ memory layout, so the head merge is a free reshape. The softmax scale is
 Fallbacks to scaled_dot_product_attention (same result, documented):
   * a call with an `attention_mask` (the kernel has no general mask; UNet training
     passes none);
-  * head dims the kernel does not cover (D > 256 or D % 8 != 0): a one-time warning
-    per head dim.
+  * head dims the kernel does not cover (D > 256 or D % 8 != 0). That is said once per
+    process, one line on stderr naming the head dims (use_fused_attention says it when
+    it installs the processor; a processor installed otherwise, at its first such call).
 
 Key bias (FABRIC): a bias (B, Lk) or (B, H, Lk) added to the scores of each key (log
 of the key's weight). Give it per call through the UNet's cross_attention_kwargs
@@ -26,7 +27,7 @@ setting can serve layers of different lengths (return None to skip a layer).
 """
 from __future__ import annotations
 
-import warnings
+import sys
 from typing import Callable, Optional, Union
 
 import torch
@@ -36,16 +37,32 @@ from .ops.attention import op as _attn
 
 KeyBias = Union[torch.Tensor, Callable[..., Optional[torch.Tensor]], None]
 
-_warned_head_dims: set[int] = set()
+_noted_head_dims: set[int] = set()
 
 
-def _warn_unsupported(head_dim: int) -> None:
-    if head_dim in _warned_head_dims:
+def _covered(head_dim: int) -> bool:
+    return head_dim <= _attn.MAX_HEAD_DIM and head_dim % _attn.HEAD_DIM_MULTIPLE == 0
+
+
+def _note_uncovered(head_dims: list[int], *, per_layer: bool = False) -> None:
+    """One line on stderr for the head dims not noted yet in this process; nothing if none.
+    per_layer: head_dims has one entry per attention layer (the line counts them)."""
+    new = sorted(set(head_dims) - _noted_head_dims)
+    if not new:
         return
-    _warned_head_dims.add(head_dim)
-    warnings.warn(f"dbkernels.diffusers.FusedAttnProcessor: head dim {head_dim} is not covered by "
-                  f"dbkernels.attention (needs D <= {_attn.MAX_HEAD_DIM}, D % {_attn.HEAD_DIM_MULTIPLE} == 0); "
-                  f"those layers use torch's scaled_dot_product_attention", stacklevel=3)
+    _noted_head_dims.update(new)
+    dims = ", ".join(str(d) for d in new)
+    n = sum(d in new for d in head_dims)
+    where = f" ({n} attention layer{'s' if n != 1 else ''})" if per_layer else ""
+    print(f"dbkernels: head dim{'s' if len(new) > 1 else ''} {dims}{where} not covered by the fused attention "
+          f"kernel (needs D <= {_attn.MAX_HEAD_DIM}, D % {_attn.HEAD_DIM_MULTIPLE} == 0); those layers use "
+          "torch's scaled_dot_product_attention", file=sys.stderr, flush=True)
+
+
+def _head_dim(attn) -> Optional[int]:
+    heads = getattr(attn, "heads", None)
+    inner = getattr(attn, "inner_dim", None)
+    return inner // heads if heads and inner else None
 
 
 class FusedAttnProcessor:
@@ -114,7 +131,8 @@ class FusedAttnProcessor:
         elif _attn.is_supported(query, key, value):
             hidden_states = _attn.attention(query, key, value, scale=scale, key_bias=kb)
         else:
-            _warn_unsupported(head_dim)
+            if head_dim not in _noted_head_dims and not _covered(head_dim):
+                _note_uncovered([head_dim])
             hidden_states = _attn.sdpa_attention(query, key, value, scale=scale, key_bias=kb)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -144,12 +162,15 @@ def use_fused_attention(model: torch.nn.Module, processor: Optional[FusedAttnPro
     added-KV, ...) alone. One processor instance is shared by all layers (pass your
     own, e.g. FusedAttnProcessor(key_bias=...), which also replaces FusedAttnProcessors
     installed earlier). Returns how many layers it replaced (0 when called again).
+    Head dims the kernel does not cover are named once, in one line on stderr (those
+    layers compute with scaled_dot_product_attention).
     """
     from diffusers.models.attention_processor import Attention
 
     proc = processor if processor is not None else FusedAttnProcessor()
     standard = _standard_processor_types()
     replaced = 0
+    uncovered: list[int] = []
     for module in model.modules():
         if not isinstance(module, Attention):
             continue
@@ -159,6 +180,11 @@ def use_fused_attention(model: torch.nn.Module, processor: Optional[FusedAttnPro
         if isinstance(current, standard) or isinstance(current, FusedAttnProcessor):
             module.set_processor(proc)
             replaced += 1
+            d = _head_dim(module)
+            if d is not None and not _covered(d):
+                uncovered.append(d)
+    if uncovered:
+        _note_uncovered(uncovered, per_layer=True)
     return replaced
 
 

@@ -132,21 +132,53 @@ def test_attention_mask_falls_back_to_sdpa():
     assert_same(got, expected)
 
 
-def test_unsupported_head_dim_warns_once_and_uses_sdpa():
+def test_unsupported_head_dim_is_one_line_once_and_uses_sdpa(capsys):
     torch.manual_seed(0)
     attn = Attention(query_dim=24, heads=2, dim_head=12, cross_attention_dim=16)  # D = 12
     attn.set_processor(AttnProcessor2_0())
     h = torch.randn(2, 10, 24)
     enc = torch.randn(2, 7, 16)
     expected = attn(h, enc)
-    attn.set_processor(dbd.FusedAttnProcessor())
-    dbd._warned_head_dims.discard(12)
-    with pytest.warns(UserWarning, match="head dim 12"):
+    attn.set_processor(dbd.FusedAttnProcessor())   # installed by hand: said at the first call
+    dbd._noted_head_dims.discard(12)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # a plain line, not a Python warning
         got = attn(h, enc)
+        attn(h, enc)
+        attn(h, enc)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "head dim 12 " in err and "scaled_dot_product_attention" in err, err
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uncovered_head_dims_of_a_unet_are_named_once_in_one_line(capsys):
+    """The built-in model has head dim 4 at its first level: every run used to print a
+    two-line UserWarning for it. Now one line per process, when the processor goes in."""
+    def make():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": (12, 16), "norm_num_groups": 4,
+                                       "attention_head_dim": 2})   # D = 6 and 8: 6 is not covered
+        unet.set_attn_processor(AttnProcessor2_0())
+        return unet
+
+    unet = make()
+    x, t, ctx = unet_inputs()
+    expected = step(unet, x, t, ctx)
+    dbd._noted_head_dims.clear()
+    capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attn(h, enc)  # second call: no warning
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        dbd.use_fused_attention(unet)
+        got = step(unet, x, t, ctx)
+        step(unet, x, t, ctx)
+        dbd.use_fused_attention(make())   # another model in the same process: said already
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dbkernels: head dim 6 (6 attention layers) not covered"), err
+    assert "head dim 8" not in err
+    assert_same(got, expected)
 
 
 def test_4d_input_group_norm_residual_like_vae_attention():
