@@ -1,48 +1,146 @@
 """Training images: finding them, refusing bad ones clearly, and turning them into tensors.
 
+Images are read as an image viewer shows them: EXIF orientation applied, an embedded ICC
+profile converted to sRGB, 16-bit and float images scaled to 8 bits (not clipped), CMYK,
+palette and grayscale images as RGB, and transparent areas composited on white. What
+changes the input is said in one line per folder on stderr: images with transparency,
+images below half the training resolution (they are upscaled), files skipped (not
+images, broken links). Errors are one-line UserErrors.
+
 Preprocessing is diffusers' DreamBooth recipe: resize the short side to `resolution`
 (bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1].
 """
 from __future__ import annotations
 
+import io
 import math
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
+_said: set[str] = set()
+
+
+def _say(kind: str, message: str) -> None:
+    """One line on stderr ("dbtrain: note: ..." / "dbtrain: warning: ..."), once per process."""
+    line = f"dbtrain: {kind}: {message}"
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def list_images(folder, what: str, *, allow_empty: bool = False) -> list[Path]:
-    """Image files in `folder`, sorted; other files are skipped with a warning."""
+    """Image files in `folder`, sorted. Other files and broken links are skipped and named
+    in a warning line; no image at all is a UserError."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{what} folder {path} does not exist")
-    files, skipped = [], []
+    files, skipped, broken = [], [], []
     for f in sorted(path.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
+        if f.name.startswith("."):
+            continue
+        if f.is_symlink() and not f.exists():
+            broken.append(f)
+        elif f.is_file():
             (files if f.suffix.lower() in IMAGE_SUFFIXES else skipped).append(f)
+    why = []
     if skipped:
-        names = ", ".join(f.name for f in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{what} folder {path}: skipping {len(skipped)} file(s) that are not images: {names}",
-                      stacklevel=2)
-    if not files and not allow_empty:
-        raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        why.append(f"{len(skipped)} file(s) that are not images: {_names([f.name for f in skipped])}")
+    if broken:
+        why.append(f"{len(broken)} broken link(s): {_names([f'{f.name} -> {_link_target(f)}' for f in broken])}")
+    if not files and not allow_empty:   # one line: the error says what was skipped
+        skips = f"; skipped {'; '.join(why)}" if why else ""
+        raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){skips}")
+    for w in why:
+        _say("warning", f"{what} folder {path}: skipping {w}")
     return files
 
 
-def open_rgb(path: Path) -> Image.Image:
+def _link_target(f: Path) -> str:
+    try:
+        return str(f.readlink())
+    except OSError:
+        return "?"
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Integer (16-bit) and float single-channel images as 8-bit "L", scaled, not clipped."""
+    a = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+        # 16-bit range (PNG, TIFF, PGM): 65535 -> 255
+        a = np.clip(a.astype(np.float64), 0, 65535) / 257.0
+    elif im.mode == "F":
+        a = a.astype(np.float64)
+        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a   # [0, 1] floats, else already 0..255
+    a = np.nan_to_num(np.clip(np.rint(a), 0, 255)).astype(np.uint8)
+    return Image.fromarray(a)   # 2-D uint8: mode "L"
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    """Convert the colour channels with the embedded ICC profile to sRGB (alpha kept);
+    the image unchanged when there is no profile or it cannot be used."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
+        return im
+    try:
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
+        base = im.convert({"RGBA": "RGB", "LA": "L"}.get(im.mode, im.mode))
+        out = ImageCms.profileToProfile(base, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception:  # a broken or unusable profile: the pixels as they are, as most viewers do
+        return im
+    if out is None:
+        return im
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+def load_image(path: Path) -> tuple[Image.Image, bool]:
+    """(8-bit RGB image as a viewer shows it, whether transparent areas were composited on white)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # unreadable EXIF: keep the stored orientation
+                pass
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                im = _to_8bit(im)
+            if im.mode == "P" or (im.mode in ("RGB", "L") and "transparency" in im.info):
+                im = im.convert("RGBA" if "transparency" in im.info or im.palette.mode == "RGBA" else "RGB")
+            if im.mode in ("RGBa", "La", "PA"):
+                im = im.convert("RGBA")
+            im = _to_srgb(im)
+            composited = False
+            if im.mode in _ALPHA_MODES:
+                rgba = im.convert("RGBA")
+                if rgba.getchannel("A").getextrema()[0] < 255:
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    rgba = Image.alpha_composite(white, rgba)
+                    composited = True
+                im = rgba
+            return im.convert("RGB"), composited
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e} (remove or replace the file)") from e
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The image as 8-bit RGB, as a viewer shows it (see load_image)."""
+    return load_image(path)[0]
 
 
 def to_tensor(img: Image.Image, resolution: int, *, crop_xy: tuple[float, float] | None, flip: bool) -> torch.Tensor:
@@ -74,8 +172,19 @@ class ImageSet:
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.images = [open_rgb(f) for f in files]  # opened once: bad files fail before training
+        loaded = [load_image(f) for f in files]  # opened once: bad files fail before training
+        self.images = [im for im, _ in loaded]
         self.square = [im.size[0] == im.size[1] for im in self.images]
+        where = _folder_of(files)
+        alpha = [f.name for f, (_, a) in zip(files, loaded) if a]
+        if alpha:
+            _say("note", f"{where}: {len(alpha)} image(s) with transparent areas, composited on white: "
+                         f"{_names(alpha)}")
+        small = [f"{f.name} ({im.size[0]}x{im.size[1]})" for f, im in zip(files, self.images)
+                 if min(im.size) * 2 < resolution]
+        if small:
+            _say("warning", f"{where}: {len(small)} image(s) smaller than half the training resolution "
+                            f"{resolution} (short side < {resolution / 2:g}), upscaled: {_names(small)}")
 
     def __len__(self):
         return len(self.images)
@@ -97,6 +206,11 @@ class ImageSet:
             return self.fixed_view(i, flip), flip
         crop = (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)))
         return to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip), flip
+
+
+def _folder_of(files: list[Path]) -> str:
+    parents = {str(f.parent) for f in files}
+    return parents.pop() if len(parents) == 1 else "images"
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
