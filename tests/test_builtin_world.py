@@ -175,7 +175,7 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
     assert len(list((out / "class-images").glob("*.png"))) == 4
     before = (out / "metrics.md").read_text()
     assert cli.main(["demo", "--out", str(out)]) == 2  # never writes over a previous demo
-    assert "not empty" in capsys.readouterr().err
+    assert "holds a finished demo" in capsys.readouterr().err
     assert (out / "metrics.md").read_text() == before
 
 

@@ -159,10 +159,11 @@ def test_bad_inputs_give_one_clear_line(tiny_model, tmp_path, capsys):
     (tmp_path / "inst" / "notes.txt").write_text("not an image")
     code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
     _one_line_error(code, err, "holds no images")
-    # a corrupt image is named
+    # a corrupt image is named; non-image files are skipped with a warning line
     (tmp_path / "inst" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
     _one_line_error(code, err, "broken.png")
+    assert "dbtrain: warning:" in err and "not images: notes.txt" in err
     (tmp_path / "inst" / "broken.png").unlink()
     make_images(tmp_path / "inst")
     # resolution not a multiple of 8
@@ -180,20 +181,22 @@ def test_bad_inputs_give_one_clear_line(tiny_model, tmp_path, capsys):
     a = args(broken, tmp_path, *FAST)
     code, err = run_cli(["train", *a], capsys)
     _one_line_error(code, err, "missing: unet (config.json + weights), vae, text_encoder, tokenizer, scheduler")
-    # an output folder holding a previous run is refused, never overwritten
+    # an output folder holding someone else's files, or a previous run, is refused, never overwritten
     out = tmp_path / "out"
     assert not out.exists()  # the failed runs above created nothing
     out.mkdir()
     (out / "model_index.json").write_text("{}")
     code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
+    _one_line_error(code, err, "holds files dbtrain did not write (model_index.json)")
+    (out / ".dbtrain-run.json").write_text("{}")  # the marker of a dbtrain run
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST)], capsys)
     _one_line_error(code, err, "holds a previous run")
     assert (out / "model_index.json").read_text() == "{}"
-    # non-image files are skipped with a warning (and the run goes on)
+    # with the non-image file still there (skipped, warned about above), the run goes on
     import shutil
 
     shutil.rmtree(out)
-    with pytest.warns(UserWarning, match="not images: notes.txt"):
-        code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST, steps=1)], capsys)
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST, steps=1)], capsys)
     assert code == 0, err
 
 

@@ -1,36 +1,35 @@
-"""Checkpoints in output_dir/checkpoint-<step>/ (diffusers' naming), written atomically.
+"""Checkpoints in output_dir/checkpoint-<step>/ (diffusers' naming), written atomically and verified.
 
-A checkpoint is written into a hidden temporary folder beside it and renamed into
-place only when complete, so a run killed at any moment leaves either the whole
-checkpoint or none (plus a temporary folder the next run removes).
+A checkpoint is written into a hidden temporary folder beside it, checked (every file
+reloaded: safetensors headers against the file sizes, the .pt files through torch.load,
+the sizes recorded in training_state.json), and renamed into place only then, so a run
+killed at any moment leaves either a whole checkpoint or none (plus a temporary folder
+the next run removes). Older checkpoints are pruned only after the new one checked out.
+Free space is checked before writing; a failed write removes its temporary folder and
+keeps every earlier checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import shutil
+import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import outdir
 from .config import UserError
+from .outdir import list_checkpoints  # noqa: F401  (part of this module's API)
 
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 
 
-def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return sorted(found)
-
-
 def remove_stale_temporaries(output_dir) -> None:
+    """Temporary folders of a run that was killed while writing (only call on a folder of ours)."""
     out = Path(output_dir)
     if out.is_dir():
         for p in out.iterdir():
@@ -53,23 +52,56 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def size_of(models: dict, optimizer) -> int:
+    """Bytes a checkpoint takes: the trained weights plus the optimizer state (and 1 MB of small files)."""
+    weights = sum(_tensor_bytes(m.state_dict()) for m in models.values())
+    return weights + _tensor_bytes(optimizer.state_dict()["state"]) + outdir.MB
+
+
 def save(output_dir, step: int, *, models: dict, optimizer, lr_scheduler, scaler, config: dict,
          total_limit: int | None) -> Path:
-    """Write checkpoint-<step> atomically, then prune to the newest `total_limit`."""
+    """Write checkpoint-<step> atomically and verify it, then prune to the newest `total_limit`.
+
+    Raises outdir.NoSpace (a one-line UserError) when the space is missing or a write fails;
+    every earlier checkpoint is then still there and no temporary folder is left.
+    """
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
+    need = size_of(models, optimizer)
+    outdir.require_space(out, need, f"checkpoint-{step}")
     tmp = out / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, model in models.items():
-        model.save_pretrained(tmp / name, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(rng_state(), tmp / "rng_state.pt")
-    (tmp / "training_state.json").write_text(json.dumps({"step": step, "config": config}, indent=1, default=str))
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        for name, model in models.items():
+            model.save_pretrained(tmp / name, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng_state(), tmp / "rng_state.pt")
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "training_state.json").write_text(json.dumps({"step": step, "config": config, "files": files},
+                                                            indent=1, default=str))
+        _fsync_tree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise outdir.failed_write(out, f"checkpoint-{step}", e, need) from e
+    problem = verify(tmp)
+    if problem is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"checkpoint-{step} did not read back after writing ({problem}); the disk of {out} "
+                        f"may be failing")
     if final.exists():  # the same step written again after a resume: swap, never leave neither
         old = out / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
         os.rename(final, old)
@@ -90,19 +122,104 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+# ------------------------------------------------------------------ reading back
+
+def _check_safetensors(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return f"{path} is truncated ({size} bytes, its header alone says {n + 8})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        return f"{path} has no valid safetensors header ({type(e).__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path} is truncated ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint loads, else what is wrong with it, naming the file."""
+    folder = Path(folder)
+    state_file = folder / "training_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{state_file} is missing or unreadable ({type(e).__name__})"
+    for rel, size in state.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != size:
+            return f"{p} is truncated or changed ({p.stat().st_size} of {size} bytes)"
+    if not list(folder.glob("unet/*.safetensors")):
+        return f"{folder / 'unet'} has no .safetensors weights"
+    for p in sorted(folder.rglob("*.safetensors")):
+        if (problem := _check_safetensors(p)) is not None:
+            return problem
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "scaler.pt"):
+        p = folder / name
+        if name == "scaler.pt" and not p.exists():
+            continue
+        try:
+            torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure to load means the file is damaged
+            return f"{p} does not load ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return None
+
+
+def newest_intact(output_dir, below: int | None = None) -> Path | None:
+    for step, p in reversed(list_checkpoints(output_dir)):
+        if (below is None or step < below) and verify(p) is None:
+            return p
+    return None
+
+
+def warn(message: str) -> None:
+    print(f"dbtrain: warning: {message}", file=sys.stderr, flush=True)
+
+
 def resolve(output_dir, resume: str | None) -> Path | None:
-    """The checkpoint folder to resume from (None: start fresh)."""
+    """The checkpoint folder to resume from (None: start fresh).
+
+    "latest" is the newest checkpoint that loads; damaged ones are skipped with a warning
+    naming the file. A damaged checkpoint named explicitly is an error pointing to the
+    newest intact earlier one.
+    """
     if not resume:
         return None
     if resume == "latest":
         ckpts = list_checkpoints(output_dir)
-        return ckpts[-1][1] if ckpts else None
+        damaged = []
+        for step, p in reversed(ckpts):
+            problem = verify(p)
+            if problem is None:
+                return p
+            warn(f"skipping {p.name}, it is damaged: {problem}")
+            damaged.append(p.name)
+        if damaged:
+            raise UserError(f"no intact checkpoint in {output_dir} ({', '.join(damaged)} damaged); choose a new "
+                            f"--output_dir to start again")
+        return None
     path = Path(resume)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume
-    if not (path / "training_state.json").is_file():
+    if not (path / "training_state.json").is_file() and not (path / "unet").is_dir():
         raise UserError(f"--resume_from_checkpoint {resume}: {path} is not a checkpoint folder "
                         f"(no training_state.json)")
+    problem = verify(path)
+    if problem is not None:
+        try:
+            step = int(path.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            step = None
+        earlier = newest_intact(path.parent, below=step) if step is not None else None
+        hint = (f"{earlier} is intact: pass --resume_from_checkpoint {earlier}" if earlier is not None else
+                "no earlier checkpoint is intact")
+        raise UserError(f"checkpoint {path} is damaged: {problem}; {hint}")
     return path
 
 

@@ -1,49 +1,55 @@
-"""`dbtrain train ...` / `dbtrain sample ...` (also `python -m trainer ...`).
+"""`dbtrain train|sample|eval|demo ...` (also `python -m trainer ...`).
 
-Bad input ends with exit code 2 and one line saying what to fix, never a traceback.
+Flags are parsed and checked, and the folders they name looked at, before torch or a
+model is imported: `--help` and every foreseeable mistake come back at once. Bad input
+ends with exit code 2 and one line saying what to fix, never a traceback. A run stopped
+by Ctrl-C / SIGTERM saves its state and prints the exact command that continues it.
 """
 from __future__ import annotations
 
-import argparse
+import math
+import shlex
 import sys
 from pathlib import Path
 
-from .config import UserError
+from . import interrupts
+from .config import Resumable, UserError
 
 USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny model and subject, before/after
        dbtrain train [options]     DreamBooth fine-tuning (dbtrain train --help)
        dbtrain sample [options]    images from a trained output folder (dbtrain sample --help)
        dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model"""
+COMMANDS = ("train", "sample", "eval", "demo")
 
 
-def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dbtrain sample", description="Images from a trained model folder.")
-    p.add_argument("--model", required=True, help="a diffusers folder (a dbtrain train output_dir)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--num_images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=None, help="default: the model's")
-    p.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
-    p.add_argument("--device", default=None)
-    return p
+def sample_parser():
+    from .parsers import sample_parser as make
+
+    return make()
+
+
+def check_sample_args(args) -> None:
+    from .models import check_model_folder
+
+    if args.num_images < 1 or args.steps < 1:
+        raise UserError("--num_images and --steps must be >= 1")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; pass a folder")
+    check_model_folder(args.model)
 
 
 def sample(argv: list[str]) -> Path:
+    args = sample_parser().parse_args(argv)
+    check_sample_args(args)
     import torch
     from diffusers import StableDiffusionPipeline
 
     from .data import make_grid
-    from .models import check_model_folder
 
-    args = sample_parser().parse_args(argv)
-    if args.num_images < 1 or args.steps < 1:
-        raise UserError("--num_images and --steps must be >= 1")
-    if args.resolution is not None and args.resolution % 8:
-        raise UserError(f"--resolution must be a multiple of 8, got {args.resolution}")
-    check_model_folder(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
                                                    requires_safety_checker=False).to(device)
@@ -73,37 +79,88 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _without_resume(args: list[str]) -> list[str]:
+    """The arguments minus any --resume_from_checkpoint (also abbreviated or with =)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name.startswith("--resu") and "--resume_from_checkpoint".startswith(name):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def continue_command(cmd: str, rest: list[str]) -> str:
+    """The exact command that continues a stopped `cmd` (empty for commands that cannot)."""
+    if cmd == "train":
+        return "resume with: dbtrain train " + shlex.join(_without_resume(rest) + ["--resume_from_checkpoint",
+                                                                                  "latest"])
+    if cmd == "demo":
+        return "continue with: " + " ".join(["dbtrain", "demo", shlex.join(rest)]).strip()
+    return ""
+
+
+def _run(cmd: str, rest: list[str]) -> None:
+    if cmd == "train":
+        from . import config
+
+        cfg = config.parse(rest)
+        config.check_paths(cfg)
+        _quiet_libraries()
+        from . import loop
+
+        loop.train(cfg)
+    elif cmd == "sample":
+        check_sample_args(sample_parser().parse_args(rest))
+        _quiet_libraries()
+        sample(rest)
+    elif cmd == "demo":
+        from .parsers import demo_parser
+
+        demo_parser().parse_args(rest)  # --help and flag errors before torch loads
+        _quiet_libraries()
+        from . import demo
+
+        demo.run(rest)
+    else:
+        from .parsers import eval_parser
+
+        eval_parser().parse_args(rest)
+        _quiet_libraries()
+        from . import evaluate
+
+        evaluate.run(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    _quiet_libraries()
+    if cmd not in COMMANDS:
+        print(f"dbtrain: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    interrupts.terminate_raises()
     try:
-        if cmd == "train":
-            from . import config, loop
-
-            loop.train(config.parse(rest))
-        elif cmd == "sample":
-            sample(rest)
-        elif cmd == "demo":
-            from . import demo
-
-            demo.run(rest)
-        elif cmd == "eval":
-            from . import evaluate
-
-            evaluate.run(rest)
-        else:
-            print(f"dbtrain: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
-            return 2
+        _run(cmd, rest)
+    except Resumable as e:
+        hint = continue_command(cmd, rest)
+        print(f"dbtrain: {e.kind}: {e}" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
+        return e.exit_code
     except UserError as e:
-        print(f"dbtrain: error: {e}", file=sys.stderr)
+        print(f"dbtrain: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print("dbtrain: interrupted (resume with --resume_from_checkpoint latest)", file=sys.stderr)
-        return 130
+        sig = interrupts.last_signal or 2
+        hint = continue_command(cmd, rest)
+        print(f"dbtrain: interrupted ({interrupts.signal_name(sig)}), stopped at once" + (f"; {hint}" if hint else ""),
+              file=sys.stderr, flush=True)
+        return 128 + sig
     return 0
 
 

@@ -6,6 +6,8 @@ dashes); flags given on the command line override it.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -14,67 +16,132 @@ class UserError(Exception):
     """Bad input the user can fix; the CLI prints the message as one line and exits 2."""
 
 
+class Resumable(UserError):
+    """A run that stopped with its state saved; the CLI adds the command that continues it.
+
+    `kind` is "error" or "interrupted"; `exit_code` 2, or 128 + the signal number.
+    """
+
+    def __init__(self, message: str, *, kind: str = "error", exit_code: int = 2):
+        super().__init__(message)
+        self.kind, self.exit_code = kind, exit_code
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default at the end of its help line (on/off for switches)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=38)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is argparse.SUPPRESS or action.required or "%(default)" in text
+                or not action.option_strings or action.dest == "help"):
+            return text
+        d = action.default
+        if d is None:
+            return text  # the help line says what "not given" means
+        shown = ("on" if d else "off") if isinstance(d, bool) else d
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
 def _bool(text: str) -> bool:
     low = str(text).strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
+
+def option_adder(group):
+    """group.add_argument with short metavars: N for counts, X for numbers."""
+    def add(*names, **kw):
+        if "metavar" not in kw and not kw.get("choices") and kw.get("type") in (int, float):
+            kw["metavar"] = "N" if kw["type"] is int else "X"
+        return group.add_argument(*names, **kw)
+    return add
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dbtrain train", description="DreamBooth fine-tuning on our kernels.")
-    a = p.add_argument
-    a("--config", default=None, help="TOML file with any of these options (flags override it)")
-    # --- what diffusers' train_dreambooth.py also has (same names, same meaning) ---
-    a("--pretrained_model_name_or_path", required=False, help="local diffusers folder (SD 1.x / 2.x)")
-    a("--instance_data_dir", help="folder with the 3-5 subject images")
-    a("--instance_prompt", help='e.g. "a photo of [V] dog" ([V] = the identifier)')
-    a("--class_data_dir", help="folder of class images (generated there if too few)")
-    a("--class_prompt", help='e.g. "a photo of dog"')
-    a("--with_prior_preservation", action="store_true")
-    a("--prior_loss_weight", type=float, default=1.0)
-    a("--num_class_images", type=int, default=100)
-    a("--output_dir", default="dreambooth-model")
-    a("--seed", type=int, default=0)
-    a("--resolution", type=int, default=512)
-    a("--center_crop", action="store_true", help="center crop (default: random crop)")
-    a("--random_flip", action="store_true", help="random horizontal flip")
-    a("--train_text_encoder", action="store_true")
-    a("--train_batch_size", type=int, default=1, help="instance images per step (as many class images)")
-    a("--max_train_steps", type=int, default=800)
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true")
-    a("--learning_rate", type=float, default=5e-6)
-    a("--lr_scheduler", default="constant",
+    p = argparse.ArgumentParser(
+        prog="dbtrain train", formatter_class=HelpFormatter,
+        description="DreamBooth fine-tuning on our kernels. The flags are those of diffusers' "
+                    "examples/dreambooth/train_dreambooth.py, plus dbtrain's own (last group).")
+    # "-1e-4", "-inf" are values, not flags (argparse alone only knows "-1" and "-.5"), so that
+    # `--learning_rate -1e-4` gets the range message instead of "expected one argument"
+    p._negative_number_matcher = _NEGATIVE_NUMBER
+    g = option_adder(p.add_argument_group("model and data"))
+    g("--pretrained_model_name_or_path", metavar="DIR",
+      help="local diffusers folder of the base model (SD 1.x / 2.x); required, nothing is downloaded")
+    g("--instance_data_dir", metavar="DIR", help="folder with the 3-5 subject images; required")
+    g("--instance_prompt", metavar="TEXT", help='prompt of the subject images, e.g. "a photo of [V] dog" '
+      "([V] becomes --identifier); required")
+    g("--output_dir", default="dreambooth-model", metavar="DIR",
+      help="where the model, checkpoints and logs go: a new folder, an empty one, or a previous dbtrain run "
+           "(then with --resume_from_checkpoint latest)")
+    g("--resolution", type=int, default=512, help="training image size in pixels (a multiple of 8)")
+    g("--center_crop", action="store_true", help="crop non-square images at the center instead of at random")
+    g("--seed", type=int, default=0, help="seed of every random draw (same seed, same run)")
+    g = option_adder(p.add_argument_group("prior preservation"))
+    g("--with_prior_preservation", action="store_true",
+      help="also train on class images of the frozen model (keeps the class prior)")
+    g("--class_data_dir", metavar="DIR", help="folder of class images; missing ones are generated there")
+    g("--class_prompt", metavar="TEXT", help='prompt of the class images, e.g. "a photo of dog"')
+    g("--num_class_images", type=int, default=100, help="class images to use (generated if fewer exist)")
+    g("--prior_loss_weight", type=float, default=1.0, help="weight of the class term of the loss")
+    g("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    g = option_adder(p.add_argument_group("training"))
+    g("--train_text_encoder", action="store_true", help="fine-tune the text encoder too")
+    g("--train_batch_size", type=int, default=1, help="instance images per step (as many class images)")
+    g("--max_train_steps", type=int, default=800, help="optimizer steps of the run")
+    g("--gradient_accumulation_steps", type=int, default=1, help="forward/backward passes per optimizer step")
+    g("--learning_rate", type=float, default=5e-6, help="peak learning rate")
+    g("--lr_scheduler", default="constant", help="learning-rate schedule",
       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
-    a("--lr_warmup_steps", type=int, default=0)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-2)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    a("--snr_gamma", type=float, default=None)
-    a("--offset_noise", type=float, default=0.0, help="offset-noise strength (0 = off)")
-    a("--validation_prompt", default=None)
-    a("--validation_steps", type=int, default=100)
-    a("--num_validation_images", type=int, default=4)
-    a("--sample_batch_size", type=int, default=4, help="batch size for class-image generation")
-    # --- ours ---
-    a("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw", "bnb8bit"])
-    a("--weights_dtype", default="fp32", choices=["fp32", "bf16"],
+    g("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up")
+    g("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    g("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
+    g("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, e.g. 5.0 (not given: off)")
+    g("--offset_noise", type=float, default=0.0, help="offset-noise strength (0 = off)")
+    g = option_adder(p.add_argument_group("memory and speed"))
+    g("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+      help="autocast dtype on the GPU; on a CPU fp16 is several times slower than no (use bf16 or no)")
+    g = option_adder(p.add_argument_group("checkpoints and logging"))
+    g("--checkpointing_steps", type=int, default=500,
+      help="save output_dir/checkpoint-<step> every this many steps (and on Ctrl-C / SIGTERM)")
+    g("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints "
+      "(not given: keep all)")
+    g("--resume_from_checkpoint", default=None, metavar="PATH|latest",
+      help='continue from a checkpoint folder, or "latest" (the newest intact one; none yet: start at step 0)')
+    g("--validation_prompt", default=None, metavar="TEXT",
+      help="prompt of the validation grids in output_dir/validation (not given: no validation)")
+    g("--validation_steps", type=int, default=100, help="validation grid every this many steps")
+    g("--num_validation_images", type=int, default=4, help="images per validation grid")
+    g = option_adder(p.add_argument_group("ours (dbtrain's own, not in diffusers' train_dreambooth.py)"))
+    g("--config", default=None, metavar="TOML", help="TOML file with any of these options, same keys without "
+      "the dashes (flags given here override it)")
+    g("--identifier", default="sks", metavar="WORD", help='the rare token that replaces [V], or "auto" to pick one from '
+      "the tokenizer as the paper does")
+    g("--random_flip", action="store_true", help="random horizontal flip of the training images")
+    g("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
+    g("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw", "bnb8bit"],
+      help="adamw8bit: ours (8-bit states); adamw: torch.optim.AdamW; bnb8bit: bitsandbytes")
+    g("--weights_dtype", default="fp32", choices=["fp32", "bf16"],
       help="fp32 master weights, or pure bf16 weights (stochastic rounding with adamw8bit)")
-    a("--step_in_backward", action="store_true", help="optimizer step inside backward (adamw8bit)")
-    a("--kernels", type=_bool, default=True, help="on: dbkernels loss/attention; off: PyTorch")
-    a("--identifier", default="sks", help='the rare token for [V], or "auto" to pick one from the tokenizer')
-    a("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
-    a("--log_every", type=int, default=10, help="log line interval in steps")
-    a("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g("--step_in_backward", action="store_true", help="optimizer step inside backward, gradients freed at once "
+      "(adamw8bit; less memory)")
+    g("--kernels", type=_bool, default="on", metavar="on|off",
+      help="on: dbkernels loss and attention; off: PyTorch's")
+    g("--log_every", type=int, default=10, help="a log line every this many steps")
+    g("--device", default=None, metavar="cuda|cpu", help="cuda or cpu (not given: cuda if available)")
     return p
 
 
@@ -100,7 +167,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def check(cfg: argparse.Namespace) -> None:
-    """Option errors that need no file access."""
+    """Option errors that need no file access (run before anything is loaded)."""
     for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
@@ -113,17 +180,72 @@ def check(cfg: argparse.Namespace) -> None:
         if not cfg.class_data_dir:
             raise UserError("--with_prior_preservation needs --class_data_dir (class images are generated "
                             "there if it holds fewer than --num_class_images)")
+        if cfg.num_class_images < 1:
+            raise UserError(f"--num_class_images must be >= 1, got {cfg.num_class_images}")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "sample_batch_size", "log_every", "validation_steps"):
+                 "sample_batch_size", "log_every", "validation_steps", "num_validation_images",
+                 "class_inference_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.learning_rate < 0:
-        raise UserError(f"--learning_rate must be >= 0, got {cfg.learning_rate}")
+    for name in ("num_class_images", "lr_warmup_steps", "seed"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be >= 1 (or not given: keep all), "
+                        f"got {cfg.checkpoints_total_limit}")
+    _check_numbers(cfg)
+    if not str(cfg.identifier).strip() or len(str(cfg.identifier).split()) != 1:
+        raise UserError(f"--identifier must be one word (or auto), got {cfg.identifier!r}")
     if cfg.step_in_backward:
         if cfg.optimizer != "adamw8bit":
             raise UserError("--step_in_backward needs --optimizer adamw8bit")
         if cfg.gradient_accumulation_steps > 1:
             raise UserError("--step_in_backward cannot accumulate gradients (each is applied and freed in "
                             "backward); use --gradient_accumulation_steps 1")
-    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
-        raise UserError(f"--snr_gamma must be > 0 (5.0 is usual), got {cfg.snr_gamma}")
+        if cfg.mixed_precision == "fp16":
+            raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+    if cfg.device is not None and str(cfg.device).split(":")[0] not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda, cuda:N or cpu, got {cfg.device!r}")
+
+
+# (flag, lowest allowed, lowest is allowed, highest or None, highest is allowed); every one must be finite
+_RANGES = (("learning_rate", 0, True, None, False), ("prior_loss_weight", 0, True, None, False),
+           ("adam_beta1", 0, True, 1, False), ("adam_beta2", 0, True, 1, False),
+           ("adam_weight_decay", 0, True, None, False), ("adam_epsilon", 0, False, None, False),
+           ("max_grad_norm", 0, True, None, False), ("offset_noise", 0, True, None, False),
+           ("snr_gamma", 0, False, None, False))
+
+
+def _check_numbers(cfg) -> None:
+    for name, lo, lo_ok, hi, hi_ok in _RANGES:
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"--{name} must be a finite number, got {v}")
+        if v < lo or (v == lo and not lo_ok) or (hi is not None and (v > hi or (v == hi and not hi_ok))):
+            rng = (f"{'>=' if lo_ok else '>'} {lo}" + (f" and {'<=' if hi_ok else '<'} {hi}" if hi is not None
+                                                        else ""))
+            raise UserError(f"--{name} must be {rng}, got {v}")
+
+
+def check_paths(cfg: argparse.Namespace) -> None:
+    """Errors in the files and folders the options name, found without loading anything."""
+    from .models import check_model_folder
+    from .outdir import check_output_dir, check_creatable
+
+    check_model_folder(cfg.pretrained_model_name_or_path)
+    inst = Path(cfg.instance_data_dir)
+    if not inst.is_dir():
+        raise UserError(f"instance image folder {inst} does not exist" if not inst.exists() else
+                        f"--instance_data_dir {inst} is a file, not a folder of images")
+    if cfg.with_prior_preservation:
+        cls = Path(cfg.class_data_dir)
+        if cls.exists() and not cls.is_dir():
+            raise UserError(f"--class_data_dir {cls} is a file, not a folder")
+        if not cls.exists():
+            check_creatable(cls, "--class_data_dir")
+    res = cfg.resume_from_checkpoint
+    if res and res != "latest" and not Path(res).exists() and not (Path(cfg.output_dir) / res).exists():
+        raise UserError(f"--resume_from_checkpoint {res}: no such checkpoint folder (or pass latest)")
+    check_output_dir(cfg.output_dir, resume=bool(res))

@@ -5,37 +5,13 @@ the same --seed, starts from the same noise), so two models are compared image f
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from .config import UserError
-
-# Prompt templates: {V} the identifier, {C} the class noun. The contexts are the built-in world's.
-DEFAULT_PROMPTS = ("a {V} {C} on the beach", "a {V} {C} in the snow", "a {V} {C} in space")
-CLASS_PROMPT = "a {C}"
-
-
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dbtrain eval", description="DINO, CLIP-I, CLIP-T, PRES and DIV of a model.")
-    p.add_argument("--model", required=True, help="a diffusers folder (a dbtrain train output_dir)")
-    p.add_argument("--instance_data_dir", required=True, help="the subject's real images")
-    p.add_argument("--identifier", default=None, help="[V]; default: what dbtrain train recorded in the model")
-    p.add_argument("--class_noun", default=None, help="the class, e.g. dog; default: recorded in the model")
-    p.add_argument("--prompts", nargs="+", default=None,
-                   help="templates with {V} and {C} (default: " + "; ".join(DEFAULT_PROMPTS) + ")")
-    p.add_argument("--num_images", type=int, default=8, help="images per prompt")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for samples, metrics.json and metrics.md")
-    p.add_argument("--judge", default=None, help="judge folder (default: the built-in one)")
-    p.add_argument("--clip_model", default=None, help="local CLIP folder (transformers) for CLIP-I / CLIP-T")
-    p.add_argument("--dino_model", default=None, help="local DINO/ViT folder (transformers) for DINO / PRES")
-    p.add_argument("--device", default=None)
-    return p
+from .parsers import CLASS_PROMPT, DEFAULT_PROMPTS, eval_parser  # noqa: F401  (the flags live there)
 
 
 def recorded_subject(model: Path) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,13 +20,18 @@ import torch
 import dbkernels
 from dbkernels.ops.diffusion_loss import reference as loss_reference
 
-from . import checkpoint
-from .config import UserError
+from . import checkpoint, config, interrupts, outdir
+from .config import Resumable, UserError
 from .data import ImageSet, list_images, make_grid
+from .export import export, pipeline, remove_temporaries
 from .models import load_components, pick_identifier
 from .prior import generate_class_images
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Measured with `python -m trainer.fp16_cpu` style runs on the built-in model (README, "Training").
+FP16_CPU_NOTE = ("note: --mixed_precision fp16 on a CPU runs about {x}x slower than fp32 here (CPUs have no fast "
+                 "fp16 math); use --mixed_precision bf16 or no")
+FP16_CPU_FACTOR = 4
 
 
 def _step_seed(seed: int, step: int, micro: int) -> int:
@@ -34,17 +39,20 @@ def _step_seed(seed: int, step: int, micro: int) -> int:
 
 
 def prepare_output_dir(cfg) -> Path | None:
-    """Refuse to overwrite a previous run; returns the checkpoint to resume from."""
+    """Check that output_dir may be written (a new, empty, or our own folder; see outdir) and
+    return the checkpoint to resume from (None: start at step 0)."""
     out = Path(cfg.output_dir)
-    checkpoint.remove_stale_temporaries(out)
+    state = outdir.check_output_dir(out, resume=bool(cfg.resume_from_checkpoint))
+    if state == "ours":
+        checkpoint.remove_stale_temporaries(out)
+        remove_temporaries(out)
     resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)
-    previous = [p.name for p in (out / "model_index.json", out / "logs") if p.exists()]
-    previous += [p.name for _, p in checkpoint.list_checkpoints(out)]
-    if previous and resume is None:
-        hint = ("--resume_from_checkpoint latest found no checkpoint to continue; "
-                if cfg.resume_from_checkpoint else "")
-        raise UserError(f"output_dir {out} holds a previous run ({', '.join(sorted(previous)[:3])}); {hint}"
-                        f"pass --resume_from_checkpoint latest to continue it, or choose a new --output_dir")
+    if resume is None and state == "ours":
+        if (out / "model_index.json").exists():
+            raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to continue from; choose "
+                            f"a new --output_dir")
+        print(f"{out} holds a run that stopped before its first checkpoint: starting it again at step 0",
+              flush=True)
     return resume
 
 
@@ -211,14 +219,21 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
 
 def resume_run(run: Run, folder: Path) -> int:
     """Load a checkpoint into the run; returns its step."""
-    for name, model in run.models.items():
-        load_weights(model, folder / name)
-    run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    run.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    if run.scaler is not None and (folder / "scaler.pt").exists():
-        run.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
-    checkpoint.set_rng_state(torch.load(folder / "rng_state.pt", weights_only=False))
-    step = checkpoint.load_state(folder)["step"]
+    try:
+        for name, model in run.models.items():
+            load_weights(model, folder / name)
+        run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        run.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        if run.scaler is not None and (folder / "scaler.pt").exists():
+            run.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
+        checkpoint.set_rng_state(torch.load(folder / "rng_state.pt", weights_only=False))
+        step = checkpoint.load_state(folder)["step"]
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a checkpoint of another model or options, or damaged
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"checkpoint {folder} does not fit this run ({type(e).__name__}: {first}); resume with "
+                        f"the options it was made with, or choose a new --output_dir") from e
     print(f"resumed from {folder} at step {step}")
     return step
 
@@ -281,7 +296,13 @@ def train(cfg) -> Path:
 def _train(cfg) -> Path:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(cfg.output_dir)
+    config.check_paths(cfg)  # (the CLI ran these before importing torch; callers of train() may not have)
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        print(FP16_CPU_NOTE.format(x=FP16_CPU_FACTOR), file=sys.stderr, flush=True)
     resume = prepare_output_dir(cfg)
+    outdir.check_space(cfg)
+    inst = ImageSet(list_images(cfg.instance_data_dir, "instance image"), cfg.resolution,
+                    center_crop=cfg.center_crop, random_flip=cfg.random_flip)  # bad images fail before the model
     torch.manual_seed(cfg.seed)
     comps = load_components(cfg.pretrained_model_name_or_path)
 
@@ -296,8 +317,6 @@ def _train(cfg) -> Path:
 
     # --- data (class images generated first if missing) ---
     half = HALF.get(cfg.mixed_precision) if device.type == "cuda" else None
-    inst = ImageSet(list_images(cfg.instance_data_dir, "instance image"), cfg.resolution,
-                    center_crop=cfg.center_crop, random_flip=cfg.random_flip)
     cls = None
     if cfg.with_prior_preservation:
         made = generate_class_images(cfg, device, half or torch.float32)
@@ -306,49 +325,84 @@ def _train(cfg) -> Path:
         files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
         cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
     batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32)
-    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
+    outdir.claim(out, cfg_dict(cfg))  # only once the inputs are known to be good
 
     run = setup(cfg, comps, batches, device)
     start = resume_run(run, resume) if resume is not None else 0
     log = _Log(out, cfg)
-    skipped = 0
+    skipped, done = 0, start
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="train",
                unit="step")
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            res = train_step(run, step)
-            if not res.stepped:
-                skipped += 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.max_train_steps:
-                rec = log.write(done, res.loss, _loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
-                                (time.perf_counter() - t0) * 1000, device, skipped)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
-                bar.write(_log_line(rec))
-            if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-                checkpoint.save(out, done, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
-                                scaler=run.scaler, config=cfg_dict(cfg), total_limit=cfg.checkpoints_total_limit)
-            if cfg.validation_prompt and done % cfg.validation_steps == 0:
-                validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device, out / "validation",
-                         f"step-{done:06d}")
-        if skipped > cfg.max_train_steps // 2:
-            raise UserError(f"{skipped} of {cfg.max_train_steps} steps had a non-finite loss or gradient and were "
-                            f"skipped; lower --learning_rate or use --mixed_precision bf16")
-    finally:
-        bar.close()
-        log.close()
-        if run.hook is not None:
-            run.hook.remove()
-    export(cfg, run.unet, run.te if cfg.train_text_encoder else None, out)
+    with interrupts.StopRequests() as stop:
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                res = train_step(run, step)
+                if not res.stepped:
+                    skipped += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.max_train_steps:
+                    rec = log.write(done, res.loss, _loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
+                                    (time.perf_counter() - t0) * 1000, device, skipped)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
+                    bar.write(_log_line(rec))
+                saved = None
+                if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+                    saved = save_checkpoint(run, out, done)
+                if cfg.validation_prompt and done % cfg.validation_steps == 0:
+                    validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device, out / "validation",
+                             f"step-{done:06d}")
+                if stop.signum is not None and done < cfg.max_train_steps:
+                    saved = saved or save_checkpoint(run, out, done)
+                    raise Resumable(f"{interrupts.signal_name(stop.signum)} at step {done} of "
+                                    f"{cfg.max_train_steps}; saved {saved}", kind="interrupted",
+                                    exit_code=128 + stop.signum)
+            if skipped > cfg.max_train_steps // 2:
+                raise UserError(f"{skipped} of {cfg.max_train_steps} steps had a non-finite loss or gradient and "
+                                f"were skipped; lower --learning_rate or use --mixed_precision bf16")
+        finally:
+            bar.close()
+            log.close()
+            if run.hook is not None:
+                run.hook.remove()
+        save_model(run, out, done)
     _record_subject(out, ident, class_word, prompts["inst"])
+    outdir.write_marker(out, finished=True)
     print(f"saved the trained model to {out} ({skipped} skipped step(s))")
     return out
+
+
+def save_checkpoint(run: Run, out: Path, step: int) -> Path:
+    """checkpoint-<step>; on a full disk a one-line error naming the last good checkpoint."""
+    try:
+        return checkpoint.save(out, step, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+                               scaler=run.scaler, config=cfg_dict(run.cfg), total_limit=run.cfg.checkpoints_total_limit)
+    except outdir.NoSpace as e:
+        last = checkpoint.newest_intact(out)
+        kept = f"kept the last good checkpoint {last}" if last else "no checkpoint saved yet"
+        raise Resumable(f"{e}; {kept}; free some space, then resume") from e
+
+
+def save_model(run: Run, out: Path, step: int) -> None:
+    """The final export; if it fails, the trained state goes into checkpoint-<step> so nothing is lost."""
+    try:
+        export(run.cfg, run.unet, run.te if run.cfg.train_text_encoder else None, out)
+    except UserError as e:
+        where = out / f"checkpoint-{step}"
+        if checkpoint.verify(where) is not None:
+            try:
+                checkpoint.save(out, step, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+                                scaler=run.scaler, config=cfg_dict(run.cfg), total_limit=None)
+            except outdir.NoSpace:
+                where = checkpoint.newest_intact(out)
+        kept = (f"the trained state is saved in {where}" if where is not None and where.name.endswith(f"-{step}")
+                else f"the last good checkpoint is {where}" if where is not None else "no checkpoint could be saved")
+        raise Resumable(f"{e}; {kept}; fix that, then resume to write the model") from e
 
 
 def _optimizer_step(cfg, optimizer, scaler, params, hook) -> bool:
@@ -462,21 +516,11 @@ def _record_subject(out: Path, identifier: str, class_word: str | None, instance
     os.replace(tmp, out / "dreambooth.json")
 
 
-def _pipeline(cfg, unet, te):
-    from diffusers import StableDiffusionPipeline
-
-    kw = {"unet": unet}
-    if te is not None:
-        kw["text_encoder"] = te
-    return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None,
-                                                   requires_safety_checker=False, dtype=unet.dtype, **kw)
-
-
 @torch.no_grad()
 def validate(cfg, unet, te, prompt, device, folder: Path, name: str) -> Path:
     was_training = unet.training
     unet.eval()
-    pipe = _pipeline(cfg, unet, te if cfg.train_text_encoder else None).to(device)
+    pipe = pipeline(cfg, unet, te if cfg.train_text_encoder else None).to(device)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
     images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
@@ -486,23 +530,3 @@ def validate(cfg, unet, te, prompt, device, folder: Path, name: str) -> Path:
     make_grid(images).save(path)
     unet.train(was_training)
     return path
-
-
-def export(cfg, unet, te, out: Path) -> None:
-    """The output folder as a diffusers StableDiffusionPipeline (safetensors), written atomically."""
-    pipe = _pipeline(cfg, unet, te)
-    tmp = out / ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for item in sorted(tmp.iterdir()):
-        dest = out / item.name
-        if dest.exists():
-            old = out / f".tmp-old-{item.name}"
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-            os.rename(dest, old)
-            os.rename(item, dest)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.rename(item, dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-

@@ -1,0 +1,90 @@
+"""The trained model as a diffusers folder (safetensors) in output_dir, written without risk.
+
+The pipeline is saved into output_dir/.tmp-export first (after a free-space check), then
+each item is moved into place. An item already in output_dir is replaced only if an
+earlier export of this run wrote it (the run's marker lists what each export wrote);
+anything else there is never touched, and a failed write leaves no temporary behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import outdir
+from .config import UserError
+
+_TMP = ".tmp-export"
+_OLD = ".tmp-old-"
+
+
+def pipeline(cfg, unet, te):
+    """The base model's StableDiffusionPipeline with the trained UNet (and text encoder)."""
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"unet": unet}
+    if te is not None:
+        kw["text_encoder"] = te
+    return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None,
+                                                   requires_safety_checker=False, dtype=unet.dtype, **kw)
+
+
+def model_bytes(cfg, pipe) -> int:
+    """About the size of the exported folder: every module's tensors plus the small files."""
+    n = 0
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            n += sum(t.numel() * t.element_size() for t in comp.state_dict().values())
+    tok = Path(cfg.pretrained_model_name_or_path) / "tokenizer"
+    return n + sum(f.stat().st_size for f in tok.glob("*") if f.is_file()) + outdir.MB
+
+
+def remove_temporaries(out: Path) -> None:
+    """Undo what a run killed during its export left (only call on a folder of ours)."""
+    shutil.rmtree(out / _TMP, ignore_errors=True)
+    for old in out.glob(_OLD + "*"):
+        dest = out / old.name[len(_OLD):]
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:  # killed between moving the old item aside and the new one in: put the old one back
+            os.rename(old, dest)
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def export(cfg, unet, te, out: Path) -> None:
+    """Write the model into `out`. Raises outdir.NoSpace (no room, failed write) or UserError
+    (an item there that this run did not write); `out` is then as it was before."""
+    pipe = pipeline(cfg, unet, te)
+    need = model_bytes(cfg, pipe)
+    outdir.require_space(out, need, "the trained model")
+    tmp = out / _TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise outdir.failed_write(out, "the trained model", e, need) from e
+    items = sorted(tmp.iterdir())
+    ours = set((outdir.read_marker(out) or {}).get("exported", []))
+    foreign = [i.name for i in items if (out / i.name).exists() and i.name not in ours]
+    if foreign:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{out} holds {', '.join(foreign)}, which dbtrain did not write, so the model was not "
+                        f"saved over it; move it away")
+    outdir.write_marker(out, exported=sorted(ours | {i.name for i in items}))
+    for item in items:
+        dest = out / item.name
+        if dest.exists():
+            old = out / f"{_OLD}{item.name}"
+            _remove(old)
+            os.rename(dest, old)
+            os.rename(item, dest)
+            _remove(old)
+        else:
+            os.rename(item, dest)
+    shutil.rmtree(tmp, ignore_errors=True)

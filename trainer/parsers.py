@@ -1,0 +1,96 @@
+"""The flags of `dbtrain sample`, `dbtrain eval` and `dbtrain demo` (train's are in config.py).
+
+No torch here: `--help` and flag errors come back at once, before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import HelpFormatter, option_adder
+
+BUILTIN_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-world-sd"
+
+# The demo's training recipe, measured on the 2-core CPU (see README, "The built-in world").
+STEPS = 300
+LEARNING_RATE = 2e-4  # 5e-4 fits the subject faster but wrecks prompt fidelity (CLIP-T 0.61 -> 0.22)
+NUM_CLASS_IMAGES = 50
+DEMO_OUT = "dbtrain-demo"  # git-ignored, so a demo run inside the repository leaves no untracked files
+
+# `dbtrain eval` prompt templates: {V} the identifier, {C} the class noun. The contexts are the built-in world's.
+DEFAULT_PROMPTS = ("a {V} {C} on the beach", "a {V} {C} in the snow", "a {V} {C} in space")
+CLASS_PROMPT = "a {C}"
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbtrain sample", formatter_class=HelpFormatter,
+                                description="Images from a trained model folder (or any diffusers SD folder).")
+    a = option_adder(p.add_argument_group("model and prompt"))
+    a("--model", required=True, metavar="DIR", help="a diffusers folder (a dbtrain train output_dir); required")
+    a("--prompt", required=True, metavar="TEXT", help="what to draw, e.g. \"a photo of sks dog\"; required")
+    a("--negative_prompt", default=None, metavar="TEXT", help="what not to draw (not given: none)")
+    a = option_adder(p.add_argument_group("sampling"))
+    a("--num_images", type=int, default=4, help="how many images")
+    a("--steps", type=int, default=30, help="denoising steps")
+    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    a("--seed", type=int, default=0, help="image k uses seed + k")
+    a("--resolution", type=int, default=None, help="image size in pixels (not given: the model's)")
+    a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
+    a = option_adder(p.add_argument_group("output"))
+    a("--out", default="samples", metavar="DIR", help="folder for the PNGs (000.png, ...) and grid.png")
+    return p
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbtrain eval", formatter_class=HelpFormatter,
+                                description="DINO, CLIP-I, CLIP-T, PRES and DIV of a model, on images it "
+                                            "generates now.")
+    a = option_adder(p.add_argument_group("model and subject"))
+    a("--model", required=True, metavar="DIR", help="a diffusers folder (a dbtrain train output_dir); required")
+    a("--instance_data_dir", required=True, metavar="DIR", help="the subject's real images; required")
+    a("--identifier", default=None, metavar="WORD",
+      help="[V] (not given: what dbtrain train recorded in the model's dreambooth.json)")
+    a("--class_noun", default=None, metavar="WORD",
+      help="the class, e.g. dog (not given: recorded in the model's dreambooth.json)")
+    a = option_adder(p.add_argument_group("sampling"))
+    a("--prompts", nargs="+", default=None, metavar="TEMPLATE",
+      help="templates with {V} and {C} (not given: " + "; ".join(DEFAULT_PROMPTS).replace("%", "%%") +
+           "; plus \"a {C}\" always)")
+    a("--num_images", type=int, default=8, help="images per prompt")
+    a("--steps", type=int, default=20, help="denoising steps")
+    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    a("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
+    a = option_adder(p.add_argument_group("embeddings and output"))
+    a("--judge", default=None, metavar="DIR", help="judge folder (not given: the built-in one)")
+    a("--clip_model", default=None, metavar="DIR",
+      help="local CLIP folder (transformers) for CLIP-I / CLIP-T (not given: the judge's)")
+    a("--dino_model", default=None, metavar="DIR",
+      help="local DINO/ViT folder (transformers) for DINO / PRES (not given: the judge's)")
+    a("--out", default=None, metavar="DIR", help="folder for samples, metrics.json and metrics.md "
+      "(not given: only printed)")
+    return p
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dbtrain demo", formatter_class=HelpFormatter,
+        description="DreamBooth with prior preservation on the built-in tiny model and subject; writes a "
+                    "before/after grid and the paper's metrics. Stopped (Ctrl-C), the same command continues it.")
+    a = option_adder(p.add_argument_group("where"))
+    a("--out", default=DEMO_OUT, metavar="DIR",
+      help="a new or empty folder for everything the demo writes, or an unfinished demo to continue")
+    a("--model", default=None, metavar="DIR",
+      help="the base model (not given: the built-in one, trainer/assets/tiny-world-sd)")
+    a("--judge", default=None, metavar="DIR", help="the judge folder (not given: the built-in one)")
+    a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
+    a = option_adder(p.add_argument_group("recipe"))
+    a("--steps", type=int, default=STEPS, help="training steps")
+    a("--learning_rate", type=float, default=LEARNING_RATE, help="learning rate")
+    a("--num_class_images", type=int, default=NUM_CLASS_IMAGES, help="class images drawn by the base model")
+    a("--no_prior_preservation", action="store_true", help="train without the class term")
+    a("--eval_images", type=int, default=8, help="images per prompt for the metrics")
+    a("--sample_steps", type=int, default=20, help="denoising steps of every image the demo draws (class "
+      "images and samples)")
+    a("--seed", type=int, default=0, help="seed of training and sampling")
+    return p
