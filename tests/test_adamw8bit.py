@@ -437,8 +437,12 @@ def test_multi_tensor_cpu_step_matches_per_tensor_reference_bitwise(monkeypatch,
     assert_bitwise(ours, run_per_tensor_reference(base, grads, block_size=block_size, stochastic_rounding=sr))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_multi_tensor_non_finite_and_non_contiguous(dtype):
+def test_multi_tensor_non_finite_and_non_contiguous(monkeypatch, dtype, threads):
+    from dbkernels.optim import multi_tensor as MT
+
+    monkeypatch.setattr(MT, "CHUNK", 2048)
     g = torch.Generator().manual_seed(3)
     base = [torch.randn(5000, generator=g), torch.randn(600, generator=g), torch.randn(80, 60, generator=g).t()]
     base = [b.to(dtype) for b in base]
@@ -447,7 +451,12 @@ def test_multi_tensor_non_finite_and_non_contiguous(dtype):
     grads[2][0][4000] = float("inf")
     grads[1][1][3] = float("inf")
     grads[3][0][100:200] = 3e30               # v = g^2 overflows to inf (fp32)
-    ours = run_backend("reference", base, grads)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = run_backend("reference", base, grads)
+    finally:
+        torch.set_num_threads(old_threads)
     assert not ours[0][2].is_contiguous()
     assert_bitwise(ours, run_per_tensor_reference(base, grads))
 

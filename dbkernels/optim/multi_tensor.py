@@ -51,7 +51,6 @@ _SCALE_S = np.float32(2.0 ** (quant.MBITS - quant.SIGNED_EMIN))
 _SCALE_U = np.float32(2.0 ** (quant.MBITS - quant.UNSIGNED_EMIN))
 _INV16 = np.float32(1.0 / 65536.0)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
-_FT = {"m": "c1f", "v": "c2f"}      # the codes' buffers seen as fp32
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -106,11 +105,10 @@ class _Buffers:
         self.r, self.r2, self.k = (np.zeros(size, np.uint32) for _ in range(3))
         self.a1, self.a2, self.a1new, self.a2new = (np.zeros(nblocks, np.float32) for _ in range(4))
         self.ag = np.arange(size, dtype=np.uint32) * _GI     # i * GOLDEN_INDEX (mod 2^32)
+        # torch views of what the tensors are copied to and from
         self.t = {k: torch.from_numpy(getattr(self, k).view(np.int32) if getattr(self, k).dtype == np.uint32
                                       else getattr(self, k))
-                  for k in ("p", "g", "m", "v", "t1", "t2", "c1", "c2", "r", "a1", "a2", "a1new", "a2new", "ag")}
-        self.t["c1f"] = torch.from_numpy(self.c1.view(np.float32))
-        self.t["c2f"] = torch.from_numpy(self.c2.view(np.float32))
+                  for k in ("p", "g", "m", "v", "c1", "c2", "a1", "a2", "a1new", "a2new")}
 
 
 class _Layout:
@@ -171,8 +169,7 @@ class _Layout:
         c.pads = np.asarray(pads, dtype=np.int64)
         if self.quantized:
             c.nb = c.size // bs
-            base = (np.asarray(blk_base, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32) * _GI
-            c.base_g = torch.from_numpy(base.view(np.int32))[:, None]
+            c.base_g = (np.asarray(blk_base, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32) * _GI
             c.blk_item = np.asarray(blk_item, dtype=np.int64)
         else:
             c.seg_item = np.asarray([s[0] for s in c.segs], dtype=np.int64)
@@ -234,18 +231,29 @@ def _run(layout: _Layout, items, group, step: int) -> None:
     sr = dtype == torch.bfloat16 and group["stochastic_rounding"]
     keys = np.array([R.sr_key(s["seed"], step) for _, _, s in items], dtype=np.uint32)
     flat = [(p.view(-1), g.reshape(-1)) if i in layout.split else None for i, (p, g, _) in enumerate(items)]
+    T = layout.threads
+    with np.errstate(all="ignore"):
+        if T == 1:
+            for c in layout.chunks:
+                src = _gather(layout, c, layout.buffers[0], items, flat)
+                ok = _compute(layout, c, layout.buffers[0], h, keys, sr, True)
+                _finish(layout, c, layout.buffers[0], src, ok)
+            return
+        # T threads: the copies in and out (torch) on this thread, the arithmetic (numpy only,
+        # which releases the GIL; torch ops in other threads would start OpenMP teams of
+        # their own) on T pool threads, T chunks at a time.
+        pool = _get_pool(T)
+        for w in range(0, len(layout.chunks), T):
+            wave = list(enumerate(layout.chunks[w:w + T]))
+            srcs = [_gather(layout, c, layout.buffers[k], items, flat) for k, c in wave]
+            futures = [pool.submit(_compute_np, layout, c, layout.buffers[k], h, keys, sr) for k, c in wave]
+            for (k, c), src, f in zip(wave, srcs, futures):
+                _finish(layout, c, layout.buffers[k], src, f.result())
 
-    def work(t: int) -> None:
-        b = layout.buffers[t]
-        with torch.no_grad(), np.errstate(all="ignore"):      # grad mode and numpy's error state are per thread
-            for c in layout.chunks[t::layout.threads]:
-                _chunk(layout, c, b, items, flat, h, keys, sr)
 
-    if layout.threads == 1:
-        work(0)
-    else:
-        for f in [_get_pool(layout.threads).submit(work, t) for t in range(layout.threads)]:
-            f.result()
+def _compute_np(*args) -> bool:
+    with np.errstate(all="ignore"):     # numpy's error state is per thread
+        return _compute(*args, False)
 
 
 def _sources(layout, c, items, flat):
@@ -268,48 +276,94 @@ def _sources(layout, c, items, flat):
     return out
 
 
-def _chunk(layout: _Layout, c: _Chunk, b: _Buffers, items, flat, h, keys, sr: bool) -> None:
+def _gather(layout: _Layout, c: _Chunk, b: _Buffers, items, flat) -> list:
+    """Copy the chunk's tensors into b (zeros in the padding); returns the sources."""
     src = _sources(layout, c, items, flat)
-    quantized = layout.quantized
     dst, srcs = [], []
     for v, s in zip(c.views, src):
         dst += v[:len(s)]
         srcs += s
     torch._foreach_copy_(dst, srcs)
+    if layout.quantized and c.pads.size:
+        b.g[c.pads] = 0.0
+        b.c1[c.pads] = 0
+        b.c2[c.pads] = 0
+    return src
 
+
+def _finish(layout: _Layout, c: _Chunk, b: _Buffers, src: list, ok: bool) -> None:
+    """Requantize exactly if needed, then copy the results back to the tensors."""
+    quantized = layout.quantized
+    if not ok:
+        _quantize_exact(b, c, c.size, b.m[:c.size], b.v[:c.size], b.r2[:c.size])
+    out_dst, out_src = [], []
+    for v, s in zip(c.views, src):
+        out_dst.append(s[0])
+        out_src.append(v[0])
+        if quantized:
+            out_dst += [s[2].view(torch.uint8), s[3], s[4], s[5]]
+            out_src += [v[2], v[3], v[6], v[7]]
+        else:
+            out_dst += s[2:]
+            out_src += v[2:]
+    torch._foreach_copy_(out_dst, out_src)
+
+
+def _bcast(op, x: np.ndarray, col: np.ndarray, out: np.ndarray, nb: int, use_torch: bool) -> None:
+    """out = op(x, col[:, None]) on (nb, n / nb) views (torch's broadcasting is the faster)."""
+    if use_torch:
+        t = {np.multiply: torch.mul, np.divide: torch.div, np.add: torch.add, np.bitwise_xor: torch.bitwise_xor}[op]
+        tv = (lambda a: torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a))
+        t(tv(x).view(nb, -1), tv(np.ascontiguousarray(col))[:, None], out=tv(out).view(nb, -1))
+    else:
+        op(x.reshape(nb, -1), col[:, None], out=out.reshape(nb, -1))
+
+
+def _block_max(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, nb: int, use_torch: bool) -> None:
+    """out[j] = max of block j of x (NaN if the block holds one), as torch.amax."""
+    if use_torch:
+        torch.amax(torch.from_numpy(x).view(nb, -1), dim=1, out=torch.from_numpy(out))
+        return
+    w = x.size // nb
+    src = x.reshape(nb, w)
+    tmp = scratch[: x.size // 2].reshape(nb, w // 2)
+    while w > 1:                      # pairwise: np.maximum propagates NaN like amax
+        w //= 2
+        np.maximum(src[:, :w], src[:, w:2 * w], out=tmp[:, :w])
+        src = tmp
+    out[:] = src[:, 0]
+
+
+def _compute(layout: _Layout, c: _Chunk, b: _Buffers, h, keys, sr: bool, use_torch: bool) -> bool:
+    """The update of one gathered chunk in b. False: an absmax is not finite, the codes
+    must come from quant.quantize_blockwise (_quantize_exact)."""
     n = c.size
+    quantized = layout.quantized
     P, G, M, V, T1, T2 = b.p[:n], b.g[:n], b.m[:n], b.v[:n], b.t1[:n], b.t2[:n]
-    t = b.t
     if quantized:
-        nb, bs = c.nb, layout.block_size
+        nb = c.nb
         C1, C2 = b.c1[:n], b.c2[:n]
-        if c.pads.size:
-            G[c.pads] = 0.0
-            C1[c.pads] = 0
-            C2[c.pads] = 0
         # dequantize. signed: the int8 code c sign-extended, << 19, keeps the sign bit and
         # the magnitude bits (c & 127) << 19; unsigned: c << 19. As fp32, times 2^(EMIN + 126)
         # that is the map value (exact); then times the block's absmax, as the spec.
         C1 <<= 19
         C1 &= _U32(0x83F80000)
         C2 <<= 19
-        for C, X, a, dec, tn, an in ((C1, M, b.a1[:nb], _DEC_S, "m", "a1"), (C2, V, b.a2[:nb], _DEC_U, "v", "a2")):
+        for C, X, a, dec in ((C1, M, b.a1[:nb], _DEC_S), (C2, V, b.a2[:nb], _DEC_U)):
             if a.max() < _F32_MAX / dec:
                 # a * 2^(EMIN + 126) is exact, and f * (a * 2^k) rounds the same product as (f * 2^k) * a
-                torch.mul(b.t[_FT[tn]][:n].view(nb, bs), torch.from_numpy(a * dec)[:, None],
-                          out=t[tn][:n].view(nb, bs))
+                _bcast(np.multiply, C.view(np.float32), a * dec, X, nb, use_torch)
             else:
                 np.multiply(C.view(np.float32), dec, out=X)
-                t[tn][:n].view(nb, bs).mul_(t[an][:nb, None])
+                _bcast(np.multiply, X, a, X, nb, use_torch)
     _adam(P, G, M, V, T1, T2, h)
 
     Rr, R2 = b.r[:n], b.r2[:n]
     if quantized or sr:
         # element hash r = fmix32((i * GOLDEN_INDEX) ^ key), i the index inside its tensor
         if quantized:
-            rt = t["r"][:n].view(nb, bs)
-            torch.add(t["ag"][:n].view(nb, bs), c.base_g, out=rt)
-            rt.bitwise_xor_(torch.from_numpy(keys[c.blk_item].view(np.int32))[:, None])
+            _bcast(np.add, b.ag[:n], c.base_g, Rr, nb, use_torch)
+            _bcast(np.bitwise_xor, Rr, keys[c.blk_item], Rr, nb, use_torch)
         else:
             np.add(b.ag[:n], c.base_g, out=Rr)
             Rr ^= np.repeat(keys[c.seg_item], c.seg_len)
@@ -323,23 +377,11 @@ def _chunk(layout: _Layout, c: _Chunk, b: _Buffers, items, flat, h, keys, sr: bo
         if nan.any():
             np.copyto(T2, P, where=nan)
         np.copyto(P, T2)
-    if quantized:
-        np.bitwise_xor(Rr, _SALT, out=R2)
-        _fmix32(R2, b.k[:n])
-        if not _quantize(b, c, n, M, V, T1, T2, R2):
-            _quantize_exact(b, c, n, M, V, R2)
-
-    out_dst, out_src = [], []
-    for v, s in zip(c.views, src):
-        out_dst.append(s[0])
-        out_src.append(v[0])
-        if quantized:
-            out_dst += [s[2].view(torch.uint8), s[3], s[4], s[5]]
-            out_src += [v[2], v[3], v[6], v[7]]
-        else:
-            out_dst += s[2:]
-            out_src += v[2:]
-    torch._foreach_copy_(out_dst, out_src)
+    if not quantized:
+        return True
+    np.bitwise_xor(Rr, _SALT, out=R2)
+    _fmix32(R2, b.k[:n])
+    return _quantize(b, c, n, M, V, T1, T2, R2, use_torch)
 
 
 def _adam(P, G, M, V, T1, T2, h) -> None:
@@ -360,24 +402,20 @@ def _adam(P, G, M, V, T1, T2, h) -> None:
     P -= T2
 
 
-def _quantize(b: _Buffers, c: _Chunk, n: int, M, V, T1, T2, R2) -> bool:
+def _quantize(b: _Buffers, c: _Chunk, n: int, M, V, T1, T2, R2, use_torch: bool) -> bool:
     """New codes into b.c1 / b.c2 and absmax into b.a1new / b.a2new; False if an absmax
     is not finite (then nothing is final)."""
     nb = c.nb
-    bs = n // nb
-    t = b.t
     np.abs(M, out=T1)
-    a1, a2 = t["a1new"][:nb], t["a2new"][:nb]
-    torch.amax(t["t1"][:n].view(nb, bs), dim=1, out=a1)
-    torch.amax(t["v"][:n].view(nb, bs), dim=1, out=a2)   # v >= 0: |v| = v
     A1, A2 = b.a1new[:nb], b.a2new[:nb]
+    _block_max(T1, A1, T2, nb, use_torch)
+    _block_max(V, A2, T2, nb, use_torch)     # v >= 0: |v| = v
     if not (np.isfinite(A1).all() and np.isfinite(A2).all()):
         return False
     K = b.k[:n]
     Xb = T2.view(np.uint32)
     # m: |x| = |m| / absmax (division is sign-symmetric), code of |x|, then the sign of m
-    safe = torch.from_numpy(np.where(A1 > 0, A1, np.float32(1.0)))
-    torch.div(t["t1"][:n].view(nb, bs), safe[:, None], out=t["t2"][:n].view(nb, bs))
+    _bcast(np.divide, T1, np.where(A1 > 0, A1, np.float32(1.0)), T2, nb, use_torch)
     C1 = b.c1[:n]
     np.left_shift(R2, 3, out=K)
     K &= _U32(0x7FFF8)                                  # 8 * (r2 & 0xFFFF)
@@ -395,8 +433,7 @@ def _quantize(b: _Buffers, c: _Chunk, n: int, M, V, T1, T2, R2) -> bool:
         q |= ((M[idx] < 0) & (x > 0)).astype(np.uint32) << 7
         C1[idx] = q
     # v
-    safe = torch.from_numpy(np.where(A2 > 0, A2, np.float32(1.0)))
-    torch.div(t["v"][:n].view(nb, bs), safe[:, None], out=t["t2"][:n].view(nb, bs))
+    _bcast(np.divide, V, np.where(A2 > 0, A2, np.float32(1.0)), T2, nb, use_torch)
     C2 = b.c2[:n]
     np.right_shift(R2, 13, out=K)
     K &= _U32(0x7FFF8)                                  # 8 * (r2 >> 16)
