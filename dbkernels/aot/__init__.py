@@ -44,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
                         "every config (default: all with --full, else jit)")
     p.add_argument("--full", action="store_true",
                    help="the sweep: every autotune config of every head-dim layout (not only those the JIT may "
-                        "pick), for one attention call per head dim, cross / self+bias and bf16 / fp32 (all "
-                        "calls with --calls); writes rows and a table to --out")
+                        "pick), for one attention call per head dim, cross / self+bias and bf16 / fp32; writes "
+                        "rows and a table to --out")
     p.add_argument("--curate", action="store_true",
                    help="with --full: write dbkernels/ops/attention/curated_configs.json from the sweep")
     p.add_argument("--out", default=None, help=f"folder for the rows and table (default with --full: {STATIC_RESULTS})")
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     if any(x < 75 for x in archs):
         print("dbkernels compile: --arch must be 75 or newer (e.g. 86, 90)", file=sys.stderr)
         return 2
-    calls = calls_mod.select(models=a.model, quick=a.quick, ops=a.op, sweep=a.full and not a.calls)
+    calls = calls_mod.select(models=a.model, quick=a.quick, ops=a.op, sweep=a.full)
     if a.calls:
         import re
 
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     print("\n".join(_fmt_table(table) if (a.verbose or len(table) <= 120) else _summary(table)))
     spilling = sum(1 for r in table if r["spill_bytes"])
     print(f"\n{len(table) - len(failures)} kernel binaries compiled for {', '.join(f'sm_{x}' for x in archs)} "
-          f"in {wall:.0f} s wall ({a.jobs} process(es)); {spilling} spill registers to local memory; "
+          f"in {wall:.0f} s wall ({a.jobs} process(es)); {spilling} spill registers; "
           f"{len(over)} over the shared-memory limit; {len(failures)} failed")
     if a.full or a.out:
         from . import results

@@ -9,8 +9,8 @@ strides of the real calls. Every Triton launch inside then goes to
 the autotuner's prune step for the target, and compiles each config it could pick with
 the target's ptxas. Nothing is launched; the outputs are left unwritten.
 
-Registers and local-memory (spill) bytes come from the cubin (`cuobjdump -res-usage`,
-the copy bundled with Triton), shared memory from the compile's metadata.
+Registers, stack frame and spill-store bytes come from ptxas -v on the kernel's PTX (the
+ptxas bundled with Triton, the flags Triton uses), shared memory from the compile's metadata.
 """
 from __future__ import annotations
 
@@ -62,25 +62,32 @@ def _driver_class():
     return AotDriver
 
 
-_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_USED = re.compile(r"Used (\d+) registers")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """{registers, stack, local} per thread of the cubin's one kernel (cuobjdump -res-usage)."""
+def resource_usage(compiled, arch: int) -> dict:
+    """{registers, stack, spill} of a compiled kernel: ptxas -v on its PTX, as Triton runs ptxas.
+
+    The cubin alone does not separate spills from other stack use (libdevice's cosf keeps a small
+    array on the stack), so the PTX is assembled once more with -v for the exact figures."""
     from triton import knobs
 
-    tool = knobs.nvidia.cuobjdump.path
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
+    ptxas = knobs.nvidia.ptxas.path
+    fmad = [] if compiled.metadata.enable_fp_fusion else ["--fmad=false"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
         path = f.name
     try:
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=120).stdout
+        proc = subprocess.run([ptxas, "-lineinfo", *fmad, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}",
+                               path, "-o", os.devnull], capture_output=True, text=True, timeout=600)
     finally:
         os.unlink(path)
-    m = _RES.search(out)
-    if not m:
-        return {"registers": None, "stack": None, "local": None}
-    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4))}
+    log = proc.stdout + proc.stderr
+    used, frame = _USED.search(log), _FRAME.search(log)
+    if not used or not frame:
+        return {"registers": None, "stack": None, "spill": None}
+    return {"registers": int(used.group(1)), "stack": int(frame.group(1)), "spill": int(frame.group(2))}
 
 
 def _explain(e: BaseException) -> str:
@@ -149,11 +156,12 @@ def run_items(items: list[tuple[int, str, str, bool]]) -> list[dict]:
             driver._active = previous
         wall = time.perf_counter() - t0
         for name, cfg, compiled in state.records:
-            res = resource_usage(compiled.asm["cubin"])
+            res = resource_usage(compiled, arch)
             shared = int(compiled.metadata.shared)
             rows.append(dict(arch=arch, op=call.op, call=call.id, shape=call.shape, dtype=call.dtype,
                              kernel=name, config=_config_text(cfg), cfg=cfg, binary=compiled.hash,
-                             registers=res["registers"], spill_bytes=res["local"], shared=shared,
+                             registers=res["registers"], spill_bytes=res["spill"], stack_bytes=res["stack"],
+                             shared=shared,
                              shared_limit=limit, over_limit=shared > limit, error=None,
                              triton=triton.__version__, seconds=None))
         if err is not None:

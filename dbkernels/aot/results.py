@@ -50,7 +50,7 @@ def markdown(table, common, *, wall, jobs, fresh_cache) -> str:
         f"{common['triton']}, torch {common['torch']}): {len(table)} binaries in {wall:.0f} s wall with {jobs} "
         f"process(es){', empty cache' if fresh_cache else ''}. Do not edit: rerun the command.",
         "",
-        "Registers and spill (local-memory) bytes per thread from the cubin (`cuobjdump -res-usage`), shared "
+        "Registers and spill-store bytes per thread from ptxas -v on the PTX (as Triton assembles it), shared "
         "memory per block from the compile; the limit is the opt-in shared memory per block of the target. "
         "Rows: aot-compile.jsonl (one per binary, with every call that uses it).",
         "",
