@@ -71,10 +71,10 @@ def make_layer(channels, heads, seed=0):
     return attn.eval()
 
 
-def run_processor(attn, x, pos, neg, w, neg_scale):
+def run_processor(attn, x, pos, neg, w, neg_scale, backend="dbkernels"):
     """The sampler's route: cache [liked, disliked], groups from fabric.batch_groups, processor call."""
     notes = []
-    ctrl = FabricController(note=notes.append)
+    ctrl = FabricController(note=notes.append, backend=backend)
     proc = FabricAttnProcessor(ctrl, "layer", original=None)
     ctrl.cache["layer"] = torch.cat([pos, neg])
     ctrl.groups = fabric.batch_groups(x.shape[0] // 2, pos.shape[0], True, True, w, neg_scale, True)
@@ -83,15 +83,17 @@ def run_processor(attn, x, pos, neg, w, neg_scale):
         return proc(attn, x), notes
 
 
+@pytest.mark.parametrize("backend", ["dbkernels", "sdpa"])
 @pytest.mark.parametrize("channels,heads,length", [(64, 8, 16), (48, 3, 9), (32, 8, 12)])
-def test_fabric_attention_is_the_papers_formula(channels, heads, length):
-    """Head dims 8 and 16 (dbkernels.attention, reference backend) and 4 (SDPA fallback, one note)."""
+def test_fabric_attention_is_the_papers_formula(channels, heads, length, backend):
+    """Head dims 8 and 16 (dbkernels.attention, reference backend) and 4 (SDPA fallback, one note);
+    backend "sdpa": SDPA with the broadcast bias mask for every head dim, no note."""
     attn = make_layer(channels, heads)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, length, channels, generator=g)          # CFG batch: 2 uncond, 2 cond
     pos = torch.randn(2, length, channels, generator=g)        # liked
     neg = torch.randn(1, length, channels, generator=g)        # disliked
-    got, notes = run_processor(attn, x, pos, neg, 0.7, 0.5)
+    got, notes = run_processor(attn, x, pos, neg, 0.7, 0.5, backend)
     with torch.no_grad():
         want = dense_fabric(attn, x, pos, neg, 0.7, 0.5)
         swapped = dense_fabric(attn, x, neg, pos, 0.7, 0.5)    # liked/disliked in the wrong halves
@@ -99,7 +101,7 @@ def test_fabric_attention_is_the_papers_formula(channels, heads, length):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale)  # fp32 against the fp64 formula
     assert (got - swapped).abs().max() > 1e-2 * scale
     d = channels // heads
-    if d % 8:
+    if d % 8 and backend == "dbkernels":
         assert len(notes) == 1 and f"head dim {d}" in notes[0] and "SDPA" in notes[0]
     else:
         assert notes == []

@@ -188,7 +188,7 @@ def fabric_sample(pipe, prompt: str, liked=(), disliked=(), *, negative_prompt: 
                   min_weight: float = MIN_WEIGHT, max_weight: float = MAX_WEIGHT, neg_scale: float = NEG_SCALE,
                   resolution: int | None = None, scheduler=None, device=None, batch_size: int | None = None,
                   ref_batch_size: int | None = None, noise_seed: int | None = None, note=_stderr_note,
-                  output_type: str = "pil") -> FabricResult:
+                  attention: str = "dbkernels", output_type: str = "pil") -> FabricResult:
     """Images of `prompt` steered toward the liked and away from the disliked images (FABRIC).
 
     pipe: a StableDiffusionPipeline or a local model folder (loaded on `device`).
@@ -202,6 +202,9 @@ def fabric_sample(pipe, prompt: str, liked=(), disliked=(), *, negative_prompt: 
     reference pass (default: the main pass's rows, 2 x images with CFG, so the reference pass never
     holds more activations than the main pass; more references take more calls). noise_seed: the references' noise (default
     seeds[0] + 1_000_003). note: called once per distinct note (a line), default stderr.
+    attention: "dbkernels" (dbkernels.attention with the key bias; SDPA for head dims it does not
+    cover) or "sdpa" (torch SDPA with a broadcast bias mask everywhere; leaner on a CPU, where
+    dbkernels.attention is its chunked pure-PyTorch reference).
     output_type "latent" returns the final latents (one tensor per image) instead of PIL images.
     """
     import torch
@@ -243,7 +246,9 @@ def fabric_sample(pipe, prompt: str, liked=(), disliked=(), *, negative_prompt: 
         if refs:
             ref_latents = encode_references(pipe, [(n, im) for n, im in refs], res, res, say)
             null = pipe.encode_prompt("", device, 1, False)[0]
-        controller = FabricController(note=say)
+        if attention not in ("dbkernels", "sdpa"):
+            raise UserError(f"--attention must be dbkernels or sdpa, got {attention!r}")
+        controller = FabricController(note=say, backend=attention)
         restore = install(unet, controller)
         ref_gen = torch.Generator("cpu").manual_seed(seeds[0] + 1_000_003 if noise_seed is None else noise_seed)
         images, weights = [], []
@@ -406,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scheduler", default=None, metavar="NAME",
       help="a diffusers scheduler class, e.g. DDIMScheduler (not given: the model's own)")
     a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
+    a("--attention", default="dbkernels", choices=("dbkernels", "sdpa"),
+      help="self-attention with references: dbkernels.attention + key bias, or torch SDPA + broadcast mask")
     a = option_adder(p.add_argument_group("simulated user (measuring)"))
     a("--rounds", type=int, default=1, help="rounds of feedback; > 1 needs --auto_feedback")
     a("--auto_feedback", default=None, metavar="TARGET.png",
@@ -455,7 +462,7 @@ def main(argv=None) -> int:
     kw = dict(negative_prompt=a.negative_prompt, steps=a.steps, guidance_scale=a.guidance_scale,
               feedback_start=a.feedback_start, feedback_end=a.feedback_end, min_weight=a.min_weight,
               max_weight=a.max_weight, neg_scale=a.neg_scale, resolution=a.resolution,
-              scheduler=make_scheduler(pipe, a.scheduler))
+              scheduler=make_scheduler(pipe, a.scheduler), attention=a.attention)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items()}

@@ -67,10 +67,17 @@ def key_bias_for(own_len: int, ref_len: int, n_refs: int, weight: Weight, device
 
 
 def fabric_attention(attn, hidden_states: torch.Tensor, groups: Sequence[Group],
-                     note: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+                     note: Optional[Callable[[str], None]] = None, backend: str = "dbkernels") -> torch.Tensor:
     """A diffusers self-attention layer `attn` on (N, L, C) hidden states, each group of rows
     attending over cat(own tokens, its references' tokens) with the references' log-weights
-    as key bias. Groups must cover the batch in order. Returns (N, L, C_out)."""
+    as key bias. Groups must cover the batch in order. Returns (N, L, C_out).
+
+    backend "dbkernels": dbkernels.attention where it covers the head dim, SDPA (with a note)
+    elsewhere; "sdpa": torch's scaled_dot_product_attention with the bias as a broadcast mask
+    everywhere (on a CPU, where dbkernels.attention is its chunked reference, SDPA is faster and
+    holds less)."""
+    if backend not in ("dbkernels", "sdpa"):
+        raise ValueError(f"backend must be 'dbkernels' or 'sdpa', got {backend!r}")
     n, length, _ = hidden_states.shape
     query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     heads = attn.heads
@@ -103,10 +110,10 @@ def fabric_attention(attn, hidden_states: torch.Tensor, groups: Sequence[Group],
             qh = attn.norm_q(qh)
         if attn.norm_k is not None:
             kh = attn.norm_k(kh)
-        if _attn.is_supported(qh, kh, vh):
+        if backend == "dbkernels" and _attn.is_supported(qh, kh, vh):
             o = _attn.attention(qh, kh, vh, scale=attn.scale, key_bias=bias)
         else:
-            if note is not None:
+            if note is not None and backend == "dbkernels":
                 note(f"head dim {head_dim} is not covered by dbkernels.attention (needs D % 8 == 0, D <= 256): "
                      f"those layers use torch SDPA with the key bias as a broadcast (B, H, 1, Lk) mask")
             o = _attn.sdpa_attention(qh, kh, vh, scale=attn.scale, key_bias=bias)
@@ -124,6 +131,7 @@ def fabric_attention(attn, hidden_states: torch.Tensor, groups: Sequence[Group],
 class FabricController:
     """Shared state of the FABRIC processors of one UNet (see the module docstring)."""
     mode: str = "off"
+    backend: str = "dbkernels"                    # or "sdpa" (see fabric_attention)
     cache: dict = field(default_factory=dict)     # layer name -> (n_refs, L, C) hidden states
     groups: list = field(default_factory=list)    # [(start, stop, ref_slice or None, weight)] for "inject"
     note: Optional[Callable[[str], None]] = None
@@ -162,7 +170,7 @@ class FabricAttnProcessor:
             refs = c.cache[self.name]
             groups = [Group(s, e, None if sl is None else refs[sl], w) for s, e, sl, w in c.groups]
             if any(g.active() for g in groups):
-                return fabric_attention(attn, hidden_states, groups, c.say)
+                return fabric_attention(attn, hidden_states, groups, c.say, c.backend)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 

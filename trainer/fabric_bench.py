@@ -184,16 +184,17 @@ def cost(a) -> list[dict]:
                  guidance_scale=a.guidance_scale, generator=gens)
 
     configs = [("diffusers StableDiffusionPipeline", 0, plain)]
-    for n in a.refs:
-        liked, disliked = pool[:n - n // 2], pool[n - n // 2:n]
-        stats = {}
+    for backend in a.attention:
+        for n in a.refs:
+            liked, disliked = pool[:n - n // 2], pool[n - n // 2:n]
+            stats = {}
 
-        def run(liked=liked, disliked=disliked, stats=stats):
-            res = fabric_sample(pipe, PROMPT, liked, disliked, seeds=seeds, steps=a.steps,
-                                guidance_scale=a.guidance_scale, feedback_start=0.0, feedback_end=1.0,
-                                note=None)
-            stats.update(res.stats)
-        configs.append((f"fabric ({len(liked)} liked, {len(disliked)} disliked)", n, run, stats))
+            def run(liked=liked, disliked=disliked, stats=stats, backend=backend):
+                res = fabric_sample(pipe, PROMPT, liked, disliked, seeds=seeds, steps=a.steps,
+                                    guidance_scale=a.guidance_scale, feedback_start=0.0, feedback_end=1.0,
+                                    note=None, attention=backend)
+                stats.update(res.stats)
+            configs.append((f"fabric, {backend} ({len(liked)} liked, {len(disliked)} disliked)", n, run, stats))
     for cfg in configs:
         name, n, fn = cfg[:3]
         fn()  # warm-up
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--neg_scale", type=float, default=NEG_SCALE, help="disliked weight factor")
     a("--keep_images", type=int, default=1, help="users whose images are saved under samples/")
     a("--refs", type=int, nargs="+", default=[0, 2, 4, 8], help="reference counts for cost")
+    a("--attention", nargs="+", default=["dbkernels", "sdpa"], choices=("dbkernels", "sdpa"),
+      help="FABRIC attention backends for cost")
     a("--repeats", type=int, default=5, help="timed calls per cost configuration")
     a("--threads", type=int, default=1, help="torch CPU threads")
     return p
