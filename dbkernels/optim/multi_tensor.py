@@ -169,6 +169,11 @@ class _Layout:
         c.pads = np.asarray(pads, dtype=np.int64)
         if self.quantized:
             c.nb = c.size // bs
+            # (blocks, block_size) views of the buffers, numpy and torch, for the per-block ops
+            arrs = {"m": b.m, "v": b.v, "t1": b.t1, "t2": b.t2, "c1": b.c1.view(np.float32),
+                    "c2": b.c2.view(np.float32), "r": b.r, "ag": b.ag}
+            c.np2 = {k: a[:c.size].reshape(c.nb, bs) for k, a in arrs.items()}
+            c.th2 = {k: torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a) for k, a in c.np2.items()}
             c.base_g = (np.asarray(blk_base, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32) * _GI
             c.blk_item = np.asarray(blk_item, dtype=np.int64)
         else:
@@ -309,24 +314,27 @@ def _finish(layout: _Layout, c: _Chunk, b: _Buffers, src: list, ok: bool) -> Non
     torch._foreach_copy_(out_dst, out_src)
 
 
-def _bcast(op, x: np.ndarray, col: np.ndarray, out: np.ndarray, nb: int, use_torch: bool) -> None:
-    """out = op(x, col[:, None]) on (nb, n / nb) views (torch's broadcasting is the faster)."""
+_TORCH_OPS = {np.multiply: torch.mul, np.divide: torch.div, np.add: torch.add, np.bitwise_xor: torch.bitwise_xor}
+
+
+def _bcast(c: _Chunk, op, x: str, col: np.ndarray, out: str, use_torch: bool) -> None:
+    """out = op(x, col[:, None]) on the chunk's (blocks, block_size) views named x and out
+    (torch's broadcasting is the faster; numpy's on pool threads)."""
     if use_torch:
-        t = {np.multiply: torch.mul, np.divide: torch.div, np.add: torch.add, np.bitwise_xor: torch.bitwise_xor}[op]
-        tv = (lambda a: torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a))
-        t(tv(x).view(nb, -1), tv(np.ascontiguousarray(col))[:, None], out=tv(out).view(nb, -1))
+        col = torch.from_numpy(col.view(np.int32) if col.dtype == np.uint32 else col)[:, None]
+        _TORCH_OPS[op](c.th2[x], col, out=c.th2[out])
     else:
-        op(x.reshape(nb, -1), col[:, None], out=out.reshape(nb, -1))
+        op(c.np2[x], col[:, None], out=c.np2[out])
 
 
-def _block_max(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, nb: int, use_torch: bool) -> None:
-    """out[j] = max of block j of x (NaN if the block holds one), as torch.amax."""
+def _block_max(c: _Chunk, x: str, out: np.ndarray, use_torch: bool) -> None:
+    """out[j] = max of block j of the view x (NaN if the block holds one), as torch.amax."""
     if use_torch:
-        torch.amax(torch.from_numpy(x).view(nb, -1), dim=1, out=torch.from_numpy(out))
+        torch.amax(c.th2[x], dim=1, out=torch.from_numpy(out))
         return
-    w = x.size // nb
-    src = x.reshape(nb, w)
-    tmp = scratch[: x.size // 2].reshape(nb, w // 2)
+    src = c.np2[x]
+    w = src.shape[1]
+    tmp = c.np2["t2"]                 # scratch (x is never t2)
     while w > 1:                      # pairwise: np.maximum propagates NaN like amax
         w //= 2
         np.maximum(src[:, :w], src[:, w:2 * w], out=tmp[:, :w])
@@ -349,21 +357,21 @@ def _compute(layout: _Layout, c: _Chunk, b: _Buffers, h, keys, sr: bool, use_tor
         C1 <<= 19
         C1 &= _U32(0x83F80000)
         C2 <<= 19
-        for C, X, a, dec in ((C1, M, b.a1[:nb], _DEC_S), (C2, V, b.a2[:nb], _DEC_U)):
+        for name, X, a, dec in (("c1", "m", b.a1[:nb], _DEC_S), ("c2", "v", b.a2[:nb], _DEC_U)):
             if a.max() < _F32_MAX / dec:
                 # a * 2^(EMIN + 126) is exact, and f * (a * 2^k) rounds the same product as (f * 2^k) * a
-                _bcast(np.multiply, C.view(np.float32), a * dec, X, nb, use_torch)
+                _bcast(c, np.multiply, name, a * dec, X, use_torch)
             else:
-                np.multiply(C.view(np.float32), dec, out=X)
-                _bcast(np.multiply, X, a, X, nb, use_torch)
+                np.multiply(c.np2[name], dec, out=c.np2[X])
+                _bcast(c, np.multiply, X, a, X, use_torch)
     _adam(P, G, M, V, T1, T2, h)
 
     Rr, R2 = b.r[:n], b.r2[:n]
     if quantized or sr:
         # element hash r = fmix32((i * GOLDEN_INDEX) ^ key), i the index inside its tensor
         if quantized:
-            _bcast(np.add, b.ag[:n], c.base_g, Rr, nb, use_torch)
-            _bcast(np.bitwise_xor, Rr, keys[c.blk_item], Rr, nb, use_torch)
+            _bcast(c, np.add, "ag", c.base_g, "r", use_torch)
+            _bcast(c, np.bitwise_xor, "r", keys[c.blk_item], "r", use_torch)
         else:
             np.add(b.ag[:n], c.base_g, out=Rr)
             Rr ^= np.repeat(keys[c.seg_item], c.seg_len)
@@ -408,14 +416,14 @@ def _quantize(b: _Buffers, c: _Chunk, n: int, M, V, T1, T2, R2, use_torch: bool)
     nb = c.nb
     np.abs(M, out=T1)
     A1, A2 = b.a1new[:nb], b.a2new[:nb]
-    _block_max(T1, A1, T2, nb, use_torch)
-    _block_max(V, A2, T2, nb, use_torch)     # v >= 0: |v| = v
+    _block_max(c, "t1", A1, use_torch)
+    _block_max(c, "v", A2, use_torch)     # v >= 0: |v| = v
     if not (np.isfinite(A1).all() and np.isfinite(A2).all()):
         return False
     K = b.k[:n]
     Xb = T2.view(np.uint32)
     # m: |x| = |m| / absmax (division is sign-symmetric), code of |x|, then the sign of m
-    _bcast(np.divide, T1, np.where(A1 > 0, A1, np.float32(1.0)), T2, nb, use_torch)
+    _bcast(c, np.divide, "t1", np.where(A1 > 0, A1, np.float32(1.0)), "t2", use_torch)
     C1 = b.c1[:n]
     np.left_shift(R2, 3, out=K)
     K &= _U32(0x7FFF8)                                  # 8 * (r2 & 0xFFFF)
@@ -433,7 +441,7 @@ def _quantize(b: _Buffers, c: _Chunk, n: int, M, V, T1, T2, R2, use_torch: bool)
         q |= ((M[idx] < 0) & (x > 0)).astype(np.uint32) << 7
         C1[idx] = q
     # v
-    _bcast(np.divide, V, np.where(A2 > 0, A2, np.float32(1.0)), T2, nb, use_torch)
+    _bcast(c, np.divide, "v", np.where(A2 > 0, A2, np.float32(1.0)), "t2", use_torch)
     C2 = b.c2[:n]
     np.right_shift(R2, 13, out=K)
     K &= _U32(0x7FFF8)                                  # 8 * (r2 >> 16)
