@@ -148,11 +148,19 @@ def test_curation_picks_spill_free_configs_that_fit_every_call():
     rows.append(row("a", "bf16", 64, 32, 32, 16, True, 4, 2, 20_000, 255, spill=64))   # spills
     rows.append(row("a", "bf16", 64, 128, 32, 16, True, 4, 3, 200_000, 100, over=True))  # too much smem
     rows.append(row("a", "bf16", 32, 32, 32, 16, True, 4, 2, 10_000, 90))              # not compiled for "b"
-    sets = curate.build(rows)
+    sets, spilling = curate.build(rows)
+    assert spilling == []
     chosen = sets["86"]["fwd"]["40"]["2"]
     assert set(chosen) == {"128x64/32+16hi/w8/s2", "64x64/64+16/w4/s2", "128x128/64+16/w8/s3"}
     assert chosen["128x128/64+16/w8/s3"] == 90_000
     assert len(chosen) <= curated_configs.MAX_PER_SET
+    # a group where everything spills keeps the least-spilling configs and says so
+    for call, spill in (("a", 600), ("b", 640)):
+        rows.append(dict(row(call, "fp32", 32, 32, 32, 16, True, 8, 2, 30_000, 255, spill=spill)))
+        rows.append(dict(row(call, "fp32", 64, 64, 32, 16, True, 4, 2, 50_000, 255, spill=3000)))
+    sets, spilling = curate.build(rows)
+    assert spilling == ["sm_86 fwd D40 32-bit"]
+    assert list(sets["86"]["fwd"]["40"]["4"]) == ["32x32/32+16hi/w8/s2"]
 
 
 def test_curated_table_entries_are_configs_the_autotuner_has():

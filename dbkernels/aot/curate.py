@@ -2,9 +2,10 @@
 
 For each (target, kernel, head dim, element size) of the SD / SDXL attention calls:
 
-1. eligible: the config compiled for *every* call of that group (fp16 and bf16 for
-   element size 2, self / cross / key-bias, every UNet level) with no register spills
-   (local memory 0) and within the target's shared memory per block;
+1. eligible: the config compiled for *every* swept call of that group (cross and
+   self + key bias, bf16 for element size 2) within the target's shared memory per block and
+   without register spills (ptxas: 0 bytes spill stores); where every config spills, the
+   least-spilling ones (listed as "spilling_sets" in the JSON);
 2. ranked by a static throughput proxy: the resident tile (BLOCK_M queries for the
    forward and dQ kernels, BLOCK_N keys for dK/dV) times the streamed tile, which sets
    how often each loaded byte is reused, scaled down when the estimated occupancy falls
@@ -42,12 +43,17 @@ def _head_dim(row) -> int:
     return int(row["shape"].split(" D")[-1].split()[0])
 
 
-def eligible(rows) -> dict:
-    """{(arch, kernel, D, esize): {config key: (max shared, max registers, cfg)}} of configs fit everywhere."""
+def eligible(rows) -> tuple[dict, set]:
+    """({(arch, kernel, D, esize): {config key: (max shared, max registers, cfg)}}, groups that spill).
+
+    A config is eligible when it compiled for every call of its group within shared memory and
+    without spills; in a group where every such config spills (fp32 FMA dots at D=160), the
+    least-spilling ones (at most twice the smallest spill, or 32 bytes) are eligible instead."""
     calls = defaultdict(set)      # the calls of each group
     seen = defaultdict(lambda: defaultdict(set))
     worst = defaultdict(dict)
-    bad = defaultdict(set)
+    spill = defaultdict(lambda: defaultdict(int))
+    over = defaultdict(set)
     for r in rows:
         if r["error"] or r["kernel"] not in KERNELS or r["op"] != "attention":
             continue
@@ -59,15 +65,21 @@ def eligible(rows) -> dict:
         for call in r.get("calls", [r["call"]]):
             calls[group].add(call)
             seen[group][key].add(call)
-        if r["spill_bytes"] or r["over_limit"]:
-            bad[group].add(key)
+        if r["over_limit"]:
+            over[group].add(key)
+        spill[group][key] = max(spill[group][key], r["spill_bytes"] or 0)
         shared, regs, _ = worst[group].get(key, (0, 0, None))
         worst[group][key] = (max(shared, r["shared"]), max(regs, r["registers"] or 0), r["cfg"])
-    out = {}
+    out, spilling = {}, set()
     for group, by_key in seen.items():
-        out[group] = {k: worst[group][k] for k, cs in by_key.items()
-                      if cs == calls[group] and k not in bad[group]}
-    return out
+        fits = [k for k, cs in by_key.items() if cs == calls[group] and k not in over[group]]
+        clean = [k for k in fits if spill[group][k] == 0]
+        if not clean and fits:
+            least = min(spill[group][k] for k in fits)
+            clean = [k for k in fits if spill[group][k] <= max(32, 2 * least)]
+            spilling.add(group)
+        out[group] = {k: worst[group][k] for k in clean}
+    return out, spilling
 
 
 def _score(kernel: str, arch: int, shared: int, regs: int, cfg: dict) -> float:
@@ -109,20 +121,22 @@ def choose(kernel: str, arch: int, candidates: dict) -> dict[str, int]:
     return {k: int(v[0]) for k, v in chosen[: curated_configs.MAX_PER_SET]}
 
 
-def build(rows) -> dict:
+def build(rows) -> tuple[dict, list]:
     sets: dict = {}
-    for (arch, kernel, d, esize), candidates in sorted(eligible(rows).items()):
+    groups, spilling = eligible(rows)
+    for (arch, kernel, d, esize), candidates in sorted(groups.items()):
         picked = choose(kernel, arch, candidates)
         if picked:
             sets.setdefault(str(arch), {}).setdefault(kernel, {}).setdefault(str(d), {})[str(esize)] = picked
-    return sets
+    return sets, sorted(f"sm_{a} {k} D{d} {8 * e}-bit" for a, k, d, e in spilling)
 
 
 def write(rows) -> str:
-    sets = build(rows)
+    sets, spilling = build(rows)
     doc = {"generated_by": "python -m dbkernels compile --full --curate",
            "date": datetime.date.today().isoformat(),
            "note": "static choice from compiled figures (dbkernels/aot/curate.py); the GPU autotuner picks among them",
+           "spilling_sets": spilling,
            "sets": sets}
     curated_configs.PATH.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     curated_configs._table.cache_clear()
