@@ -134,7 +134,7 @@ def load_image(path: Path) -> tuple[Image.Image, bool]:
                     composited = True
                 im = rgba
             return im.convert("RGB"), composited
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e} (remove or replace the file)") from e
 
 

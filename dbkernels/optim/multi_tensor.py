@@ -19,12 +19,15 @@ that stays in the CPU cache, and it needs fewer ops than the spec for the same b
 * a chunk whose new absmax is not finite (NaN or inf gradients or states) is
   requantized with quant.quantize_blockwise itself.
 
-With torch.get_num_threads() > 1 the chunks run on that many threads (numpy and torch
-release the GIL). Non-contiguous parameters and a CPU that flushes subnormals go
+With torch.get_num_threads() > 1 (at most MAX_THREADS), the copies in and out stay on
+the calling thread and the arithmetic of that many chunks at a time runs on a thread
+pool, numpy only (it releases the GIL; torch ops on other threads would start OpenMP
+teams of their own). Non-contiguous parameters and a CPU that flushes subnormals go
 through reference.update_.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +37,7 @@ import torch
 from . import quant, reference as R
 
 CHUNK = 1 << 17          # elements per work chunk (a multiple of every allowed block size)
+MAX_THREADS = 8          # pool threads (each has its own work buffers, ~6 MB)
 _FP32_PIECE = 1 << 12    # fp32-state tensors are cut at multiples of this when split
 
 _U32 = np.uint32
@@ -53,7 +57,7 @@ _INV16 = np.float32(1.0 / 65536.0)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key = (0, 0)       # (process id, threads): a forked child makes its own pool
 _pool_lock = threading.Lock()
 
 
@@ -184,11 +188,11 @@ class _Layout:
 
 
 def _get_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_key
     with _pool_lock:
-        if _pool is None or _pool_size < threads:
+        if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads:
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dbk-adamw8bit")
-            _pool_size = threads
+            _pool_key = (os.getpid(), threads)
         return _pool
 
 
@@ -206,7 +210,7 @@ def step_(cache: dict, key, items, group, step: int) -> None:
             _reference_one(*it, group, step)
         elif p.numel():
             (quant_items if "state1" in it[2] else fp32_items).append(it)
-    threads = max(1, torch.get_num_threads())
+    threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
     for quantized, its in ((True, quant_items), (False, fp32_items)):
         if not its:
             continue
@@ -244,9 +248,7 @@ def _run(layout: _Layout, items, group, step: int) -> None:
                 ok = _compute(layout, c, layout.buffers[0], h, keys, sr, True)
                 _finish(layout, c, layout.buffers[0], src, ok)
             return
-        # T threads: the copies in and out (torch) on this thread, the arithmetic (numpy only,
-        # which releases the GIL; torch ops in other threads would start OpenMP teams of
-        # their own) on T pool threads, T chunks at a time.
+        # T threads: copies on this thread, the arithmetic of T chunks at a time on the pool
         pool = _get_pool(T)
         for w in range(0, len(layout.chunks), T):
             wave = list(enumerate(layout.chunks[w:w + T]))
