@@ -38,6 +38,7 @@ from . import quant, reference as R
 
 CHUNK = 1 << 17          # elements per work chunk (a multiple of every allowed block size)
 MAX_THREADS = 8          # pool threads (each has its own work buffers, ~6 MB)
+_SERIAL_PIECE = 1 << 14  # below at::internal::GRAIN_SIZE (32768): a copy torch runs on one thread
 _FP32_PIECE = 1 << 12    # fp32-state tensors are cut at multiples of this when split
 
 _U32 = np.uint32
@@ -290,7 +291,7 @@ def _gather(layout: _Layout, c: _Chunk, b: _Buffers, items, flat) -> list:
     for v, s in zip(c.views, src):
         dst += v[:len(s)]
         srcs += s
-    torch._foreach_copy_(dst, srcs)
+    _copy(dst, srcs, layout.threads > 1)
     if layout.quantized and c.pads.size:
         b.g[c.pads] = 0.0
         b.c1[c.pads] = 0
@@ -313,7 +314,27 @@ def _finish(layout: _Layout, c: _Chunk, b: _Buffers, src: list, ok: bool) -> Non
         else:
             out_dst += s[2:]
             out_src += v[2:]
-    torch._foreach_copy_(out_dst, out_src)
+    _copy(out_dst, out_src, layout.threads > 1)
+
+
+def _copy(dst: list, src: list, serial: bool) -> None:
+    """torch._foreach_copy_(dst, src). serial: in pieces below torch's parallel grain, so
+    the copies start no OpenMP team (next to the pool's threads, on a busy machine, waking
+    one costs more than the copy)."""
+    if serial:
+        d2, s2 = [], []
+        for d, s in zip(dst, src):
+            n = d.numel()
+            if n <= _SERIAL_PIECE:
+                d2.append(d)
+                s2.append(s)
+                continue
+            d, s = d.view(-1), s.reshape(-1)
+            for a in range(0, n, _SERIAL_PIECE):
+                d2.append(d[a:a + _SERIAL_PIECE])
+                s2.append(s[a:a + _SERIAL_PIECE])
+        dst, src = d2, s2
+    torch._foreach_copy_(dst, src)
 
 
 _TORCH_OPS = {np.multiply: torch.mul, np.divide: torch.div, np.add: torch.add, np.bitwise_xor: torch.bitwise_xor}
