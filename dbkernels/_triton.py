@@ -47,6 +47,7 @@ class AotState:
     records: list = field(default_factory=list)   # (kernel name, config dict | None, CompiledKernel)
     config_filter: object = None                   # fn(kernel name, [Config]) -> [Config]
     selection: str = "jit"       # "jit": what the JIT may pick; "model": the smem model's prune; "all": every config
+    max_tile: int | None = None  # with "all": only tiles of at most this many BLOCK_M x BLOCK_N elements
 
 
 _local = threading.local()

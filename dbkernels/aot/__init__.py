@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the sweep: every autotune config of every head-dim layout (not only those the JIT may "
                         "pick), for one attention call per head dim, cross / self+bias and bf16 / fp32; writes "
                         "rows and a table to --out")
+    p.add_argument("--max-tile", type=int, default=None, metavar="N",
+                   help="with --full: only attention tiles of at most N = BLOCK_M x BLOCK_N elements (fp32's FMA "
+                        "dots spill beyond 64 x 64 and take minutes each to compile)")
     p.add_argument("--curate", action="store_true",
                    help="with --full: write dbkernels/ops/attention/curated_configs.json from the sweep")
     p.add_argument("--out", default=None, help=f"folder for the rows and table (default with --full: {STATIC_RESULTS})")
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
         print("dbkernels compile: no call matches the filters", file=sys.stderr)
         return 2
     selection = a.configs or ("all" if a.full else "jit")
-    items = [(arch, c.id, selection, a.quick) for arch in archs for c in calls]
+    items = [(arch, c.id, selection, a.quick, a.max_tile) for arch in archs for c in calls]
     cache_dir = tempfile.mkdtemp(prefix="dbkernels-aot-cache-") if a.fresh_cache else None
     print(f"dbkernels compile: {len(calls)} call(s) x {len(archs)} arch(s) "
           f"(configs: {selection}{', first per layout' if a.quick else ''}), "

@@ -62,7 +62,7 @@ def eligible(rows) -> tuple[dict, set]:
             continue
         group = (r["arch"], KERNELS[r["kernel"]], d, _esize(r["dtype"]))
         key = curated_configs.config_key(r["cfg"])
-        for call in r.get("calls", [r["call"]]):
+        for call in r.get("calls") or [r["call"]]:
             calls[group].add(call)
             seen[group][key].add(call)
         if r["over_limit"]:

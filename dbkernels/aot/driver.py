@@ -118,8 +118,9 @@ def _config_text(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k not in ("num_ctas", "maxnreg"))
 
 
-def run_items(items: list[tuple[int, str, str, bool]]) -> list[dict]:
-    """Compile every (arch, call id, selection, one_config) item in this process; one row per compiled kernel.
+def run_items(items: list[tuple]) -> list[dict]:
+    """Compile every (arch, call id, selection, one_config[, max_tile]) item in this process; one row per
+    compiled kernel.
 
     selection: "jit" (the configs the JIT could pick now: curated sets or the
     shared-memory prune) or "all" (every config of the head-dim layouts: the sweep).
@@ -135,10 +136,11 @@ def run_items(items: list[tuple[int, str, str, bool]]) -> list[dict]:
     AotDriver = _driver_class()
     rows = []
     by_id = calls_mod.by_id()
-    for arch, call_id, selection, one_config in items:
+    for arch, call_id, selection, one_config, *rest in items:
         call = by_id[call_id]
         limit = _triton.SMEM_OPTIN.get(arch, _triton.DEFAULT_SMEM)
-        state = _triton.AotState(caps=_triton.DeviceCaps(arch, limit), selection=selection)
+        state = _triton.AotState(caps=_triton.DeviceCaps(arch, limit), selection=selection,
+                                 max_tile=rest[0] if rest else None)
         if one_config:
             state.config_filter = one_per_layout
         previous = driver._active  # no reset_active(): without a GPU there is no default driver

@@ -368,7 +368,7 @@ def _prune(kernel: str, estimate):
                 if (c.kwargs["BLOCK_D0"], c.kwargs["BLOCK_D1"], c.kwargs["HAS_HI"]) in layouts]
         aot = _triton.aot_state()
         if aot is not None and aot.selection == "all":  # the sweep of `python -m dbkernels compile --full`
-            return mine
+            return [c for c in mine if not aot.max_tile or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= aot.max_tile]
         curated = None if (aot is not None and aot.selection == "model") else curated_configs.lookup(
             kernel, caps, d, esize)
         if curated is not None:
@@ -396,12 +396,14 @@ def _fwd_configs():
 
 
 def _bwd_configs():
-    # 9 tiles per head layout, shared by the dK/dV kernel (BLOCK_N resident) and the dQ kernel
-    tiles = ((32, 32, 2), (32, 64, 2), (64, 32, 2), (64, 64, 2), (64, 64, 3), (64, 128, 2), (128, 64, 2),
-             (128, 64, 3), (128, 32, 2))
+    # 12 tiles per head layout, shared by the dK/dV kernel (BLOCK_N resident) and the dQ kernel. The
+    # small tiles also come with 8 warps: at D=160 dK/dV every 4-warp tile spills registers (the
+    # dK, dV accumulators and the resident K, V tiles of 160 columns; python -m dbkernels compile --full).
+    tiles = ((32, 32, 2, 4), (32, 64, 2, 4), (64, 32, 2, 4), (64, 64, 2, 4), (64, 64, 3, 4), (64, 128, 2, 8),
+             (128, 64, 2, 8), (128, 64, 3, 8), (128, 32, 2, 4), (32, 32, 2, 8), (32, 64, 2, 8), (64, 32, 2, 8))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D0": d0, "BLOCK_D1": d1, "HAS_HI": hi},
-                          num_stages=stages, num_warps=4 if bm * bn <= 64 * 64 else 8)
-            for d0, d1, hi in _ALL_LAYOUTS for bm, bn, stages in tiles]
+                          num_stages=stages, num_warps=warps)
+            for d0, d1, hi in _ALL_LAYOUTS for bm, bn, stages, warps in tiles]
 
 
 _KEY = ["Lq", "Lk", "D", "HAS_BIAS", "PREC", "SM"]
