@@ -117,7 +117,7 @@ def no_model_loading(monkeypatch):
 
 # ------------------------------------------------------------------ --help: instant, grouped, defaults
 
-@pytest.mark.parametrize("cmd", ["train", "sample", "eval", "demo"])
+@pytest.mark.parametrize("cmd", ["train", "sample", "eval", "demo", "fabric"])
 def test_help_loads_no_torch_and_shows_groups_and_defaults(cmd):
     """`dbtrain train --help` took 25-66 s (torch and diffusers loaded before argparse)."""
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer.cli", cmd, "--help"],
@@ -443,4 +443,27 @@ def test_fp16_on_a_cpu_says_it_is_slow(tiny_model, inst, tmp_path, capsys):
     code, _, err = run_cli(["train", *train_args(tiny_model, inst, tmp_path / "out", "--mixed_precision", "fp16",
                                                  "--device", "cpu", steps=1)], capsys)
     assert code == 0, err
-    assert re.search(r"note: --mixed_precision fp16 on a CPU runs about \d+x slower than fp32", err), err
+    assert re.search(r"note: --mixed_precision fp16 on a CPU runs about [\d-]+x slower than fp32", err), err
+
+
+@pytest.mark.parametrize("cmd", ["sample", "fabric", "eval"])
+def test_image_commands_never_write_into_a_users_folder(cmd, tiny_model, inst, tmp_path, capsys, no_model_loading):
+    # sample / fabric / eval write 000.png, grid.png, ...: a folder of the user's own files is refused
+    mine = tmp_path / "holiday"
+    mine.mkdir()
+    (mine / "000.png").write_bytes(b"the user's photo")
+    extra = {"sample": ["--prompt", "a toy"], "fabric": ["--prompt", "a toy"],
+             "eval": ["--instance_data_dir", str(inst), "--identifier", "sks", "--class_noun", "toy"]}[cmd]
+    code, _, err = run_cli([cmd, "--model", str(tiny_model), *extra, "--out", str(mine)], capsys)
+    one_line_error(code, err, str(mine), "did not write", "--out")
+    assert (mine / "000.png").read_bytes() == b"the user's photo"
+
+
+def test_sample_writes_into_its_own_folder_again(tiny_model, tmp_path, capsys):
+    out = tmp_path / "samples"
+    argv = ["sample", "--model", str(tiny_model), "--prompt", "a toy", "--num_images", "1", "--steps", "1",
+            "--device", "cpu", "--out", str(out)]
+    for _ in range(2):  # the second run finds the marker of the first
+        code, _, err = run_cli(argv, capsys)
+        assert code == 0, err
+    assert (out / "000.png").is_file() and (out / ".dbtrain-run.json").is_file()

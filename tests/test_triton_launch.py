@@ -223,3 +223,23 @@ def test_gpu_tensors_on_another_device_than_the_current_one():
     with dbkernels.force_backend("triton"):
         xt = dbkernels.add_noise(x0, torch.zeros_like(x0), t, ac)
     torch.testing.assert_close(xt, x0 * ac[t].sqrt().view(-1, 1, 1, 1))
+
+
+def test_trainer_reports_first_step_compile_time(monkeypatch):
+    # the trainer's one line after step 1: only when a launch compiled or autotuned
+    from dbkernels import _triton
+    from trainer import loop
+
+    lines = []
+
+    class Bar:
+        def write(self, s):
+            lines.append(s)
+
+    monkeypatch.setattr(_triton, "first_call_stats", lambda: {"compile_tune_s": 0.0, "launches_compiled": 0})
+    loop._note_first_step_compile(Bar())
+    assert lines == []
+    monkeypatch.setattr(_triton, "first_call_stats", lambda: {"compile_tune_s": 42.25, "launches_compiled": 7})
+    loop._note_first_step_compile(Bar())
+    assert lines == ["first step: 42.2 s compiling/autotuning 7 Triton kernel launch(es); cached for later "
+                     "steps and runs"]

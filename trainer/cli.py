@@ -1,4 +1,4 @@
-"""`dbtrain train|sample|eval|demo ...` (also `python -m trainer ...`).
+"""`dbtrain train|sample|eval|demo|fabric ...` (also `python -m trainer ...`).
 
 Flags are parsed and checked, and the folders they name looked at, before torch or a
 model is imported: `--help` and every foreseeable mistake come back at once. Bad input
@@ -12,14 +12,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import interrupts
+from . import interrupts, outdir
 from .config import Resumable, UserError
 
 USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny model and subject, before/after
        dbtrain train [options]     DreamBooth fine-tuning (dbtrain train --help)
        dbtrain sample [options]    images from a trained output folder (dbtrain sample --help)
-       dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model"""
-COMMANDS = ("train", "sample", "eval", "demo")
+       dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model
+       dbtrain fabric [options]    images steered by liked / disliked images, no training (FABRIC)"""
+COMMANDS = ("train", "sample", "eval", "demo", "fabric")
 
 
 def sample_parser():
@@ -37,8 +38,7 @@ def check_sample_args(args) -> None:
         raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if not math.isfinite(args.guidance):
         raise UserError(f"--guidance must be a finite number, got {args.guidance}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file; pass a folder")
+    outdir.check_images_out(args.out)
     check_model_folder(args.model)
 
 
@@ -58,8 +58,7 @@ def sample(argv: list[str]) -> Path:
     images = pipe([args.prompt] * args.num_images, negative_prompt=(
         [args.negative_prompt] * args.num_images if args.negative_prompt else None),
         num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens, **kw).images
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = outdir.claim_images_out(args.out, "sample")
     for k, im in enumerate(images):
         im.save(out / f"{k:03d}.png")
     make_grid(images).save(out / "grid.png")
@@ -126,6 +125,12 @@ def _run(cmd: str, rest: list[str]) -> None:
         from . import demo
 
         demo.run(rest)
+    elif cmd == "fabric":
+        from . import fabric
+
+        fabric.check_args(fabric.build_parser().parse_args(rest))  # before torch and the model load
+        _quiet_libraries()
+        fabric.main(rest)
     else:
         from .parsers import eval_parser
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import outdir
 from .config import UserError
 from .parsers import CLASS_PROMPT, DEFAULT_PROMPTS, eval_parser  # noqa: F401  (the flags live there)
 
@@ -72,6 +73,8 @@ def run(argv: list[str]) -> dict:
     a = eval_parser().parse_args(argv)
     if a.num_images < 2:
         raise UserError("--num_images must be >= 2 (DIV compares samples of one prompt)")
+    if a.out:
+        outdir.check_images_out(a.out)
     rec = recorded_subject(Path(a.model))
     identifier = a.identifier or rec.get("identifier")
     class_noun = a.class_noun or rec.get("class_noun")
@@ -88,8 +91,7 @@ def run(argv: list[str]) -> dict:
     print(table)
     print(f"embeddings: CLIP from {scorer.names['clip']}, DINO from {scorer.names['dino']}")
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = outdir.claim_images_out(a.out, "eval")
         for k, (prompt, images) in enumerate(samples.items()):
             make_grid(images).save(out / f"prompt-{k}.png")
         (out / "metrics.json").write_text(json.dumps({

@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(a) -> None:
+def check_args(a) -> None:
     check_settings(a.feedback_start, a.feedback_end, a.min_weight, a.max_weight, a.neg_scale)
     if a.num_images < 1 or a.steps < 1 or a.rounds < 1:
         raise UserError("--num_images, --steps and --rounds must be >= 1")
@@ -444,8 +444,9 @@ def _check_args(a) -> None:
         for f in paths:
             if not Path(f).is_file():
                 raise UserError(f"{what} image {f} does not exist")
-    if Path(a.out).exists() and not Path(a.out).is_dir():
-        raise UserError(f"--out {a.out} is a file; pass a folder")
+    from .outdir import check_images_out
+
+    check_images_out(a.out)
     from .models import check_model_folder
 
     check_model_folder(a.model)
@@ -454,7 +455,7 @@ def _check_args(a) -> None:
 def main(argv=None) -> int:
     """`dbtrain fabric ...`; returns 0, raises UserError for bad input."""
     a = build_parser().parse_args(argv)
-    _check_args(a)
+    check_args(a)
     from .data import make_grid
 
     liked, disliked = list(a.liked), list(a.disliked)
@@ -463,8 +464,9 @@ def main(argv=None) -> int:
               feedback_start=a.feedback_start, feedback_end=a.feedback_end, min_weight=a.min_weight,
               max_weight=a.max_weight, neg_scale=a.neg_scale, resolution=a.resolution,
               scheduler=make_scheduler(pipe, a.scheduler), attention=a.attention)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .outdir import claim_images_out
+
+    out = claim_images_out(a.out, "fabric")
     settings = {k: v for k, v in vars(a).items()}
     record = {"settings": settings, "scheduler": type(kw["scheduler"]).__name__}
     if a.auto_feedback:

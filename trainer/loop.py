@@ -28,10 +28,12 @@ from .models import load_components, pick_identifier
 from .prior import generate_class_images
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# Measured with `python -m trainer.fp16_cpu` style runs on the built-in model (README, "Training").
-FP16_CPU_NOTE = ("note: --mixed_precision fp16 on a CPU runs about {x}x slower than fp32 here (CPUs have no fast "
-                 "fp16 math); use --mixed_precision bf16 or no")
-FP16_CPU_FACTOR = 4
+# fp16 autocast against fp32 training steps on this repository's 2-core CPU, built-in model at 64 px
+# (README, "Training"): CPUs have no fast fp16 matmuls, bf16 has them.
+# Median over 3-5 interleaved rounds of 10 steps: 2.0x, 2.2x and 2.6x; bf16 0.8-0.9x of fp32's time.
+FP16_CPU_NOTE = ("note: --mixed_precision fp16 on a CPU runs about {x} slower than fp32 (measured on a 2-core "
+                 "CPU: CPUs have no fast fp16 math); use --mixed_precision bf16 or no")
+FP16_CPU_FACTOR = "2-3x"
 
 
 def _step_seed(seed: int, step: int, micro: int) -> int:
@@ -53,6 +55,8 @@ def prepare_output_dir(cfg) -> Path | None:
                             f"a new --output_dir")
         print(f"{out} holds a run that stopped before its first checkpoint: starting it again at step 0",
               flush=True)
+    elif resume is None and cfg.resume_from_checkpoint:
+        print(f"{out} holds no checkpoint yet: starting at step 0", flush=True)
     return resume
 
 
@@ -285,6 +289,16 @@ def train_step(run: Run, step: int) -> StepResult:
                       last=(pred.detach(), latents, noise, t, offset))
 
 
+def _note_first_step_compile(bar) -> None:
+    """Say once how much of the first step was Triton compiling and autotuning (a one-time cost, cached)."""
+    from dbkernels import _triton
+
+    stats = _triton.first_call_stats()
+    if stats["launches_compiled"]:
+        bar.write(f"first step: {stats['compile_tune_s']:.1f} s compiling/autotuning {stats['launches_compiled']} "
+                  f"Triton kernel launch(es); cached for later steps and runs")
+
+
 def train(cfg) -> Path:
     """Run DreamBooth as configured; returns the output folder."""
     try:
@@ -343,6 +357,8 @@ def _train(cfg) -> Path:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 res = train_step(run, step)
+                if step == start:
+                    _note_first_step_compile(bar)
                 if not res.stepped:
                     skipped += 1
                 done = step + 1

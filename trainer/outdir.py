@@ -129,6 +129,33 @@ def check_output_dir(path, *, resume: bool) -> str:
     return "ours"
 
 
+def check_images_out(path, flag: str = "--out") -> None:
+    """Whether `dbtrain sample|fabric|eval` may write images into `path`: a new folder, an empty
+    one, or one that dbtrain made (its marker), so a user's own 000.png is never replaced."""
+    out = Path(path)
+    if not out.exists():
+        check_creatable(out, flag)
+        return
+    if not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; pass a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and MARKER not in entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"{flag} {out} holds files dbtrain did not write ({shown}); dbtrain writes images only "
+                        f"into a new folder, an empty one, or one it made: choose another {flag}")
+    if not writable(out):
+        raise UserError(f"{flag} {out} is not writable; choose a folder you can write to")
+
+
+def claim_images_out(path, command: str) -> Path:
+    """Create (or take) the images folder checked by check_images_out and mark it as ours."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if read_marker(out) is None:
+        write_marker(out, command=command)
+    return out
+
+
 # ------------------------------------------------------------------ free space
 
 def fmt_bytes(n: float) -> str:
