@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import cli, world
-from trainer.tiny import JUDGE_DIR, MODEL_DIR
+from trainer import cli
+from trainer.builtin import world
+from trainer.builtin.tiny import JUDGE_DIR, MODEL_DIR
 
 CONTEXT_PROMPTS = ("a {V} star on the beach", "a {V} star in the snow")
 
@@ -180,12 +181,12 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
 
 
 def test_pretrain_script_end_to_end_in_miniature(tmp_path):
-    """`python -m trainer.tiny pretrain` with a handful of steps: every stage runs and the result
+    """`python -m trainer.builtin.tiny pretrain` with a handful of steps: every stage runs and the result
     is a folder StableDiffusionPipeline loads and a judge that loads."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer import tiny
-    from trainer.judge import Judge
+    from trainer.builtin import tiny
+    from trainer.builtin.judge import Judge
 
     model, judge = tmp_path / "model", tmp_path / "judge"
     assert tiny.main(["pretrain", "--work", str(tmp_path / "work"), "--vae_steps", "2", "--unet_steps", "2",

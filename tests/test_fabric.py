@@ -27,7 +27,8 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
 import dbkernels  # noqa: E402
-from trainer import fabric, world  # noqa: E402
+from trainer import fabric  # noqa: E402
+from trainer.builtin import world  # noqa: E402
 from trainer.config import UserError  # noqa: E402
 from trainer.fabric_attention import (FabricAttnProcessor, FabricController, Group, fabric_attention,  # noqa: E402
                                       install, self_attention_layers)

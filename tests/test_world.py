@@ -3,7 +3,7 @@ import random
 
 import numpy as np
 
-from trainer import world
+from trainer.builtin import world
 
 
 def test_dataset_is_reproducible_and_varied():

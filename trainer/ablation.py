@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import demo, world
+from . import demo
+from .builtin import world
 
 
 def main(argv: list[str] | None = None) -> int:
     from .metrics import METRICS, Scorer
-    from .tiny import MODEL_DIR
+    from .builtin.tiny import MODEL_DIR
 
     p = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

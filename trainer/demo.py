@@ -1,9 +1,9 @@
 """`dbtrain demo`: DreamBooth on the built-in tiny model and subject, measured before and after.
 
 The run is an ordinary `dbtrain train` (the same loop, options and files as for a real SD
-model); only its inputs are built in: the model `trainer/assets/tiny-world-sd`, the subject
+model); only its inputs are built in: the model `trainer/builtin/assets/tiny-world-sd`, the subject
 (five pictures of an orange star with black stripes, a pattern the model never saw) and the
-judge `trainer/assets/tiny-world-judge` that scores the result.
+judge `trainer/builtin/assets/tiny-world-judge` that scores the result.
 
 It goes in five phases, each printed with its time: base-model samples (written to
 before.png at once), class images, training, samples of the trained model, scores. A demo
@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from . import world
+from .builtin import world
 from .config import UserError
 from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, LEARNING_RATE, NUM_CLASS_IMAGES, STEPS,  # noqa: F401
                       demo_parser)

@@ -44,14 +44,14 @@ TARGET = ("star", "red", "big", "in the snow")
 
 
 def target_scene():
-    from . import world
+    from .builtin import world
 
     shape, color, size, context = TARGET
     return world.Scene(shape, color, size, context, 0.5, 0.5, 0.0)
 
 
 def target_image():
-    from . import world
+    from .builtin import world
 
     return world.render(target_scene(), seed=0)
 
@@ -223,7 +223,7 @@ def _reference_images(pipe, n: int, steps: int):
     """n feedback images: the base model's own drawings of world scenes (seeded)."""
     import torch
 
-    from . import world
+    from .builtin import world
 
     prompts = [s.caption() for s in world.scenes(n, seed=7)]
     if not prompts:

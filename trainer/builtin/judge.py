@@ -106,7 +106,7 @@ class Judge(nn.Module):
             from .config import UserError
 
             raise UserError(f"no judge at {folder} (expected judge.safetensors, config.json, tokenizer/); "
-                            f"python -m trainer.tiny pretrain makes one")
+                            f"python -m trainer.builtin.tiny pretrain makes one")
         judge = cls(**json.loads((folder / "config.json").read_text()))
         judge.load_state_dict(load_file(str(folder / "judge.safetensors")))
         judge.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")

@@ -1,16 +1,16 @@
 """The built-in tiny text-to-image model of the procedural world, and how it was made.
 
-    python -m trainer.tiny pretrain [--work DIR] [--device cuda]
+    python -m trainer.builtin.tiny pretrain [--work DIR] [--device cuda]
 
-trains, from scratch and from nothing but `trainer.world`:
+trains, from scratch and from nothing but `trainer.builtin.world`:
   1. vae    an AutoencoderKL (64x64 RGB <-> 16x16x4 latents), on scenes with and without patterns
             (random 32x32 crops: it is convolutional, and a crop costs a quarter);
   2. unet   a UNet2DConditionModel with cross-attention and a CLIPTextModel (own BPE vocabulary,
             rare words kept for identifiers), jointly, on the pattern-free base world only;
   2b. unet2 the same, going on from stage 2 with a shorter weight average (EMA);
-  3. judge  the CLIP-style judge of `trainer.judge`;
-then writes the diffusers folder `trainer/assets/tiny-world-sd` (StableDiffusionPipeline loads it)
-and `trainer/assets/tiny-world-judge`. Each stage keeps its result in --work, so a stopped run
+  3. judge  the CLIP-style judge of `trainer.builtin.judge`;
+then writes the diffusers folder `trainer/builtin/assets/tiny-world-sd` (StableDiffusionPipeline loads it)
+and `trainer/builtin/assets/tiny-world-judge`. Each stage keeps its result in --work, so a stopped run
 goes on from the last finished stage. Everything is seeded; on one machine a rerun gives the
 same weights.
 """
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from . import world
-from .tiny_sd import write_tokenizer_files
+from ..tiny_sd import write_tokenizer_files
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "tiny-world-sd"
@@ -264,7 +264,7 @@ def assemble(work: Path, dest: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "WORLD.json").write_text(json.dumps({
-        "what": "tiny text-to-image model of trainer.world (python -m trainer.tiny pretrain)",
+        "what": "tiny text-to-image model of trainer.builtin.world (python -m trainer.builtin.tiny pretrain)",
         "resolution": world.SIZE, "class_of_demo_subject": world.SUBJECT_CLASS, "rare_words": RARE_WORDS,
     }, indent=1))
     if dest.exists():
@@ -276,7 +276,7 @@ def assemble(work: Path, dest: Path) -> Path:
 def pretrain(argv: list[str]) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m trainer.tiny pretrain",
+    p = argparse.ArgumentParser(prog="python -m trainer.builtin.tiny pretrain",
                                 description="Train the built-in tiny model and judge from scratch.")
     p.add_argument("--work", default="tiny-pretrain-work", help="stage results (a stopped run goes on from here)")
     p.add_argument("--device", default=None)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "pretrain":
-        print("usage: python -m trainer.tiny pretrain [--help]")
+        print("usage: python -m trainer.builtin.tiny pretrain [--help]")
         return 2
     return pretrain(argv[1:])
 
