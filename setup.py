@@ -70,8 +70,8 @@ setup(
         where=str(ROOT),
         include=["dbkernels", "dbkernels.*", "trainer", "trainer.*", "bench", "bench.*"],
     ),
-    # The built-in tiny model and judge (trainer/builtin/assets, ~16 MB) ship inside the package.
-    package_data={"trainer.builtin": ["assets/*/*", "assets/*/*/*"]},
+    # The built-in tiny model and judge (trainer/world/assets, ~16 MB) ship inside the package.
+    package_data={"trainer.world": ["assets/*/*", "assets/*/*/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from trainer import cli
-from trainer.builtin import world
-from trainer.builtin.tiny import JUDGE_DIR, MODEL_DIR
+from trainer.world import scenes
+from trainer.world.tiny import JUDGE_DIR, MODEL_DIR
 
 CONTEXT_PROMPTS = ("a {V} star on the beach", "a {V} star in the snow")
 
@@ -67,11 +67,11 @@ def test_builtin_model_draws_the_prompt(base_pipe, scorer):
 
 
 def test_judge_sees_the_subject_pattern(scorer):
-    subject = world.subject_images(5)
+    subject = scenes.subject_images(5)
     rng = random.Random(0)
-    plain = [world.render(world.Scene("star", "orange", "big", c, 0.5, 0.5, rng.uniform(-15, 15)), seed=k)
-             for k, c in enumerate(world.SUBJECT_CONTEXTS)]
-    other = [im for im, _ in world.dataset(10, seed=5)]
+    plain = [scenes.render(scenes.Scene("star", "orange", "big", c, 0.5, 0.5, rng.uniform(-15, 15)), seed=k)
+             for k, c in enumerate(scenes.SUBJECT_CONTEXTS)]
+    other = [im for im, _ in scenes.dataset(10, seed=5)]
     e = {k: scorer.images(v) for k, v in (("s", subject), ("p", plain), ("o", other))}
     n = len(subject)
     ss = (e["s"]["dino"] @ e["s"]["dino"].T)[~torch.eye(n, dtype=torch.bool)].mean()
@@ -90,7 +90,7 @@ def short_runs(tmp_path_factory, base_pipe, scorer):
 
     root = tmp_path_factory.mktemp("dreambooth")
     subject = demo.write_subject(root / "subject")
-    real = world.subject_images(5)
+    real = scenes.subject_images(5)
     kw = {"templates": CONTEXT_PROMPTS, "num_images": 6, "seed": 7}
     out = {"base": evaluate(base_pipe, scorer, real, demo.IDENTIFIER, "star", **kw)[0]}
     for name, prior in (("prior", True), ("no_prior", False)):
@@ -169,7 +169,7 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
     from PIL import Image
 
     grid = Image.open(out / "before_after.png")
-    assert grid.width > 8 * world.SIZE and grid.height > 4 * world.SIZE  # 4 prompt rows, before | after
+    assert grid.width > 8 * scenes.SIZE and grid.height > 4 * scenes.SIZE  # 4 prompt rows, before | after
     rec = json.loads((out / "metrics.json").read_text())
     assert set(rec["before"]) == set(rec["after"]) == {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
     assert rec["prior_preservation"] is True
@@ -181,12 +181,12 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
 
 
 def test_pretrain_script_end_to_end_in_miniature(tmp_path):
-    """`python -m trainer.builtin.tiny pretrain` with a handful of steps: every stage runs and the result
+    """`python -m trainer.world.tiny pretrain` with a handful of steps: every stage runs and the result
     is a folder StableDiffusionPipeline loads and a judge that loads."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer.builtin import tiny
-    from trainer.builtin.judge import Judge
+    from trainer.world import tiny
+    from trainer.world.judge import Judge
 
     model, judge = tmp_path / "model", tmp_path / "judge"
     assert tiny.main(["pretrain", "--work", str(tmp_path / "work"), "--vae_steps", "2", "--unet_steps", "2",
@@ -194,6 +194,6 @@ def test_pretrain_script_end_to_end_in_miniature(tmp_path):
                       "--scenes", "64", "--dest", str(model), "--judge_dest", str(judge)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(model)
     image = pipe("a red circle in the snow", num_inference_steps=2, output_type="np").images[0]
-    assert image.shape == (world.SIZE, world.SIZE, 3)
+    assert image.shape == (scenes.SIZE, scenes.SIZE, 3)
     assert Judge.load(judge).text_embeddings(["a red circle"]).shape == (1, 64)
     assert JUDGE_DIR != judge  # the shipped judge is untouched

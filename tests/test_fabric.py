@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 import dbkernels  # noqa: E402
 from trainer import fabric  # noqa: E402
-from trainer.builtin import world  # noqa: E402
+from trainer.world import scenes  # noqa: E402
 from trainer.config import UserError  # noqa: E402
 from trainer.fabric_attention import (FabricAttnProcessor, FabricController, Group, fabric_attention,  # noqa: E402
                                       install, self_attention_layers)
@@ -161,7 +161,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    img = world.render(world.Scene("star", "red", "big", "in the snow", 0.5, 0.5, 0.0), seed=0)
+    img = scenes.render(scenes.Scene("star", "red", "big", "in the snow", 0.5, 0.5, 0.0), seed=0)
     path = tmp_path_factory.mktemp("fabric") / "target.png"
     img.save(path)
     return path

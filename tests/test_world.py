@@ -3,38 +3,38 @@ import random
 
 import numpy as np
 
-from trainer.builtin import world
+from trainer.world import scenes
 
 
 def test_dataset_is_reproducible_and_varied():
-    a = world.dataset(12, seed=3)
-    b = world.dataset(12, seed=3)
+    a = scenes.dataset(12, seed=3)
+    b = scenes.dataset(12, seed=3)
     assert [c for _, c in a] == [c for _, c in b]
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (x, _), (y, _) in zip(a, b))
-    assert [c for _, c in world.dataset(12, seed=4)] != [c for _, c in a]
-    assert len({c for _, c in world.dataset(60, seed=0)}) > 40
-    assert all(im.size == (world.SIZE, world.SIZE) and im.mode == "RGB" for im, _ in a)
+    assert [c for _, c in scenes.dataset(12, seed=4)] != [c for _, c in a]
+    assert len({c for _, c in scenes.dataset(60, seed=0)}) > 40
+    assert all(im.size == (scenes.SIZE, scenes.SIZE) and im.mode == "RGB" for im, _ in a)
 
 
 def test_caption_matches_the_picture():
     rng = random.Random(0)
     for _ in range(30):
-        scene = world.sample_scene(rng)
+        scene = scenes.sample_scene(rng)
         if scene.shape == "ring":  # a ring's center is background
             continue
-        img = np.asarray(world.render(scene))
-        cx, cy = int(scene.x * world.SIZE), int(scene.y * world.SIZE)
-        assert tuple(img[cy, cx]) == world.COLORS[scene.color], scene
+        img = np.asarray(scenes.render(scene))
+        cx, cy = int(scene.x * scenes.SIZE), int(scene.y * scenes.SIZE)
+        assert tuple(img[cy, cx]) == scenes.COLORS[scene.color], scene
         cap = scene.caption()
         assert cap.startswith(f"a {scene.size} {scene.color} {scene.shape} ") and cap.endswith(scene.context)
 
 
 def test_subject_texture_is_new_to_the_world():
-    subject = world.subject_images(5)
+    subject = scenes.subject_images(5)
     assert len(subject) == 5
     dark = [(np.asarray(im).sum(axis=2) < 100).mean() for im in subject]  # the black stripes
     assert min(dark) > 0.05
-    plain = world.render(world.Scene("star", "orange", "big", "on the beach", 0.5, 0.5, 0.0))
+    plain = scenes.render(scenes.Scene("star", "orange", "big", "on the beach", 0.5, 0.5, 0.0))
     assert (np.asarray(plain).sum(axis=2) < 100).mean() < 0.01
 
 

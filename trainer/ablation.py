@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from . import demo
-from .builtin import world
+from .world import scenes
 
 
 def main(argv: list[str] | None = None) -> int:
     from .metrics import METRICS, Scorer
-    from .builtin.tiny import MODEL_DIR
+    from .world.tiny import MODEL_DIR
 
     p = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work)
     demo.check_out(work)
     subject = demo.write_subject(work / "subject")
-    real = world.subject_images(5)
+    real = scenes.subject_images(5)
     scorer = Scorer(device=device)
     rows = []
     kw = {"num_images": a.eval_images}

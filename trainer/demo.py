@@ -1,9 +1,9 @@
 """`dbtrain demo`: DreamBooth on the built-in tiny model and subject, measured before and after.
 
 The run is an ordinary `dbtrain train` (the same loop, options and files as for a real SD
-model); only its inputs are built in: the model `trainer/builtin/assets/tiny-world-sd`, the subject
+model); only its inputs are built in: the model `trainer/world/assets/tiny-world-sd`, the subject
 (five pictures of an orange star with black stripes, a pattern the model never saw) and the
-judge `trainer/builtin/assets/tiny-world-judge` that scores the result.
+judge `trainer/world/assets/tiny-world-judge` that scores the result.
 
 It goes in five phases, each printed with its time: base-model samples (written to
 before.png at once), class images, training, samples of the trained model, scores. A demo
@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from .builtin import world
+from .world import scenes
 from .config import UserError
 from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, LEARNING_RATE, NUM_CLASS_IMAGES, STEPS,  # noqa: F401
                       demo_parser)
@@ -65,7 +65,7 @@ def open_out(out: Path, recipe: dict) -> bool:
 
 def write_subject(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for k, im in enumerate(world.subject_images(5, seed=seed)):
+    for k, im in enumerate(scenes.subject_images(5, seed=seed)):
         im.save(folder / f"subject-{k}.png")
     return folder
 
@@ -80,12 +80,12 @@ def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: 
                seed: int, device, sample_steps: int = 20) -> list[str]:
     """The `dbtrain train` command line of the demo (printed, so it can be rerun by hand)."""
     args = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(subject),
-            "--instance_prompt", f"a [V] {world.SUBJECT_CLASS}", "--identifier", IDENTIFIER,
-            "--output_dir", str(out / "model"), "--resolution", str(world.SIZE), "--random_flip",
+            "--instance_prompt", f"a [V] {scenes.SUBJECT_CLASS}", "--identifier", IDENTIFIER,
+            "--output_dir", str(out / "model"), "--resolution", str(scenes.SIZE), "--random_flip",
             "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
             "--lr_warmup_steps", "0", "--checkpointing_steps", str(steps), "--log_every", "50", "--seed", str(seed)]
     if prior:
-        args += ["--with_prior_preservation", "--class_prompt", f"a {world.SUBJECT_CLASS}",
+        args += ["--with_prior_preservation", "--class_prompt", f"a {scenes.SUBJECT_CLASS}",
                  "--class_data_dir", str(out / "class-images"), "--num_class_images", str(num_class_images),
                  "--class_inference_steps", str(sample_steps), "--sample_batch_size", "25"]
     if device:
@@ -109,7 +109,7 @@ def score_model(model, scorer, real, device, **kw):
     """(metrics, samples) of a model on the demo subject's prompts (trainer.evaluate.evaluate)."""
     from .evaluate import evaluate, load_pipeline
 
-    return evaluate(load_pipeline(model, device), scorer, real, IDENTIFIER, world.SUBJECT_CLASS, **kw)
+    return evaluate(load_pipeline(model, device), scorer, real, IDENTIFIER, scenes.SUBJECT_CLASS, **kw)
 
 
 def grid(columns: list[tuple[str, dict]], per_row: int = 4, scale: int = 2):
@@ -117,7 +117,7 @@ def grid(columns: list[tuple[str, dict]], per_row: int = 4, scale: int = 2):
     from PIL import Image, ImageDraw
 
     per_row = min([per_row] + [len(v) for _, samples in columns for v in samples.values()])
-    s = world.SIZE * scale
+    s = scenes.SIZE * scale
     label_h, gap = 14, 8
     rows = list(columns[0][1])
     block = per_row * s + gap
@@ -201,7 +201,7 @@ def run(argv: list[str]) -> dict:
     print(f"{'continuing the demo in' if resuming else 'demo in'} {out}", flush=True)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     subject = write_subject(out / "subject")
-    pairs, class_prompt = subject_prompts(DEFAULT_PROMPTS, IDENTIFIER, world.SUBJECT_CLASS)
+    pairs, class_prompt = subject_prompts(DEFAULT_PROMPTS, IDENTIFIER, scenes.SUBJECT_CLASS)
     prompts = list(pairs) + [class_prompt]
     sample_kw = {"n": a.eval_images, "steps": a.sample_steps, "guidance": 5.0, "seed": 10_000 + a.seed}
     prior = not a.no_prior_preservation
@@ -245,7 +245,7 @@ def run(argv: list[str]) -> dict:
     (out / RECORD).write_text(json.dumps({"recipe": recipe, "finished": True}, indent=1))
     print(table)
     print(f"DINO/CLIP-I: subject fidelity (higher is better); CLIP-T: prompt fidelity; PRES: 'a "
-          f"{world.SUBJECT_CLASS}' samples that look like the subject (lower is better); DIV: diversity")
+          f"{scenes.SUBJECT_CLASS}' samples that look like the subject (lower is better); DIV: diversity")
     print(f"wrote {out / 'before_after.png'}, {out / 'metrics.md'} and the model {trained} "
           f"in {time.time() - t_start:.0f} s")
     return {"before": m_before, "after": m_after}

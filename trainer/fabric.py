@@ -3,7 +3,7 @@
     dbtrain fabric --model DIR --prompt "a star" --liked a.png --disliked b.png --out DIR
 
     from trainer.fabric import fabric_sample
-    result = fabric_sample("trainer/builtin/assets/tiny-world-sd", "a star", liked=["a.png"], disliked=[img],
+    result = fabric_sample("trainer/world/assets/tiny-world-sd", "a star", liked=["a.png"], disliked=[img],
                            num_images=4, seed=0)
     result.images      # PIL images; result.notes, result.weights, result.stats
 
@@ -38,7 +38,7 @@ from .config import HelpFormatter, UserError, option_adder
 
 # The reference implementation's defaults (the diffusers community pipeline uses 0.33/0.66/0.05/0.8/0.5).
 FEEDBACK_START, FEEDBACK_END, MIN_WEIGHT, MAX_WEIGHT, NEG_SCALE = 0.0, 0.8, 0.0, 0.8, 0.5
-BUILTIN_MODEL = Path(__file__).resolve().parent / "builtin" / "assets" / "tiny-world-sd"
+BUILTIN_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "tiny-world-sd"
 
 
 # ------------------------------------------------------------------ schedule
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--likes_per_round", type=int, default=1, help="images liked per round")
     a("--dislikes_per_round", type=int, default=1, help="images disliked per round")
     a("--judge", default=None, metavar="DIR",
-      help="judge folder (not given: trainer/builtin/assets/tiny-world-judge)")
+      help="judge folder (not given: trainer/world/assets/tiny-world-judge)")
     a("--judge_embedding", default="clip", choices=("clip", "dino"), help="which judge embedding measures closeness")
     a = option_adder(p.add_argument_group("output"))
     a("--out", default="fabric-out", metavar="DIR", help="folder for the PNGs, grid.png and fabric.json")

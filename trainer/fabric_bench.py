@@ -5,7 +5,7 @@
     python -m trainer.fabric_bench report                 # fabric.md + grid PNG from the JSONL rows
     python -m trainer.fabric_bench all --users 16         # the three above
 
-quality: a target image rendered by trainer/world.py (a big red star in the snow), the prompt
+quality: a target image rendered by trainer/scenes.py (a big red star in the snow), the prompt
 "a star", `--rounds` rounds of `--num_images` images. In the FABRIC arm each round the simulated
 user likes the image closest to the target and dislikes the farthest (the judge's CLIP-like
 image embedding) and the next round uses all feedback so far; the baseline arm draws the same
@@ -44,16 +44,16 @@ TARGET = ("star", "red", "big", "in the snow")
 
 
 def target_scene():
-    from .builtin import world
+    from .world import scenes
 
     shape, color, size, context = TARGET
-    return world.Scene(shape, color, size, context, 0.5, 0.5, 0.0)
+    return scenes.Scene(shape, color, size, context, 0.5, 0.5, 0.0)
 
 
 def target_image():
-    from .builtin import world
+    from .world import scenes
 
-    return world.render(target_scene(), seed=0)
+    return scenes.render(target_scene(), seed=0)
 
 
 def _env() -> dict:
@@ -223,9 +223,9 @@ def _reference_images(pipe, n: int, steps: int):
     """n feedback images: the base model's own drawings of world scenes (seeded)."""
     import torch
 
-    from .builtin import world
+    from .world import scenes
 
-    prompts = [s.caption() for s in world.scenes(n, seed=7)]
+    prompts = [s.caption() for s in scenes.scenes(n, seed=7)]
     if not prompts:
         return []
     gens = [torch.Generator().manual_seed(100 + k) for k in range(n)]
@@ -323,7 +323,7 @@ def report(a) -> str:
         s = q[0]
         users = len({r["user"] for r in q})
         lines += [f"## Simulated user: similarity to the target ({users} users, mean ± 95% t-interval)", "",
-                  f"Target: {s['target']} (trainer/world.py, `target.png`); prompt \"{s['prompt']}\"; "
+                  f"Target: {s['target']} (trainer/scenes.py, `target.png`); prompt \"{s['prompt']}\"; "
                   f"{len(q[0]['seeds'])} images a round; {s['settings']['steps']} DPM-Solver++ steps, guidance "
                   f"{s['settings']['guidance_scale']}; FABRIC window [{s['settings']['feedback_start']}, "
                   f"{s['settings']['feedback_end']}), weights {s['settings']['min_weight']}/"

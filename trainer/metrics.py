@@ -34,7 +34,7 @@ class Scorer:
     CLIP-like or DINO-like part with real weights from a local folder (transformers format)."""
 
     def __init__(self, judge_dir=None, clip_model=None, dino_model=None, device="cpu"):
-        from .builtin.judge import Judge
+        from .world.judge import Judge
 
         self.device = torch.device(device)
         self.judge = Judge.load(judge_dir).to(self.device)

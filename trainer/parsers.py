@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import HelpFormatter, option_adder
 
-BUILTIN_MODEL = Path(__file__).resolve().parent / "builtin" / "assets" / "tiny-world-sd"
+BUILTIN_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "tiny-world-sd"
 
 # The demo's training recipe, measured on the 2-core CPU (see README, "The built-in world").
 STEPS = 300
@@ -81,7 +81,7 @@ def demo_parser() -> argparse.ArgumentParser:
     a("--out", default=DEMO_OUT, metavar="DIR",
       help="a new or empty folder for everything the demo writes, or an unfinished demo to continue")
     a("--model", default=None, metavar="DIR",
-      help="the base model (not given: the built-in one, trainer/builtin/assets/tiny-world-sd)")
+      help="the base model (not given: the built-in one, trainer/world/assets/tiny-world-sd)")
     a("--judge", default=None, metavar="DIR", help="the judge folder (not given: the built-in one)")
     a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
     a = option_adder(p.add_argument_group("recipe"))

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     build_tiny_sd(a.out, seed=a.seed, prediction_type=a.prediction_type)
     print(f"wrote a tiny SD model to {a.out}")
     if a.subject:
-        from .builtin.world import subject_images
+        from .world.scenes import subject_images
 
         folder = Path(a.subject)
         folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import world
+from . import scenes
 
 MAX_TOKENS = 16
 
@@ -106,7 +106,7 @@ class Judge(nn.Module):
             from .config import UserError
 
             raise UserError(f"no judge at {folder} (expected judge.safetensors, config.json, tokenizer/); "
-                            f"python -m trainer.builtin.tiny pretrain makes one")
+                            f"python -m trainer.world.tiny pretrain makes one")
         judge = cls(**json.loads((folder / "config.json").read_text()))
         judge.load_state_dict(load_file(str(folder / "judge.safetensors")))
         judge.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -130,8 +130,8 @@ def train_judge(work: Path, device, steps: int, seed: int, n: int = 20000, batch
     out = work / "judge"
     if (out / "judge.safetensors").is_file():
         return out
-    scenes = world.scenes(n, seed=seed + 3, p_texture=0.5)
-    imgs = images_to_tensor(world.render(s, seed=world.render_seed(seed + 3, k)) for k, s in enumerate(scenes))
+    drawn = scenes.scenes(n, seed=seed + 3, p_texture=0.5)
+    imgs = images_to_tensor(scenes.render(s, seed=scenes.render_seed(seed + 3, k)) for k, s in enumerate(drawn))
     tok = make_tokenizer(work / "judge-tokenizer")
     torch.manual_seed(seed + 3)
     judge = Judge(len(tok)).to(device)
@@ -145,7 +145,7 @@ def train_judge(work: Path, device, steps: int, seed: int, n: int = 20000, batch
             grp["lr"] = _lr(step, steps, 1e-3)
         idx = torch.randint(0, n, (batch,), generator=g)
         x = imgs[idx]
-        caps = [scenes[i].partial_caption(rng, 0.3, 0.15, 0.15, 0.15) for i in idx.tolist()]
+        caps = [drawn[i].partial_caption(rng, 0.3, 0.15, 0.15, 0.15) for i in idx.tolist()]
         views = torch.cat([_augment(x, g), _augment(x, g)]).to(device)
         pooled, _ = judge.image(views)
         # CLIP: image <-> caption. Identical captions in a batch count as matches.

@@ -1,16 +1,16 @@
 """The built-in tiny text-to-image model of the procedural world, and how it was made.
 
-    python -m trainer.builtin.tiny pretrain [--work DIR] [--device cuda]
+    python -m trainer.world.tiny pretrain [--work DIR] [--device cuda]
 
-trains, from scratch and from nothing but `trainer.builtin.world`:
+trains, from scratch and from nothing but `trainer.world.scenes`:
   1. vae    an AutoencoderKL (64x64 RGB <-> 16x16x4 latents), on scenes with and without patterns
             (random 32x32 crops: it is convolutional, and a crop costs a quarter);
   2. unet   a UNet2DConditionModel with cross-attention and a CLIPTextModel (own BPE vocabulary,
             rare words kept for identifiers), jointly, on the pattern-free base world only;
   2b. unet2 the same, going on from stage 2 with a shorter weight average (EMA);
-  3. judge  the CLIP-style judge of `trainer.builtin.judge`;
-then writes the diffusers folder `trainer/builtin/assets/tiny-world-sd` (StableDiffusionPipeline loads it)
-and `trainer/builtin/assets/tiny-world-judge`. Each stage keeps its result in --work, so a stopped run
+  3. judge  the CLIP-style judge of `trainer.world.judge`;
+then writes the diffusers folder `trainer/world/assets/tiny-world-sd` (StableDiffusionPipeline loads it)
+and `trainer/world/assets/tiny-world-judge`. Each stage keeps its result in --work, so a stopped run
 goes on from the last finished stage. Everything is seeded; on one machine a rerun gives the
 same weights.
 """
@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import world
+from . import scenes
 from ..tiny_sd import write_tokenizer_files
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -39,8 +39,8 @@ MAX_TOKENS = 16
 
 
 def vocabulary() -> tuple[str, ...]:
-    words = ["a"] + sorted(world.SIZES) + sorted(world.COLORS) + list(world.TEXTURES) + list(world.SHAPES)
-    for ctx in world.CONTEXTS:
+    words = ["a"] + sorted(scenes.SIZES) + sorted(scenes.COLORS) + list(scenes.TEXTURES) + list(scenes.SHAPES)
+    for ctx in scenes.CONTEXTS:
         words += ctx.split()
     seen: list[str] = []
     for w in words + ["photo", "of"] + list(RARE_WORDS):  # rare words last: the highest ids
@@ -74,7 +74,7 @@ def new_vae(seed: int):
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
-                         latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=world.SIZE)
+                         latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=scenes.SIZE)
 
 
 def new_unet(seed: int):
@@ -84,7 +84,7 @@ def new_unet(seed: int):
     torch.manual_seed(seed)
     # 16x16 latents; cross-attention at 16x16 and 8x8; 8-wide heads (4 heads at 32 channels).
     return UNet2DConditionModel(
-        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=scenes.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -127,18 +127,18 @@ def train_vae(work: Path, device, steps: int, seed: int, n: int = 20000) -> Path
     out = work / "vae"
     if (out / "config.json").is_file():
         return out
-    imgs = images_to_tensor(im for im, _ in world.dataset(n, seed=seed + 1, p_texture=0.5))
+    imgs = images_to_tensor(im for im, _ in scenes.dataset(n, seed=seed + 1, p_texture=0.5))
     vae = new_vae(seed).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    crop = world.SIZE // 2
+    crop = scenes.SIZE // 2
     for step in range(steps):
         for grp in opt.param_groups:
             grp["lr"] = _lr(step, steps, 1e-3)
         # Random 32x32 crops: the VAE is convolutional, and a crop costs a quarter of an image.
         x = imgs[torch.randint(0, n, (64,), generator=g)]
-        i, j = torch.randint(0, world.SIZE - crop + 1, (2,), generator=g).tolist()
+        i, j = torch.randint(0, scenes.SIZE - crop + 1, (2,), generator=g).tolist()
         x = x[:, :, i:i + crop, j:j + crop].contiguous().to(device)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
@@ -161,16 +161,16 @@ def train_vae(work: Path, device, steps: int, seed: int, n: int = 20000) -> Path
 def _encode_base_world(vae, n: int, seed: int, device):
     import torch
 
-    scenes = world.scenes(n, seed=seed)
+    drawn = scenes.scenes(n, seed=seed)
     means, stds = [], []
     with torch.no_grad():
         for k in range(0, n, 500):
-            x = images_to_tensor(world.render(s, seed=world.render_seed(seed, k + j))
-                                 for j, s in enumerate(scenes[k:k + 500])).to(device)
+            x = images_to_tensor(scenes.render(s, seed=scenes.render_seed(seed, k + j))
+                                 for j, s in enumerate(drawn[k:k + 500])).to(device)
             post = vae.encode(x).latent_dist
             means.append(post.mean.cpu())
             stds.append(post.std.cpu())
-    return scenes, torch.cat(means), torch.cat(stds)
+    return drawn, torch.cat(means), torch.cat(stds)
 
 
 def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch: int = 64, *, lr: float = 5e-4,
@@ -189,7 +189,7 @@ def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch:
     vae = AutoencoderKL.from_pretrained(work / "vae").to(device).eval()
     sf = vae.config.scaling_factor
     print(f"[unet] rendering and encoding {n} scenes of the base world", flush=True)
-    scenes, means, stds = _encode_base_world(vae, n, seed + 2, device)
+    drawn, means, stds = _encode_base_world(vae, n, seed + 2, device)
     del vae
     tok = make_tokenizer(work / "tokenizer")
     if init:
@@ -212,7 +212,7 @@ def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch:
             grp["lr"] = _lr(step, steps, lr)
         idx = torch.randint(0, n, (batch,), generator=g)
         # 10% empty captions: the unconditional model that classifier-free guidance needs.
-        caps = ["" if rng.random() < 0.1 else scenes[i].partial_caption(rng) for i in idx.tolist()]
+        caps = ["" if rng.random() < 0.1 else drawn[i].partial_caption(rng) for i in idx.tolist()]
         ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * sf
@@ -264,8 +264,8 @@ def assemble(work: Path, dest: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "WORLD.json").write_text(json.dumps({
-        "what": "tiny text-to-image model of trainer.builtin.world (python -m trainer.builtin.tiny pretrain)",
-        "resolution": world.SIZE, "class_of_demo_subject": world.SUBJECT_CLASS, "rare_words": RARE_WORDS,
+        "what": "tiny text-to-image model of trainer.world.scenes (python -m trainer.world.tiny pretrain)",
+        "resolution": scenes.SIZE, "class_of_demo_subject": scenes.SUBJECT_CLASS, "rare_words": RARE_WORDS,
     }, indent=1))
     if dest.exists():
         shutil.rmtree(dest)
@@ -276,7 +276,7 @@ def assemble(work: Path, dest: Path) -> Path:
 def pretrain(argv: list[str]) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m trainer.builtin.tiny pretrain",
+    p = argparse.ArgumentParser(prog="python -m trainer.world.tiny pretrain",
                                 description="Train the built-in tiny model and judge from scratch.")
     p.add_argument("--work", default="tiny-pretrain-work", help="stage results (a stopped run goes on from here)")
     p.add_argument("--device", default=None)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "pretrain":
-        print("usage: python -m trainer.builtin.tiny pretrain [--help]")
+        print("usage: python -m trainer.world.tiny pretrain [--help]")
         return 2
     return pretrain(argv[1:])
 
