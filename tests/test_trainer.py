@@ -316,3 +316,35 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tiny_model, tmp_path, cap
     log = read_log(tmp_path / "out")
     assert [r["skipped_steps"] for r in log] == [0, 1, 1]
     assert all(torch.isfinite(v.float()).all() for v in unet_state(tmp_path / "out").values())
+
+
+def test_caption_files_are_per_image_instance_prompts(tiny_model, tmp_path, capsys, monkeypatch):
+    """--caption_extension .txt: img0.txt is img0.png's prompt ([V] substituted), the others fall back to
+    --instance_prompt; one cached embedding per distinct prompt. Before, every image got the instance
+    prompt and the .txt files were skipped as 'not images'."""
+    from trainer import loop
+
+    make_images(tmp_path / "inst")
+    (tmp_path / "inst" / "img0.txt").write_text("\n  a [V] toy on the beach  \nsecond line ignored\n")
+    (tmp_path / "inst" / "img1.txt").write_text("a [V] toy in the snow")
+    encoded = []
+    real = loop.encode_prompt
+    monkeypatch.setattr(loop, "encode_prompt", lambda tok, te, prompts, dev: (encoded.extend(prompts),
+                                                                             real(tok, te, prompts, dev))[1])
+    seen = []
+    real_make = loop.Batches.make
+    monkeypatch.setattr(loop.Batches, "make", lambda self, step, micro: (seen.append(dict(self.embeds)),
+                                                                         real_make(self, step, micro))[1])
+    code, err = run_cli(["train", *args(tiny_model, tmp_path, "--caption_extension", "txt", *FAST, steps=1)],
+                        capsys)
+    assert code == 0, err
+    want = ["a sks toy on the beach", "a sks toy in the snow", "a photo of sks toy"]
+    assert encoded == want  # each distinct prompt encoded once, in image order
+    assert list(seen[0]) == want
+    assert "not images" not in err and "2 of 3 image(s) captioned by their .txt file" in err
+    # a caption file that is not text is one line naming it
+    (tmp_path / "inst" / "img2.txt").write_bytes(b"\xff\xfe\x00bad")
+    a = args(tiny_model, tmp_path, "--caption_extension", ".txt", *FAST, steps=1)
+    a[a.index("--output_dir") + 1] = str(tmp_path / "out2")
+    code, err = run_cli(["train", *a], capsys)
+    _one_line_error(code, err, "img2.txt is not UTF-8 text")

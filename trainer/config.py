@@ -11,6 +11,8 @@ import re
 import tomllib
 from pathlib import Path
 
+# the image suffixes trainer.data reads (kept here too: this module imports no torch / PIL)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 class UserError(Exception):
     """Bad input the user can fix; the CLI prints the message as one line and exits 2."""
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g("--instance_data_dir", metavar="DIR", help="folder with the 3-5 subject images; required")
     g("--instance_prompt", metavar="TEXT", help='prompt of the subject images, e.g. "a photo of [V] dog" '
       "([V] becomes --identifier); required")
+    g("--caption_extension", default=None, metavar="EXT",
+      help="per-image captions (kohya's convention): photo.txt beside photo.png is that image's instance prompt "
+           "([V] substituted); images without one use --instance_prompt (not given: --instance_prompt for all)")
     g("--output_dir", default="dreambooth-model", metavar="DIR",
       help="where the model, checkpoints and logs go: a new folder, an empty one, or a previous dbtrain run "
            "(then with --resume_from_checkpoint latest)")
@@ -171,6 +176,10 @@ def check(cfg: argparse.Namespace) -> None:
     for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
+    ext = getattr(cfg, "caption_extension", None)
+    if ext is not None and (not str(ext).strip(".").strip() or "/" in str(ext) or str(ext).strip().lower().lstrip(".")
+                            in {s.lstrip(".") for s in IMAGE_SUFFIXES}):
+        raise UserError(f"--caption_extension must be a file suffix such as .txt or .caption, got {ext!r}")
     if cfg.resolution <= 0 or cfg.resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                         f"got {cfg.resolution}")

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import UserError
+from .config import IMAGE_SUFFIXES, UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
 _said: set[str] = set()
 
@@ -40,9 +39,10 @@ def _names(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def list_images(folder, what: str, *, allow_empty: bool = False) -> list[Path]:
+def list_images(folder, what: str, *, allow_empty: bool = False, captions: str | None = None) -> list[Path]:
     """Image files in `folder`, sorted. Other files and broken links are skipped and named
-    in a warning line; no image at all is a UserError."""
+    in a warning line (caption files with the suffix `captions` are expected, not named);
+    no image at all is a UserError."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{what} folder {path} does not exist")
@@ -53,7 +53,10 @@ def list_images(folder, what: str, *, allow_empty: bool = False) -> list[Path]:
         if f.is_symlink() and not f.exists():
             broken.append(f)
         elif f.is_file():
-            (files if f.suffix.lower() in IMAGE_SUFFIXES else skipped).append(f)
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+            elif not (captions and f.name.endswith(captions)):
+                skipped.append(f)
     why = []
     if skipped:
         why.append(f"{len(skipped)} file(s) that are not images: {_names([f.name for f in skipped])}")
@@ -65,6 +68,41 @@ def list_images(folder, what: str, *, allow_empty: bool = False) -> list[Path]:
     for w in why:
         _say("warning", f"{what} folder {path}: skipping {w}")
     return files
+
+
+def caption_suffix(ext: str) -> str:
+    """".txt" for "txt" or ".txt" (kohya writes the dot; users often leave it out)."""
+    ext = str(ext).strip()
+    return ext if ext.startswith(".") else "." + ext
+
+
+def read_captions(files: list[Path], ext: str) -> list[str | None]:
+    """Per image, the first non-empty line of `<stem><ext>` beside it (kohya's convention), or None
+    where there is no caption file or it is empty (the instance prompt is used there)."""
+    ext = caption_suffix(ext)
+    out, empty = [], []
+    for f in files:
+        path = f.with_name(f.stem + ext)
+        if not path.is_file():
+            out.append(None)
+            continue
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"caption file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except OSError as e:
+            raise UserError(f"cannot read caption file {path}: {e.strerror or e}") from e
+        line = next((x.strip() for x in text.splitlines() if x.strip()), None)
+        if line is None:
+            empty.append(path.name)
+        out.append(line)
+    found = sum(c is not None for c in out)
+    where = _folder_of(files)
+    missing = [f.name for f, c in zip(files, out) if c is None]
+    _say("note", f"{where}: {found} of {len(files)} image(s) captioned by their {ext} file"
+                 + (f"; the instance prompt for {_names(missing)}" if missing else "")
+                 + (f" ({len(empty)} empty caption file(s): {_names(empty)})" if empty else ""))
+    return out
 
 
 def _link_target(f: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 import dbkernels
 from dbkernels.ops.diffusion_loss import reference as loss_reference
 
-from . import checkpoint, config, interrupts, outdir
+from . import checkpoint, config, data, interrupts, outdir
 from .config import Resumable, UserError
 from .data import ImageSet, list_images, make_grid
 from .export import export, pipeline, remove_temporaries
@@ -103,8 +103,11 @@ class Batches:
     (random crops of non-square images) are encoded when drawn.
     """
 
-    def __init__(self, cfg, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype):
+    def __init__(self, cfg, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype,
+                 inst_prompts: list[str] | None = None):
         self.cfg, self.inst, self.cls, self.device = cfg, inst, cls, device
+        # the prompt of each instance image: its caption file's, or the instance prompt
+        self.inst_prompts = list(inst_prompts) if inst_prompts is not None else [prompts["inst"]] * len(inst)
         self.vae = comps.vae.to(device, dtype=vae_dtype).eval().requires_grad_(False)
         self.vae_dtype = vae_dtype
         self.scale = comps.vae.config.scaling_factor
@@ -123,10 +126,24 @@ class Batches:
             self.vae.to("cpu")
         self.embeds = None
         if not self.train_te:  # prompt embeddings are fixed: encode once, text encoder leaves the GPU
-            with torch.no_grad():
-                te = self.text_encoder.to(device)
-                self.embeds = {k: encode_prompt(self.tokenizer, te, [p], device) for k, p in prompts.items()}
-                te.to("cpu")
+            self.cache_prompt_embeddings(move_off=True)
+
+    def distinct_prompts(self) -> list[str]:
+        texts = list(dict.fromkeys(self.inst_prompts))
+        if self.cls is not None:
+            texts.append(self.prompts["cls"])
+        return list(dict.fromkeys(texts))
+
+    @torch.no_grad()
+    def cache_prompt_embeddings(self, move_off: bool = False) -> None:
+        """One embedding per distinct prompt, computed now (the text side is frozen from here on)."""
+        te = self.text_encoder.to(self.device)
+        self.embeds = {p: encode_prompt(self.tokenizer, te, [p], self.device) for p in self.distinct_prompts()}
+        if move_off:
+            te.to("cpu")
+
+    def prompt(self, which: str, i: int) -> str:
+        return self.inst_prompts[i] if which == "inst" else self.prompts["cls"]
 
     @torch.no_grad()
     def _encode(self, px: torch.Tensor):
@@ -149,12 +166,12 @@ class Batches:
                     mean, std = self._encode(px[None])
                 eps = torch.randn(mean.shape, generator=gen).to(mean.device)
                 rows.append((mean + std * eps) * self.scale)
-                keys.append(which)
+                keys.append(self.prompt(which, i))
         latents = torch.cat(rows).to(self.device)
         if self.embeds is not None:
             emb = torch.cat([self.embeds[k] for k in keys])
         else:
-            emb = encode_prompt(self.tokenizer, self.text_encoder, [self.prompts[k] for k in keys], self.device)
+            emb = encode_prompt(self.tokenizer, self.text_encoder, keys, self.device)
         return latents, emb, gen
 
 
@@ -315,8 +332,11 @@ def _train(cfg) -> Path:
         print(FP16_CPU_NOTE.format(x=FP16_CPU_FACTOR), file=sys.stderr, flush=True)
     resume = prepare_output_dir(cfg)
     outdir.check_space(cfg)
-    inst = ImageSet(list_images(cfg.instance_data_dir, "instance image"), cfg.resolution,
-                    center_crop=cfg.center_crop, random_flip=cfg.random_flip)  # bad images fail before the model
+    captions = data.caption_suffix(cfg.caption_extension) if getattr(cfg, "caption_extension", None) else None
+    inst_files = list_images(cfg.instance_data_dir, "instance image", captions=captions)
+    inst = ImageSet(inst_files, cfg.resolution, center_crop=cfg.center_crop,
+                    random_flip=cfg.random_flip)  # bad images fail before the model
+    captioned = data.read_captions(inst_files, captions) if captions else [None] * len(inst_files)
     torch.manual_seed(cfg.seed)
     comps = load_components(cfg.pretrained_model_name_or_path)
 
@@ -338,7 +358,8 @@ def _train(cfg) -> Path:
             print(f"generated {made} class image(s) in {cfg.class_data_dir}")
         files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
         cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32)
+    inst_prompts = [sub(c) if c is not None else prompts["inst"] for c in captioned]
+    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32, inst_prompts=inst_prompts)
     outdir.claim(out, cfg_dict(cfg))  # only once the inputs are known to be good
 
     run = setup(cfg, comps, batches, device)
