@@ -1,7 +1,7 @@
 """Checkpoints in output_dir/checkpoint-<step>/ (diffusers' naming), written atomically and verified.
 
 A checkpoint is written into a hidden temporary folder beside it, checked (every file
-reloaded: safetensors headers against the file sizes, the .pt files through torch.load,
+reloaded: safetensors headers against the file sizes, the .pt files through torch.load(weights_only=True),
 the sizes recorded in training_state.json), and renamed into place only then, so a run
 killed at any moment leaves either a whole checkpoint or none (plus a temporary folder
 the next run removes). Older checkpoints are pruned only after the new one checked out.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import outdir
+from . import outdir, safe_load
 from .config import UserError
 from .outdir import list_checkpoints  # noqa: F401  (part of this module's API)
 
@@ -38,7 +38,11 @@ def remove_stale_temporaries(output_dir) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key array as a tensor, so the file loads with torch.load(weights_only=True) and no allow-list
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -46,7 +50,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -165,10 +172,17 @@ def verify(folder: Path) -> str | None:
         if name == "scaler.pt" and not p.exists():
             continue
         try:
-            torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+            load_pt(p, mmap=True)
+        except safe_load.Refused as e:  # not damaged: it would run code, so it is never loaded
+            return str(e)
         except Exception as e:  # noqa: BLE001 - any failure to load means the file is damaged
             return f"{p} does not load ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     return None
+
+
+def load_pt(path: Path, mmap: bool = False):
+    """A checkpoint's .pt file, weights only (rng_state.pt of older runs holds numpy arrays)."""
+    return safe_load.torch_load(path, mmap=mmap, allow_numpy=Path(path).name == "rng_state.pt")
 
 
 def newest_intact(output_dir, below: int | None = None) -> Path | None:

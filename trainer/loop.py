@@ -243,11 +243,12 @@ def resume_run(run: Run, folder: Path) -> int:
     try:
         for name, model in run.models.items():
             load_weights(model, folder / name)
-        run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-        run.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        # weights only: a checkpoint folder may come from elsewhere, and unpickling runs code
+        run.optimizer.load_state_dict(checkpoint.load_pt(folder / "optimizer.pt"))
+        run.lr_scheduler.load_state_dict(checkpoint.load_pt(folder / "scheduler.pt"))
         if run.scaler is not None and (folder / "scaler.pt").exists():
-            run.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
-        checkpoint.set_rng_state(torch.load(folder / "rng_state.pt", weights_only=False))
+            run.scaler.load_state_dict(checkpoint.load_pt(folder / "scaler.pt"))
+        checkpoint.set_rng_state(checkpoint.load_pt(folder / "rng_state.pt"))
         step = checkpoint.load_state(folder)["step"]
     except UserError:
         raise
