@@ -92,11 +92,11 @@ def short_runs(tmp_path_factory, base_pipe, scorer):
     subject = demo.write_subject(root / "subject")
     real = scenes.subject_images(5)
     kw = {"templates": CONTEXT_PROMPTS, "num_images": 6, "seed": 7}
-    out = {"base": evaluate(base_pipe, scorer, real, demo.IDENTIFIER, "star", **kw)[0]}
+    out = {"base": evaluate(base_pipe, scorer, real, demo.IDENTIFIER, "star", **kw).metrics}
     for name, prior in (("prior", True), ("no_prior", False)):
         trained = demo.dreambooth(MODEL_DIR, subject, root / name, prior=prior, steps=150, lr=2e-4,
                                   num_class_images=20, seed=0, device="cpu")
-        out[name] = evaluate(load_pipeline(trained, "cpu"), scorer, real, demo.IDENTIFIER, "star", **kw)[0]
+        out[name] = evaluate(load_pipeline(trained, "cpu"), scorer, real, demo.IDENTIFIER, "star", **kw).metrics
         out[name + "_dir"] = trained
     print({k: v for k, v in out.items() if not k.endswith("_dir")})  # shown with pytest -s
     return out
@@ -143,9 +143,11 @@ def test_eval_command_with_local_clip_and_dino_folders(tmp_path, capsys):
     assert rc == 0
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["embeddings"] == {"clip": str(clip_dir), "dino": str(dino_dir)}
-    assert set(rec["metrics"]) == {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
+    assert set(rec["metrics"]) == set(rec["intervals"]) == {"DINO", "CLIP-I", "CLIP-T", "PLACE", "PRES", "DIV"}
     assert all(np.isfinite(v) for v in rec["metrics"].values())
-    assert "| DINO | CLIP-I | CLIP-T | PRES | DIV |" in capsys.readouterr().out.replace(str(MODEL_DIR), "")
+    assert all(lo <= hi for lo, hi in rec["intervals"].values())
+    assert rec["reference"] is None
+    assert "| DINO | CLIP-I | CLIP-T | PLACE | PRES | DIV |" in capsys.readouterr().out.replace(str(MODEL_DIR), "")
 
 
 def test_eval_command_bad_input(tmp_path, capsys):
@@ -169,9 +171,14 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
     from PIL import Image
 
     grid = Image.open(out / "before_after.png")
-    assert grid.width > 8 * scenes.SIZE and grid.height > 4 * scenes.SIZE  # 4 prompt rows, before | after
+    # 2 samples a side (--eval_images 2) of at least 128 px, one row per prompt plus its label
+    rows = len(rec_prompts := json.loads((out / "metrics.json").read_text())["after_prompts"])
+    assert grid.width >= 2 * 2 * 128 and grid.height >= rows * 128
+    assert rec_prompts[-1] == "a star" and any("in space" in p for p in rec_prompts)
     rec = json.loads((out / "metrics.json").read_text())
-    assert set(rec["before"]) == set(rec["after"]) == {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
+    assert set(rec["before"]) == set(rec["after"]) == {"DINO", "CLIP-I", "CLIP-T", "PLACE", "PRES", "DIV"}
+    assert rec["before_prompts"] == [p.replace("sks ", "") for p in rec["after_prompts"]]  # base: without [V]
+    assert set(rec["after_intervals"]) == set(rec["after"])
     assert rec["prior_preservation"] is True
     assert len(list((out / "class-images").glob("*.png"))) == 4
     before = (out / "metrics.md").read_text()

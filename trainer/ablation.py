@@ -2,15 +2,17 @@
 
     python -m trainer.ablation --seeds 0 1 2 --out bench/results/ablation/prior-ablation
 
-For each seed: the demo's DreamBooth run with and without prior preservation (same steps,
-learning rate and seed; only the class term differs), then the metrics of both models on the
-same prompts and sampling seeds, and of the base model. Writes one JSONL row per
-(model, seed) and a markdown table of the means.
+For each training seed: the demo's DreamBooth run with and without prior preservation (same
+recipe and seed; only the class term differs), scored on the demo's prompts with the same
+sampling seeds (image k of every prompt from seed EVAL_SEED + k); the base model once, on the
+prompts without the identifier. Every row carries its 95% bootstrap interval over images (the
+spread of the sampling); the markdown also gives the mean and spread over training seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -23,15 +25,39 @@ from . import demo
 from .world import scenes
 
 
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def markdown(rows: list[dict], seeds: list[int]) -> str:
+    from .metrics import METRICS, fmt
+
+    head = ["| model | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    lines = list(head)
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['seed']} | " + " | ".join(fmt(r[k], r['intervals'][k]) for k in METRICS)
+                     + " |")
+    means = list(head)
+    for name in ("base", "with prior preservation", "without prior preservation"):
+        sel = [r for r in rows if r["model"] == name]
+        cells = [f"{np.mean([r[k] for r in sel]):.3f} ± {np.std([r[k] for r in sel]):.3f}" for k in METRICS]
+        means.append(f"| {name} | {'all' if name != 'base' else '-'} | " + " | ".join(cells) + " |")
+    return ("Per training seed, mean [95% bootstrap interval over images]:\n\n" + "\n".join(lines) +
+            f"\n\nMean ± std over training seeds {seeds}:\n\n" + "\n".join(means) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .metrics import METRICS, Scorer
+    from .parsers import EVAL_IMAGES, EVAL_SEED
     from .world.tiny import MODEL_DIR
 
     p = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--steps", type=int, default=demo.STEPS)
     p.add_argument("--learning_rate", type=float, default=demo.LEARNING_RATE)
-    p.add_argument("--eval_images", type=int, default=8)
+    p.add_argument("--eval_images", type=int, default=EVAL_IMAGES)
     p.add_argument("--out", default="bench/results/ablation/prior-ablation", help="prefix of the .jsonl and .md written")
     p.add_argument("--work", default="ablation-runs", help="folder for the trained models (must be new)")
     p.add_argument("--device", default=None)
@@ -42,34 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     subject = demo.write_subject(work / "subject")
     real = scenes.subject_images(5)
     scorer = Scorer(device=device)
-    rows = []
-    kw = {"num_images": a.eval_images}
+    kw = {"num_images": a.eval_images, "seed": EVAL_SEED}
+    t0 = time.time()
+    ev = demo.score_model(MODEL_DIR, scorer, real, device, with_identifier=False, **kw)
+    rows = [{"model": "base", "seed": None, **ev.metrics, "intervals": ev.intervals,
+             "place_by_prompt": ev.place_by_prompt}]
     for seed in a.seeds:
-        kw["seed"] = 10_000 + seed
-        t0 = time.time()
-        base, _ = demo.score_model(MODEL_DIR, scorer, real, device, **kw)
-        rows.append({"model": "base", "seed": seed, **base})
         for name, prior in (("with prior preservation", True), ("without prior preservation", False)):
             out = work / f"seed{seed}-{'prior' if prior else 'noprior'}"
             trained = demo.dreambooth(MODEL_DIR, subject, out, prior=prior, steps=a.steps, lr=a.learning_rate,
-                                      num_class_images=demo.NUM_CLASS_IMAGES, seed=seed, device=a.device)
-            m, _ = demo.score_model(trained, scorer, real, device, **kw)
-            rows.append({"model": name, "seed": seed, **m})
-        print(f"seed {seed} done in {time.time() - t0:.0f}s", flush=True)
-    meta = {"steps": a.steps, "learning_rate": a.learning_rate, "eval_images": a.eval_images,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "command": "python -m trainer.ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
+                                      num_class_images=demo.NUM_CLASS_IMAGES, seed=seed, device=a.device,
+                                      **demo.recipe_extras())
+            ev = demo.score_model(trained, scorer, real, device, **kw)
+            rows.append({"model": name, "seed": seed, **ev.metrics, "intervals": ev.intervals,
+                         "place_by_prompt": ev.place_by_prompt})
+        print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)
+    meta = {"steps": a.steps, "learning_rate": a.learning_rate, "eval_images": a.eval_images, "eval_seed": EVAL_SEED,
+            "metrics": list(METRICS), "device": _device_name(device), "torch": torch.__version__,
+            "seconds": round(time.time() - t0),
+            "command": "python -m trainer.ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps({**r, **meta}) + "\n")
-    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    for name in ("base", "with prior preservation", "without prior preservation"):
-        vals = [[r[k] for r in rows if r["model"] == name] for k in METRICS]
-        lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in vals) + " |")
-    text = (f"Mean ± std over seeds {a.seeds}; {a.steps} steps, lr {a.learning_rate}, {a.eval_images} images "
-            f"per prompt; device {meta['device']}.\n\n" + "\n".join(lines) + "\n")
+    text = (f"{a.steps} steps, lr {a.learning_rate}, {a.eval_images} images per prompt (seeds {EVAL_SEED} + k), "
+            f"prompts {', '.join(demo.DEFAULT_PROMPTS)} and 'a {{C}}'; device {meta['device']}; "
+            f"`{meta['command']}`.\n\n" + markdown(rows, a.seeds))
     out.with_suffix(".md").write_text(text)
     print(text)
     return 0

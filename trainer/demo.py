@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .world import scenes
 from .config import UserError
-from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, LEARNING_RATE, NUM_CLASS_IMAGES, STEPS,  # noqa: F401
-                      demo_parser)
+from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, EVAL_SEED, GUIDANCE, LEARNING_RATE, NUM_CLASS_IMAGES,  # noqa: F401
+                      SAMPLE_STEPS, STEPS, DEMO_EXTRA_FLAGS, demo_parser)
 
 IDENTIFIER = "sks"
 RECORD = ".dbtrain-demo.json"
@@ -70,6 +70,11 @@ def write_subject(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def recipe_extras() -> dict:
+    """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS)."""
+    return {"extra": tuple(DEMO_EXTRA_FLAGS)}
+
+
 def _on_gpu(device) -> bool:
     import torch
 
@@ -77,8 +82,10 @@ def _on_gpu(device) -> bool:
 
 
 def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: float, num_class_images: int,
-               seed: int, device, sample_steps: int = 20) -> list[str]:
-    """The `dbtrain train` command line of the demo (printed, so it can be rerun by hand)."""
+               seed: int, device, sample_steps: int = SAMPLE_STEPS, class_dir: Path | None = None,
+               extra: tuple = ()) -> list[str]:
+    """The `dbtrain train` command line of the demo (printed, so it can be rerun by hand); `extra`:
+    more `dbtrain train` flags (the recipe search's levers)."""
     args = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(subject),
             "--instance_prompt", f"a [V] {scenes.SUBJECT_CLASS}", "--identifier", IDENTIFIER,
             "--output_dir", str(out / "model"), "--resolution", str(scenes.SIZE), "--random_flip",
@@ -86,8 +93,9 @@ def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: 
             "--lr_warmup_steps", "0", "--checkpointing_steps", str(steps), "--log_every", "50", "--seed", str(seed)]
     if prior:
         args += ["--with_prior_preservation", "--class_prompt", f"a {scenes.SUBJECT_CLASS}",
-                 "--class_data_dir", str(out / "class-images"), "--num_class_images", str(num_class_images),
+                 "--class_data_dir", str(class_dir or out / "class-images"), "--num_class_images", str(num_class_images),
                  "--class_inference_steps", str(sample_steps), "--sample_batch_size", "25"]
+    args += list(extra)
     if device:
         args += ["--device", str(device)]
     if not _on_gpu(device):
@@ -106,37 +114,67 @@ def dreambooth(model, subject: Path, out: Path, *, resume: bool = False, **kw) -
 
 
 def score_model(model, scorer, real, device, **kw):
-    """(metrics, samples) of a model on the demo subject's prompts (trainer.evaluate.evaluate)."""
+    """trainer.evaluate.Evaluation of a model on the demo subject's prompts."""
     from .evaluate import evaluate, load_pipeline
 
     return evaluate(load_pipeline(model, device), scorer, real, IDENTIFIER, scenes.SUBJECT_CLASS, **kw)
 
 
-def grid(columns: list[tuple[str, dict]], per_row: int = 4, scale: int = 2):
-    """Rows: prompts; one block of `per_row` samples per (title, {prompt: images}) column."""
+CELL = 128  # pixels per sample in the pictures (the 64 px samples upscaled, nearest: no invented detail)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one small bitmap font
+        return ImageFont.load_default()
+
+
+def grid(columns: list[tuple[str, dict]], per_row: int = 4, cell: int = CELL, row_labels: dict | None = None):
+    """Rows: prompts (of the first column; column c's row r is its r-th prompt); one block of `per_row`
+    samples per (title, {prompt: images}) column. Each row is labelled above its images."""
     from PIL import Image, ImageDraw
 
     per_row = min([per_row] + [len(v) for _, samples in columns for v in samples.values()])
-    s = scenes.SIZE * scale
-    label_h, gap = 14, 8
-    rows = list(columns[0][1])
-    block = per_row * s + gap
-    canvas = Image.new("RGB", (len(columns) * block - gap, label_h + len(rows) * (label_h + s)), (255, 255, 255))
+    head_font, row_font = _font(20), _font(16)
+    head_h, label_h, gap, pad = 30, 24, 16, 8
+    n_rows = len(columns[0][1])
+    block = per_row * cell + gap
+    canvas = Image.new("RGB", (2 * pad + len(columns) * block - gap, head_h + n_rows * (label_h + cell + pad)),
+                       (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, (title, samples) in enumerate(columns):
-        draw.text((c * block + 2, 1), title, fill=(0, 0, 0))
-        for r, prompt in enumerate(rows):
-            y = label_h + r * (label_h + s)
-            if c == 0:
-                draw.text((2, y + 1), prompt, fill=(0, 0, 0))
+        draw.text((pad + c * block, 4), title, fill=(0, 0, 0), font=head_font)
+        for r, (prompt, images) in enumerate(samples.items()):
+            y = head_h + r * (label_h + cell + pad)
+            label = (row_labels or {}).get(r, prompt) if c == 0 else None
+            if label:
+                draw.text((pad, y + 2), label, fill=(40, 40, 40), font=row_font)
             for k in range(per_row):
-                canvas.paste(samples[prompt][k].resize((s, s), Image.NEAREST), (c * block + k * s, y + label_h))
+                canvas.paste(images[k].resize((cell, cell), Image.NEAREST), (pad + c * block + k * cell, y + label_h))
     return canvas
 
 
-def before_after_grid(before: dict, after: dict, per_row: int = 4, scale: int = 2):
-    """Rows: prompts. Left: the base model; right: after DreamBooth (same seeds)."""
-    return grid([("before (base model)", before), ("after DreamBooth", after)], per_row, scale)
+def row_label(prompt: str) -> str:
+    """'in space: never in the subject's pictures' / 'on the beach: in 1 of the 5 pictures' / 'a star'."""
+    from .world.place import place_of
+
+    place = place_of(prompt)
+    if place is None:
+        return f'"{prompt}" (the class prior)'
+    shown = sum(scenes.subject_place(k) == place for k in range(5))
+    return f"{place}: " + (f"in {shown} of the 5 subject pictures" if shown else "NEVER in the subject's pictures")
+
+
+def before_after_grid(before: dict, after: dict, per_row: int = 4, cell: int = CELL):
+    """Rows: places, then the class prompt. Left: the base model on the prompt without the identifier;
+    right: after DreamBooth with it (same seeds)."""
+    labels = {r: row_label(p) for r, p in enumerate(after)}
+    return grid([(f'before: base model, "a {scenes.SUBJECT_CLASS} <place>"', before),
+                 (f'after DreamBooth: "a {IDENTIFIER} {scenes.SUBJECT_CLASS} <place>"', after)],
+                per_row, cell, labels)
 
 
 @contextlib.contextmanager
@@ -202,19 +240,21 @@ def run(argv: list[str]) -> dict:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     subject = write_subject(out / "subject")
     pairs, class_prompt = subject_prompts(DEFAULT_PROMPTS, IDENTIFIER, scenes.SUBJECT_CLASS)
-    prompts = list(pairs) + [class_prompt]
-    sample_kw = {"n": a.eval_images, "steps": a.sample_steps, "guidance": 5.0, "seed": 10_000 + a.seed}
+    # the base model is the reference on the prompts without the identifier ("a star in space")
+    base_prompts, prompts = list(pairs.values()) + [class_prompt], list(pairs) + [class_prompt]
+    sample_kw = {"n": a.eval_images, "steps": a.sample_steps, "guidance": GUIDANCE, "seed": EVAL_SEED + a.seed}
     prior = not a.no_prior_preservation
 
     with phase(1, "base model samples", times):
         before = _load_samples(out / "before", a.eval_images)
-        if before is None:
-            before = generate(load_pipeline(model, device), prompts, **sample_kw)
+        if before is None or list(before) != base_prompts:
+            before = generate(load_pipeline(model, device), base_prompts, **sample_kw)
             _save_samples(out / "before", before)
-        grid([("base model", before)]).save(out / "before.png")
+        grid([(f"base model (seeds {sample_kw['seed']}-{sample_kw['seed'] + 3})", before)],
+             row_labels={r: f'"{p}"' for r, p in enumerate(before)}).save(out / "before.png")
         print(f"wrote {out / 'before.png'}", flush=True)
     recipe_kw = dict(prior=prior, steps=a.steps, lr=a.learning_rate, num_class_images=a.num_class_images,
-                     seed=a.seed, device=a.device, sample_steps=a.sample_steps)
+                     seed=a.seed, device=a.device, sample_steps=a.sample_steps, **recipe_extras())
     args = train_args(model, subject, out, **recipe_kw)
     with phase(2, "class images", times):
         if prior:
@@ -235,16 +275,28 @@ def run(argv: list[str]) -> dict:
 
         real = [open_rgb(p) for p in sorted(subject.glob("*.png"))]
         scorer = Scorer(a.judge, device=device)
-        m_before, m_after = (score(scorer, real, {p: s[p] for p in pairs}, s[class_prompt], pairs)
-                             for s in (before, after))
-    table = markdown_table({"base model": m_before, "after DreamBooth": m_after})
-    (out / "metrics.md").write_text(table + "\n")
-    (out / "metrics.json").write_text(json.dumps({"before": m_before, "after": m_after, "steps": a.steps,
-                                                  "prior_preservation": prior, "seed": a.seed,
-                                                  "phase_seconds": times}, indent=1))
+        clean = {p: p for p in pairs.values()}
+        m_before, ci_before = score(scorer, real, {p: before[p] for p in clean}, before[class_prompt], clean,
+                                    scenes.SUBJECT_CLASS, intervals=True)
+        m_after, ci_after = score(scorer, real, {p: after[p] for p in pairs}, after[class_prompt], pairs,
+                                  scenes.SUBJECT_CLASS, intervals=True)
+    names = (f'base model ("a {scenes.SUBJECT_CLASS} <place>")', f'after DreamBooth ("a {IDENTIFIER} '
+             f'{scenes.SUBJECT_CLASS} <place>")')
+    table = markdown_table(dict(zip(names, (m_before, m_after))), intervals=dict(zip(names, (ci_before, ci_after))))
+    note = (f"mean [95% bootstrap interval over images]; {a.eval_images} images per prompt, image k from seed "
+            f"{sample_kw['seed']} + k; {a.sample_steps} steps, guidance {GUIDANCE}; prompts: "
+            + "; ".join(prompts))
+    (out / "metrics.md").write_text(table + "\n\n" + note + "\n")
+    (out / "metrics.json").write_text(json.dumps({
+        "before": m_before, "after": m_after, "before_intervals": ci_before, "after_intervals": ci_after,
+        "before_prompts": base_prompts, "after_prompts": prompts, "steps": a.steps, "learning_rate": a.learning_rate,
+        "prior_preservation": prior, "seed": a.seed, "sample_seed": sample_kw["seed"], "eval_images": a.eval_images,
+        "sample_steps": a.sample_steps, "guidance": GUIDANCE, "phase_seconds": times}, indent=1))
     (out / RECORD).write_text(json.dumps({"recipe": recipe, "finished": True}, indent=1))
     print(table)
-    print(f"DINO/CLIP-I: subject fidelity (higher is better); CLIP-T: prompt fidelity; PRES: 'a "
+    print(note)
+    print(f"DINO/CLIP-I: subject fidelity (higher is better); CLIP-T: prompt fidelity; PLACE: samples showing the "
+          f"place their prompt named (the base model's, without {IDENTIFIER}, is the reference); PRES: 'a "
           f"{scenes.SUBJECT_CLASS}' samples that look like the subject (lower is better); DIV: diversity")
     print(f"wrote {out / 'before_after.png'}, {out / 'metrics.md'} and the model {trained} "
           f"in {time.time() - t_start:.0f} s")

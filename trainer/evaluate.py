@@ -6,13 +6,23 @@ the same --seed, starts from the same noise), so two models are compared image f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import outdir
 from .config import UserError
-from .parsers import CLASS_PROMPT, DEFAULT_PROMPTS, eval_parser  # noqa: F401  (the flags live there)
+from .parsers import (CLASS_PROMPT, DEFAULT_PROMPTS, EVAL_IMAGES, EVAL_SEED, GUIDANCE, SAMPLE_STEPS,  # noqa: F401
+                      eval_parser)  # the flags live there
+
+
+@dataclass
+class Evaluation:
+    metrics: dict          # {metric: value}
+    intervals: dict        # {metric: [lo, hi]}, 95% bootstrap over images
+    samples: dict          # {prompt: images}
+    place_by_prompt: dict  # {prompt: PLACE of its images}
 
 
 def recorded_subject(model: Path) -> dict:
@@ -55,15 +65,21 @@ def subject_prompts(templates, identifier: str, class_noun: str) -> tuple[dict[s
     return pairs, CLASS_PROMPT.format(C=class_noun)
 
 
-def evaluate(pipe, scorer, real, identifier, class_noun, templates=DEFAULT_PROMPTS, num_images=8, steps=20,
-             guidance=5.0, seed=0):
-    """(metrics, {prompt: images}) for one pipeline."""
-    from .metrics import score
+def evaluate(pipe, scorer, real, identifier, class_noun, templates=DEFAULT_PROMPTS, num_images=EVAL_IMAGES,
+             steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=EVAL_SEED, with_identifier=True) -> Evaluation:
+    """The metrics of one pipeline. with_identifier=False: the prompts without [V] (the base model's
+    reference: what the class alone gives in each place)."""
+    import numpy as np
+
+    from .metrics import bootstrap, per_image, point_estimates
 
     pairs, class_prompt = subject_prompts(templates, identifier, class_noun)
+    if not with_identifier:
+        pairs = {clean: clean for clean in pairs.values()}
     samples = generate(pipe, list(pairs) + [class_prompt], num_images, steps, guidance, seed)
-    metrics = score(scorer, real, {p: samples[p] for p in pairs}, samples[class_prompt], pairs)
-    return metrics, samples
+    v = per_image(scorer, real, {p: samples[p] for p in pairs}, samples[class_prompt], pairs, class_noun)
+    by_prompt = {p: (None if np.isnan(row).all() else float(row.mean())) for p, row in zip(pairs, v["PLACE"])}
+    return Evaluation(point_estimates(v), bootstrap(v), samples, by_prompt)
 
 
 def run(argv: list[str]) -> dict:
@@ -84,11 +100,21 @@ def run(argv: list[str]) -> dict:
     real = [open_rgb(p) for p in list_images(a.instance_data_dir, "instance image")]
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
-    pipe = load_pipeline(a.model, device)
-    metrics, samples = evaluate(pipe, scorer, real, identifier, class_noun, a.prompts or DEFAULT_PROMPTS,
-                                a.num_images, a.steps, a.guidance, a.seed)
-    table = markdown_table({str(a.model): metrics})
+    kw = dict(templates=a.prompts or DEFAULT_PROMPTS, num_images=a.num_images, steps=a.steps, guidance=a.guidance,
+              seed=a.seed)
+    ev = evaluate(load_pipeline(a.model, device), scorer, real, identifier, class_noun, **kw)
+    rows, cis = {str(a.model): ev.metrics}, {str(a.model): ev.intervals}
+    ref = None
+    if a.base_model:
+        ref = evaluate(load_pipeline(a.base_model, device), scorer, real, identifier, class_noun,
+                       with_identifier=False, **kw)
+        name = f"{a.base_model} (prompts without {identifier})"
+        rows, cis = {name: ref.metrics, **rows}, {name: ref.intervals, **cis}
+    metrics, samples = ev.metrics, ev.samples
+    table = markdown_table(rows, intervals=cis)
     print(table)
+    print(f"mean [95% bootstrap interval over images]; image k of each prompt from seed {a.seed} + k; "
+          f"PLACE by prompt: " + ", ".join(f"{p}: {v:.2f}" for p, v in ev.place_by_prompt.items() if v is not None))
     print(f"embeddings: CLIP from {scorer.names['clip']}, DINO from {scorer.names['dino']}")
     if a.out:
         out = outdir.claim_images_out(a.out, "eval")
@@ -96,7 +122,12 @@ def run(argv: list[str]) -> dict:
             make_grid(images).save(out / f"prompt-{k}.png")
         (out / "metrics.json").write_text(json.dumps({
             "model": str(a.model), "identifier": identifier, "class_noun": class_noun, "prompts": list(samples),
-            "num_images": a.num_images, "seed": a.seed, "embeddings": scorer.names, "metrics": metrics}, indent=1))
+            "num_images": a.num_images, "seed": a.seed, "steps": a.steps, "guidance": a.guidance,
+            "embeddings": scorer.names, "metrics": metrics, "intervals": ev.intervals,
+            "place_by_prompt": ev.place_by_prompt,
+            "reference": None if ref is None else {"model": str(a.base_model), "metrics": ref.metrics,
+                                                   "intervals": ref.intervals,
+                                                   "place_by_prompt": ref.place_by_prompt}}, indent=1))
         (out / "metrics.md").write_text(table + "\n")
         print(f"wrote samples and metrics to {out}")
     return metrics

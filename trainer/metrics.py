@@ -9,6 +9,9 @@
           images; high means the class prior drifted toward the subject.
 - DIV     diversity: mean perceptual distance between samples of the same prompt (LPIPS in
           the paper; here the judge's unweighted LPIPS-like distance).
+- PLACE   recontextualisation (ours, not the paper's): share of "[V] [class] <place>" samples in
+          which the judge sees the place the prompt named (trainer.world.place).
+Every metric is a mean over generated images; `bootstrap` gives its 95% interval over them.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import UserError
 
-METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
+METRICS = ("DINO", "CLIP-I", "CLIP-T", "PLACE", "PRES", "DIV")
 
 
 def to_judge_tensor(images, size: int = 64) -> torch.Tensor:
@@ -115,28 +118,105 @@ def diversity(feats: list[torch.Tensor]) -> float:
     return float(perceptual_distance([f[i] for f in feats], [f[j] for f in feats]).mean())
 
 
-def score(scorer: Scorer, real, subject_samples: dict[str, list], class_samples: list,
-          clean_prompts: dict[str, str]) -> dict[str, float]:
-    """The five metrics.
+def _distances(feats: list[torch.Tensor]) -> np.ndarray:
+    """n x n perceptual distances between the samples of one prompt."""
+    n = feats[0].shape[0]
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    i, j = i.flatten(), j.flatten()
+    return perceptual_distance([f[i] for f in feats], [f[j] for f in feats]).view(n, n).numpy()
 
-    real: the subject's own images; subject_samples: {prompt with identifier: images};
-    class_samples: images of the bare class prompt; clean_prompts: {prompt: prompt without identifier}.
-    """
+
+def per_image(scorer: Scorer, real, subject_samples: dict[str, list], class_samples: list,
+              clean_prompts: dict[str, str], class_noun: str | None = None) -> dict[str, np.ndarray]:
+    """What every metric is the mean of, per generated image: (prompts x images) arrays for DINO,
+    CLIP-I, CLIP-T and PLACE (1 where the judge sees the prompt's place; NaN for prompts that name
+    none of the world's places), (images,) for PRES, (prompts x images x images) distances for DIV."""
+    from .world.place import PlaceClassifier, place_of
+
     r = scorer.images(real)
-    dino, clip_i, clip_t, div = [], [], [], []
+    noun = class_noun
+    out = {"DINO": [], "CLIP-I": [], "CLIP-T": [], "PLACE": [], "DIV": []}
+    places = None
     for prompt, images in subject_samples.items():
         e = scorer.images(images)
-        dino.append(mean_pairwise_cosine(e["dino"], r["dino"]))
-        clip_i.append(mean_pairwise_cosine(e["clip"], r["clip"]))
-        clip_t.append(float((e["clip"] @ scorer.texts([clean_prompts[prompt]]).T).mean()))
-        div.append(diversity(e["features"]))
+        out["DINO"].append((e["dino"] @ r["dino"].T).mean(1).numpy())
+        out["CLIP-I"].append((e["clip"] @ r["clip"].T).mean(1).numpy())
+        out["CLIP-T"].append((e["clip"] @ scorer.texts([clean_prompts[prompt]]).T)[:, 0].numpy())
+        place = place_of(clean_prompts[prompt])
+        if place is not None and noun:
+            places = places or PlaceClassifier(scorer, noun)
+            out["PLACE"].append(np.array([p == place for p in places.predict(e["clip"])], dtype=np.float64))
+        else:
+            out["PLACE"].append(np.full(len(images), np.nan))
+        out["DIV"].append(_distances(e["features"]))
+    res = {k: np.stack(v).astype(np.float64) for k, v in out.items()}
     c = scorer.images(class_samples)
-    return {"DINO": float(np.mean(dino)), "CLIP-I": float(np.mean(clip_i)), "CLIP-T": float(np.mean(clip_t)),
-            "PRES": mean_pairwise_cosine(c["dino"], r["dino"]), "DIV": float(np.mean(div))}
+    res["PRES"] = (c["dino"] @ r["dino"].T).mean(1).numpy().astype(np.float64)
+    return res
 
 
-def markdown_table(rows: dict[str, dict[str, float]], first: str = "model") -> str:
+def _div(d: np.ndarray) -> float:
+    """Mean distance over pairs of distinct images (d: prompts x n x n)."""
+    n = d.shape[-1]
+    off = ~np.eye(n, dtype=bool)
+    return float(d[..., off].mean())
+
+
+def point_estimates(v: dict[str, np.ndarray]) -> dict[str, float]:
+    m = {k: float(np.mean(v[k])) for k in ("DINO", "CLIP-I", "CLIP-T", "PRES")}
+    m["DIV"] = _div(v["DIV"]) if v["DIV"].shape[-1] > 1 else float("nan")
+    m["PLACE"] = float(np.nanmean(v["PLACE"])) if not np.isnan(v["PLACE"]).all() else float("nan")
+    return {k: m[k] for k in METRICS}
+
+
+def bootstrap(v: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list]:
+    """Percentile bootstrap intervals over images: each prompt's images (and the class images) are
+    drawn again with replacement; DIV then averages over the pairs of distinct draws of distinct
+    images, so a repeated image never counts as a zero distance."""
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    prompts, n = v["DINO"].shape
+    idx = rng.integers(0, n, size=(n_boot, prompts, n))
+    out = {}
+    for k in ("DINO", "CLIP-I", "CLIP-T", "PLACE"):
+        draws = np.take_along_axis(v[k][None], idx, axis=2)
+        with np.errstate(all="ignore"):
+            stats = np.nanmean(draws.reshape(n_boot, -1), axis=1) if not np.isnan(v[k]).all() else np.full(n_boot, np.nan)
+        out[k] = stats
+    c = v["PRES"]
+    out["PRES"] = c[rng.integers(0, len(c), size=(n_boot, len(c)))].mean(1)
+    if n > 1:
+        d = v["DIV"][np.arange(prompts)[None, :, None, None], idx[:, :, :, None], idx[:, :, None, :]]
+        distinct = idx[:, :, :, None] != idx[:, :, None, :]
+        out["DIV"] = (d * distinct).sum(axis=(1, 2, 3)) / np.maximum(distinct.sum(axis=(1, 2, 3)), 1)
+    else:
+        out["DIV"] = np.full(n_boot, np.nan)
+    return {k: [float(np.percentile(out[k], lo_q)), float(np.percentile(out[k], hi_q))] for k in METRICS}
+
+
+def score(scorer: Scorer, real, subject_samples: dict[str, list], class_samples: list,
+          clean_prompts: dict[str, str], class_noun: str | None = None, intervals: bool = False):
+    """The metrics (and with intervals=True, also their 95% bootstrap intervals over images).
+
+    real: the subject's own images; subject_samples: {prompt with identifier: images};
+    class_samples: images of the bare class prompt; clean_prompts: {prompt: prompt without identifier};
+    class_noun: needed for PLACE (NaN without it).
+    """
+    v = per_image(scorer, real, subject_samples, class_samples, clean_prompts, class_noun)
+    m = point_estimates(v)
+    return (m, bootstrap(v)) if intervals else m
+
+
+def fmt(value: float, interval=None) -> str:
+    if interval is None or any(np.isnan(interval)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def markdown_table(rows: dict[str, dict[str, float]], first: str = "model", intervals: dict | None = None) -> str:
+    """One row per model; with intervals {model: {metric: [lo, hi]}}, each cell also gets its 95% interval."""
     lines = [f"| {first} | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |")
+        ci = (intervals or {}).get(name, {})
+        lines.append(f"| {name} | " + " | ".join(fmt(m[k], ci.get(k)) for k in METRICS) + " |")
     return "\n".join(lines)

@@ -15,7 +15,15 @@ BUILTIN_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "tiny-wor
 STEPS = 300
 LEARNING_RATE = 2e-4  # 5e-4 fits the subject faster but wrecks prompt fidelity (CLIP-T 0.61 -> 0.22)
 NUM_CLASS_IMAGES = 50
+DEMO_EXTRA_FLAGS: tuple[str, ...] = ()  # more `dbtrain train` flags of the demo recipe (trainer.world.recipes)
 DEMO_OUT = "dbtrain-demo"  # git-ignored, so a demo run inside the repository leaves no untracked files
+
+# One set of sampler defaults for `dbtrain sample`, `eval` and `demo` (issue 15), and the fixed seeds
+# of every measured sample: image k of a prompt starts from the noise of seed EVAL_SEED + k.
+SAMPLE_STEPS = 20
+GUIDANCE = 5.0
+EVAL_SEED = 10_000
+EVAL_IMAGES = 16
 
 # `dbtrain eval` prompt templates: {V} the identifier, {C} the class noun. The contexts are the built-in world's.
 DEFAULT_PROMPTS = ("a {V} {C} on the beach", "a {V} {C} in the snow", "a {V} {C} in space")
@@ -31,8 +39,8 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--negative_prompt", default=None, metavar="TEXT", help="what not to draw (not given: none)")
     a = option_adder(p.add_argument_group("sampling"))
     a("--num_images", type=int, default=4, help="how many images")
-    a("--steps", type=int, default=30, help="denoising steps")
-    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    a("--steps", type=int, default=SAMPLE_STEPS, help="denoising steps (eval's and demo's too)")
+    a("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale (eval's and demo's too)")
     a("--seed", type=int, default=0, help="image k uses seed + k")
     a("--resolution", type=int, default=None, help="image size in pixels (not given: the model's)")
     a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
@@ -56,10 +64,13 @@ def eval_parser() -> argparse.ArgumentParser:
     a("--prompts", nargs="+", default=None, metavar="TEMPLATE",
       help="templates with {V} and {C} (not given: " + "; ".join(DEFAULT_PROMPTS).replace("%", "%%") +
            "; plus \"a {C}\" always)")
-    a("--num_images", type=int, default=8, help="images per prompt")
-    a("--steps", type=int, default=20, help="denoising steps")
-    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    a("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    a("--num_images", type=int, default=EVAL_IMAGES, help="images per prompt (the 95%% intervals are "
+      "bootstrapped over them)")
+    a("--steps", type=int, default=SAMPLE_STEPS, help="denoising steps (sample's and demo's too)")
+    a("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale (sample's and demo's too)")
+    a("--seed", type=int, default=EVAL_SEED, help="image k of every prompt uses seed + k (the demo's too)")
+    a("--base_model", default=None, metavar="DIR", help="also score this model (the one fine-tuned) on the "
+      "prompts without the identifier, as the reference row (not given: no reference)")
     a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
     a = option_adder(p.add_argument_group("embeddings and output"))
     a("--judge", default=None, metavar="DIR", help="judge folder (not given: the built-in one)")
@@ -89,8 +100,9 @@ def demo_parser() -> argparse.ArgumentParser:
     a("--learning_rate", type=float, default=LEARNING_RATE, help="learning rate")
     a("--num_class_images", type=int, default=NUM_CLASS_IMAGES, help="class images drawn by the base model")
     a("--no_prior_preservation", action="store_true", help="train without the class term")
-    a("--eval_images", type=int, default=8, help="images per prompt for the metrics")
-    a("--sample_steps", type=int, default=20, help="denoising steps of every image the demo draws (class "
+    a("--eval_images", type=int, default=EVAL_IMAGES, help="images per prompt for the metrics (seeds "
+      f"{EVAL_SEED} + k, k < N)")
+    a("--sample_steps", type=int, default=SAMPLE_STEPS, help="denoising steps of every image the demo draws (class "
       "images and samples)")
     a("--seed", type=int, default=0, help="seed of training and sampling")
     return p

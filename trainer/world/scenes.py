@@ -192,10 +192,15 @@ SUBJECT_CLASS = "star"
 SUBJECT_CONTEXTS = ("on the beach", "in the grass", "on the water", "in the snow", "on a red table")
 
 
+def subject_place(k: int) -> str:
+    """The place subject picture k shows."""
+    return SUBJECT_CONTEXTS[k % len(SUBJECT_CONTEXTS)]
+
+
 def subject_images(count: int = 5, seed: int = 0) -> list[Image.Image]:
     """The demo subject: an orange star with black diagonal stripes, in a few places."""
     rng = random.Random(seed)
-    return [render(Scene(SUBJECT_CLASS, "orange", "big", SUBJECT_CONTEXTS[k % len(SUBJECT_CONTEXTS)],
+    return [render(Scene(SUBJECT_CLASS, "orange", "big", subject_place(k),
                          rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55), rng.uniform(-15, 15),
                          texture="striped"), seed=seed + k)
             for k in range(count)]

@@ -1,0 +1,114 @@
+"""The recipe search of issue 15: which demo recipe shows DreamBooth's point on the built-in world.
+
+    python -m trainer.world.recipes --recipes demo-default captions ... --out bench/results/demo/recipes
+
+Each recipe is the demo's `dbtrain train` run with some levers changed (learning rate, steps,
+prior weight, class-image count, text-encoder training, per-image captions). Each trained model
+and the base model are scored on "[V] star <place>" for every place of the world (the base model
+on "a star <place>"), and on "a star", with 95% bootstrap intervals over images. One JSONL row
+per recipe (appended, so runs in parallel processes add up) and a markdown table of all rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import scenes
+from .place import PLACES
+
+# name -> (what changes, demo.train_args keywords, extra dbtrain train flags, caption files?)
+RECIPES = {
+    "demo-default": ("the demo until now: lr 2e-4, 300 steps, prior weight 1, 50 class images", {}, (), False),
+    "no-prior": ("demo-default without prior preservation", {"prior": False}, (), False),
+    "lr1e-4": ("lr 1e-4", {"lr": 1e-4}, (), False),
+    "lr1e-4-600": ("lr 1e-4, 600 steps", {"lr": 1e-4, "steps": 600}, (), False),
+    "lr5e-5-600": ("lr 5e-5, 600 steps", {"lr": 5e-5, "steps": 600}, (), False),
+    "150steps": ("150 steps", {"steps": 150}, (), False),
+    "prior2": ("prior loss weight 2", {}, ("--prior_loss_weight", "2"), False),
+    "class100": ("100 class images", {"num_class_images": 100}, (), False),
+    "te": ("also trains the text encoder", {}, ("--train_text_encoder",), False),
+    "captions": ("per-image captions 'a [V] star <its place>'", {}, ("--caption_extension", ".txt"), True),
+    "captions-no-prior": ("captions, no prior preservation", {"prior": False}, ("--caption_extension", ".txt"), True),
+    "captions-te": ("captions + text encoder", {}, ("--caption_extension", ".txt", "--train_text_encoder"), True),
+    "captions-lr1e-4": ("captions, lr 1e-4", {"lr": 1e-4}, ("--caption_extension", ".txt"), True),
+    "captions-600": ("captions, 600 steps", {"steps": 600}, ("--caption_extension", ".txt"), True),
+    "captions-150": ("captions, 150 steps", {"steps": 150}, ("--caption_extension", ".txt"), True),
+    "captions-lr5e-5": ("captions, lr 5e-5", {"lr": 5e-5}, ("--caption_extension", ".txt"), True),
+    "captions-prior2": ("captions, prior weight 2", {}, ("--caption_extension", ".txt", "--prior_loss_weight", "2"),
+                        True),
+}
+
+
+def write_captions(folder: Path) -> None:
+    """photo.txt beside each subject picture: "a [V] star <the place it shows>"."""
+    for k, png in enumerate(sorted(folder.glob("subject-*.png"))):
+        place = scenes.subject_place(k)
+        png.with_suffix(".txt").write_text(f"a [V] {scenes.SUBJECT_CLASS} {place}\n")
+
+
+TEMPLATES = tuple(f"a {{V}} {{C}} {p}" for p in PLACES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .. import demo
+    from ..evaluate import evaluate, load_pipeline
+    from ..metrics import Scorer
+    from .tiny import MODEL_DIR
+
+    p = argparse.ArgumentParser(prog="python -m trainer.world.recipes", description=__doc__.split("\n")[0])
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES) + ["base"])
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--eval_images", type=int, default=24)
+    p.add_argument("--eval_seed", type=int, default=10_000)
+    p.add_argument("--work", default="recipe-runs")
+    p.add_argument("--out", default="bench/results/demo/recipes", help="prefix of the .jsonl and .md")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    subject = demo.write_subject(work / "subject")
+    write_captions(subject)
+    plain = demo.write_subject(work / "subject-plain")
+    real = scenes.subject_images(5)
+    scorer = Scorer()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kw = dict(num_images=a.eval_images, seed=a.eval_seed)
+    for name in a.recipes:
+        t0 = time.time()
+        if name == "base":
+            pipe, base, what, train_s = load_pipeline(MODEL_DIR, "cpu"), True, "the base model, prompts without [V]", 0
+        else:
+            what, rkw, extra, captions = RECIPES[name]
+            rkw = {"prior": True, "steps": demo.STEPS, "lr": demo.LEARNING_RATE,
+                   "num_class_images": demo.NUM_CLASS_IMAGES, "seed": a.seed, "device": "cpu", **rkw}
+            run_dir = work / f"{name}-s{a.seed}"
+            trained = demo.dreambooth(MODEL_DIR, subject if captions else plain, run_dir,
+                                      class_dir=work / f"class-{rkw['num_class_images']}", extra=extra, **rkw)
+            train_s = time.time() - t0
+            pipe, base = load_pipeline(trained, "cpu"), False
+        ev = evaluate(pipe, scorer, real, demo.IDENTIFIER, scenes.SUBJECT_CLASS, templates=TEMPLATES,
+                      with_identifier=not base, **kw)
+        from ..demo import grid
+
+        grid([(name, ev.samples)]).save(work / f"{name}-s{a.seed}.png")
+        row = {"recipe": name, "what": what, "seed": a.seed, "metrics": ev.metrics, "intervals": ev.intervals,
+               "place_by_prompt": ev.place_by_prompt, "train_s": round(train_s, 1), "total_s": round(time.time() - t0, 1),
+               "eval_images": a.eval_images, "eval_seed": a.eval_seed, "device": platform.processor() or "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "command": "python -m trainer.world.recipes " + " ".join(sys.argv[1:] if argv is None else argv)}
+        with open(out.with_suffix(".jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
