@@ -117,7 +117,7 @@ def no_model_loading(monkeypatch):
 
 # ------------------------------------------------------------------ --help: instant, grouped, defaults
 
-@pytest.mark.parametrize("cmd", ["train", "sample", "eval", "demo", "fabric"])
+@pytest.mark.parametrize("cmd", ["train", "textual-inversion", "sample", "eval", "demo", "fabric"])
 def test_help_loads_no_torch_and_shows_groups_and_defaults(cmd):
     """`dbtrain train --help` took 25-66 s (torch and diffusers loaded before argparse)."""
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer.cli", cmd, "--help"],
@@ -137,8 +137,9 @@ def test_help_loads_no_torch_and_shows_groups_and_defaults(cmd):
 def test_every_flag_is_explained():
     from trainer.config import build_parser
     from trainer.parsers import demo_parser, eval_parser, sample_parser
+    from trainer.ti_config import build_ti_parser
 
-    for parser in (build_parser(), sample_parser(), eval_parser(), demo_parser()):
+    for parser in (build_parser(), build_ti_parser(), sample_parser(), eval_parser(), demo_parser()):
         bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not (a.help or "").strip()]
         assert not bare, (parser.prog, bare)
         assert len(parser._action_groups) > 3, parser.prog  # grouped, not one flat list

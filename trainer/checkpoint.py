@@ -162,8 +162,8 @@ def verify(folder: Path) -> str | None:
             return f"{p} is missing"
         if p.stat().st_size != size:
             return f"{p} is truncated or changed ({p.stat().st_size} of {size} bytes)"
-    if not list(folder.glob("unet/*.safetensors")):
-        return f"{folder / 'unet'} has no .safetensors weights"
+    if not list(folder.glob("*/*.safetensors")):  # unet/ (DreamBooth) or text_embedding/ (Textual Inversion)
+        return f"{folder} has no .safetensors weights (unet/ or text_embedding/)"
     for p in sorted(folder.rglob("*.safetensors")):
         if (problem := _check_safetensors(p)) is not None:
             return problem
@@ -221,7 +221,8 @@ def resolve(output_dir, resume: str | None) -> Path | None:
     path = Path(resume)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume
-    if not (path / "training_state.json").is_file() and not (path / "unet").is_dir():
+    if not (path / "training_state.json").is_file() and not (path / "unet").is_dir() \
+            and not (path / "text_embedding").is_dir():
         raise UserError(f"--resume_from_checkpoint {resume}: {path} is not a checkpoint folder "
                         f"(no training_state.json)")
     problem = verify(path)

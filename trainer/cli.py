@@ -17,10 +17,11 @@ from .config import Resumable, UserError
 
 USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny model and subject, before/after
        dbtrain train [options]     DreamBooth fine-tuning (dbtrain train --help)
+       dbtrain textual-inversion [options]   a new word for a concept, the model frozen (embedding files)
        dbtrain sample [options]    images from a trained output folder (dbtrain sample --help)
        dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model
        dbtrain fabric [options]    images steered by liked / disliked images, no training (FABRIC)"""
-COMMANDS = ("train", "sample", "eval", "demo", "fabric")
+COMMANDS = ("train", "textual-inversion", "sample", "eval", "demo", "fabric")
 
 
 def sample_parser():
@@ -95,9 +96,9 @@ def _without_resume(args: list[str]) -> list[str]:
 
 def continue_command(cmd: str, rest: list[str]) -> str:
     """The exact command that continues a stopped `cmd` (empty for commands that cannot)."""
-    if cmd == "train":
-        return "resume with: dbtrain train " + shlex.join(_without_resume(rest) + ["--resume_from_checkpoint",
-                                                                                  "latest"])
+    if cmd in ("train", "textual-inversion"):
+        return f"resume with: dbtrain {cmd} " + shlex.join(_without_resume(rest) + ["--resume_from_checkpoint",
+                                                                                   "latest"])
     if cmd == "demo":
         return "continue with: " + " ".join(["dbtrain", "demo", shlex.join(rest)]).strip()
     return ""
@@ -108,6 +109,15 @@ def _run(cmd: str, rest: list[str]) -> None:
         from . import config
 
         cfg = config.parse(rest)
+        config.check_paths(cfg)
+        _quiet_libraries()
+        from . import loop
+
+        loop.train(cfg)
+    elif cmd == "textual-inversion":
+        from . import config, ti_config
+
+        cfg = ti_config.parse(rest)  # flags, before torch
         config.check_paths(cfg)
         _quiet_libraries()
         from . import loop

@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     g("--identifier", default="sks", metavar="WORD", help='the rare token that replaces [V], or "auto" to pick one from '
       "the tokenizer as the paper does")
     g("--random_flip", action="store_true", help="random horizontal flip of the training images")
+    g("--train_text_embedding", action="store_true",
+      help="pivotal tuning: [V] becomes new token(s) whose embeddings train with the UNet for the first "
+           "--text_embedding_frac of the steps, then freeze; learned_embeds.safetensors is written beside the model")
+    g("--text_embedding_frac", type=float, default=0.5, help="fraction of the steps that train the new embeddings")
+    g("--placeholder_token", default=None, metavar="TOKEN",
+      help="the new token of --train_text_embedding (not given: <identifier>, e.g. <sks>)")
+    g("--initializer_token", default=None, metavar="WORD",
+      help="one-token word whose embedding starts the new rows (not given: the identifier)")
+    g("--num_vectors", type=int, default=1, help="embedding vectors (tokens) of --train_text_embedding")
     g("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
     g("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw", "bnb8bit"],
       help="adamw8bit: ours (8-bit states); adamw: torch.optim.AdamW; bnb8bit: bitsandbytes")
@@ -213,6 +222,19 @@ def check(cfg: argparse.Namespace) -> None:
                             "backward); use --gradient_accumulation_steps 1")
         if cfg.mixed_precision == "fp16":
             raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+    if getattr(cfg, "train_text_embedding", False):
+        if cfg.train_text_encoder and getattr(cfg, "train_unet", True):
+            raise UserError("--train_text_embedding trains new token rows of a frozen text encoder; it cannot be "
+                            "combined with --train_text_encoder")
+        frac = cfg.text_embedding_frac
+        if not math.isfinite(frac) or not 0 < frac <= 1:
+            raise UserError(f"--text_embedding_frac must be > 0 and <= 1, got {frac}")
+        if cfg.num_vectors < 1:
+            raise UserError(f"--num_vectors must be >= 1, got {cfg.num_vectors}")
+        for name in ("placeholder_token", "initializer_token"):
+            v = getattr(cfg, name)
+            if v is not None and (not str(v).strip() or len(str(v).split()) != 1):
+                raise UserError(f"--{name} must be one word without spaces, got {v!r}")
     if cfg.device is not None and str(cfg.device).split(":")[0] not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda, cuda:N or cpu, got {cfg.device!r}")
 

@@ -20,13 +20,16 @@ _TMP = ".tmp-export"
 _OLD = ".tmp-old-"
 
 
-def pipeline(cfg, unet, te):
-    """The base model's StableDiffusionPipeline with the trained UNet (and text encoder)."""
+def pipeline(cfg, unet, te, tokenizer=None):
+    """The base model's StableDiffusionPipeline with the trained UNet (and text encoder, and a tokenizer
+    with new tokens)."""
     from diffusers import StableDiffusionPipeline
 
     kw = {"unet": unet}
     if te is not None:
         kw["text_encoder"] = te
+    if tokenizer is not None:
+        kw["tokenizer"] = tokenizer
     return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None,
                                                    requires_safety_checker=False, dtype=unet.dtype, **kw)
 
@@ -88,3 +91,39 @@ def export(cfg, unet, te, out: Path) -> None:
         else:
             os.rename(item, dest)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def a1111_name(placeholder: str) -> str:
+    """The embedding's file name for A1111 / ComfyUI (they name an embedding by its file): <cat-toy> -> cat-toy."""
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in placeholder.strip("<>").strip()).strip(".-")
+    return name or "embedding"
+
+
+def export_embedding(out: Path, new_tokens, step: int, *, name: str | None = None, a1111: bool = True,
+                     base_model=None) -> list[str]:
+    """learned_embeds.safetensors (diffusers), and <name>.safetensors (emb_params) + <name>.pt (string_to_param)
+    for A1111 / ComfyUI, into `out`; each written to a temporary name and renamed. A file there that this
+    run did not write is never replaced (UserError). Returns the names written."""
+    from . import embeddings as E
+
+    out = Path(out)
+    rows, token = new_tokens.rows.detach().float().cpu(), new_tokens.placeholder
+    files = {(name or Path(E.DIFFUSERS_FILE).stem) + ".safetensors": lambda p: E.save_diffusers(p, token, rows)}
+    if a1111:
+        short = a1111_name(token)
+        ckpt = Path(base_model).name if base_model else None
+        files[short + ".safetensors"] = lambda p: E.save_a1111_safetensors(p, rows, short, step)
+        files[short + ".pt"] = lambda p: E.save_a1111_pt(p, rows, short, step, ckpt)
+    ours = set((outdir.read_marker(out) or {}).get("exported", []))
+    foreign = [n for n in files if (out / n).exists() and n not in ours]
+    if foreign:
+        raise UserError(f"{out} holds {', '.join(foreign)}, which dbtrain did not write, so the embedding was not "
+                        f"saved over it; move it away")
+    outdir.require_space(out, rows.numel() * 4 * len(files) + outdir.MB, "the embedding files")
+    outdir.write_marker(out, exported=sorted(ours | set(files)))
+    for n, write in files.items():
+        try:
+            write(out / n)  # (each writer goes through a temporary name and os.replace)
+        except OSError as e:
+            raise outdir.failed_write(out, n, e, rows.numel() * 4) from e
+    return list(files)

@@ -20,10 +20,10 @@ import torch
 import dbkernels
 from dbkernels.ops.diffusion_loss import reference as loss_reference
 
-from . import checkpoint, config, data, interrupts, outdir
+from . import checkpoint, config, data, embeddings, interrupts, outdir
 from .config import Resumable, UserError
 from .data import ImageSet, list_images, make_grid
-from .export import export, pipeline, remove_temporaries
+from .export import export, export_embedding, pipeline, remove_temporaries
 from .models import load_components, pick_identifier
 from .prior import generate_class_images
 
@@ -50,7 +50,7 @@ def prepare_output_dir(cfg) -> Path | None:
         remove_temporaries(out)
     resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)
     if resume is None and state == "ours":
-        if (out / "model_index.json").exists():
+        if (out / "model_index.json").exists() or (out / embeddings.DIFFUSERS_FILE).exists():
             raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to continue from; choose "
                             f"a new --output_dir")
         print(f"{out} holds a run that stopped before its first checkpoint: starting it again at step 0",
@@ -80,6 +80,9 @@ def make_optimizer(cfg, params):
 def load_weights(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
+    if hasattr(model, "load_pretrained"):  # new token rows (trainer.embeddings)
+        model.load_pretrained(folder)
+        return
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"checkpoint folder {folder} has no .safetensors weights")
@@ -104,7 +107,7 @@ class Batches:
     """
 
     def __init__(self, cfg, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype,
-                 inst_prompts: list[str] | None = None):
+                 inst_prompts: list[str] | None = None, templates: list[str] | None = None, word: str = ""):
         self.cfg, self.inst, self.cls, self.device = cfg, inst, cls, device
         # the prompt of each instance image: its caption file's, or the instance prompt
         self.inst_prompts = list(inst_prompts) if inst_prompts is not None else [prompts["inst"]] * len(inst)
@@ -112,7 +115,9 @@ class Batches:
         self.vae_dtype = vae_dtype
         self.scale = comps.vae.config.scaling_factor
         self.tokenizer, self.text_encoder = comps.tokenizer, comps.text_encoder
-        self.train_te = cfg.train_text_encoder
+        # new token rows are trained: prompt embeddings change every step, the text encoder stays here
+        self.train_te = cfg.train_text_encoder or getattr(cfg, "train_text_embedding", False)
+        self.templates, self.word = templates, word  # Textual Inversion: a template drawn per image and step
         self.prompts = prompts
         self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for which, images in (("inst", inst), ("cls", cls)):
@@ -127,6 +132,9 @@ class Batches:
         self.embeds = None
         if not self.train_te:  # prompt embeddings are fixed: encode once, text encoder leaves the GPU
             self.cache_prompt_embeddings(move_off=True)
+
+    def can_cache(self) -> bool:
+        return not self.templates and not self.cfg.train_text_encoder
 
     def distinct_prompts(self) -> list[str]:
         texts = list(dict.fromkeys(self.inst_prompts))
@@ -166,7 +174,11 @@ class Batches:
                     mean, std = self._encode(px[None])
                 eps = torch.randn(mean.shape, generator=gen).to(mean.device)
                 rows.append((mean + std * eps) * self.scale)
-                keys.append(self.prompt(which, i))
+                if which == "inst" and self.templates:
+                    t = self.templates[int(torch.randint(0, len(self.templates), (), generator=gen))]
+                    keys.append(t.format(self.word))
+                else:
+                    keys.append(self.prompt(which, i))
         latents = torch.cat(rows).to(self.device)
         if self.embeds is not None:
             emb = torch.cat([self.embeds[k] for k in keys])
@@ -194,12 +206,18 @@ class Run:
     prediction_type: str
     n_prior: int
     weights_dtype: torch.dtype
+    new_tokens: object = None  # trainer.embeddings.NewTokenEmbedding when new token rows are trained
+    freeze_at: int = 0  # the step from which they are frozen (pivotal tuning)
 
 
 def setup(cfg, comps, batches: Batches, device) -> Run:
     """Trainable models on the device, optimizer, lr schedule, loss scaler."""
     unet, te = comps.unet, comps.text_encoder
     weights_dtype = torch.bfloat16 if cfg.weights_dtype == "bf16" else torch.float32
+    train_unet = getattr(cfg, "train_unet", True)
+    if not train_unet:  # Textual Inversion: the UNet is frozen, so it is stored in half precision where it can be
+        weights_dtype = frozen_dtype(cfg, device)
+        unet.requires_grad_(False)
     unet.to(device, dtype=weights_dtype).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -208,8 +226,20 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
 
         use_fused_attention(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
-    models = {"unet": unet}
-    if cfg.train_text_encoder:
+    models = {"unet": unet} if train_unet else {}
+    new = embeddings.new_tokens_of(te)
+    freeze_at = 0
+    if new is not None:  # only the new rows train; the table and the rest of the encoder stay frozen
+        rows = new.rows.detach().clone()
+        te.requires_grad_(False)
+        te.to(device, dtype=weights_dtype).train()
+        new.rows.data = rows.to(device)  # fp32 master copy, whatever the frozen dtype
+        new.rows.requires_grad_(True)
+        params.append(new.rows)
+        models["text_embedding"] = new
+        frac = getattr(cfg, "text_embedding_frac", 1.0)
+        freeze_at = cfg.max_train_steps if frac >= 1 else max(1, round(frac * cfg.max_train_steps))
+    elif cfg.train_text_encoder:
         te.to(device, dtype=weights_dtype).train()
         if cfg.gradient_checkpointing:  # transformers 5 renamed it
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
@@ -235,7 +265,15 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, hook=hook,
                alphas_cumprod=comps.noise_scheduler.alphas_cumprod.to(device, torch.float32),
                prediction_type=comps.prediction_type,
-               n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype)
+               n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype,
+               new_tokens=new, freeze_at=freeze_at)
+
+
+def frozen_dtype(cfg, device) -> torch.dtype:
+    """The dtype of frozen weights: the autocast dtype on a GPU; bf16 on a CPU only when asked (CPUs lack fp16 math)."""
+    if device.type == "cuda":
+        return HALF.get(cfg.mixed_precision, torch.float32)
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
 def resume_run(run: Run, folder: Path) -> int:
@@ -274,6 +312,11 @@ def train_step(run: Run, step: int) -> StepResult:
                 if cfg.mixed_precision != "no" else contextlib.nullcontext())
     backend = contextlib.nullcontext() if cfg.kernels else dbkernels.force_backend("reference")
     total, finite = 0.0, True
+    if run.new_tokens is not None:  # pivotal tuning: the new rows train until freeze_at, then stay as they are
+        active = step < run.freeze_at
+        run.new_tokens.rows.requires_grad_(active)
+        if not active and run.batches.embeds is None and run.batches.can_cache():
+            run.batches.cache_prompt_embeddings()
     with backend:  # kernels off: every dbkernels op runs its PyTorch reference
         for micro in range(cfg.gradient_accumulation_steps):
             latents, emb, _ = run.batches.make(step, micro)
@@ -344,8 +387,17 @@ def _train(cfg) -> Path:
     # --- prompts, with [V] replaced by the identifier ---
     class_word = cfg.class_prompt.split()[-1] if cfg.class_prompt else None
     ident = pick_identifier(comps.tokenizer, class_word, cfg.seed) if cfg.identifier == "auto" else cfg.identifier
-    print(f"identifier: {ident}")
-    sub = (lambda s: s.replace("[V]", ident) if s else s)
+    word = ident
+    if getattr(cfg, "train_text_embedding", False):  # Textual Inversion / pivotal tuning: [V] is new token(s)
+        ident = cfg.placeholder_token or f"<{ident}>"
+        init = cfg.initializer_token or (None if cfg.identifier == ident else word)
+        embeddings.add_new_tokens(comps.tokenizer, comps.text_encoder, ident, cfg.num_vectors, init, seed=cfg.seed)
+        word = embeddings.expand(ident, ident, cfg.num_vectors)
+        print(f"placeholder: {ident} ({cfg.num_vectors} new token(s), initialised from "
+              f"{init if init else 'random rows'})")
+    else:
+        print(f"identifier: {ident}")
+    sub = (lambda s: s.replace("[V]", word) if s else s)
     prompts = {"inst": sub(cfg.instance_prompt)}
     if cfg.with_prior_preservation:
         prompts["cls"] = cfg.class_prompt
@@ -360,7 +412,8 @@ def _train(cfg) -> Path:
         files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
         cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
     inst_prompts = [sub(c) if c is not None else prompts["inst"] for c in captioned]
-    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32, inst_prompts=inst_prompts)
+    batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32, inst_prompts=inst_prompts,
+                      templates=getattr(cfg, "prompt_templates", None), word=word)
     outdir.claim(out, cfg_dict(cfg))  # only once the inputs are known to be good
 
     run = setup(cfg, comps, batches, device)
@@ -390,11 +443,15 @@ def _train(cfg) -> Path:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
                     bar.write(_log_line(rec))
                 saved = None
+                save_every = getattr(cfg, "save_steps", None)
+                if save_every and run.new_tokens is not None and done % save_every == 0:  # diffusers' --save_steps
+                    export_embedding(out, run.new_tokens, done, name=f"learned_embeds-steps-{done}", a1111=False)
                 if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                     saved = save_checkpoint(run, out, done)
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
                     validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device, out / "validation",
-                             f"step-{done:06d}")
+                             f"step-{done:06d}", tokenizer=run.batches.tokenizer if run.new_tokens is not None
+                             else None)
                 if stop.signum is not None and done < cfg.max_train_steps:
                     saved = saved or save_checkpoint(run, out, done)
                     raise Resumable(f"{interrupts.signal_name(stop.signum)} at step {done} of "
@@ -409,9 +466,10 @@ def _train(cfg) -> Path:
             if run.hook is not None:
                 run.hook.remove()
         save_model(run, out, done)
-    _record_subject(out, ident, class_word, prompts["inst"])
+    _record_subject(out, ident, class_word, prompts["inst"], cfg, run)
     outdir.write_marker(out, finished=True)
-    print(f"saved the trained model to {out} ({skipped} skipped step(s))")
+    what = "the trained model" if "unet" in run.models else "the embedding files"
+    print(f"saved {what} to {out} ({skipped} skipped step(s))")
     return out
 
 
@@ -429,7 +487,10 @@ def save_checkpoint(run: Run, out: Path, step: int) -> Path:
 def save_model(run: Run, out: Path, step: int) -> None:
     """The final export; if it fails, the trained state goes into checkpoint-<step> so nothing is lost."""
     try:
-        export(run.cfg, run.unet, run.te if run.cfg.train_text_encoder else None, out)
+        if "unet" in run.models:  # Textual Inversion stores nothing for the (frozen) model
+            export(run.cfg, run.unet, run.te if run.cfg.train_text_encoder else None, out)
+        if run.new_tokens is not None:  # the embedding files, never the extended text encoder
+            export_embedding(out, run.new_tokens, step, base_model=run.cfg.pretrained_model_name_or_path)
     except UserError as e:
         where = out / f"checkpoint-{step}"
         if checkpoint.verify(where) is not None:
@@ -543,22 +604,30 @@ class _Log:
             self.tb.close()
 
 
-def _record_subject(out: Path, identifier: str, class_word: str | None, instance_prompt: str) -> None:
-    """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically)."""
+def _record_subject(out: Path, identifier: str, class_word: str | None, instance_prompt: str, cfg=None,
+                    run=None) -> None:
+    """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically); with new
+    tokens also the embedding file and, for Textual Inversion, the base model it goes on."""
     if class_word is None:  # no class prompt: the word after the identifier in the instance prompt
         words = instance_prompt.split()
         class_word = words[words.index(identifier) + 1] if identifier in words[:-1] else None
+    rec = {"identifier": identifier, "class_noun": class_word, "instance_prompt": instance_prompt}
+    if run is not None and run.new_tokens is not None:
+        rec.update(method=getattr(cfg, "method", "pivotal_tuning"), embedding=embeddings.DIFFUSERS_FILE,
+                   num_vectors=cfg.num_vectors)
+        if "unet" not in run.models:
+            rec["base_model"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
     tmp = out / ".dreambooth.json.tmp"
-    tmp.write_text(json.dumps({"identifier": identifier, "class_noun": class_word,
-                               "instance_prompt": instance_prompt}, indent=1))
+    tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, out / "dreambooth.json")
 
 
 @torch.no_grad()
-def validate(cfg, unet, te, prompt, device, folder: Path, name: str) -> Path:
+def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=None) -> Path:
     was_training = unet.training
     unet.eval()
-    pipe = pipeline(cfg, unet, te if cfg.train_text_encoder else None).to(device)
+    pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
+                    tokenizer=tokenizer).to(device)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
     images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
