@@ -127,6 +127,10 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
     ids = pipe.tokenizer.convert_tokens_to_ids([TOKEN, TOKEN + "_1"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), learned[TOKEN])
     assert not torch.equal(draw(pipe, f"a photo of {TOKEN}"), plain)
+    # what dbtrain sample/eval --model OUT would load: the base model plus the embedding
+    from trainer.embeddings import model_and_embeddings
+
+    assert model_and_embeddings(out) == (Path(tiny_model).resolve(), [out / "learned_embeds.safetensors"])
     # our safe loader: the A1111 files give the same rows, named by file
     for f in ("toy-x.pt", "toy-x.safetensors"):
         p2 = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
@@ -182,6 +186,9 @@ def test_pivotal_tuning_trains_the_rows_for_the_first_fraction_then_freezes_them
     assert not any(k.startswith("te.") for changed in seen["frozen_equal"] for k in changed)  # the table does not
     assert (out / "model_index.json").is_file() and (out / "learned_embeds.safetensors").is_file()
     assert torch.equal(load_file(out / "learned_embeds.safetensors")["<sks>"], rows[-1].float())
+    from trainer.embeddings import model_and_embeddings
+
+    assert model_and_embeddings(out) == (out, [out / "learned_embeds.safetensors"])
     # the exported text encoder is the base one (no new rows in it)
     base = load_file(Path(tiny_model) / "text_encoder" / "model.safetensors")
     mine = load_file(out / "text_encoder" / "model.safetensors")
@@ -206,3 +213,31 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, inst, tmp_path, ca
                             str(inst), "--instance_prompt", "a [V] toy", "--output_dir", str(out),
                             "--train_text_embedding", "--text_embedding_frac", "1.5"], capsys)
     one_line_error(code, err, "--text_embedding_frac must be > 0 and <= 1")
+
+
+def test_methods_bench_estimates_and_intervals():
+    """The table's numbers: means over images; DIV over distinct pairs only (a zero diagonal would pull it
+    down); intervals that hold the mean and narrow with more images."""
+    import numpy as np
+
+    from trainer.methods_bench import bootstrap, estimates
+
+    rng = np.random.default_rng(0)
+
+    def row(n):
+        d = rng.uniform(0.5, 1.5, size=(3, n, n))
+        d = (d + d.transpose(0, 2, 1)) / 2
+        d[:, np.arange(n), np.arange(n)] = 0.0
+        return {"per_image": {"DINO": rng.normal(0.3, 0.1, (3, n)).tolist(), "CLIP-I": rng.normal(0.2, 0.1, (3, n)).tolist(),
+                              "CLIP-T": rng.normal(0.5, 0.1, (3, n)).tolist(), "PRES": rng.normal(0, 0.1, n).tolist(),
+                              "DIV": d.tolist()}}
+
+    small, big = [row(4), row(4)], [row(64), row(64)]
+    m = estimates(small)
+    assert abs(m["DINO"] - np.mean([np.mean(r["per_image"]["DINO"]) for r in small])) < 1e-12
+    assert m["DIV"] > 0.9  # the mean of uniform(0.5, 1.5) off the diagonal, not diluted by the zeros
+    for rows in (small, big):
+        ci, m = bootstrap(rows), estimates(rows)
+        assert all(ci[k][0] <= m[k] <= ci[k][1] for k in m), (ci, m)
+    wide, narrow = bootstrap(small), bootstrap(big)
+    assert narrow["DINO"][1] - narrow["DINO"][0] < wide["DINO"][1] - wide["DINO"][0]
