@@ -161,6 +161,10 @@ def test_curation_picks_spill_free_configs_that_fit_every_call():
     sets, spilling = curate.build(rows)
     assert spilling == ["sm_86 fwd D40 32-bit"]
     assert list(sets["86"]["fwd"]["40"]["4"]) == ["32x32/32+16hi/w8/s2"]
+    # a config that spilled in another real call (the default run's rows) is dropped from its set
+    checked = [row("c", "fp16", 128, 128, 64, 16, False, 8, 3, 90_000, 255, spill=8)]
+    sets, _ = curate.build(rows, checked)
+    assert set(sets["86"]["fwd"]["40"]["2"]) == {"128x64/32+16hi/w8/s2", "64x64/64+16/w4/s2"}
 
 
 def test_curated_table_entries_are_configs_the_autotuner_has():

@@ -43,12 +43,27 @@ def _head_dim(row) -> int:
     return int(row["shape"].split(" D")[-1].split()[0])
 
 
-def eligible(rows) -> tuple[dict, set]:
+def _vetoed(checked) -> dict:
+    """{group: config keys} that spilled, went over shared memory or failed in any checked call."""
+    bad = defaultdict(set)
+    for r in checked:
+        if r["kernel"] not in KERNELS or r["op"] != "attention" or _head_dim(r) not in CURATED_HEAD_DIMS:
+            continue
+        if r["error"] or r["over_limit"] or r["spill_bytes"]:
+            bad[(r["arch"], KERNELS[r["kernel"]], _head_dim(r), _esize(r["dtype"]))].add(
+                curated_configs.config_key(r["cfg"]))
+    return bad
+
+
+def eligible(rows, checked=()) -> tuple[dict, set]:
     """({(arch, kernel, D, esize): {config key: (max shared, max registers, cfg)}}, groups that spill).
 
     A config is eligible when it compiled for every call of its group within shared memory and
     without spills; in a group where every such config spills (fp32 FMA dots at D=160), the
-    least-spilling ones (at most twice the smallest spill, or 32 bytes) are eligible instead."""
+    least-spilling ones (at most twice the smallest spill, or 32 bytes) are eligible instead.
+    `checked`: rows of the default run over every real call (the curated sets only); a config
+    that spilled there in any call (the sweep has one call per head dim and kind) is dropped."""
+    vetoed = _vetoed(checked)
     calls = defaultdict(set)      # the calls of each group
     seen = defaultdict(lambda: defaultdict(set))
     worst = defaultdict(dict)
@@ -73,6 +88,8 @@ def eligible(rows) -> tuple[dict, set]:
     out, spilling = {}, set()
     for group, by_key in seen.items():
         fits = [k for k, cs in by_key.items() if cs == calls[group] and k not in over[group]]
+        fits = [k for k in fits if k not in vetoed[group] or not any(
+            kk not in vetoed[group] for kk in fits)]  # a veto never empties a group
         clean = [k for k in fits if spill[group][k] == 0]
         if not clean and fits:
             least = min(spill[group][k] for k in fits)
@@ -121,9 +138,9 @@ def choose(kernel: str, arch: int, candidates: dict) -> dict[str, int]:
     return {k: int(v[0]) for k, v in chosen[: curated_configs.MAX_PER_SET]}
 
 
-def build(rows) -> tuple[dict, list]:
+def build(rows, checked=()) -> tuple[dict, list]:
     sets: dict = {}
-    groups, spilling = eligible(rows)
+    groups, spilling = eligible(rows, checked)
     for (arch, kernel, d, esize), candidates in sorted(groups.items()):
         picked = choose(kernel, arch, candidates)
         if picked:
@@ -131,9 +148,9 @@ def build(rows) -> tuple[dict, list]:
     return sets, sorted(f"sm_{a} {k} D{d} {8 * e}-bit" for a, k, d, e in spilling)
 
 
-def write(rows) -> str:
-    sets, spilling = build(rows)
-    doc = {"generated_by": "python -m dbkernels compile --full --curate",
+def write(rows, checked=(), generated_by="python -m dbkernels compile --full --curate") -> str:
+    sets, spilling = build(rows, checked)
+    doc = {"generated_by": generated_by,
            "date": datetime.date.today().isoformat(),
            "note": "static choice from compiled figures (dbkernels/aot/curate.py); the GPU autotuner picks among them",
            "spilling_sets": spilling,
@@ -141,3 +158,34 @@ def write(rows) -> str:
     curated_configs.PATH.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     curated_configs._table.cache_clear()
     return str(curated_configs.PATH)
+
+
+def _read(paths) -> list[dict]:
+    rows = []
+    for path in paths:
+        for line in open(path):
+            if line.strip():
+                r = json.loads(line)
+                r.setdefault("cfg", r.get("constexprs"))
+                rows.append(r)
+    return rows
+
+
+def main(argv=None) -> int:
+    """python -m dbkernels.aot.curate SWEEP.jsonl ... [--checked RUN.jsonl ...]: the curated sets
+    from committed sweep rows, minus configs that spilled in a default run over every call."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m dbkernels.aot.curate", description=main.__doc__)
+    p.add_argument("sweep", nargs="+", help="aot-compile.jsonl rows of `python -m dbkernels compile --full`")
+    p.add_argument("--checked", nargs="*", default=[],
+                   help="aot-compile.jsonl rows of `python -m dbkernels compile --op attention` (every call)")
+    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    print(f"wrote {write(_read(a.sweep), _read(a.checked), 'python -m dbkernels.aot.curate ' + ' '.join(argv))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
