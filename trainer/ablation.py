@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = Path(a.work)
     demo.check_out(work)
-    subject = demo.write_subject(work / "subject")
+    subject = demo.write_subject(work / "subject", captions=True)
     real = scenes.subject_images(5)
     scorer = Scorer(device=device)
     kw = {"num_images": a.eval_images, "seed": EVAL_SEED}

@@ -63,10 +63,15 @@ def open_out(out: Path, recipe: dict) -> bool:
     return True
 
 
-def write_subject(folder: Path, seed: int = 0) -> Path:
+def write_subject(folder: Path, seed: int = 0, captions: bool = False) -> Path:
+    """The five subject pictures, and with captions=True beside each its caption naming the place it
+    shows ("a [V] star on the beach": subject-0.txt beside subject-0.png, for --caption_extension .txt),
+    so the identifier binds to the star and each place stays with its own word."""
     folder.mkdir(parents=True, exist_ok=True)
     for k, im in enumerate(scenes.subject_images(5, seed=seed)):
         im.save(folder / f"subject-{k}.png")
+        if captions:
+            (folder / f"subject-{k}.txt").write_text(f"a [V] {scenes.SUBJECT_CLASS} {scenes.subject_place(k)}\n")
     return folder
 
 
@@ -238,7 +243,7 @@ def run(argv: list[str]) -> dict:
     (out / RECORD).write_text(json.dumps({"recipe": recipe, "finished": False}, indent=1))
     print(f"{'continuing the demo in' if resuming else 'demo in'} {out}", flush=True)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    subject = write_subject(out / "subject")
+    subject = write_subject(out / "subject", captions=True)
     pairs, class_prompt = subject_prompts(DEFAULT_PROMPTS, IDENTIFIER, scenes.SUBJECT_CLASS)
     # the base model is the reference on the prompts without the identifier ("a star in space")
     base_prompts, prompts = list(pairs.values()) + [class_prompt], list(pairs) + [class_prompt]

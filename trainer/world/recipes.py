@@ -40,19 +40,43 @@ RECIPES = {
     "captions-600": ("captions, 600 steps", {"steps": 600}, ("--caption_extension", ".txt"), True),
     "captions-150": ("captions, 150 steps", {"steps": 150}, ("--caption_extension", ".txt"), True),
     "captions-lr5e-5": ("captions, lr 5e-5", {"lr": 5e-5}, ("--caption_extension", ".txt"), True),
+    "captions-lr5e-5-600": ("captions, lr 5e-5, 600 steps", {"lr": 5e-5, "steps": 600}, ("--caption_extension", ".txt"),
+                            True),
+    "captions-lr2e-5-600": ("captions, lr 2e-5, 600 steps", {"lr": 2e-5, "steps": 600}, ("--caption_extension", ".txt"),
+                            True),
+    "captions-te-lr1e-4": ("captions + text encoder, lr 1e-4", {"lr": 1e-4},
+                           ("--caption_extension", ".txt", "--train_text_encoder"), True),
     "captions-prior2": ("captions, prior weight 2", {}, ("--caption_extension", ".txt", "--prior_loss_weight", "2"),
                         True),
 }
 
 
-def write_captions(folder: Path) -> None:
-    """photo.txt beside each subject picture: "a [V] star <the place it shows>"."""
-    for k, png in enumerate(sorted(folder.glob("subject-*.png"))):
-        place = scenes.subject_place(k)
-        png.with_suffix(".txt").write_text(f"a [V] {scenes.SUBJECT_CLASS} {place}\n")
-
-
 TEMPLATES = tuple(f"a {{V}} {{C}} {p}" for p in PLACES)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per recipe run, every metric with its 95% interval, PLACE of the unseen place."""
+    from ..metrics import METRICS, fmt
+
+    unseen = [p for p in PLACES if p not in scenes.SUBJECT_CONTEXTS]
+    head = ("| recipe | what changed | " + " | ".join(METRICS) + " | " + " | ".join(f"PLACE {p}" for p in unseen) +
+            " | train s |")
+    lines = [head, "|---|---|" + "---:|" * (len(METRICS) + len(unseen) + 1)]
+    for r in rows:
+        by_place = {k.split(scenes.SUBJECT_CLASS + " ", 1)[-1]: v for k, v in r["place_by_prompt"].items()}
+        lines.append(f"| {r['recipe']} (seed {r['seed']}) | {r['what']} | " +
+                     " | ".join(fmt(r["metrics"][k], r["intervals"][k]) for k in METRICS) + " | " +
+                     " | ".join(f"{by_place.get(p, float('nan')):.2f}" for p in unseen) + f" | {r['train_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(prefix: Path) -> str:
+    rows = [json.loads(line) for line in prefix.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+    text = (f"Scored on 'a [V] star <place>' for the {len(PLACES)} places (the base model on 'a star <place>') and "
+            f"'a star'; mean [95% bootstrap interval over images]; device and images per prompt in the .jsonl.\n\n"
+            + table(rows))
+    prefix.with_suffix(".md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="recipe-runs")
     p.add_argument("--out", default="bench/results/demo/recipes", help="prefix of the .jsonl and .md")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--table_only", action="store_true", help="only rewrite the .md from the .jsonl")
     a = p.parse_args(argv)
+    if a.table_only:
+        print(write_table(Path(a.out)))
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     work = Path(a.work)
-    subject = demo.write_subject(work / "subject")
-    write_captions(subject)
-    plain = demo.write_subject(work / "subject-plain")
+    subject = demo.write_subject(work / "subject", captions=True)
+    plain = demo.write_subject(work / "subject-plain", captions=False)
     real = scenes.subject_images(5)
     scorer = Scorer()
     out = Path(a.out)
@@ -107,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(out.with_suffix(".jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+        write_table(out)
     return 0
 
 
