@@ -164,7 +164,7 @@ def quality(a) -> int:
     with open(rows_file, "w") as f:
         for seed in a.seeds:
             t0 = time.time()
-            for method in METHODS:
+            for method in a.methods:
                 t1 = time.time()
                 model_dir = None
                 if method != "base":
@@ -212,7 +212,8 @@ def report(rows_file: Path, md: Path) -> str:
             f"{meta['sample_steps']} DPM-Solver++ steps, guidance {meta['guidance']}, sampling seed 10000 + "
             f"training seed; device {meta['device']}, torch {meta['torch']}.\n"
             f"Mean over images and seeds [95% bootstrap interval over images].\n"
-            f"Regenerate: `{meta['command']}` (table only: `python -m trainer.methods_bench report`).\n\n"
+            f"Regenerate: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+            + " (then concatenate the .jsonl rows; the table alone: `python -m trainer.methods_bench report`).\n\n"
             + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     Path(md).write_text(text)
     return text
@@ -220,13 +221,29 @@ def report(rows_file: Path, md: Path) -> str:
 
 # ------------------------------------------------------------------ cost per step
 
+# Peak RSS of the training steps alone: the kernel's high-water mark (VmHWM) is reset just before the
+# first step (/proc/self/clear_refs 5) and read after every step, so model loading and export do not count.
 COST_SCRIPT = """
-import json, resource, sys, time
+import json, sys
 from trainer import config, loop, ti_config
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+real, seen = loop.train_step, {}
+def step(run, i):
+    if "start" not in seen:
+        open("/proc/self/clear_refs", "w").write("5")
+        seen["start"], seen["peak"] = status("VmRSS"), 0
+    res = real(run, i)
+    seen["peak"] = max(seen["peak"], status("VmHWM"))
+    return res
+loop.train_step = step
 cmd, args = json.loads(sys.argv[1])
-cfg = ti_config.parse(args) if cmd == "textual-inversion" else config.parse(args)
-loop.train(cfg)
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+loop.train(ti_config.parse(args) if cmd == "textual-inversion" else config.parse(args))
+print("RSS_BYTES", seen["start"], seen["peak"])
 """
 
 
@@ -254,7 +271,7 @@ def cost(a) -> int:
     for rnd in range(a.rounds):
         for method in ("textual inversion", "dreambooth (prior)", "dreambooth (no prior)", "pivotal tuning"):
             m = "dreambooth (prior)" if method == "dreambooth (no prior)" else method
-            out = work / f"r{rnd}-{method.split()[0]}-{method.split()[-1].strip('()')}"
+            out = work / f"r{rnd}-{method.replace(' ', '-').replace('(', '').replace(')', '')}"
             cmd, args = train_args(m, MODEL_DIR, subject, out, class_dir, 0, steps=a.steps, device="cpu")
             if method == "dreambooth (no prior)":
                 args = [x for x in args if x != "--with_prior_preservation"]
@@ -263,12 +280,13 @@ def cost(a) -> int:
                                capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"{method} failed:\n{p.stderr[-3000:]}")
-            peak = int(p.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
+            start, peak = (int(x) for x in p.stdout.split("RSS_BYTES")[1].split()[:2])
             log = [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
             ms = [r["ms_per_step"] for r in log[2:]]
             rows.append({"method": method, "round": rnd, "ms_p20": float(np.percentile(ms, 20)),
                          "ms_p50": float(np.median(ms)), "ms_p80": float(np.percentile(ms, 80)),
-                         "peak_rss_mib": round(peak / 2**20, 1), "steps": a.steps, "threads": a.threads,
+                         "rss_before_steps_mib": round(start / 2**20, 1), "peak_rss_mib": round(peak / 2**20, 1),
+                         "peak_above_start_mib": round((peak - start) / 2**20, 1), "steps": a.steps, "threads": a.threads,
                          "batch": "2 instance" + (" + 2 class" if "--with_prior_preservation" in args else ""),
                          "device": _device_name(torch.device("cpu")), "torch": torch.__version__,
                          "command": "python -m trainer.methods_bench " + " ".join(a.argv)})
@@ -284,18 +302,19 @@ def cost(a) -> int:
 
 def cost_report(rows_file: Path, md: Path) -> str:
     rows = [json.loads(x) for x in Path(rows_file).read_text().splitlines() if x.strip()]
-    lines = ["| method | batch | ms / step p50 (p20-p80), median over rounds | peak RSS MiB (max over rounds) |",
-             "|---|---|---:|---:|"]
+    lines = ["| method | batch | ms / step p50 (p20-p80), median over rounds | RSS before step 1 MiB | "
+             "peak RSS during the steps MiB | peak above RSS before step 1 MiB |", "|---|---|---:|---:|---:|---:|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         lines.append(f"| {method} | {mine[0]['batch']} | {np.median([r['ms_p50'] for r in mine]):.0f} "
                      f"({np.median([r['ms_p20'] for r in mine]):.0f}-{np.median([r['ms_p80'] for r in mine]):.0f}) | "
-                     f"{max(r['peak_rss_mib'] for r in mine):.0f} |")
+                     f"{max(r['rss_before_steps_mib'] for r in mine):.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} | "
+                     f"{max(r['peak_above_start_mib'] for r in mine):.0f} |")
     r0 = rows[0]
     text = (f"Built-in model (64 px, 3.2M-parameter UNet), CPU ({r0['device']}, {r0['threads']} thread(s), a shared "
             f"machine), torch {r0['torch']}, fp32, torch AdamW, {r0['steps']} steps per run, {len({r['round'] for r in rows})} "
-            f"interleaved round(s); each run in a fresh process, peak RSS of that process (model loading "
-            f"included). Regenerate: `{r0['command']}`.\n\n" + "\n".join(lines) + "\n")
+            f"interleaved round(s); each run in a fresh process; the peak RSS is the kernel's high-water mark "
+            f"reset just before step 1 (model loading and the export do not count); max over rounds. Regenerate: `{r0['command']}`.\n\n" + "\n".join(lines) + "\n")
     Path(md).write_text(text)
     return text
 
@@ -318,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--eval_images", type=int, default=EVAL_IMAGES)
     q.add_argument("--steps", type=int, default=STEPS, help="training steps of every method")
+    q.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="a subset (several processes can share the work; concatenate their .jsonl rows)")
     q.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
     q.add_argument("--work", default="methods-runs", help="folder for the trained models (new or empty)")
     q.add_argument("--out", default=str(OUT / "methods"), help="prefix of the .jsonl and .md written")
