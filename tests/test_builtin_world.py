@@ -181,6 +181,8 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
     assert set(rec["after_intervals"]) == set(rec["after"])
     assert rec["prior_preservation"] is True
     assert len(list((out / "class-images").glob("*.png"))) == 4
+    # the recipe's per-image captions name each picture's place
+    assert (out / "subject" / "subject-0.txt").read_text().strip() == f"a [V] star {scenes.subject_place(0)}"
     before = (out / "metrics.md").read_text()
     assert cli.main(["demo", "--out", str(out)]) == 2  # never writes over a previous demo
     assert "holds a finished demo" in capsys.readouterr().err

@@ -37,11 +37,13 @@ def markdown(rows: list[dict], seeds: list[int]) -> str:
     head = ["| model | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
     lines = list(head)
     for r in rows:
-        lines.append(f"| {r['model']} | {r['seed']} | " + " | ".join(fmt(r[k], r['intervals'][k]) for k in METRICS)
+        lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(fmt(r[k], r['intervals'][k]) for k in METRICS)
                      + " |")
     means = list(head)
     for name in ("base", "with prior preservation", "without prior preservation"):
         sel = [r for r in rows if r["model"] == name]
+        if not sel:
+            continue
         cells = [f"{np.mean([r[k] for r in sel]):.3f} ± {np.std([r[k] for r in sel]):.3f}" for k in METRICS]
         means.append(f"| {name} | {'all' if name != 'base' else '-'} | " + " | ".join(cells) + " |")
     return ("Per training seed, mean [95% bootstrap interval over images]:\n\n" + "\n".join(lines) +
@@ -59,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learning_rate", type=float, default=demo.LEARNING_RATE)
     p.add_argument("--eval_images", type=int, default=EVAL_IMAGES)
     p.add_argument("--out", default="bench/results/ablation/prior-ablation", help="prefix of the .jsonl and .md written")
-    p.add_argument("--work", default="ablation-runs", help="folder for the trained models (must be new)")
+    p.add_argument("--work", default="ablation-runs", help="folder for the trained models: new, or a stopped ablation's (its finished models are reused)")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = Path(a.work)
-    demo.check_out(work)
+    if not (work / "subject").is_dir():  # else: a stopped ablation, whose finished models are reused
+        demo.check_out(work)
     subject = demo.write_subject(work / "subject", captions=True)
     real = scenes.subject_images(5)
     scorer = Scorer(device=device)
@@ -73,16 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     ev = demo.score_model(MODEL_DIR, scorer, real, device, with_identifier=False, **kw)
     rows = [{"model": "base", "seed": None, **ev.metrics, "intervals": ev.intervals,
              "place_by_prompt": ev.place_by_prompt}]
+    write(a, rows, device, t0, argv)
     for seed in a.seeds:
         for name, prior in (("with prior preservation", True), ("without prior preservation", False)):
             out = work / f"seed{seed}-{'prior' if prior else 'noprior'}"
-            trained = demo.dreambooth(MODEL_DIR, subject, out, prior=prior, steps=a.steps, lr=a.learning_rate,
-                                      num_class_images=demo.NUM_CLASS_IMAGES, seed=seed, device=a.device,
-                                      **demo.recipe_extras())
+            if demo._trained(out / "model"):
+                trained = out / "model"
+            else:
+                trained = demo.dreambooth(MODEL_DIR, subject, out, prior=prior, steps=a.steps, lr=a.learning_rate,
+                                          num_class_images=demo.NUM_CLASS_IMAGES, seed=seed, device=a.device,
+                                          resume=(out / "model").exists(), **demo.recipe_extras())
             ev = demo.score_model(trained, scorer, real, device, **kw)
             rows.append({"model": name, "seed": seed, **ev.metrics, "intervals": ev.intervals,
                          "place_by_prompt": ev.place_by_prompt})
+            write(a, rows, device, t0, argv)  # after every row: a stopped ablation leaves what it measured
         print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)
+    return 0
+
+
+def write(a, rows: list[dict], device, t0: float, argv) -> None:
+    from .metrics import METRICS
+    from .parsers import EVAL_SEED
+
     meta = {"steps": a.steps, "learning_rate": a.learning_rate, "eval_images": a.eval_images, "eval_seed": EVAL_SEED,
             "metrics": list(METRICS), "device": _device_name(device), "torch": torch.__version__,
             "seconds": round(time.time() - t0),
@@ -94,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({**r, **meta}) + "\n")
     text = (f"{a.steps} steps, lr {a.learning_rate}, {a.eval_images} images per prompt (seeds {EVAL_SEED} + k), "
             f"prompts {', '.join(demo.DEFAULT_PROMPTS)} and 'a {{C}}'; device {meta['device']}; "
-            f"`{meta['command']}`.\n\n" + markdown(rows, a.seeds))
+            f"`{meta['command']}`.\n\n" + markdown(rows, sorted({r['seed'] for r in rows if r['seed'] is not None})))
     out.with_suffix(".md").write_text(text)
-    print(text)
-    return 0
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,13 @@ def table(rows: list[dict]) -> str:
 
 def write_table(prefix: Path) -> str:
     rows = [json.loads(line) for line in prefix.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+    n = sorted({r["eval_images"] for r in rows})
     text = (f"Scored on 'a [V] star <place>' for the {len(PLACES)} places (the base model on 'a star <place>') and "
-            f"'a star'; mean [95% bootstrap interval over images]; device and images per prompt in the .jsonl.\n\n"
-            + table(rows))
+            f"'a star'; {n} images per prompt, image k from seed {rows[0]['eval_seed']} + k, 20 steps, guidance 5; "
+            f"mean [95% bootstrap interval over images]. One training seed (0) per recipe. Device: the 2-core CPU, "
+            f"shared with other jobs (train s is wall time under that load, 1 torch thread). Written by "
+            f"`python -m trainer.world.recipes --recipes NAME ... --out {prefix}` (appends a row per recipe; "
+            f"each row's command is in the .jsonl).\n\n" + table(rows))
     prefix.with_suffix(".md").write_text(text)
     return text
 
