@@ -43,7 +43,7 @@ def _common(model, subject, out, seed, steps, device) -> list[str]:
 
 
 def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, seed: int, steps: int = STEPS,
-               device=None) -> tuple[str, list[str]]:
+               device=None, num_class: int = NUM_CLASS) -> tuple[str, list[str]]:
     """(dbtrain command, its arguments) of one method."""
     from .world import scenes
 
@@ -55,7 +55,7 @@ def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, se
                                      "--learning_rate", str(TI_LR), *common]
     args = ["--instance_data_dir", str(subject), "--instance_prompt", f"a [V] {noun}", "--identifier", IDENTIFIER,
             "--learning_rate", str(DB_LR), "--with_prior_preservation", "--class_prompt", f"a {noun}",
-            "--class_data_dir", str(class_dir), "--num_class_images", str(NUM_CLASS), "--class_inference_steps",
+            "--class_data_dir", str(class_dir), "--num_class_images", str(num_class), "--class_inference_steps",
             str(SAMPLE_STEPS), "--sample_batch_size", "25", *common]
     if method == "pivotal tuning":
         args += ["--train_text_embedding", "--placeholder_token", TOKEN, "--text_embedding_frac", "0.5"]
@@ -64,10 +64,11 @@ def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, se
     return "train", args
 
 
-def train(method, model, subject, out, class_dir, seed, steps=STEPS, device=None) -> Path:
+def train(method, model, subject, out, class_dir, seed, steps=STEPS, device=None, num_class=NUM_CLASS) -> Path:
     from . import config, loop, ti_config
 
-    cmd, args = train_args(method, model, subject, out, class_dir, seed, steps=steps, device=device)
+    cmd, args = train_args(method, model, subject, out, class_dir, seed, steps=steps, device=device,
+                           num_class=num_class)
     print(f"dbtrain {cmd} " + " ".join(a if " " not in a else repr(a) for a in args), flush=True)
     return loop.train(ti_config.parse(args) if cmd == "textual-inversion" else config.parse(args))
 
@@ -149,6 +150,7 @@ def quality(a) -> int:
     from .world.tiny import MODEL_DIR
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(a.threads)  # on a shared CPU, more threads than free cores spin instead of working
     work = Path(a.work)
     demo.check_out(work)
     subject = demo.write_subject(work / "subject")
@@ -158,7 +160,7 @@ def quality(a) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_file = out.with_suffix(".jsonl")
-    meta = {"steps": a.steps, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "eval_images": a.eval_images,
+    meta = {"steps": a.steps, "num_class_images": a.num_class_images, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "eval_images": a.eval_images,
             "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "device": _device_name(device),
             "torch": torch.__version__, "command": "python -m trainer.methods_bench " + " ".join(a.argv)}
     with open(rows_file, "w") as f:
@@ -169,7 +171,8 @@ def quality(a) -> int:
                 model_dir = None
                 if method != "base":
                     model_dir = train(method, MODEL_DIR, subject, work / f"seed{seed}-{method.split()[0]}",
-                                      work / f"seed{seed}-class-images", seed, steps=a.steps, device=a.device)
+                                      work / f"seed{seed}-class-images", seed, steps=a.steps, device=a.device,
+                                      num_class=a.num_class_images)
                 t_train = time.time() - t1
                 pipe, word = pipeline_of(method, model_dir, MODEL_DIR, device)
                 pairs, class_prompt = subject_prompts(a.prompts, word, scenes.SUBJECT_CLASS)
@@ -207,7 +210,8 @@ def report(rows_file: Path, md: Path) -> str:
     for r in rows:
         per_seed.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
     text = (f"Built-in world, subject: the striped orange star; {meta['steps']} training steps per method "
-            f"(DreamBooth and pivotal tuning lr {meta['dreambooth_lr']}, Textual Inversion lr "
+            f"(DreamBooth and pivotal tuning lr {meta['dreambooth_lr']} with {meta.get('num_class_images', NUM_CLASS)} "
+            f"class images, Textual Inversion lr "
             f"{meta['textual_inversion_lr']}), training seeds {seeds}; {meta['eval_images']} images per prompt, "
             f"{meta['sample_steps']} DPM-Solver++ steps, guidance {meta['guidance']}, sampling seed 10000 + "
             f"training seed; device {meta['device']}, torch {meta['torch']}.\n"
@@ -337,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--eval_images", type=int, default=EVAL_IMAGES)
     q.add_argument("--steps", type=int, default=STEPS, help="training steps of every method")
+    q.add_argument("--num_class_images", type=int, default=NUM_CLASS, help="class images of the prior term")
+    q.add_argument("--threads", type=int, default=1, help="torch threads (1: several runs share the CPU)")
     q.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="a subset (several processes can share the work; concatenate their .jsonl rows)")
     q.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
