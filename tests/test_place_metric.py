@@ -111,3 +111,21 @@ def test_before_after_picture_has_big_cells_and_rows_for_seen_and_unseen_places(
     row = arr[g.height - 64]
     runs = (row == np.array([40, 0, 0])).all(axis=1)
     assert runs.sum() >= 2 * 128
+
+
+def test_ablation_and_recipe_tables_carry_every_metric_with_its_interval():
+    from trainer.ablation import markdown
+    from trainer.metrics import METRICS
+    from trainer.world.recipes import table
+
+    m = {k: 0.5 for k in METRICS}
+    ci = {k: [0.25, 0.75] for k in METRICS}
+    rows = [{"model": "base", "seed": None, **m, "intervals": ci},
+            {"model": "with prior preservation", "seed": 0, **m, "intervals": ci}]
+    text = markdown(rows, [0])
+    assert text.count("0.500 [0.250, 0.750]") == 2 * len(METRICS)
+    assert "without prior preservation" not in text  # not measured yet: no row of nans
+    rec = [{"recipe": "x", "what": "y", "seed": 0, "metrics": m, "intervals": ci, "train_s": 1.0,
+            "place_by_prompt": {f"a sks star {p}": 0.25 for p in PLACES}}]
+    line = table(rec).splitlines()[-1]
+    assert line.count("[0.250, 0.750]") == len(METRICS) and "| 0.25 |" in line  # PLACE of the unseen place

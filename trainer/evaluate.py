@@ -97,7 +97,8 @@ def run(argv: list[str]) -> dict:
     if not identifier or not class_noun:
         raise UserError(f"{a.model} records no identifier/class (not a dbtrain train output); "
                         f"pass --identifier and --class_noun")
-    real = [open_rgb(p) for p in list_images(a.instance_data_dir, "instance image")]
+    # caption files (kohya's .txt, as the demo writes) beside the pictures are expected, not noted
+    real = [open_rgb(p) for p in list_images(a.instance_data_dir, "instance image", captions=".txt")]
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
     kw = dict(templates=a.prompts or DEFAULT_PROMPTS, num_images=a.num_images, steps=a.steps, guidance=a.guidance,
