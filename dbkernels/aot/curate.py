@@ -88,9 +88,9 @@ def eligible(rows, checked=()) -> tuple[dict, set]:
     out, spilling = {}, set()
     for group, by_key in seen.items():
         fits = [k for k, cs in by_key.items() if cs == calls[group] and k not in over[group]]
-        fits = [k for k in fits if k not in vetoed[group] or not any(
-            kk not in vetoed[group] for kk in fits)]  # a veto never empties a group
-        clean = [k for k in fits if spill[group][k] == 0]
+        # a veto only narrows a group that has spill-free configs left (where all spill somewhere,
+        # the sweep's least-spilling ones stay: chasing untested ones would never settle)
+        clean = [k for k in fits if spill[group][k] == 0 and k not in vetoed[group]]
         if not clean and fits:
             least = min(spill[group][k] for k in fits)
             clean = [k for k in fits if spill[group][k] <= max(32, 2 * least)]
