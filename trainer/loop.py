@@ -7,8 +7,6 @@ from a checkpoint continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
 import time
 import warnings
@@ -20,10 +18,10 @@ import torch
 import dbkernels
 from dbkernels.ops.diffusion_loss import reference as loss_reference
 
-from . import checkpoint, config, data, embeddings, interrupts, outdir
+from . import checkpoint, config, data, embeddings, interrupts, outdir, runlog
 from .config import Resumable, UserError
-from .data import ImageSet, list_images, make_grid
-from .export import export, export_embedding, pipeline, remove_temporaries
+from .data import ImageSet, list_images
+from .export import export, export_embedding, remove_temporaries
 from .models import load_components, pick_identifier
 from .prior import generate_class_images
 
@@ -365,7 +363,7 @@ def train(cfg) -> Path:
     try:
         return _train(cfg)
     except torch.cuda.OutOfMemoryError as e:
-        raise UserError(oom_advice(cfg)) from e
+        raise UserError(runlog.oom_advice(cfg)) from e
 
 
 def _train(cfg) -> Path:
@@ -418,7 +416,7 @@ def _train(cfg) -> Path:
 
     run = setup(cfg, comps, batches, device)
     start = resume_run(run, resume) if resume is not None else 0
-    log = _Log(out, cfg)
+    log = runlog.RunLog(out, cfg)
     skipped, done = 0, start
 
     from tqdm.auto import tqdm
@@ -441,7 +439,7 @@ def _train(cfg) -> Path:
                     rec = log.write(done, res.loss, _loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
                                     (time.perf_counter() - t0) * 1000, device, skipped)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
-                    bar.write(_log_line(rec))
+                    bar.write(runlog.log_line(rec))
                 saved = None
                 save_every = getattr(cfg, "save_steps", None)
                 if save_every and run.new_tokens is not None and done % save_every == 0:  # diffusers' --save_steps
@@ -449,9 +447,9 @@ def _train(cfg) -> Path:
                 if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                     saved = save_checkpoint(run, out, done)
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
-                    validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device, out / "validation",
-                             f"step-{done:06d}", tokenizer=run.batches.tokenizer if run.new_tokens is not None
-                             else None)
+                    runlog.validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
+                                    out / "validation", f"step-{done:06d}",
+                                    tokenizer=run.batches.tokenizer if run.new_tokens is not None else None)
                 if stop.signum is not None and done < cfg.max_train_steps:
                     saved = saved or save_checkpoint(run, out, done)
                     raise Resumable(f"{interrupts.signal_name(stop.signum)} at step {done} of "
@@ -466,7 +464,7 @@ def _train(cfg) -> Path:
             if run.hook is not None:
                 run.hook.remove()
         save_model(run, out, done)
-    _record_subject(out, ident, class_word, prompts["inst"], cfg, run)
+    runlog.record_subject(out, ident, class_word, prompts["inst"], cfg, run)
     outdir.write_marker(out, finished=True)
     what = "the trained model" if "unet" in run.models else "the embedding files"
     print(f"saved {what} to {out} ({skipped} skipped step(s))")
@@ -540,100 +538,3 @@ def _loss_terms(run: Run, res: StepResult):
 
 def cfg_dict(cfg) -> dict:
     return dict(vars(cfg))
-
-
-def oom_advice(cfg) -> str:
-    tips = []
-    if not cfg.gradient_checkpointing:
-        tips.append("--gradient_checkpointing")
-    if cfg.mixed_precision == "no":
-        tips.append("--mixed_precision bf16")
-    if cfg.optimizer != "adamw8bit":
-        tips.append("--optimizer adamw8bit")
-    if not cfg.step_in_backward and cfg.gradient_accumulation_steps == 1:
-        tips.append("--step_in_backward")
-    if cfg.weights_dtype == "fp32":
-        tips.append("--weights_dtype bf16")
-    if cfg.train_batch_size > 1:
-        tips.append("--train_batch_size 1")
-    if cfg.train_text_encoder:
-        tips.append("dropping --train_text_encoder")
-    tips.append(f"a lower --resolution than {cfg.resolution}")
-    return "out of GPU memory; options that would help: " + ", ".join(tips)
-
-
-def _log_line(rec: dict) -> str:
-    prior = f" / prior {rec['loss_prior']:.4f}" if rec["loss_prior"] is not None else ""
-    vram = f"  peak {rec['peak_vram_gb']:.2f} GB" if rec["peak_vram_gb"] is not None else ""
-    skipped = f"  skipped {rec['skipped_steps']}" if rec["skipped_steps"] else ""
-    return (f"step {rec['step']}  loss {rec['loss']:.4f} (instance {rec['loss_instance']:.4f}{prior})  "
-            f"lr {rec['lr']:.2e}  {rec['ms_per_step']:.0f} ms/step  {rec['it_per_s']:.2f} it/s{vram}{skipped}")
-
-
-class _Log:
-    """JSONL log (output_dir/logs/train_log.jsonl) and TensorBoard when installed."""
-
-    def __init__(self, out: Path, cfg):
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.f = open(out / "logs" / "train_log.jsonl", "a")
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "logs"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
-
-    def write(self, step, loss, terms, lr, ms, device, skipped) -> dict:
-        rec = {"step": step, "loss": float(loss), "loss_instance": terms[0], "loss_prior": terms[1], "lr": lr,
-               "ms_per_step": round(ms, 2), "it_per_s": round(1000.0 / ms, 3) if ms > 0 else None,
-               "peak_vram_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                                if device.type == "cuda" else None),
-               "skipped_steps": skipped}
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, step)
-        return rec
-
-    def close(self):
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _record_subject(out: Path, identifier: str, class_word: str | None, instance_prompt: str, cfg=None,
-                    run=None) -> None:
-    """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically); with new
-    tokens also the embedding file and, for Textual Inversion, the base model it goes on."""
-    if class_word is None:  # no class prompt: the word after the identifier in the instance prompt
-        words = instance_prompt.split()
-        class_word = words[words.index(identifier) + 1] if identifier in words[:-1] else None
-    rec = {"identifier": identifier, "class_noun": class_word, "instance_prompt": instance_prompt}
-    if run is not None and run.new_tokens is not None:
-        rec.update(method=getattr(cfg, "method", "pivotal_tuning"), embedding=embeddings.DIFFUSERS_FILE,
-                   num_vectors=cfg.num_vectors)
-        if "unet" not in run.models:
-            rec["base_model"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
-    tmp = out / ".dreambooth.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, out / "dreambooth.json")
-
-
-@torch.no_grad()
-def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=None) -> Path:
-    was_training = unet.training
-    unet.eval()
-    pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
-                    tokenizer=tokenizer).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
-    images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
-                  width=cfg.resolution, num_inference_steps=25).images
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    make_grid(images).save(path)
-    unet.train(was_training)
-    return path
