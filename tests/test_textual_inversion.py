@@ -138,6 +138,17 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
         assert tok == ("toy-x" if f.endswith(".pt") else "<toy-x>")
         ids2 = p2.tokenizer.convert_tokens_to_ids([tok, tok + "_1"])
         assert torch.equal(p2.text_encoder.get_input_embeddings().weight[ids2].detach(), learned[TOKEN])
+    # dbtrain sample: the TI folder as --model, and a base model with --embedding FILE (A1111's .pt)
+    for model, extra, tok in ((out, [], TOKEN), (tiny_model, ["--embedding", str(out / "toy-x.pt")], "toy-x")):
+        samples = tmp_path / f"samples-{tok.strip('<>')}"
+        code, got, err = run_cli(["sample", "--model", str(model), *extra, "--prompt", f"a photo of {tok}",
+                                  "--num_images", "1", "--steps", "2", "--resolution", "32", "--device", "cpu",
+                                  "--out", str(samples)], capsys)
+        assert code == 0, err
+        assert f"write {tok} in the prompt" in got and (samples / "000.png").is_file()
+    code, _, err = run_cli(["sample", "--model", str(tiny_model), "--embedding", str(tmp_path / "none.pt"),
+                            "--prompt", "x", "--out", str(tmp_path / "s3")], capsys)
+    assert code == 2 and "--embedding" in err and "none.pt" in err, err
 
 
 def test_textual_inversion_resumes_bitwise_after_a_hard_stop(tiny_model, inst, tmp_path, capsys, monkeypatch):

@@ -31,7 +31,7 @@ def sample_parser():
 
 
 def check_sample_args(args) -> None:
-    from .models import check_model_folder
+    from .models import check_model_folder, model_and_embeddings
 
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num_images and --steps must be >= 1")
@@ -40,7 +40,7 @@ def check_sample_args(args) -> None:
     if not math.isfinite(args.guidance):
         raise UserError(f"--guidance must be a finite number, got {args.guidance}")
     outdir.check_images_out(args.out)
-    check_model_folder(args.model)
+    check_model_folder(model_and_embeddings(args.model, args.embedding)[0])
 
 
 def sample(argv: list[str]) -> Path:
@@ -51,9 +51,15 @@ def sample(argv: list[str]) -> Path:
 
     from .data import make_grid
 
+    from .embeddings import load_embedding_into
+    from .models import model_and_embeddings
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
+    model, files = model_and_embeddings(args.model, args.embedding)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
                                                    requires_safety_checker=False).to(device)
+    for f in files:
+        print(f"embedding {f}: write {load_embedding_into(pipe, f)} in the prompt")
     gens = [torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)]
     kw = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     images = pipe([args.prompt] * args.num_images, negative_prompt=(

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from .config import UserError
+from .models import EMBEDDING_FILE as DIFFUSERS_FILE
+from .models import model_and_embeddings  # noqa: F401  (lives there, torch-free, for the CLI's checks)
 
-DIFFUSERS_FILE = "learned_embeds.safetensors"
 _A1111_STAR_TOKEN = 265  # CLIP's id of "*", what A1111 writes in string_to_token
 
 
@@ -219,32 +220,3 @@ def load_embedding_into(pipe, path, token: str | None = None) -> str:
     except ValueError as e:  # token already in the vocabulary, ...
         raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
     return token
-
-
-def model_and_embeddings(model, embedding_files=None) -> tuple[Path, list[Path]]:
-    """What `dbtrain sample|eval --model DIR [--embedding FILE ...]` should load: (diffusers folder, embedding
-    files). A Textual Inversion output folder (its dreambooth.json names the base model, no model_index.json)
-    means that base model plus its learned_embeds.safetensors; a pivotal-tuning folder means itself plus its
-    learned_embeds.safetensors; files given explicitly come after those."""
-    import json
-
-    model = Path(model)
-    files = []
-    rec = {}
-    if (model / "dreambooth.json").is_file():
-        try:
-            rec = json.loads((model / "dreambooth.json").read_text())
-        except (OSError, ValueError):
-            rec = {}
-    if (model / DIFFUSERS_FILE).is_file() and rec.get("embedding"):
-        files.append(model / DIFFUSERS_FILE)
-    if not (model / "model_index.json").is_file() and rec.get("base_model"):
-        base = Path(rec["base_model"])
-        if not base.is_dir():
-            raise UserError(f"{model} is a Textual Inversion result for the base model {base}, which is not there")
-        model = base
-    files += [Path(f) for f in (embedding_files or [])]
-    for f in files:
-        if not f.is_file():
-            raise UserError(f"--embedding {f}: no such file")
-    return model, files

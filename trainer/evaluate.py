@@ -30,14 +30,20 @@ def recorded_subject(model: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_pipeline(model, device):
+def load_pipeline(model, device, embedding_files=None):
+    """The pipeline of a model folder; a Textual Inversion / pivotal-tuning output folder, or
+    `embedding_files`, add their embeddings (read safely) on top."""
     from diffusers import StableDiffusionPipeline
 
-    from .models import check_model_folder
+    from .embeddings import load_embedding_into
+    from .models import check_model_folder, model_and_embeddings
 
+    model, files = model_and_embeddings(model, embedding_files)
     check_model_folder(model)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    for f in files:
+        load_embedding_into(pipe, f)
     return pipe.to(device)
 
 
@@ -103,7 +109,7 @@ def run(argv: list[str]) -> dict:
     scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
     kw = dict(templates=a.prompts or DEFAULT_PROMPTS, num_images=a.num_images, steps=a.steps, guidance=a.guidance,
               seed=a.seed)
-    ev = evaluate(load_pipeline(a.model, device), scorer, real, identifier, class_noun, **kw)
+    ev = evaluate(load_pipeline(a.model, device, a.embedding), scorer, real, identifier, class_noun, **kw)
     rows, cis = {str(a.model): ev.metrics}, {str(a.model): ev.intervals}
     ref = None
     if a.base_model:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import UserError
 
+EMBEDDING_FILE = "learned_embeds.safetensors"   # diffusers' Textual Inversion file (trainer.embeddings)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                  "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
@@ -90,3 +91,30 @@ def pick_identifier(tokenizer, class_word: str | None, seed: int) -> str:
     cands.sort()
     rare = cands[-max(1, len(cands) // 4):]
     return random.Random(seed).choice(rare)[1]
+
+
+def model_and_embeddings(model, embedding_files=None) -> tuple[Path, list[Path]]:
+    """What `dbtrain sample|eval --model DIR [--embedding FILE ...]` should load: (diffusers folder, embedding
+    files). A Textual Inversion output folder (its dreambooth.json names the base model, no model_index.json)
+    means that base model plus its learned_embeds.safetensors; a pivotal-tuning folder means itself plus its
+    learned_embeds.safetensors; files given explicitly come after those."""
+    model = Path(model)
+    files = []
+    rec = {}
+    if (model / "dreambooth.json").is_file():
+        try:
+            rec = json.loads((model / "dreambooth.json").read_text())
+        except (OSError, ValueError):
+            rec = {}
+    if (model / EMBEDDING_FILE).is_file() and rec.get("embedding"):
+        files.append(model / EMBEDDING_FILE)
+    if not (model / "model_index.json").is_file() and rec.get("base_model"):
+        base = Path(rec["base_model"])
+        if not base.is_dir():
+            raise UserError(f"{model} is a Textual Inversion result for the base model {base}, which is not there")
+        model = base
+    files += [Path(f) for f in (embedding_files or [])]
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"--embedding {f}: no such file")
+    return model, files

@@ -38,6 +38,10 @@ def sample_parser() -> argparse.ArgumentParser:
                                 description="Images from a trained model folder (or any diffusers SD folder).")
     a = option_adder(p.add_argument_group("model and prompt"))
     a("--model", required=True, metavar="DIR", help="a diffusers folder (a dbtrain train output_dir); required")
+    a("--embedding", nargs="+", default=None, metavar="FILE",
+      help="Textual Inversion embedding(s) on top of --model: diffusers' learned_embeds.safetensors or an "
+           "A1111/ComfyUI .safetensors/.pt, read safely; a textual-inversion or pivotal-tuning output folder "
+           "given as --model loads its own")
     a("--prompt", required=True, metavar="TEXT", help="what to draw, e.g. \"a photo of sks dog\"; required")
     a("--negative_prompt", default=None, metavar="TEXT", help="what not to draw (not given: none)")
     a = option_adder(p.add_argument_group("sampling"))
@@ -58,6 +62,10 @@ def eval_parser() -> argparse.ArgumentParser:
                                             "generates now.")
     a = option_adder(p.add_argument_group("model and subject"))
     a("--model", required=True, metavar="DIR", help="a diffusers folder (a dbtrain train output_dir); required")
+    a("--embedding", nargs="+", default=None, metavar="FILE",
+      help="Textual Inversion embedding(s) on top of --model: diffusers' learned_embeds.safetensors or an "
+           "A1111/ComfyUI .safetensors/.pt, read safely; a textual-inversion or pivotal-tuning output folder "
+           "given as --model loads its own")
     a("--instance_data_dir", required=True, metavar="DIR", help="the subject's real images; required")
     a("--identifier", default=None, metavar="WORD",
       help="[V] (not given: what dbtrain train recorded in the model's dreambooth.json)")
