@@ -7,7 +7,6 @@ that are not numbers, slow --help, fp16 on a CPU, the demo. Tiny models, few ste
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shlex
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import cli
+from cli_helpers import one_line_error, run_cli
 from trainer.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,22 +65,6 @@ def train_args(model, inst, out, *extra, steps=4):
             "--instance_prompt", "a photo of [V] toy", "--output_dir", str(out), "--resolution", "32",
             "--max_train_steps", str(steps), "--learning_rate", "1e-4", "--log_every", "1", "--seed", "3",
             *FAST, *extra]
-
-
-def run_cli(argv, capsys):
-    code = cli.main(argv)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_line_error(code, err, *parts):
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.startswith("dbtrain: error:")]
-    assert len(lines) == 1, err
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def unet(folder: Path) -> dict:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from trainer import cli
+from cli_helpers import one_line_error, run_cli
 from trainer.tiny_sd import build_tiny_sd
 
 TOKEN = "<toy-x>"
@@ -42,21 +42,6 @@ def ti_args(model, inst, out, *extra, steps=4):
             "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
             "--learning_rate", "5e-2", "--lr_warmup_steps", "0", "--output_dir", str(out), "--log_every", "1",
             "--seed", "1", "--kernels", "off", *extra]
-
-
-def run_cli(argv, capsys):
-    code = cli.main(argv)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_line_error(code, err, *parts):
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.startswith("dbtrain: error:")]
-    assert len(lines) == 1, err
-    for part in parts:
-        assert part in lines[0], lines[0]
 
 
 def watch_steps(monkeypatch):

@@ -68,6 +68,17 @@ def option_adder(group):
     return add
 
 
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+def add_adam_flags(g) -> None:
+    """diffusers' AdamW flags, shared by `dbtrain train` and `dbtrain textual-inversion`."""
+    g("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    g("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dbtrain train", formatter_class=HelpFormatter,
@@ -105,13 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g("--max_train_steps", type=int, default=800, help="optimizer steps of the run")
     g("--gradient_accumulation_steps", type=int, default=1, help="forward/backward passes per optimizer step")
     g("--learning_rate", type=float, default=5e-6, help="peak learning rate")
-    g("--lr_scheduler", default="constant", help="learning-rate schedule",
-      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g("--lr_scheduler", default="constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
     g("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up")
-    g("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
-    g("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_adam_flags(g)
     g("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     g("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, e.g. 5.0 (not given: off)")
     g("--offset_noise", type=float, default=0.0, help="offset-noise strength (0 = off)")

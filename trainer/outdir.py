@@ -101,24 +101,33 @@ def check_creatable(path, flag: str) -> None:
         raise UserError(f"cannot create {flag} {path}: {parent} is not writable; choose a folder you can write to")
 
 
+def _checked_folder(out: Path, flag: str, file_hint: str, writes: str) -> list[str] | None:
+    """The entries of an existing folder dbtrain may write into (None: it does not exist yet and
+    can be created); a file, a folder holding anything without dbtrain's marker, or an unwritable
+    folder is a UserError."""
+    if not out.exists():
+        check_creatable(out, flag)
+        return None
+    if not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; pass a folder{file_hint}")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and MARKER not in entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"{flag} {out} holds files dbtrain did not write ({shown}); dbtrain writes {writes}: "
+                        f"choose another {flag}")
+    if not writable(out):
+        raise UserError(f"{flag} {out} is not writable; choose a folder you can write to")
+    return entries
+
+
 def check_output_dir(path, *, resume: bool) -> str:
     """Whether dbtrain may write into --output_dir: "new", "empty" or "ours" (a run of ours
     that may continue). Anything else is a UserError saying what to do."""
     out = Path(path)
-    if not out.exists():
-        check_creatable(out, "--output_dir")
+    entries = _checked_folder(out, "--output_dir", " (a new one, an empty one, or a previous dbtrain run)",
+                              "only into a new folder, an empty one, or one of its own runs")
+    if entries is None:
         return "new"
-    if not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; pass a folder (a new one, an empty one, or a previous "
-                        f"dbtrain run)")
-    entries = sorted(p.name for p in out.iterdir())
-    marker = MARKER in entries
-    if entries and not marker:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise UserError(f"--output_dir {out} holds files dbtrain did not write ({shown}); dbtrain writes only "
-                        f"into a new folder, an empty one, or one of its own runs: choose another --output_dir")
-    if not writable(out):
-        raise UserError(f"--output_dir {out} is not writable; choose a folder you can write to")
     if not entries:
         return "empty"
     previous = [p.name for _, p in list_checkpoints(out)][-2:]
@@ -132,19 +141,7 @@ def check_output_dir(path, *, resume: bool) -> str:
 def check_images_out(path, flag: str = "--out") -> None:
     """Whether `dbtrain sample|fabric|eval` may write images into `path`: a new folder, an empty
     one, or one that dbtrain made (its marker), so a user's own 000.png is never replaced."""
-    out = Path(path)
-    if not out.exists():
-        check_creatable(out, flag)
-        return
-    if not out.is_dir():
-        raise UserError(f"{flag} {out} is a file; pass a folder")
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and MARKER not in entries:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise UserError(f"{flag} {out} holds files dbtrain did not write ({shown}); dbtrain writes images only "
-                        f"into a new folder, an empty one, or one it made: choose another {flag}")
-    if not writable(out):
-        raise UserError(f"{flag} {out} is not writable; choose a folder you can write to")
+    _checked_folder(Path(path), flag, "", "images only into a new folder, an empty one, or one it made")
 
 
 def claim_images_out(path, command: str) -> Path:

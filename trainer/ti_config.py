@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import _NEGATIVE_NUMBER, HelpFormatter, UserError, build_parser, check, option_adder
+from .config import (_NEGATIVE_NUMBER, LR_SCHEDULERS, HelpFormatter, UserError, add_adam_flags, build_parser, check,
+                     option_adder)
 
 # The prompt templates of the original Textual Inversion work (Gal et al. 2022): one is drawn per
 # image and step; "{}" is the placeholder.
@@ -66,13 +67,9 @@ def build_ti_parser() -> argparse.ArgumentParser:
     g("--gradient_accumulation_steps", type=int, default=1, help="forward/backward passes per optimizer step")
     g("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     g("--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation steps")
-    g("--lr_scheduler", default="constant", help="learning-rate schedule",
-      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g("--lr_scheduler", default="constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
     g("--lr_warmup_steps", type=int, default=500, help="steps of linear warm-up")
-    g("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
-    g("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_adam_flags(g)
     g("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
       help="autocast dtype; on a GPU the frozen UNet, VAE and text encoder are stored in it too")
     g("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
