@@ -1,4 +1,4 @@
-"""`dbtrain train|sample|eval|demo|fabric ...` (also `python -m trainer ...`).
+"""`dbtrain train|sample|eval|demo|fabric|export|estimate ...` (also `python -m trainer ...`).
 
 Flags are parsed and checked, and the folders they name looked at, before torch or a
 model is imported: `--help` and every foreseeable mistake come back at once. Bad input
@@ -20,8 +20,12 @@ USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny mo
        dbtrain textual-inversion [options]   a new word for a concept, the model frozen (embedding files)
        dbtrain sample [options]    images from a trained output folder (dbtrain sample --help)
        dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model
-       dbtrain fabric [options]    images steered by liked / disliked images, no training (FABRIC)"""
-COMMANDS = ("train", "textual-inversion", "sample", "eval", "demo", "fabric")
+       dbtrain fabric [options]    images steered by liked / disliked images, no training (FABRIC)
+       dbtrain export [options]    a model folder as one .safetensors file (A1111/ComfyUI), LoRA formats
+       dbtrain estimate [options]  peak GPU memory of a training step, computed on the CPU"""
+# Commands whose module owns its flags: parse(argv) checks them before torch loads, run(args) does the work.
+MODULE_COMMANDS = {"export": "export_cli", "estimate": "estimate"}
+COMMANDS = ("train", "textual-inversion", "sample", "eval", "demo", "fabric", *MODULE_COMMANDS)
 
 
 def sample_parser():
@@ -111,7 +115,14 @@ def continue_command(cmd: str, rest: list[str]) -> str:
 
 
 def _run(cmd: str, rest: list[str]) -> None:
-    if cmd == "train":
+    if cmd in MODULE_COMMANDS:
+        import importlib
+
+        mod = importlib.import_module(f".{MODULE_COMMANDS[cmd]}", __package__)
+        args = mod.parse(rest)  # flags and paths, before torch
+        _quiet_libraries()
+        mod.run(args)
+    elif cmd == "train":
         from . import config
 
         cfg = config.parse(rest)
