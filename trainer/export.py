@@ -59,19 +59,31 @@ def _remove(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def staging(out: Path) -> Path:
+    """An empty staging folder inside `out` for an export (see install)."""
+    tmp = out / _TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def export(cfg, unet, te, out: Path) -> None:
     """Write the model into `out`. Raises outdir.NoSpace (no room, failed write) or UserError
     (an item there that this run did not write); `out` is then as it was before."""
     pipe = pipeline(cfg, unet, te)
     need = model_bytes(cfg, pipe)
     outdir.require_space(out, need, "the trained model")
-    tmp = out / _TMP
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise outdir.failed_write(out, "the trained model", e, need) from e
+    install(out, tmp)
+
+
+def install(out: Path, tmp: Path) -> None:
+    """Move every item of the staging folder `tmp` into `out`: an item already there is replaced only if an
+    earlier export of this run wrote it (UserError otherwise, nothing moved); `tmp` is removed."""
     items = sorted(tmp.iterdir())
     ours = set((outdir.read_marker(out) or {}).get("exported", []))
     foreign = [i.name for i in items if (out / i.name).exists() and i.name not in ours]
