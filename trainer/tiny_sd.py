@@ -53,11 +53,13 @@ def write_tokenizer_files(folder: Path, words=WORDS) -> int:
 
 
 def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 32,
-                  cross_attention_dim: int = 32):
+                  cross_attention_dim: int = 32, sd2_style: bool = False):
     """Write a tiny SD model folder at `path` and return the path.
 
     Images are sample_size x sample_size pixels; the VAE downsamples 4x (SD's does 8x),
-    which keeps CPU runs fast.
+    which keeps CPU runs fast. sd2_style=True builds SD2.x's variant: an OpenCLIP-style
+    text encoder (GELU, written with OpenCLIP's names in a single file) and linear
+    proj_in/proj_out in the UNet's transformers (use_linear_projection).
     """
     import tempfile
 
@@ -74,7 +76,8 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=cross_attention_dim))
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=cross_attention_dim,
+        **({"hidden_act": "gelu"} if sd2_style else {})))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
                         latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=sample_size)
@@ -82,7 +85,8 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
         sample_size=sample_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4, norm_num_groups=8)  # 4 heads: head dim 8 at 32 channels
+        attention_head_dim=4, norm_num_groups=8,  # 4 heads: head dim 8 at 32 channels
+        **({"use_linear_projection": True} if sd2_style else {}))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type=prediction_type,
                               clip_sample=False, steps_offset=1)
