@@ -1,0 +1,138 @@
+"""`dbtrain export`: single file, LoRA merged into a single file / folder, diffusers -> kohya; bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cli_helpers import one_line_error, run_cli
+from trainer.formats import kohya_lora as kl
+from trainer.formats import single_file as sf
+from trainer.tiny_sd import build_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model and a diffusers-format LoRA for it (UNet + text encoder, alpha != rank)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    root = tmp_path_factory.mktemp("export")
+    folder = build_tiny_sd(root / "model")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    torch.manual_seed(0)
+    ucfg = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                      init_lora_weights="gaussian")
+    tcfg = LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    pipe.unet.add_adapter(ucfg)
+    inject_adapter_in_model(tcfg, pipe.text_encoder)
+    for m in (pipe.unet, pipe.text_encoder):
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.05)
+    lora_dir = root / "lora"
+    StableDiffusionPipeline.save_lora_weights(
+        lora_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict())
+    return {"root": root, "model": folder, "lora": lora_dir / "pytorch_lora_weights.safetensors"}
+
+
+def test_single_file(setup, capsys):
+    out = setup["root"] / "plain.safetensors"
+    code, stdout, err = run_cli(["export", "--model", str(setup["model"]), "--single_file", str(out)], capsys)
+    assert code == 0, err
+    assert "wrote" in stdout and out.is_file()
+    unet = sf.load_components(setup["model"])[0]
+    sd = load_file(str(out))
+    assert torch.equal(sd["model.diffusion_model.input_blocks.0.0.weight"], unet.conv_in.weight)
+
+
+def test_kohya_then_merge(setup, capsys, tmp_path):
+    kohya = tmp_path / "subject.safetensors"
+    code, stdout, err = run_cli(["export", "--lora", str(setup["lora"]), "--kohya", str(kohya),
+                                 "--model", str(setup["model"])], capsys)
+    assert code == 0, err
+    with safe_open(str(kohya), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_sd_model_name"] == "model" and meta["ss_base_model_version"] == "sd_v1"
+
+    single, folder = tmp_path / "merged.safetensors", tmp_path / "merged"
+    code, stdout, err = run_cli(["export", "--model", str(setup["model"]), "--lora", str(kohya), "--merge",
+                                 "--lora_scale", "0.5", "--single_file", str(single), "--output_dir", str(folder)],
+                                capsys)
+    assert code == 0, err
+    want = kl.merge_lora(setup["model"], setup["lora"], scale=0.5)  # from the diffusers file: the same LoRA
+    got_single = sf.diffusers_state_dicts(load_file(str(single)), want["unet"].config, want["vae"].config)
+    got_folder = sf.load_components(folder)
+    for i, name in enumerate(("unet", "vae", "text_encoder")):
+        ref = want[name].state_dict()
+        for got in (got_single[name], got_folder[i].state_dict()):
+            assert set(got) == set(ref)
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    base = sf.load_components(setup["model"])[0].state_dict()
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.allclose(got_folder[0].state_dict()[k], base[k])
+
+
+def test_parse_is_torch_free(setup):
+    code = ("import sys; from trainer import export_cli; "
+            f"export_cli.parse(['--model', {str(setup['model'])!r}, '--single_file', 'x.safetensors']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_input(setup, capsys, tmp_path):
+    model, lora = str(setup["model"]), str(setup["lora"])
+    existing = tmp_path / "exists.safetensors"
+    existing.write_bytes(b"user's")
+    notsd = tmp_path / "notsd"
+    notsd.mkdir()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    pt = tmp_path / "lora.pt"
+    pt.write_bytes(b"x")
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--single_file", "o.safetensors"], "is not a folder"),
+        (["--model", str(notsd), "--single_file", "o.safetensors"], "not a diffusers Stable Diffusion folder"),
+        (["--model", model, "--single_file", str(existing)], "already exists"),
+        (["--model", model, "--single_file", str(tmp_path / "o.ckpt")], "must end in .safetensors"),
+        (["--model", model], "say what to write"),
+        (["--model", model, "--merge", "--single_file", "o.safetensors"], "--merge needs --lora"),
+        (["--model", model, "--lora", lora, "--single_file", "o.safetensors"], "needs --merge"),
+        (["--kohya", "o.safetensors"], "--kohya needs --lora"),
+        (["--lora", str(pt), "--kohya", "o.safetensors"], "only .safetensors"),
+        (["--model", model, "--lora", lora, "--merge", "--output_dir", str(full)], "not an empty folder"),
+        (["--lora", lora, "--merge", "--single_file", "o.safetensors"], "--model DIR is needed"),
+    ]
+    for argv, part in cases:
+        code, _, err = run_cli(["export", *argv], capsys)
+        one_line_error(code, err, part)
+    assert existing.read_bytes() == b"user's"
+
+
+def test_lora_of_another_architecture(setup, capsys, tmp_path):
+    sd, meta = kl.read_lora(setup["lora"])
+    k = next(k for k in sd if "attn2.to_k.lora_A" in k)
+    sd[k] = torch.zeros(4, 48)  # made for a text encoder of width 48
+    bad = tmp_path / "other.safetensors"
+    save_file(sd, str(bad), metadata=meta)
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(["export", "--model", str(setup["model"]), "--lora", str(bad), "--merge",
+                            "--single_file", str(out)], capsys)
+    one_line_error(code, err, "another architecture")
+    assert not out.exists()
+    code, _, err = run_cli(["export", "--model", str(setup["model"]), "--lora", str(bad), "--kohya",
+                            str(tmp_path / "k.safetensors")], capsys)
+    one_line_error(code, err, "another architecture")
+    assert not (tmp_path / "k.safetensors").exists()

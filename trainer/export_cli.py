@@ -1,0 +1,199 @@
+"""`dbtrain export`: a model folder as one .safetensors file (A1111/ComfyUI), and LoRA formats.
+
+  dbtrain export --model DIR --single_file OUT.safetensors [--half]
+  dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --single_file OUT.safetensors [--half]
+  dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --output_dir NEWDIR
+  dbtrain export --lora pytorch_lora_weights.safetensors --kohya OUT.safetensors [--model DIR]
+
+parse() checks the flags and the paths without importing torch; run() does the work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import HelpFormatter, UserError
+
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dbtrain export", formatter_class=HelpFormatter,
+        description="Write a diffusers SD1.x/SD2.x folder (a dbtrain output folder is one) as a single-file "
+                    "checkpoint for A1111/ComfyUI, merge a LoRA into it, or convert a diffusers LoRA to kohya's "
+                    "format.")
+    p.add_argument("--model", default=None, help="a diffusers Stable Diffusion folder (or a dbtrain output folder)")
+    p.add_argument("--single_file", default=None, metavar="OUT.safetensors",
+                   help="write the model as one original-layout checkpoint (a new file)")
+    p.add_argument("--half", action="store_true", help="store the single file in float16 (half the size)")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="a LoRA .safetensors file, kohya or diffusers format (or a folder holding "
+                        f"{DIFFUSERS_LORA})")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the merged LoRA (default 1.0)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge --lora into --model's weights (for UIs without LoRA support)")
+    p.add_argument("--output_dir", default=None, metavar="NEWDIR",
+                   help="with --merge: also write the merged model as a diffusers folder (new or empty)")
+    p.add_argument("--kohya", default=None, metavar="OUT.safetensors",
+                   help="write --lora in kohya's format (lora_unet_/lora_te_ names, alphas, ss_* header)")
+    return p
+
+
+def _lora_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        if not (p / DIFFUSERS_LORA).is_file():
+            raise UserError(f"--lora {p} is a folder without {DIFFUSERS_LORA}; pass the LoRA file itself")
+        p = p / DIFFUSERS_LORA
+    if not p.is_file():
+        raise UserError(f"--lora {p} does not exist")
+    if p.suffix != ".safetensors":
+        raise UserError(f"--lora {p}: only .safetensors LoRA files are read (pickled .pt/.ckpt files can run code)")
+    return p
+
+
+def _check_new_dir(path: str) -> Path:
+    from . import outdir
+
+    d = Path(path)
+    if d.exists():
+        if not d.is_dir() or any(d.iterdir()):
+            raise UserError(f"--output_dir {d} exists and is not an empty folder; choose a new one")
+    else:
+        outdir.check_creatable(d, "--output_dir")
+    return d
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from .formats.io import check_new_file
+    from .formats.single_file import check_model_folder
+
+    a = build_parser().parse_args(argv)
+    if not (a.single_file or a.kohya or a.output_dir):
+        raise UserError("say what to write: --single_file OUT.safetensors, --kohya OUT.safetensors (with --lora), "
+                        "or --merge --output_dir NEWDIR")
+    if a.kohya and (a.merge or a.single_file or a.output_dir):
+        raise UserError("--kohya converts a LoRA file on its own; run --merge / --single_file as another command")
+    if a.kohya and not a.lora:
+        raise UserError("--kohya needs --lora FILE (a diffusers-format LoRA to convert)")
+    if a.lora and not a.kohya and not a.merge:
+        raise UserError("--lora with --single_file/--output_dir needs --merge (the LoRA merged into the weights)")
+    if a.merge and not a.lora:
+        raise UserError("--merge needs --lora FILE")
+    if a.output_dir and not a.merge:
+        raise UserError("--output_dir writes a merged model: add --lora FILE --merge")
+    if (a.single_file or a.merge) and not a.model:
+        raise UserError("--model DIR is needed (the diffusers folder to export)")
+    import math
+
+    if not math.isfinite(a.lora_scale):
+        raise UserError(f"--lora_scale must be a finite number, got {a.lora_scale}")
+    if a.model:
+        a.model = str(check_model_folder(a.model))
+    if a.lora:
+        a.lora = str(_lora_file(a.lora))
+    for flag, out in (("--single_file", a.single_file), ("--kohya", a.kohya)):
+        if out:
+            check_new_file(out, flag)
+    if a.single_file and a.kohya and Path(a.single_file).resolve() == Path(a.kohya).resolve():
+        raise UserError("--single_file and --kohya name the same file")
+    if a.output_dir:
+        _check_new_dir(a.output_dir)
+    return a
+
+
+# ------------------------------------------------------------------ the work (torch from here on)
+
+def _run_record(lora: Path) -> dict:
+    """The config of the dbtrain run that wrote `lora` (its marker next to it), or {}."""
+    from .outdir import read_marker
+
+    rec = read_marker(lora.parent) or {}
+    cfg = rec.get("config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _to_kohya(a) -> None:
+    from .formats import kohya_lora as kl
+
+    lora = Path(a.lora)
+    sd, meta = kl.read_lora(lora)
+    if kl.is_kohya(sd):
+        raise UserError(f"--lora {lora} is already in kohya's format")
+    state = kl.diffusers_to_kohya(sd, meta)
+    if a.model:  # names and shapes checked against the model the LoRA is for
+        from .formats.single_file import load_components
+
+        unet, _, te = load_components(a.model)
+        probe = {"unet": unet, "text_encoder": te}
+        updates = kl.lora_updates(state, None, probe)
+        kl.merge_into(probe, [(c, m, d * 0, u, al) for c, m, d, u, al in updates])  # shapes only, adds zero
+    run = _run_record(lora)
+    downs = {k: v for k, v in state.items() if k.endswith(".lora_down.weight")}
+    ranks = sorted({v.shape[0] for v in downs.values()})
+    alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha")})
+    te_cfg = json.loads((Path(a.model) / "text_encoder/config.json").read_text()) if a.model else {}
+    base = a.model or run.get("pretrained_model_name_or_path", "")
+    v_pred = False
+    if a.model:
+        from .formats.single_file import prediction_type
+
+        v_pred = prediction_type(a.model) == "v_prediction"
+    ident = run.get("identifier") or run.get("instance_prompt")
+    conv = [v.shape[0] for k, v in downs.items() if v.ndim == 4 and v.shape[-1] > 1]
+    header = kl.kohya_metadata(
+        rank=ranks[-1] if len(ranks) == 1 else "Dynamic", alpha=alphas[-1] if len(alphas) == 1 else "Dynamic",
+        base_model=Path(str(base)).name if base else "", v2=te_cfg.get("hidden_act") == "gelu", v_pred=v_pred,
+        steps=run.get("max_train_steps"), identifier=ident, name=Path(a.kohya).stem,
+        conv_rank=conv[0] if conv else None)
+    kl.save_kohya_lora(a.kohya, state, header)
+    print(f"wrote {a.kohya}: {len(downs)} LoRA modules, rank {header['ss_network_dim']}, "
+          f"alpha {header['ss_network_alpha']} (kohya format: A1111, ComfyUI)")
+
+
+def _write_folder(a, unet, vae, te) -> None:
+    """The merged model as a diffusers folder: saved beside NEWDIR, then renamed into place."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(a.output_dir)
+    tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(a.model, unet=unet, vae=vae, text_encoder=te,
+                                                       safety_checker=None, requires_safety_checker=False)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            out.rmdir()  # checked empty in parse(); rmdir refuses if something appeared since
+        os.rename(tmp, out)
+    except OSError as e:
+        raise UserError(f"could not write --output_dir {out}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote the merged model to {out} (diffusers folder)")
+
+
+def run(a) -> None:
+    if a.kohya:
+        _to_kohya(a)
+        return
+    from .formats import single_file as sf
+
+    components = None
+    if a.merge:
+        from .formats.kohya_lora import merge_lora
+
+        unet, vae, te = sf.load_components(a.model)
+        merge_lora({"unet": unet, "vae": vae, "text_encoder": te}, a.lora, scale=a.lora_scale)
+        components = (unet, vae, te)
+        print(f"merged {a.lora} (scale {a.lora_scale}) into {a.model}")
+        if a.output_dir:
+            _write_folder(a, unet, vae, te)
+    if a.single_file:
+        meta = {"dbtrain.merged_lora": Path(a.lora).name, "dbtrain.lora_scale": a.lora_scale} if a.merge else {}
+        out = sf.save_single_file(a.model, a.single_file, half=a.half, metadata=meta, components=components)
+        size = out.stat().st_size / 2**20
+        print(f"wrote {out} ({size:.1f} MiB, {'float16' if a.half else 'float32'}; single-file layout for "
+              "A1111/ComfyUI)")
