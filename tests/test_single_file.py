@@ -91,6 +91,23 @@ def test_original_layout_sd2_v(models):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.prediction_type"] == "v"
+    import yaml  # A1111 reads the original config from <name>.yaml beside the checkpoint
+
+    cfg = yaml.safe_load(path.with_suffix(".yaml").read_text())["model"]["params"]
+    assert cfg["parameterization"] == "v"
+    unet = cfg["unet_config"]["params"]
+    assert (unet["model_channels"], unet["channel_mult"], unet["num_res_blocks"]) == (32, [1, 2], 1)
+    assert unet["attention_resolutions"] == [1] and unet["use_linear_in_transformer"] is True
+    assert cfg["cond_stage_config"]["params"]["layer"] == "penultimate"
+    assert not models["sd1"][1].with_suffix(".yaml").exists()  # epsilon: nothing to say
+
+
+def test_v_prediction_config_never_overwritten(models, tmp_path):
+    folder, _ = models["sd2v"]
+    (tmp_path / "v.yaml").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
+        sf.save_single_file(folder, tmp_path / "v.safetensors")
+    assert (tmp_path / "v.yaml").read_text() == "mine" and not (tmp_path / "v.safetensors").exists()
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

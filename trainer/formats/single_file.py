@@ -15,8 +15,10 @@ how a diffusers folder tells them apart (`text_layout()`).
 v-prediction: A1111 reads a `<name>.yaml` next to the file if there is one, otherwise for
 SD2-shaped files it runs the UNet once to guess; ComfyUI's SDXL-class loaders (and Forge)
 read an empty `v_pred` tensor in the file, its SD2 loader guesses from a weight's spread.
-So a v-prediction model gets the `v_pred` key and `modelspec.prediction_type: v` in the
-header (Stability's ModelSpec name); diffusers reads the scheduler from `config=`.
+So a v-prediction model gets the `v_pred` key, `modelspec.prediction_type: v` in the header
+(Stability's ModelSpec name) and `<name>.yaml`, the original config with parameterization: v
+(`ldm_config`); diffusers reads the scheduler from `config=`. ComfyUI's SD1/SD2 loaders read
+none of these (for SD1-shaped v models its ModelSamplingDiscrete node says v_prediction).
 """
 from __future__ import annotations
 
@@ -328,6 +330,56 @@ def header(model_dir, *, half: bool, extra: dict | None = None) -> dict:
     return meta
 
 
+def ldm_config(model_dir) -> dict | None:
+    """The original (ldm) model config of this folder, what A1111 reads from a `<name>.yaml` beside a
+    checkpoint; None if the UNet cannot be written that way (per-block head widths that differ)."""
+    d = Path(model_dir)
+    u, v, s, t = (json.loads((d / f).read_text()) for f in (
+        "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json"))
+    ch = u["block_out_channels"]
+    heads = u.get("num_attention_heads") or u["attention_head_dim"]  # diffusers' SD configs name heads so
+    unet = {"use_checkpoint": False, "use_fp16": False, "image_size": u["sample_size"], "in_channels": u["in_channels"],
+            "out_channels": u["out_channels"], "model_channels": ch[0],
+            "attention_resolutions": [2 ** i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b],
+            "num_res_blocks": u["layers_per_block"], "channel_mult": [c // ch[0] for c in ch],
+            "transformer_depth": u.get("transformer_layers_per_block") or 1, "context_dim": u["cross_attention_dim"],
+            "use_linear_in_transformer": bool(u.get("use_linear_projection")), "legacy": False}
+    if isinstance(heads, int):
+        unet["num_heads"] = heads
+    else:
+        width = {c // h for c, h in zip(ch, heads)}
+        if len(width) != 1:
+            return None
+        unet.update(num_heads=-1, num_head_channels=width.pop())
+    vch = v["block_out_channels"]
+    sd2 = text_layout(t) == "openclip"
+    cond = ({"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+             "params": {"freeze": True, "layer": "penultimate"}} if sd2 else
+            {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"})
+    params = {"linear_start": s.get("beta_start", 0.00085), "linear_end": s.get("beta_end", 0.012),
+              "num_timesteps_cond": 1, "log_every_t": 200, "timesteps": s.get("num_train_timesteps", 1000),
+              "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": u["sample_size"],
+              "channels": u["in_channels"], "cond_stage_trainable": False, "conditioning_key": "crossattn",
+              "monitor": "val/loss_simple_ema", "scale_factor": v.get("scaling_factor", 0.18215), "use_ema": False,
+              "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+              "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+                  "embed_dim": v["latent_channels"], "monitor": "val/rec_loss",
+                  "ddconfig": {"double_z": True, "z_channels": v["latent_channels"], "resolution": 256,
+                               "in_channels": v["in_channels"], "out_ch": v["out_channels"], "ch": vch[0],
+                               "ch_mult": [c // vch[0] for c in vch], "num_res_blocks": v["layers_per_block"],
+                               "attn_resolutions": [], "dropout": 0.0},
+                  "lossconfig": {"target": "torch.nn.Identity"}}},
+              "cond_stage_config": cond}
+    if s.get("prediction_type") == "v_prediction":
+        params = {"parameterization": "v", **params}
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}}
+
+
+def yaml_path(out_path) -> Path:
+    return Path(out_path).with_suffix(".yaml")
+
+
 def save_single_file(model_dir, out_path, *, half: bool = False, metadata: dict | None = None,
                      components=None) -> Path:
     """Write `model_dir` (a diffusers SD1.x/SD2.x folder) as one original-layout .safetensors file.
@@ -339,11 +391,26 @@ def save_single_file(model_dir, out_path, *, half: bool = False, metadata: dict 
 
     check_model_folder(model_dir)
     check_new_file(out_path)
+    v_pred = prediction_type(model_dir) == "v_prediction"
+    if v_pred and yaml_path(out_path).exists():
+        raise UserError(f"{yaml_path(out_path)} already exists (a v-prediction checkpoint gets its config there); "
+                        "choose another output name")
     unet, vae, te = components or load_components(model_dir)
-    sd = single_file_state_dict(unet, vae, te, v_prediction=prediction_type(model_dir) == "v_prediction")
+    sd = single_file_state_dict(unet, vae, te, v_prediction=v_pred)
     if half:
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     else:
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     sd = {k: v.detach().to("cpu") for k, v in sd.items()}
-    return write_new_safetensors(out_path, sd, header(model_dir, half=half, extra=metadata))
+    out = write_new_safetensors(out_path, sd, header(model_dir, half=half, extra=metadata))
+    cfg = ldm_config(model_dir) if v_pred else None
+    if cfg is not None:  # A1111 reads <name>.yaml first; without it, it guesses v-prediction only for SD2 shapes
+        import yaml
+
+        y = yaml_path(out)
+        try:
+            with open(y, "x") as f:  # "x": never over a file that appeared meanwhile
+                f.write(yaml.safe_dump(cfg, sort_keys=False))
+        except FileExistsError:
+            raise UserError(f"{y} appeared while writing; {out} was written without its config") from None
+    return out
