@@ -14,6 +14,11 @@ from their configs with random weights: timing does not depend on weights) at
                 AdamW if bitsandbytes is missing: see extras.optimizer), VAE and text
                 encoder run every step, two F.mse_loss terms
 * stock-lowmem  the same with gradient checkpointing
+* ours-lora     LoRA DreamBooth (rank 4 on the UNet's attention; the text encoder's with +te): the frozen
+                base in bf16, fp32 adapters, adamw8bit, bf16 autocast, cached latents/embeddings
+* ours-lora-lowmem  the same with gradient checkpointing and the step inside backward
+* stock-lora    diffusers' train_dreambooth_lora.py step: the frozen base in fp16, fp32 adapters (rank 4,
+                its default), fp16 autocast + GradScaler, torch AdamW, VAE and text encoder every step
 
 each with and without text-encoder training, under a memory cap (default 24 GB, an
 RTX 3090). Rows: ms/step (p20/p50/p80 over the timed steps) and peak allocated bytes.
@@ -31,7 +36,8 @@ import torch
 from . import common
 
 OP = "train"
-SETTINGS = ("ours-fast", "ours-lowmem", "stock-fast", "stock-lowmem")
+SETTINGS = ("ours-fast", "ours-lowmem", "stock-fast", "stock-lowmem", "ours-lora", "ours-lora-lowmem", "stock-lora")
+LORA_RANK = 4
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280),
@@ -106,6 +112,10 @@ def trainer_config(setting: str, train_te: bool, res: int, device: torch.device,
             "--center_crop", "--max_train_steps", "1000", "--mixed_precision", "bf16" if cuda else "no"]
     if setting == "ours-lowmem":
         argv += ["--weights_dtype", "bf16", "--step_in_backward", "--gradient_checkpointing"]
+    if setting.startswith("ours-lora"):
+        argv += ["--lora_rank", str(LORA_RANK), "--learning_rate", "1e-4"]
+        if setting == "ours-lora-lowmem":
+            argv += ["--step_in_backward", "--gradient_checkpointing"]
     if train_te:
         argv += ["--train_text_encoder"]
     return build_parser().parse_args(argv)
@@ -128,7 +138,8 @@ def ours_step(setting, train_te, comps, res, device, data):
         train_step(run, state["step"])
         state["step"] += 1
 
-    return step, {"optimizer": cfg.optimizer, "weights_dtype": cfg.weights_dtype,
+    return step, {"optimizer": cfg.optimizer, "weights_dtype": cfg.weights_dtype, "lora_rank": cfg.lora_rank,
+                  "frozen_dtype": str(run.weights_dtype) if cfg.lora_rank else None,
                   "gradient_checkpointing": cfg.gradient_checkpointing, "step_in_backward": cfg.step_in_backward}
 
 
@@ -194,6 +205,71 @@ def stock_step(setting, train_te, comps, res, device, data):
                   "gradient_checkpointing": setting == "stock-lowmem"}
 
 
+def stock_lora_step(setting, train_te, comps, res, device, data):
+    """diffusers examples/dreambooth/train_dreambooth_lora.py, one step, as that script does it (defaults:
+    rank 4, torch AdamW, lr 5e-4; --mixed_precision fp16 on a GPU)."""
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    from trainer.data import list_images, open_rgb, to_tensor
+
+    cuda = device.type == "cuda"
+    weight_dtype = torch.float16 if cuda else torch.float32
+    unet, vae, te, tok, sched = comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    unet.to(device, weight_dtype)
+    vae.to(device, weight_dtype)
+    te.to(device, weight_dtype)
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
+    if train_te:
+        from trainer.lora import _inject
+
+        _inject(te, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    for p in params:  # diffusers' cast_training_params(..., dtype=torch.float32)
+        p.data = p.data.float()
+    unet.train()
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(device.type) if cuda else None
+    pixels = torch.stack([to_tensor(open_rgb(f), res, crop_xy=None, flip=False)
+                          for f in list_images(data / "inst", "i")[:1] + list_images(data / "cls", "c")[:1]])
+    ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids.to(device)
+    pixels = pixels.to(device, weight_dtype)
+    alphas = sched.alphas_cumprod.to(device)
+    autocast = torch.autocast(device.type, dtype=weight_dtype) if cuda else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
+            a = alphas[t].sqrt().flatten()[:, None, None, None]
+            s = (1 - alphas[t]).sqrt().flatten()[:, None, None, None]
+            noisy = (a * latents + s * noise).to(latents.dtype)
+            pred = unet(noisy, t, te(ids)[0]).sample
+            pred_i, pred_p = torch.chunk(pred, 2, dim=0)
+            tgt_i, tgt_p = torch.chunk(noise, 2, dim=0)
+            loss = F.mse_loss(pred_i.float(), tgt_i.float()) + F.mse_loss(pred_p.float(), tgt_p.float())
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, {"optimizer": "torch AdamW", "frozen_dtype": str(weight_dtype), "lora_rank": LORA_RANK,
+                  "autocast": str(weight_dtype), "gradient_checkpointing": False}
+
+
 def _measure(step, device, warmup: int, steps: int):
     for _ in range(warmup):
         step()
@@ -249,7 +325,8 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
         for train_te in te_modes:
             for setting in settings:
                 comps = build_components(opts.quick, device, data)
-                make = ours_step if setting.startswith("ours") else stock_step
+                make = (ours_step if setting.startswith("ours") else stock_lora_step if setting == "stock-lora"
+                        else stock_step)
                 label = f"{setting}{' +te' if train_te else ''}"
                 try:
                     step, extras = make(setting, train_te, comps, res, device, data)

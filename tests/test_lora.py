@@ -170,3 +170,23 @@ def test_bad_lora_input_gets_one_line(tiny_model, lora_run, tmp_path, capsys):
     code, _, err = run_cli(["sample", "--model", str(tiny_model), "--lora", str(tmp_path / "missing.safetensors"),
                             "--prompt", "a toy", "--out", str(tmp_path / "s2")], capsys)
     one_line_error(code, err, "--lora", "no such file")
+
+
+def test_prior_preservation_memory_options_and_text_encoder_checkpointing(tiny_model, tmp_path):
+    """LoRA with everything the full model has: prior preservation with generated class images, AdamW8bit with
+    the step inside backward, gradient checkpointing (text-encoder adapters still get gradients), our kernels."""
+    inst = make_images(tmp_path / "inst")
+    out = tmp_path / "out"
+    code = cli.main(train_args(tiny_model, inst, out, "--lora_rank", "4", "--train_text_encoder",
+                               "--with_prior_preservation", "--class_prompt", "a photo of toy", "--class_data_dir",
+                               str(tmp_path / "cls"), "--num_class_images", "2", "--class_inference_steps", "2",
+                               "--gradient_checkpointing", "--step_in_backward", "--optimizer", "adamw8bit",
+                               "--kernels", "on", steps=2))
+    assert code == 0
+    assert len(list((tmp_path / "cls").glob("*.png"))) == 2
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    ups = {k: v for k, v in lora.items() if "lora_B" in k}
+    assert any(k.startswith("text_encoder.") and v.abs().max() > 0 for k, v in ups.items())
+    assert any(k.startswith("unet.") and v.abs().max() > 0 for k, v in ups.items())
+    log = [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["loss_prior"] is not None

@@ -28,8 +28,14 @@ def pipeline(cfg, unet, te, tokenizer=None):
     kw = {"unet": unet}
     if te is not None:
         kw["text_encoder"] = te
+    if tokenizer is None and getattr(cfg, "tokenizer_name", None):  # diffusers' --tokenizer_name
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_name)
     if tokenizer is not None:
         kw["tokenizer"] = tokenizer
+    if getattr(cfg, "variant", None):  # the base model's parts not passed in come from its variant files
+        kw["variant"] = cfg.variant
     return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None,
                                                    requires_safety_checker=False, dtype=unet.dtype, **kw)
 
@@ -70,6 +76,8 @@ def export(cfg, unet, te, out: Path) -> None:
     """Write the model into `out`. Raises outdir.NoSpace (no room, failed write) or UserError
     (an item there that this run did not write); `out` is then as it was before."""
     pipe = pipeline(cfg, unet, te)
+    if getattr(cfg, "skip_save_text_encoder", False):  # diffusers' flag: the folder without text_encoder/
+        pipe.register_modules(text_encoder=None)
     need = model_bytes(cfg, pipe)
     outdir.require_space(out, need, "the trained model")
     tmp = staging(out)
@@ -103,6 +111,34 @@ def install(out: Path, tmp: Path) -> None:
         else:
             os.rename(item, dest)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_single_file(cfg, out: Path, lora_file: Path | None = None) -> str:
+    """`--save_single_file`: the exported folder (or the base model with the LoRA merged in) as one
+    original-layout .safetensors file in `out`, for A1111 / ComfyUI; returns its name."""
+    from .formats import single_file
+    from .formats.kohya_lora import merge_lora
+
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in out.resolve().name).strip(".-") or "model"
+    if lora_file is None:
+        model, parts, name = out, None, f"{name}.safetensors"
+    else:  # the kohya LoRA file already has <name>.safetensors
+        model, name = Path(cfg.pretrained_model_name_or_path), f"{name}-merged.safetensors"
+        merged = merge_lora(model, lora_file)
+        parts = (merged["unet"], merged["vae"], merged["text_encoder"])
+    half = bool(getattr(cfg, "single_file_half", False))
+    need = (1 if half else 2) * sum(f.stat().st_size for f in model.rglob("*.safetensors")) + outdir.MB
+    outdir.require_space(out, need, "the single-file checkpoint")
+    tmp = staging(out)
+    tmp.mkdir(parents=True)
+    try:
+        single_file.save_single_file(model, tmp / name, half=half, components=parts,
+                                     metadata={"dbtrain.base_model": str(Path(cfg.pretrained_model_name_or_path))})
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise outdir.failed_write(out, "the single-file checkpoint", e, need) from e
+    install(out, tmp)
+    return name
 
 
 def a1111_name(placeholder: str) -> str:

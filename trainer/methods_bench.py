@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path("bench/results/methods")
-METHODS = ("base", "textual inversion", "dreambooth (prior)", "pivotal tuning")
+METHODS = ("base", "textual inversion", "dreambooth (prior)", "pivotal tuning", "lora r4 (prior)", "lora r16 (prior)")
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
 TOKEN = "<sks>"  # Textual Inversion's and pivotal tuning's new word, initialised from DreamBooth's identifier
 IDENTIFIER = "sks"
@@ -31,6 +31,14 @@ IDENTIFIER = "sks"
 # images, no captions; the demo has since moved to captions and lr 1e-4). Textual Inversion keeps it but for
 # what it trains and its learning rate (a few embedding rows need a far larger step than a whole UNet).
 STEPS, DB_LR, TI_LR, NUM_CLASS, SAMPLE_STEPS, GUIDANCE, EVAL_IMAGES = 300, 2e-4, 5e-3, 50, 20, 5.0, 8
+# LoRA DreamBooth: DreamBooth's recipe but for what trains; a few low-rank adapters need a larger step than the
+# whole UNet (diffusers' LoRA script: lr 1e-4 against its full DreamBooth's 5e-6)
+LORA_LR = 1e-3
+
+
+def slug(method: str) -> str:
+    """A method's folder name: 'lora r4 (prior)' -> 'lora-r4-prior'."""
+    return method.replace(" ", "-").replace("(", "").replace(")", "")
 
 
 def _common(model, subject, out, seed, steps, device) -> list[str]:
@@ -60,6 +68,8 @@ def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, se
             str(SAMPLE_STEPS), "--sample_batch_size", "25", *common]
     if method == "pivotal tuning":
         args += ["--train_text_embedding", "--placeholder_token", TOKEN, "--text_embedding_frac", "0.5"]
+    elif method.startswith("lora r"):
+        args += ["--lora_rank", method.split()[1][1:], "--learning_rate", str(LORA_LR)]  # the last one counts
     elif method != "dreambooth (prior)":
         raise ValueError(method)
     return "train", args
@@ -81,7 +91,7 @@ def pipeline_of(method: str, model_dir: Path, base, device):
 
     if method == "base":
         return load_pipeline(base, device), IDENTIFIER
-    if method == "dreambooth (prior)":
+    if method == "dreambooth (prior)" or method.startswith("lora"):  # a LoRA folder: base + its LoRA, merged
         return load_pipeline(model_dir, device), IDENTIFIER
     pipe = load_pipeline(base if method == "textual inversion" else model_dir, device)
     return pipe, load_embedding_into(pipe, model_dir / "learned_embeds.safetensors")
@@ -161,7 +171,7 @@ def quality(a) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_file = out.with_suffix(".jsonl")
-    meta = {"steps": a.steps, "num_class_images": a.num_class_images, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "eval_images": a.eval_images,
+    meta = {"steps": a.steps, "num_class_images": a.num_class_images, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "lora_lr": LORA_LR, "eval_images": a.eval_images,
             "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "device": _device_name(device),
             "torch": torch.__version__, "command": "python -m trainer.methods_bench " + " ".join(a.argv)}
     with open(rows_file, "w") as f:
@@ -171,7 +181,7 @@ def quality(a) -> int:
                 t1 = time.time()
                 model_dir = None
                 if method != "base":
-                    model_dir = train(method, MODEL_DIR, subject, work / f"seed{seed}-{method.split()[0]}",
+                    model_dir = train(method, MODEL_DIR, subject, work / f"seed{seed}-{slug(method)}",
                                       work / f"seed{seed}-class-images", seed, steps=a.steps, device=a.device,
                                       num_class=a.num_class_images)
                 t_train = time.time() - t1
@@ -183,7 +193,7 @@ def quality(a) -> int:
                     from .data import make_grid
 
                     for k, p in enumerate(list(pairs) + [class_prompt]):
-                        make_grid(samples[p]).save(work / f"seed{seed}-{method.split()[0]}-prompt{k}.png")
+                        make_grid(samples[p]).save(work / f"seed{seed}-{slug(method)}-prompt{k}.png")
                 v = per_image(scorer, real, samples, pairs, class_prompt)
                 row = {"method": method, "seed": seed, "word": word, "prompts": list(pairs), "class_prompt": class_prompt,
                        "train_s": round(t_train, 1), **estimates([{"per_image": v}]), "per_image": v, **meta}
@@ -212,7 +222,7 @@ def report(rows_file: Path, md: Path) -> str:
         per_seed.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
     text = (f"Built-in world, subject: the striped orange star; {meta['steps']} training steps per method "
             f"(DreamBooth and pivotal tuning lr {meta['dreambooth_lr']} with {meta.get('num_class_images', NUM_CLASS)} "
-            f"class images, Textual Inversion lr "
+            f"class images, LoRA the same at lr {meta.get('lora_lr', LORA_LR)}, Textual Inversion lr "
             f"{meta['textual_inversion_lr']}), training seeds {seeds}; {meta['eval_images']} images per prompt, "
             f"{meta['sample_steps']} DPM-Solver++ steps, guidance {meta['guidance']}, sampling seed 10000 + "
             f"training seed; device {meta['device']}, torch {meta['torch']}.\n"
@@ -252,6 +262,10 @@ print("RSS_BYTES", seen["start"], seen["peak"])
 """
 
 
+COST_METHODS = ["textual inversion", "dreambooth (prior)", "dreambooth (no prior)", "pivotal tuning",
+                "lora r4 (prior)", "lora r16 (prior)"]
+
+
 def cost(a) -> int:
     """Each method in a fresh process (class images made beforehand): ms per step (median of the steps
     after the first two, from the training log) and the process's peak RSS."""
@@ -274,9 +288,9 @@ def cost(a) -> int:
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     for rnd in range(a.rounds):
-        for method in ("textual inversion", "dreambooth (prior)", "dreambooth (no prior)", "pivotal tuning"):
+        for method in a.methods:
             m = "dreambooth (prior)" if method == "dreambooth (no prior)" else method
-            out = work / f"r{rnd}-{method.replace(' ', '-').replace('(', '').replace(')', '')}"
+            out = work / f"r{rnd}-{slug(method)}"
             cmd, args = train_args(m, MODEL_DIR, subject, out, class_dir, 0, steps=a.steps, device="cpu")
             if method == "dreambooth (no prior)":
                 args = [x for x in args if x != "--with_prior_preservation"]
@@ -288,10 +302,13 @@ def cost(a) -> int:
             start, peak = (int(x) for x in p.stdout.split("RSS_BYTES")[1].split()[:2])
             log = [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
             ms = [r["ms_per_step"] for r in log[2:]]
+            files = [f for f in out.iterdir() if not f.name.startswith((".", "checkpoint-", "logs"))]
+            size = sum(g.stat().st_size for f in files for g in ([f] if f.is_file() else f.rglob("*")) if g.is_file())
             rows.append({"method": method, "round": rnd, "ms_p20": float(np.percentile(ms, 20)),
                          "ms_p50": float(np.median(ms)), "ms_p80": float(np.percentile(ms, 80)),
                          "rss_before_steps_mib": round(start / 2**20, 1), "peak_rss_mib": round(peak / 2**20, 1),
                          "peak_above_start_mib": round((peak - start) / 2**20, 1), "steps": a.steps, "threads": a.threads,
+                         "output_mib": round(size / 2**20, 2),
                          "batch": "2 instance" + (" + 2 class" if "--with_prior_preservation" in args else ""),
                          "device": _device_name(torch.device("cpu")), "torch": torch.__version__,
                          "command": "python -m trainer.methods_bench " + " ".join(a.argv)})
@@ -308,13 +325,15 @@ def cost(a) -> int:
 def cost_report(rows_file: Path, md: Path) -> str:
     rows = [json.loads(x) for x in Path(rows_file).read_text().splitlines() if x.strip()]
     lines = ["| method | batch | ms / step p50 (p20-p80), median over rounds | RSS before step 1 MiB | "
-             "peak RSS during the steps MiB | peak above RSS before step 1 MiB |", "|---|---|---:|---:|---:|---:|"]
+             "peak RSS during the steps MiB | peak above RSS before step 1 MiB | output MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         lines.append(f"| {method} | {mine[0]['batch']} | {np.median([r['ms_p50'] for r in mine]):.0f} "
                      f"({np.median([r['ms_p20'] for r in mine]):.0f}-{np.median([r['ms_p80'] for r in mine]):.0f}) | "
                      f"{max(r['rss_before_steps_mib'] for r in mine):.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} | "
-                     f"{max(r['peak_above_start_mib'] for r in mine):.0f} |")
+                     f"{max(r['peak_above_start_mib'] for r in mine):.0f} | "
+                     + (f"{mine[0]['output_mib']:.2f} |" if "output_mib" in mine[0] else "- |"))
     r0 = rows[0]
     text = (f"Built-in model (64 px, 3.2M-parameter UNet), CPU ({r0['device']}, {r0['threads']} thread(s), a shared "
             f"machine), torch {r0['torch']}, fp32, torch AdamW, {r0['steps']} steps per run, {len({r['round'] for r in rows})} "
@@ -357,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--work", default="methods-cost-runs")
     c.add_argument("--out", default=str(OUT / "cost"))
+    c.add_argument("--methods", nargs="+", default=COST_METHODS, choices=COST_METHODS)
     r = sub.add_parser("report", help="the markdown tables from the committed rows")
     r.add_argument("--out", default=str(OUT))
     a = p.parse_args(argv)
