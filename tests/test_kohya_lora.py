@@ -172,3 +172,20 @@ def test_lora_for_another_architecture(lora, tmp_path):
     save_file(extra, str(bad2))
     with pytest.raises(UserError, match="does not have"):
         kl.merge_lora(lora["folder"], bad2)
+
+
+def test_sdxl_text_encoder_names_match_diffusers():
+    """SDXL's two text encoders are lora_te1_ / lora_te2_, as diffusers (and kohya) name them."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    peft = {"encoder.layers.0.self_attn.q_proj.lora_A.weight": a, "encoder.layers.0.self_attn.q_proj.lora_B.weight": b}
+    ours = kl.to_kohya({"unet": {"mid_block.attentions.0.proj_in.lora_A.weight": a,
+                                 "mid_block.attentions.0.proj_in.lora_B.weight": b},
+                        "text_encoder": peft, "text_encoder_2": peft})
+    ref = convert_state_dict_to_kohya({
+        "unet.mid_block.attentions.0.proj_in.lora_A.weight": a, "unet.mid_block.attentions.0.proj_in.lora_B.weight": b,
+        **{f"text_encoder.text_model.{k}": v for k, v in peft.items()},
+        **{f"text_encoder_2.text_model.{k}": v for k, v in peft.items()}})
+    assert set(ours) == set(ref)
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in ours
