@@ -100,6 +100,9 @@ def test_bad_input(setup, capsys, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("x")
+    lora_run = tmp_path / "lora_run"
+    lora_run.mkdir()
+    (lora_run / "pytorch_lora_weights.safetensors").write_bytes(setup["lora"].read_bytes())
     pt = tmp_path / "lora.pt"
     pt.write_bytes(b"x")
     cases = [
@@ -114,6 +117,7 @@ def test_bad_input(setup, capsys, tmp_path):
         (["--lora", str(pt), "--kohya", "o.safetensors"], "only .safetensors"),
         (["--model", model, "--lora", lora, "--merge", "--output_dir", str(full)], "not an empty folder"),
         (["--lora", lora, "--merge", "--single_file", "o.safetensors"], "--model DIR is needed"),
+        (["--model", str(lora_run), "--single_file", "o.safetensors"], "holds a LoRA, not a model"),
     ]
     for argv, part in cases:
         code, _, err = run_cli(["export", *argv], capsys)

@@ -289,6 +289,9 @@ def check_model_folder(model_dir) -> Path:
         raise UserError(f"--model {d} is not a folder")
     missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                            "scheduler/scheduler_config.json") if not (d / p).is_file()]
+    if missing and (d / "pytorch_lora_weights.safetensors").is_file():
+        raise UserError(f"--model {d} holds a LoRA, not a model: pass the base model as --model and this folder "
+                        "as --lora (with --merge, or --kohya)")
     if missing:
         raise UserError(f"--model {d} is not a diffusers Stable Diffusion folder (no {missing[0]})")
     cfg = json.loads((d / "unet/config.json").read_text())
