@@ -13,8 +13,8 @@ SD1 or SD2 text layout: OpenCLIP (SD2) uses GELU, OpenAI CLIP (SD1) quick-GELU, 
 how a diffusers folder tells them apart (`text_layout()`).
 
 v-prediction: A1111 reads a `<name>.yaml` next to the file if there is one, otherwise for
-SD2-shaped files it runs the UNet once to guess; ComfyUI's SDXL-class loaders (and Forge)
-read an empty `v_pred` tensor in the file, its SD2 loader guesses from a weight's spread.
+SD2-shaped files it runs the UNet once to guess; ComfyUI's SDXL-class loader reads an empty
+`v_pred` tensor in the file, its SD2 loader guesses from a weight's spread.
 So a v-prediction model gets the `v_pred` key, `modelspec.prediction_type: v` in the header
 (Stability's ModelSpec name) and `<name>.yaml`, the original config with parameterization: v
 (`ldm_config`); diffusers reads the scheduler from `config=`. ComfyUI's SD1/SD2 loaders read
