@@ -87,7 +87,7 @@ def test_original_layout_sd2_v(models):
     assert "cond_stage_model.model.ln_final.weight" in sd
     assert not any(k.startswith("cond_stage_model.transformer.") for k in sd)
     assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 2  # SD2's linear proj_in
-    assert "v_pred" in sd  # what ComfyUI / Forge read
+    assert "v_pred" in sd  # the marker ComfyUI reads for SDXL-class files
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.prediction_type"] == "v"

@@ -269,7 +269,7 @@ def single_file_state_dict(unet, vae, text_encoder, *, layout: str | None = None
     layout = layout or text_layout(tcfg if isinstance(tcfg, dict) else tcfg.to_dict())
     out = {**unet_to_original(usd, ucfg), **vae_to_original(vsd, vcfg), **text_to_original(tsd, layout)}
     if v_prediction:
-        out[V_PRED_KEY] = torch.tensor([])  # ComfyUI / Forge read the key's presence
+        out[V_PRED_KEY] = torch.tensor([])  # ComfyUI reads its presence (SDXL-class files)
     return out
 
 
