@@ -11,6 +11,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from . import flag_notes
+
 # the image suffixes trainer.data reads (kept here too: this module imports no torch / PIL)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--resolution", type=int, default=512, help="training image size in pixels (a multiple of 8)")
     g("--center_crop", action="store_true", help="crop non-square images at the center instead of at random")
     g("--seed", type=int, default=0, help="seed of every random draw (same seed, same run)")
+    flag_notes.add_flags(g, ("revision", "variant", "tokenizer_name", "image_interpolation_mode"))
     g = option_adder(p.add_argument_group("prior preservation"))
     g("--with_prior_preservation", action="store_true",
       help="also train on class images of the frozen model (keeps the class prior)")
@@ -110,22 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
     g("--num_class_images", type=int, default=100, help="class images to use (generated if fewer exist)")
     g("--prior_loss_weight", type=float, default=1.0, help="weight of the class term of the loss")
     g("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    flag_notes.add_flags(g, ("prior_generation_precision",))
     g = option_adder(p.add_argument_group("training"))
     g("--train_text_encoder", action="store_true", help="fine-tune the text encoder too")
     g("--train_batch_size", type=int, default=1, help="instance images per step (as many class images)")
-    g("--max_train_steps", type=int, default=800, help="optimizer steps of the run")
+    g("--max_train_steps", type=int, default=None, help=f"optimizer steps of the run; not given: from "
+      f"--num_train_epochs if that is given (default: {flag_notes.DEFAULT_STEPS})")
+    flag_notes.add_flags(g, ("num_train_epochs",))
     g("--gradient_accumulation_steps", type=int, default=1, help="forward/backward passes per optimizer step")
     g("--learning_rate", type=float, default=5e-6, help="peak learning rate")
     g("--lr_scheduler", default="constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
     g("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up")
+    flag_notes.add_flags(g, ("lr_num_cycles", "lr_power", "scale_lr"))
     add_adam_flags(g)
     g("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     g("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, e.g. 5.0 (not given: off)")
-    g("--offset_noise", type=float, default=0.0, help="offset-noise strength (0 = off)")
+    g("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
+      help="offset-noise strength; alone it means diffusers' switch, 0.1 (0 = off)")
+    flag_notes.add_flags(g, ("tokenizer_max_length", "text_encoder_use_attention_mask", "class_labels_conditioning"))
     g = option_adder(p.add_argument_group("memory and speed"))
     g("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
       help="autocast dtype; on a CPU fp16 runs 2-3x slower than no (bf16 about as fast as no)")
+    flag_notes.add_flags(g, ("allow_tf32",))
     g = option_adder(p.add_argument_group("checkpoints and logging"))
     g("--checkpointing_steps", type=int, default=500,
       help="save output_dir/checkpoint-<step> every this many steps (and on Ctrl-C / SIGTERM)")
@@ -137,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="prompt of the validation grids in output_dir/validation (not given: no validation)")
     g("--validation_steps", type=int, default=100, help="validation grid every this many steps")
     g("--num_validation_images", type=int, default=4, help="images per validation grid")
+    flag_notes.add_flags(g, ("validation_scheduler", "validation_epochs", "validation_images", "logging_dir",
+                             "report_to", "skip_save_text_encoder"))
+    g = option_adder(p.add_argument_group("LoRA (train_dreambooth_lora.py's and kohya's names)"))
+    flag_notes.add_lora_flags(g)
+    g = option_adder(p.add_argument_group("diffusers' flags that dbtrain does its own way (each prints a note)"))
+    flag_notes.add_flags(g, ("use_8bit_adam", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+                             "pre_compute_text_embeddings", "dataloader_num_workers", "local_rank", "push_to_hub",
+                             "hub_token", "hub_model_id"))
     g = option_adder(p.add_argument_group("ours (dbtrain's own, not in diffusers' train_dreambooth.py)"))
     g("--config", default=None, metavar="TOML", help="TOML file with any of these options, same keys without "
       "the dashes (flags given here override it)")
@@ -184,6 +202,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.set_defaults(**table)
     cfg = parser.parse_args(argv)
     check(cfg)
+    flag_notes.apply(cfg, UserError)
     return cfg
 
 
@@ -207,11 +226,17 @@ def check(cfg: argparse.Namespace) -> None:
                             "there if it holds fewer than --num_class_images)")
         if cfg.num_class_images < 1:
             raise UserError(f"--num_class_images must be >= 1, got {cfg.num_class_images}")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+    if cfg.max_train_steps is None and getattr(cfg, "num_train_epochs", None) is None:
+        cfg.max_train_steps = flag_notes.DEFAULT_STEPS
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "sample_batch_size", "log_every", "validation_steps", "num_validation_images",
                  "class_inference_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        raise UserError(f"--max_train_steps must be >= 1, got {cfg.max_train_steps}")
+    flag_notes.check_numbers(cfg, UserError)
+    flag_notes.check_lora(cfg, UserError)
     for name in ("num_class_images", "lr_warmup_steps", "seed"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
@@ -272,7 +297,8 @@ def check_paths(cfg: argparse.Namespace) -> None:
     from .models import check_model_folder
     from .outdir import check_output_dir, check_creatable
 
-    check_model_folder(cfg.pretrained_model_name_or_path)
+    check_model_folder(cfg.pretrained_model_name_or_path, variant=getattr(cfg, "variant", None))
+    flag_notes.check_model_extras(cfg, UserError)
     inst = Path(cfg.instance_data_dir)
     if not inst.is_dir():
         raise UserError(f"instance image folder {inst} does not exist" if not inst.exists() else
@@ -287,3 +313,7 @@ def check_paths(cfg: argparse.Namespace) -> None:
     if res and res != "latest" and not Path(res).exists() and not (Path(cfg.output_dir) / res).exists():
         raise UserError(f"--resume_from_checkpoint {res}: no such checkpoint folder (or pass latest)")
     check_output_dir(cfg.output_dir, resume=bool(res))
+    logs = Path(cfg.output_dir) / getattr(cfg, "logging_dir", "logs")
+    if logs.exists() and not logs.is_dir():
+        raise UserError(f"--logging_dir {logs} is a file, not a folder")
+    flag_notes.resolve_counts(cfg, UserError)

@@ -14,8 +14,16 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
                  "model.safetensors.index.json")
 
 
-def check_model_folder(path) -> Path:
-    """The folder, or a UserError listing every missing component."""
+def variant_name(file: str, variant: str | None) -> str:
+    """diffusers' file name of a weight variant: model.safetensors -> model.fp16.safetensors."""
+    if not variant:
+        return file
+    stem, dot, ext = file.partition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def check_model_folder(path, variant: str | None = None) -> Path:
+    """The folder, or a UserError listing every missing component (with `variant`: its weight files)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist (a local diffusers folder is required; "
@@ -31,10 +39,16 @@ def check_model_folder(path) -> Path:
         elif comp == "scheduler":
             if not (d / "scheduler_config.json").is_file():
                 missing.append("scheduler (scheduler_config.json)")
-        elif not (d / "config.json").is_file() or not any((d / f).is_file() for f in _WEIGHT_FILES):
-            missing.append(f"{comp} (config.json + weights)")
+        elif not (d / "config.json").is_file() or not any((d / variant_name(f, variant)).is_file()
+                                                            for f in _WEIGHT_FILES):
+            missing.append(f"{comp} (config.json + {variant + ' ' if variant else ''}weights)")
     if missing:
-        raise UserError(f"model folder {root} is missing: {', '.join(missing)}")
+        hint = ""
+        if not variant:  # only variant files there (e.g. an fp16-only download): say which flag loads them
+            found = sorted({f.name.split(".")[1] for comp in ("unet", "vae", "text_encoder")
+                            for f in (root / comp).glob("*.*.safetensors") if (root / comp).is_dir()})
+            hint = f"; it has {'/'.join(found)} variant weights: add --variant {found[0]}" if found else ""
+        raise UserError(f"model folder {root} is missing: {', '.join(missing)}{hint}")
     return root
 
 
@@ -48,25 +62,34 @@ class Components:
     prediction_type: str
 
 
-def load_components(path) -> Components:
+def load_components(path, cfg=None) -> Components:
+    """The base model's parts; with cfg, its --variant weights (as fp32) and --tokenizer_name folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    root = check_model_folder(path)
+    variant = getattr(cfg, "variant", None)
+    root = check_model_folder(path, variant=variant)
+    kw = {"variant": variant} if variant else {}
     sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     # Training always uses the DDPM forward process of the model's own beta schedule.
     noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
     prediction_type = sched_cfg.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UserError(f"{root}/scheduler: unsupported prediction_type {prediction_type!r}")
-    return Components(
-        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
-        vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
-        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+    tok = getattr(cfg, "tokenizer_name", None)
+    comps = Components(
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
+        tokenizer=CLIPTokenizer.from_pretrained(tok) if tok else CLIPTokenizer.from_pretrained(root,
+                                                                                              subfolder="tokenizer"),
         noise_scheduler=noise_scheduler,
         prediction_type=prediction_type,
     )
+    if variant:  # e.g. fp16 files: train from fp32 copies, as from the plain files (the loop picks its dtypes)
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.float()
+    return comps
 
 
 def pick_identifier(tokenizer, class_word: str | None, seed: int) -> str:

@@ -9,14 +9,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import torch
 from tqdm.auto import tqdm
 
 from .data import list_images
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # "no": the caller's dtype
+
 
 def generate_class_images(cfg, device: torch.device, dtype: torch.dtype) -> int:
-    """Make class_data_dir hold num_class_images images; returns how many were generated."""
+    """Make class_data_dir hold num_class_images images; returns how many were generated.
+
+    `dtype` is the pipeline's unless --prior_generation_precision (diffusers' flag) names another."""
     folder = Path(cfg.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     have = len(list_images(folder, "class image", allow_empty=True))
@@ -25,8 +31,14 @@ def generate_class_images(cfg, device: torch.device, dtype: torch.dtype) -> int:
         return 0
     from diffusers import StableDiffusionPipeline
 
+    dtype = PRECISIONS.get(getattr(cfg, "prior_generation_precision", None) or "no", dtype)
+    if dtype == torch.float16 and device.type == "cpu":
+        print("dbtrain: note: --prior_generation_precision fp16 on a CPU is slow (CPUs have no fast fp16 math); "
+              "bf16 or fp32 is faster there", file=sys.stderr, flush=True)
+    variant = getattr(cfg, "variant", None)
     pipe = StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, dtype=dtype,
-                                                   safety_checker=None, requires_safety_checker=False)
+                                                   safety_checker=None, requires_safety_checker=False,
+                                                   **({"variant": variant} if variant else {}))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     made = 0

@@ -42,17 +42,26 @@ def log_line(rec: dict) -> str:
             f"lr {rec['lr']:.2e}  {rec['ms_per_step']:.0f} ms/step  {rec['it_per_s']:.2f} it/s{vram}{skipped}")
 
 
+def logs_folder(out: Path, cfg) -> Path:
+    """diffusers' --logging_dir: relative to output_dir (default logs); an absolute path as given."""
+    return Path(out) / getattr(cfg, "logging_dir", "logs")
+
+
 class RunLog:
-    """JSONL log (output_dir/logs/train_log.jsonl) and TensorBoard when installed."""
+    """JSONL log (output_dir/logs/train_log.jsonl) and TensorBoard when installed (and --report_to asks for it:
+    tensorboard, the default, or all)."""
 
     def __init__(self, out: Path, cfg):
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.f = open(out / "logs" / "train_log.jsonl", "a")
+        logs = logs_folder(out, cfg)
+        logs.mkdir(parents=True, exist_ok=True)
+        self.f = open(logs / "train_log.jsonl", "a")
         self.tb = None
+        if str(getattr(cfg, "report_to", "tensorboard") or "tensorboard") not in ("tensorboard", "all"):
+            return  # (the note printed at start says which trackers dbtrain does not have)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "logs"))
+            self.tb = SummaryWriter(str(logs))
         except Exception:  # noqa: BLE001 - tensorboard is optional
             self.tb = None
 
@@ -89,6 +98,9 @@ def record_subject(out: Path, identifier: str, class_word: str | None, instance_
                    num_vectors=cfg.num_vectors)
         if "unet" not in run.models:
             rec["base_model"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
+    if run is not None and "unet_lora" in run.models:  # `dbtrain sample --model OUT` = base model + this LoRA
+        rec.update(method="lora", lora="pytorch_lora_weights.safetensors", lora_rank=cfg.lora_rank,
+                   base_model=str(Path(cfg.pretrained_model_name_or_path).resolve()))
     tmp = out / ".dreambooth.json.tmp"
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, out / "dreambooth.json")
@@ -101,6 +113,14 @@ def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=N
     pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
                     tokenizer=tokenizer).to(device)
     pipe.set_progress_bar_config(disable=True)
+    name = getattr(cfg, "validation_scheduler", None)
+    if name:  # diffusers' --validation_scheduler; learned variances are not trained, so sample fixed ones
+        import diffusers
+
+        extra = {}
+        if pipe.scheduler.config.get("variance_type") in ("learned", "learned_range"):
+            extra["variance_type"] = "fixed_small"
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
     images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
                   width=cfg.resolution, num_inference_steps=25).images

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import flag_notes
 from .config import (_NEGATIVE_NUMBER, LR_SCHEDULERS, HelpFormatter, UserError, add_adam_flags, build_parser, check,
                      option_adder)
 
@@ -84,6 +85,8 @@ def build_ti_parser() -> argparse.ArgumentParser:
       help="prompt of the validation grids (the placeholder or [V] for the new word; not given: none)")
     g("--validation_steps", type=int, default=100, help="validation grid every this many steps")
     g("--num_validation_images", type=int, default=4, help="images per validation grid")
+    g = option_adder(p.add_argument_group("more of diffusers' flags (those done another way print a note)"))
+    flag_notes.add_flags(g, flag_notes.TI_FLAGS)
     g = option_adder(p.add_argument_group("ours (dbtrain's own)"))
     g("--instance_prompt", default=None, metavar="TEXT",
       help='one fixed prompt instead of the templates, "[V]" for the placeholder (not given: the templates)')
@@ -124,7 +127,7 @@ def to_train_config(a: argparse.Namespace) -> argparse.Namespace:
               "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "validation_prompt",
               "validation_steps", "num_validation_images", "caption_extension", "random_flip", "max_grad_norm",
               "snr_gamma", "optimizer", "log_every", "device")
-    for name in shared:
+    for name in shared + flag_notes.TI_FLAGS:
         setattr(cfg, name, getattr(a, name))
     from .config import _bool
 
@@ -148,7 +151,9 @@ def to_train_config(a: argparse.Namespace) -> argparse.Namespace:
     cfg.learnable_property = a.learnable_property
     cfg.save_steps = a.save_steps
     cfg.identifier = a.placeholder_token
+    cfg.repeats = a.repeats  # diffusers' epoch length: images x repeats (--num_train_epochs, --validation_epochs)
     check(cfg)
+    flag_notes.apply(cfg, UserError, "textual-inversion")
     if not Path(a.train_data_dir).is_dir():
         raise UserError(f"--train_data_dir {a.train_data_dir}: no such folder" if not Path(a.train_data_dir).exists()
                         else f"--train_data_dir {a.train_data_dir} is a file, not a folder of images")

@@ -1,0 +1,251 @@
+"""Every flag of diffusers' DreamBooth / LoRA / Textual Inversion example scripts is accepted (issue 16).
+
+The flag lists are the scripts' argument names, committed under tests/upstream_flags/ with the diffusers
+revision they were read from; the README's train_dreambooth.py command lines run through `dbtrain train`'s
+parsing and checks with only the model/data paths (and the step count) substituted, one of them end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer import config, flag_notes, ti_config
+from trainer.config import UserError
+from trainer.tiny_sd import build_tiny_sd
+
+from cli_helpers import one_line_error, run_cli
+
+FLAGS = Path(__file__).resolve().parent / "upstream_flags"
+BASE = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "a [V] dog"]
+
+
+def upstream(name: str) -> list[str]:
+    lines = (FLAGS / name).read_text().splitlines()
+    assert lines[0].startswith("#") and any("revision:" in x for x in lines if x.startswith("#")), name
+    return [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(README line and section, the arguments) of each train_dreambooth.py command line."""
+    out, where = [], None
+    for line in (FLAGS / "readme_commands.txt").read_text().splitlines():
+        if line.startswith("# README line"):
+            where = line[2:]
+        elif line.strip() and not line.startswith("#"):
+            out.append((where, line))
+    return out
+
+
+def value_for(action: argparse.Action) -> list[str]:
+    """A valid value of one option (none for switches)."""
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [str(list(action.choices)[-1])]
+    if action.type is int:
+        return ["8"]
+    if action.type is float:
+        return ["0.5"]
+    return ["x"]
+
+
+@pytest.mark.parametrize("script,parser", [("train_dreambooth.txt", config.build_parser),
+                                           ("train_dreambooth_lora.txt", config.build_parser),
+                                           ("textual_inversion.txt", ti_config.build_ti_parser)])
+def test_every_upstream_flag_is_ours(script, parser):
+    p = parser()
+    names = upstream(script)
+    assert len(names) > 40 and len(set(names)) == len(names)
+    missing = [n for n in names if n not in p._option_string_actions]  # exact names, not abbreviations
+    assert not missing, f"{script}: not accepted by our parser: {missing}"
+
+
+@pytest.mark.parametrize("script", ["train_dreambooth.txt", "train_dreambooth_lora.txt"])
+def test_each_upstream_flag_parses_and_checks(script, capsys, monkeypatch):
+    """Given alone (with a valid value) on top of the required flags, each passes our option checks."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    acts = config.build_parser()._option_string_actions
+    for name in upstream(script):
+        if name in BASE:
+            continue
+        extra = ["--class_prompt", "a dog", "--class_data_dir", "c"] if name == "--with_prior_preservation" else []
+        cfg = config.parse(BASE + extra + [name, *value_for(acts[name])])
+        assert cfg.max_train_steps is not None or cfg.num_train_epochs == 8, name
+    capsys.readouterr()
+
+
+def test_ti_flags_parse(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", str(tmp_path / "img"),
+            "--placeholder_token", "<t>", "--initializer_token", "toy"]
+    acts = ti_config.build_ti_parser()._option_string_actions
+    for name in upstream("textual_inversion.txt"):
+        if name in base:
+            continue
+        ti_config.parse(base + [name, *value_for(acts[name])])
+    err = capsys.readouterr().err
+    for flag in ("--save_as_full_pipeline", "--no_safe_serialization", "--push_to_hub", "--revision"):
+        assert f"note: {flag}" in err, flag
+
+
+def test_offset_noise_switch_or_number(capsys):
+    assert config.parse(BASE + ["--offset_noise"]).offset_noise == 0.1  # diffusers' switch
+    assert config.parse(BASE + ["--offset_noise", "--seed", "1"]).offset_noise == 0.1
+    assert config.parse(BASE + ["--offset_noise", "0.05"]).offset_noise == 0.05  # ours
+    assert config.parse(BASE).offset_noise == 0.0
+
+
+def test_mapped_flags_say_so_and_keep_no_token(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = config.parse(BASE + ["--use_8bit_adam", "--enable_xformers_memory_efficient_attention",
+                               "--set_grads_to_none", "--pre_compute_text_embeddings", "--report_to", "wandb",
+                               "--push_to_hub", "--hub_token", "secret", "--hub_model_id", "me/dog",
+                               "--dataloader_num_workers", "4", "--local_rank", "0", "--revision", "main",
+                               "--validation_images", "a.png", "--image_interpolation_mode", "lanczos"])
+    err = capsys.readouterr().err
+    assert cfg.optimizer == "adamw8bit" and cfg.hub_token is None  # the token is never kept (nor saved)
+    assert "secret" not in json.dumps(vars(cfg))
+    notes = [x for x in err.splitlines() if x.startswith("dbtrain: note: ")]
+    for flag in ("--use_8bit_adam", "--enable_xformers_memory_efficient_attention", "--set_grads_to_none",
+                 "--pre_compute_text_embeddings", "--report_to wandb", "--push_to_hub", "--dataloader_num_workers",
+                 "--local_rank", "--revision", "--validation_images", "--image_interpolation_mode"):
+        assert sum(x.startswith("dbtrain: note: " + flag) for x in notes) == 1, (flag, err)
+    assert "huggingface-cli upload me/dog" in err
+    assert not err.replace("\n", "").count("Traceback")
+
+
+def test_contradictions_are_one_line_errors(capsys, monkeypatch):
+    with pytest.raises(UserError, match="--use_8bit_adam and --optimizer adamw"):
+        config.parse(BASE + ["--use_8bit_adam", "--optimizer", "adamw"])
+    with pytest.raises(UserError, match="--pre_compute_text_embeddings"):
+        config.parse(BASE + ["--pre_compute_text_embeddings", "--train_text_encoder"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one process"):
+        config.parse(BASE)
+    monkeypatch.delenv("WORLD_SIZE")
+    for bad, msg in ((["--lora_rank", "0"], "--lora_rank must be >= 1"), (["--rank", "4", "--lora_dropout", "1"],
+                     "--lora_dropout"), (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
+                     (["--rank", "4", "--lora_conv_rank", "2"], "--lora_conv_rank needs --lora_conv"),
+                     (["--single_file_half"], "--single_file_half needs --save_single_file"),
+                     (["--num_train_epochs", "0"], "--num_train_epochs must be >= 1"),
+                     (["--lr_power", "0"], "--lr_power must be > 0")):
+        with pytest.raises(UserError, match=msg):
+            config.parse(BASE + bad)
+    cfg = config.parse(BASE + ["--rank", "8", "--lora_alpha", "16", "--lora_conv", "--lora_conv_rank", "4"])
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_conv_rank, cfg.lora_dropout) == (8, 16.0, 4, 0.0)
+    assert config.parse(BASE).lora_rank is None
+
+
+def _images(folder: Path, n: int, size=32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.new("RGB", (size, size), (40 * k, 120, 200)).save(folder / f"i{k}.png")
+    return folder
+
+
+def test_num_train_epochs_as_diffusers_counts(tmp_path, capsys):
+    inst = _images(tmp_path / "inst", 5)
+    model = tmp_path / "no-model"
+
+    def steps(*extra):
+        cfg = config.parse(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(inst),
+                            "--instance_prompt", "a [V] dog", "--output_dir", str(tmp_path / "o"), *extra])
+        flag_notes.resolve_counts(cfg, UserError)  # (check_paths' step, without the model folder)
+        flag_notes.resolve_counts(cfg, UserError)  # twice: idempotent
+        return cfg.max_train_steps
+
+    # len(dataloader) = ceil(5 / 2) = 3; per epoch ceil(3 / 2) = 2 updates
+    assert steps("--num_train_epochs", "3", "--train_batch_size", "2", "--gradient_accumulation_steps", "2") == 6
+    # prior preservation: the dataset is max(instance, class images) long: ceil(20 / 4) = 5 per epoch
+    assert steps("--num_train_epochs", "2", "--train_batch_size", "4", "--with_prior_preservation",
+                 "--class_prompt", "a dog", "--class_data_dir", str(tmp_path / "c"), "--num_class_images", "20") == 10
+    assert steps("--num_train_epochs", "2", "--max_train_steps", "7") == 7  # a given max_train_steps wins
+    assert steps() == flag_notes.DEFAULT_STEPS
+    err = capsys.readouterr().err
+    assert "--num_train_epochs 3: 6 steps" in err and "ignored, --max_train_steps 7" in err
+
+
+def test_scale_lr_and_validation_epochs(tmp_path, capsys):
+    cfg = config.parse(BASE + ["--scale_lr", "--train_batch_size", "3", "--gradient_accumulation_steps", "2",
+                               "--learning_rate", "1e-6"])
+    assert cfg.learning_rate == pytest.approx(6e-6)
+    inst = _images(tmp_path / "inst", 4)
+    cfg = config.parse(["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(inst), "--instance_prompt",
+                        "a [V] dog", "--validation_epochs", "3", "--train_batch_size", "2", "--max_train_steps", "9"])
+    flag_notes.resolve_counts(cfg, UserError)
+    assert cfg.validation_steps == 6 and cfg.max_train_steps == 9  # 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def tiny77(tmp_path_factory):
+    """The tiny model with a 77-position text encoder (the README's --tokenizer_max_length=77), plus an fp16
+    variant copy of its weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd")
+    te_cfg = CLIPTextConfig.from_pretrained(root / "text_encoder")
+    te_cfg.max_position_embeddings = 77
+    CLIPTextModel(te_cfg).save_pretrained(root / "text_encoder")
+    return root
+
+
+def _substitute(args: str, model: Path, tmp: Path) -> list[str]:
+    inst = _images(tmp / "dog", 3)
+    _images(tmp / "val", 1)
+    text = (args.replace("$MODEL_NAME", str(model)).replace("$INSTANCE_DIR", str(inst))
+            .replace("$CLASS_DIR", str(tmp / "class")).replace("$OUTPUT_DIR", str(tmp / "out"))
+            .replace("$VALIDATION_IMAGES", str(tmp / "val" / "i0.png")))
+    argv = shlex.split(text)
+    out = []
+    for a in argv:  # --max_train_steps small; nothing else changes
+        out.append("--max_train_steps=2" if a.startswith("--max_train_steps=") else a)
+    return out
+
+
+@pytest.mark.parametrize("where,args", readme_commands(), ids=[w.split(":")[0] for w, _ in readme_commands()])
+def test_readme_command_parses_and_checks(where, args, tiny77, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = _substitute(args, tiny77, tmp_path)
+    cfg = config.parse(argv)
+    config.check_paths(cfg)
+    assert cfg.max_train_steps == 2, where
+    err = capsys.readouterr().err
+    if "--push_to_hub" in argv:
+        assert "note: --push_to_hub: nothing is uploaded" in err
+    assert "error" not in err, err
+
+
+def test_readme_dog_toy_example_trains(tiny77, tmp_path, capsys, monkeypatch):
+    """The README's first command (dog toy example) end to end: 2 steps on the tiny model, at 32 px (its 512 px
+    took 11 minutes on the 2-core CPU: the tiny UNet attends over 128 x 128 latents there)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    where, args = readme_commands()[0]
+    assert "Dog toy" in where and "--resolution=512" in args
+    argv = [("--resolution=32" if a == "--resolution=512" else a) for a in _substitute(args, tiny77, tmp_path)]
+    code, out, err = run_cli(["train", *argv], capsys)
+    assert code == 0, err
+    assert "note: --push_to_hub: nothing is uploaded" in err
+    folder = tmp_path / "out"
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    log = [json.loads(x) for x in (folder / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2
+
+
+def test_bad_model_flags_are_one_line_errors(tiny77, tmp_path, capsys):
+    inst = _images(tmp_path / "inst", 2)
+    base = ["train", "--pretrained_model_name_or_path", str(tiny77), "--instance_data_dir", str(inst),
+            "--instance_prompt", "a [V] dog", "--output_dir", str(tmp_path / "o")]
+    code, _, err = run_cli(base + ["--variant", "fp16"], capsys)
+    one_line_error(code, err, "missing", "fp16 weights")
+    code, _, err = run_cli(base + ["--tokenizer_name", str(tmp_path / "nothing")], capsys)
+    one_line_error(code, err, "--tokenizer_name", "not a local tokenizer folder")
+    code, _, err = run_cli(base + ["--tokenizer_max_length", "78"], capsys)
+    one_line_error(code, err, "--tokenizer_max_length 78", "77 positions")
+    with pytest.raises(SystemExit) as e:  # argparse's own message, exit 2
+        run_cli(base + ["--class_labels_conditioning", "other"], capsys)
+    assert e.value.code == 2 and "invalid choice: 'other'" in capsys.readouterr().err
