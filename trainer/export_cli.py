@@ -134,8 +134,12 @@ def _to_kohya(a) -> None:
         kl.merge_into(probe, [(c, m, d * 0, u, al) for c, m, d, u, al in updates])  # shapes only, adds zero
     run = _run_record(lora)
     downs = {k: v for k, v in state.items() if k.endswith(".lora_down.weight")}
-    ranks = sorted({v.shape[0] for v in downs.values()})
-    alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha")})
+    conv_names = {k[:-len(".lora_down.weight")] for k, v in downs.items() if v.ndim == 4 and v.shape[-1] > 1}
+    # kohya's header: network_dim/alpha for the linear (and 1x1) layers, the 3x3 convs' in ss_network_args
+    ranks = sorted({v.shape[0] for k, v in downs.items() if k[:-len(".lora_down.weight")] not in conv_names})
+    alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha") and k[:-6] not in conv_names})
+    conv = sorted({downs[n + ".lora_down.weight"].shape[0] for n in conv_names})
+    conv_alpha = sorted({float(state[n + ".alpha"]) for n in conv_names})
     te_cfg = json.loads((Path(a.model) / "text_encoder/config.json").read_text()) if a.model else {}
     base = a.model or run.get("pretrained_model_name_or_path", "")
     v_pred = False
@@ -144,12 +148,11 @@ def _to_kohya(a) -> None:
 
         v_pred = prediction_type(a.model) == "v_prediction"
     ident = run.get("identifier") or run.get("instance_prompt")
-    conv = [v.shape[0] for k, v in downs.items() if v.ndim == 4 and v.shape[-1] > 1]
+    one = lambda xs: (xs[0] if len(xs) == 1 else "Dynamic") if xs else None  # noqa: E731 (kohya's word)
     header = kl.kohya_metadata(
-        rank=ranks[-1] if len(ranks) == 1 else "Dynamic", alpha=alphas[-1] if len(alphas) == 1 else "Dynamic",
-        base_model=Path(str(base)).name if base else "", v2=te_cfg.get("hidden_act") == "gelu", v_pred=v_pred,
-        steps=run.get("max_train_steps"), identifier=ident, name=Path(a.kohya).stem,
-        conv_rank=conv[0] if conv else None)
+        rank=one(ranks), alpha=one(alphas), base_model=Path(str(base)).name if base else "",
+        v2=te_cfg.get("hidden_act") == "gelu", v_pred=v_pred, steps=run.get("max_train_steps"),
+        identifier=ident, name=Path(a.kohya).stem, conv_rank=one(conv), conv_alpha=one(conv_alpha))
     kl.save_kohya_lora(a.kohya, state, header)
     print(f"wrote {a.kohya}: {len(downs)} LoRA modules, rank {header['ss_network_dim']}, "
           f"alpha {header['ss_network_alpha']} (kohya format: A1111, ComfyUI)")
