@@ -249,3 +249,84 @@ def test_bad_model_flags_are_one_line_errors(tiny77, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's own message, exit 2
         run_cli(base + ["--class_labels_conditioning", "other"], capsys)
     assert e.value.code == 2 and "invalid choice: 'other'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fp16_only(tiny77, tmp_path_factory):
+    """A copy of the tiny model holding only fp16-variant weight files (diffusers' --variant fp16 layout)."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = tmp_path_factory.mktemp("variant") / "tiny-fp16"
+    shutil.copytree(tiny77, root)
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        model = cls.from_pretrained(root / sub).to(torch.float16)
+        for f in (root / sub).glob("*.safetensors"):
+            f.unlink()
+        model.save_pretrained(root / sub, variant="fp16")
+    return root
+
+
+def test_implemented_flags_end_to_end(fp16_only, tmp_path, capsys, monkeypatch):
+    """--variant, --tokenizer_name, --num_train_epochs, --lr_num_cycles, --logging_dir, --tokenizer_max_length,
+    --text_encoder_use_attention_mask, --class_labels_conditioning, --prior_generation_precision,
+    --validation_scheduler, --skip_save_text_encoder and --allow_tf32 in one 2-step run."""
+    import diffusers
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    made = []  # the validation pipeline's scheduler comes from --validation_scheduler
+    plain = diffusers.DPMSolverMultistepScheduler.from_config.__func__
+    monkeypatch.setattr(diffusers.DPMSolverMultistepScheduler, "from_config",
+                        classmethod(lambda cls, *a, **k: made.append(cls.__name__) or plain(cls, *a, **k)))
+    inst = _images(tmp_path / "inst", 3)
+    out, cls = tmp_path / "out", tmp_path / "class"
+    base = ["train", "--pretrained_model_name_or_path", str(fp16_only), "--instance_data_dir", str(inst),
+            "--instance_prompt", "a [V] dog", "--output_dir", str(out), "--resolution", "32"]
+    code, _, err = run_cli(base, capsys)
+    one_line_error(code, err, "fp16 variant weights: add --variant fp16")
+    code, _, err = run_cli(base + [
+        "--variant", "fp16", "--tokenizer_name", str(fp16_only / "tokenizer"), "--num_train_epochs", "1",
+        "--train_batch_size", "2", "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir",
+        str(cls), "--num_class_images", "2", "--class_inference_steps", "2", "--prior_generation_precision", "bf16",
+        "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2", "--learning_rate", "1e-4",
+        "--logging_dir", "mylogs", "--tokenizer_max_length", "12", "--text_encoder_use_attention_mask",
+        "--class_labels_conditioning", "timesteps", "--validation_prompt", "a [V] dog", "--validation_steps", "2",
+        "--num_validation_images", "1", "--validation_scheduler", "DPMSolverMultistepScheduler",
+        "--skip_save_text_encoder",
+        "--allow_tf32", "--log_every", "1", "--optimizer", "adamw", "--kernels", "off"], capsys)
+    assert code == 0, err
+    assert "--num_train_epochs 1: 2 steps" in err  # ceil(max(3 instance, 2 class) / 2) = 2
+    assert "has no class embedding" in err
+    log = [json.loads(x) for x in (out / "mylogs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    # cosine_with_restarts, 2 cycles over 2 steps: step 1 starts the second cycle at the full rate
+    # (one cycle would be halfway down: 5e-5)
+    assert log[0]["lr"] == pytest.approx(1e-4)
+    assert len(list(cls.glob("*.png"))) == 2
+    assert (out / "validation" / "step-000002.png").is_file() and made == ["DPMSolverMultistepScheduler"]
+    assert not (out / "text_encoder").exists() and (out / "unet").is_dir()
+    assert json.loads((out / "model_index.json").read_text())["text_encoder"] == [None, None]
+
+
+def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder(tiny77):
+    import argparse as ap
+
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainer.loop import encode_prompt
+
+    tok = CLIPTokenizer.from_pretrained(tiny77 / "tokenizer")
+    te = CLIPTextModel.from_pretrained(tiny77 / "text_encoder").eval()
+    with torch.no_grad():
+        plain = encode_prompt(tok, te, ["a dog"], "cpu")
+        short = encode_prompt(tok, te, ["a dog"], "cpu", ap.Namespace(tokenizer_max_length=12))
+        masked = encode_prompt(tok, te, ["a dog"], "cpu", ap.Namespace(tokenizer_max_length=12,
+                                                                      text_encoder_use_attention_mask=True))
+    assert plain.shape[1] == tok.model_max_length and short.shape[1] == 12
+    n = len(tok("a dog").input_ids)  # bos, words, eos: the padding after them is what the mask hides
+    assert torch.allclose(short[:, :n], masked[:, :n], atol=1e-5)  # causal: real tokens never see the padding
+    assert not torch.allclose(short[:, n:], masked[:, n:])

@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = option_adder(p.add_argument_group("ours (dbtrain's own, not in diffusers' train_dreambooth.py)"))
     g("--config", default=None, metavar="TOML", help="TOML file with any of these options, same keys without "
       "the dashes (flags given here override it)")
-    g("--identifier", default="sks", metavar="WORD", help='the rare token that replaces [V], or "auto" to pick one from '
-      "the tokenizer as the paper does")
+    g("--identifier", default="sks", metavar="WORD",
+      help='the rare token that replaces [V], or "auto" to pick one from the tokenizer as the paper does')
     g("--random_flip", action="store_true", help="random horizontal flip of the training images")
     g("--train_text_embedding", action="store_true",
       help="pivotal tuning: [V] becomes new token(s) whose embeddings train with the UNet for the first "

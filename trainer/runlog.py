@@ -113,14 +113,14 @@ def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=N
     pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
                     tokenizer=tokenizer).to(device)
     pipe.set_progress_bar_config(disable=True)
-    name = getattr(cfg, "validation_scheduler", None)
-    if name:  # diffusers' --validation_scheduler; learned variances are not trained, so sample fixed ones
+    sched = getattr(cfg, "validation_scheduler", None)
+    if sched:  # diffusers' --validation_scheduler; learned variances are not trained, so sample fixed ones
         import diffusers
 
         extra = {}
         if pipe.scheduler.config.get("variance_type") in ("learned", "learned_range"):
             extra["variance_type"] = "fixed_small"
-        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+        pipe.scheduler = getattr(diffusers, sched).from_config(pipe.scheduler.config, **extra)
     gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
     images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
                   width=cfg.resolution, num_inference_steps=25).images
