@@ -190,3 +190,26 @@ def test_prior_preservation_memory_options_and_text_encoder_checkpointing(tiny_m
     assert any(k.startswith("unet.") and v.abs().max() > 0 for k, v in ups.items())
     log = [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and log[-1]["loss_prior"] is not None
+
+
+def test_older_diffusers_lora_names_merge_the_same(tiny_model, lora_run, tmp_path):
+    """Files from diffusers' own scripts (convert_state_dict_to_diffusers: '.lora.down.weight',
+    '.lora_linear_layer.up.weight') merge like peft-named ones."""
+    from safetensors.torch import save_file
+
+    from trainer.evaluate import load_pipeline
+
+    tmp, seen = lora_run
+    sd = load_file(tmp / "out" / "pytorch_lora_weights.safetensors")
+    with safe_open(str(tmp / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = f.metadata()
+    old = {}
+    for k, v in sd.items():
+        kind = "down" if ".lora_A." in k else "up"
+        stem = k.replace(".lora_A.weight", "").replace(".lora_B.weight", "")
+        old[f"{stem}.lora_linear_layer.{kind}.weight" if k.startswith("text_encoder.")
+            else f"{stem}.lora.{kind}.weight"] = v
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    pipe = load_pipeline(tiny_model, "cpu", lora_files=[tmp_path / "old.safetensors"])
+    torch.testing.assert_close(_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer), seen["probe"],
+                               atol=1e-5, rtol=1e-4)

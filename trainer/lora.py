@@ -198,22 +198,6 @@ def lora_files_of(model, given=None) -> list[Path]:
     return files
 
 
-# diffusers' older names (its scripts still write them) -> peft's
-_OLD_NAMES = ((".lora_linear_layer.down.weight", ".lora_A.weight"), (".lora_linear_layer.up.weight", ".lora_B.weight"),
-              (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"))
-
-
-def peft_names(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for old, new in _OLD_NAMES:
-            if k.endswith(old):
-                k = k[: -len(old)] + new
-                break
-        out[k] = v
-    return out
-
-
 def apply_loras(pipe, files, scale: float = 1.0, say=print) -> None:
     """Merge each LoRA file (kohya or diffusers names) into the pipeline's weights at `scale` (our merge, the
     same W += scale * alpha/rank * up @ down as diffusers' fuse_lora); a file made for another model is one
@@ -223,8 +207,6 @@ def apply_loras(pipe, files, scale: float = 1.0, say=print) -> None:
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for f in files:
         sd, meta = kohya_lora.read_lora(f)
-        if not kohya_lora.is_kohya(sd):
-            sd = peft_names(sd)
         try:  # (a failed merge ends the command: the half-merged pipeline is never used)
             n = kohya_lora.merge_into(modules, kohya_lora.lora_updates(sd, meta, modules), scale)
         except UserError as e:

@@ -155,11 +155,24 @@ def _module_alpha(comp: str, module: str, rank: int, table: dict) -> float:
     return float(alpha) * math.sqrt(rank) if rslora else float(alpha)
 
 
+# diffusers' older names (its example scripts still write them with convert_state_dict_to_diffusers) -> peft's
+_OLD_NAMES = ((".lora_linear_layer.down.weight", ".lora_A.weight"), (".lora_linear_layer.up.weight", ".lora_B.weight"),
+              (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"))
+
+
+def peft_name(key: str) -> str:
+    for old, new in _OLD_NAMES:
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
 def split_diffusers(sd: dict) -> dict[str, dict]:
-    """A diffusers LoRA file's dict ('unet.<module>.lora_A.weight', ...) -> {component: peft dict}."""
+    """A diffusers LoRA file's dict ('unet.<module>.lora_A.weight', or the older '.lora.down.weight' /
+    '.lora_linear_layer.down.weight') -> {component: peft dict}."""
     parts: dict[str, dict] = {}
     for k, v in sd.items():
-        comp, _, rest = k.partition(".")
+        comp, _, rest = peft_name(k).partition(".")
         if comp not in PREFIXES or not _PEFT.match(rest):
             raise UserError(f"not a diffusers/peft LoRA file: unexpected weight {k!r} (a kohya file starts "
                             "with lora_unet_ / lora_te_)")
