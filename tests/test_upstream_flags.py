@@ -106,14 +106,14 @@ def test_mapped_flags_say_so_and_keep_no_token(capsys, monkeypatch):
                                "--set_grads_to_none", "--pre_compute_text_embeddings", "--report_to", "wandb",
                                "--push_to_hub", "--hub_token", "secret", "--hub_model_id", "me/dog",
                                "--dataloader_num_workers", "4", "--local_rank", "0", "--revision", "main",
-                               "--validation_images", "a.png", "--image_interpolation_mode", "lanczos"])
+                               "--validation_images", "a.png"])
     err = capsys.readouterr().err
     assert cfg.optimizer == "adamw8bit" and cfg.hub_token is None  # the token is never kept (nor saved)
     assert "secret" not in json.dumps(vars(cfg))
     notes = [x for x in err.splitlines() if x.startswith("dbtrain: note: ")]
     for flag in ("--use_8bit_adam", "--enable_xformers_memory_efficient_attention", "--set_grads_to_none",
                  "--pre_compute_text_embeddings", "--report_to wandb", "--push_to_hub", "--dataloader_num_workers",
-                 "--local_rank", "--revision", "--validation_images", "--image_interpolation_mode"):
+                 "--local_rank", "--revision", "--validation_images"):
         assert sum(x.startswith("dbtrain: note: " + flag) for x in notes) == 1, (flag, err)
     assert "huggingface-cli upload me/dog" in err
     assert not err.replace("\n", "").count("Traceback")
@@ -296,7 +296,8 @@ def test_implemented_flags_end_to_end(fp16_only, tmp_path, capsys, monkeypatch):
         "--class_labels_conditioning", "timesteps", "--validation_prompt", "a [V] dog", "--validation_steps", "2",
         "--num_validation_images", "1", "--validation_scheduler", "DPMSolverMultistepScheduler",
         "--skip_save_text_encoder",
-        "--allow_tf32", "--log_every", "1", "--optimizer", "adamw", "--kernels", "off"], capsys)
+        "--allow_tf32", "--image_interpolation_mode", "lanczos", "--log_every", "1", "--optimizer", "adamw",
+        "--kernels", "off"], capsys)
     assert code == 0, err
     assert "--num_train_epochs 1: 2 steps" in err  # ceil(max(3 instance, 2 class) / 2) = 2
     assert "has no class embedding" in err
@@ -330,3 +331,18 @@ def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder(tiny77):
     n = len(tok("a dog").input_ids)  # bos, words, eos: the padding after them is what the mask hides
     assert torch.allclose(short[:, :n], masked[:, :n], atol=1e-5)  # causal: real tokens never see the padding
     assert not torch.allclose(short[:, n:], masked[:, n:])
+
+
+def test_image_interpolation_mode_is_the_resize_filter(tmp_path):
+    import numpy as np
+    import torch
+
+    from trainer.data import ImageSet
+
+    rng = np.random.default_rng(0)
+    f = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(f)
+    views = {m: ImageSet([f], 32, center_crop=True, random_flip=False, interpolation=m).fixed_view(0, False)
+             for m in (None, "bilinear", "lanczos", "nearest")}
+    assert torch.equal(views[None], views["bilinear"])  # not given: train_dreambooth.py's bilinear
+    assert not torch.equal(views["bilinear"], views["lanczos"]) and not torch.equal(views["lanczos"], views["nearest"])

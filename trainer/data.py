@@ -181,12 +181,18 @@ def open_rgb(path: Path) -> Image.Image:
     return load_image(path)[0]
 
 
-def to_tensor(img: Image.Image, resolution: int, *, crop_xy: tuple[float, float] | None, flip: bool) -> torch.Tensor:
+# --image_interpolation_mode (train_dreambooth_lora.py's names, torchvision's, which resize PIL images with these)
+RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "nearest_exact": Image.NEAREST,
+            "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+
+
+def to_tensor(img: Image.Image, resolution: int, *, crop_xy: tuple[float, float] | None, flip: bool,
+              resample=Image.BILINEAR) -> torch.Tensor:
     """(3, res, res) float in [-1, 1]. crop_xy None = center crop, else the crop's relative position."""
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
+    img = img.resize((nw, nh), resample)
     fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
     left, top = int(round((nw - resolution) * fx)), int(round((nh - resolution) * fy))
     img = img.crop((left, top, left + resolution, top + resolution))
@@ -205,8 +211,10 @@ class ImageSet:
     non-square image there are too many variants, and that image is not cached.
     """
 
-    def __init__(self, files: list[Path], resolution: int, *, center_crop: bool, random_flip: bool):
+    def __init__(self, files: list[Path], resolution: int, *, center_crop: bool, random_flip: bool,
+                 interpolation: str | None = None):
         self.files = files
+        self.resample = RESAMPLE[interpolation or "bilinear"]
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -235,7 +243,7 @@ class ImageSet:
 
     def fixed_view(self, i: int, flip: bool) -> torch.Tensor:
         """The pixels of a cacheable image i (center crop), flipped or not."""
-        return to_tensor(self.images[i], self.resolution, crop_xy=None, flip=flip)
+        return to_tensor(self.images[i], self.resolution, crop_xy=None, flip=flip, resample=self.resample)
 
     def tensor(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
         """A training view of image i drawn with `gen`: (pixels, flipped)."""
@@ -243,7 +251,7 @@ class ImageSet:
         if self.cacheable(i):
             return self.fixed_view(i, flip), flip
         crop = (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)))
-        return to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip), flip
+        return to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip, resample=self.resample), flip
 
 
 def _folder_of(files: list[Path]) -> str:

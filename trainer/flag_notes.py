@@ -73,7 +73,7 @@ def _spec(g, name):
                                   "--validation_steps; not given: --validation_steps)"),
         "image_interpolation_mode": dict(default=None, choices=list(INTERPOLATIONS),
                                          help="resize filter of the training images (not given: bilinear, as "
-                                              "train_dreambooth.py)"),
+                                              "train_dreambooth.py; train_dreambooth_lora.py's is lanczos)"),
         "save_as_full_pipeline": dict(action="store_true", help="accepted: the output is the embedding files; "
                                       "dbtrain sample --model OUTPUT_DIR loads them on the base model"),
         "no_safe_serialization": dict(action="store_true", help="accepted: embeddings are always written as "
@@ -224,10 +224,6 @@ def apply(cfg, UserError, command: str = "train") -> list[str]:
         extra = " (the trained text encoder is not saved either, as in diffusers)" if cfg.train_text_encoder else ""
         notes.append("--skip_save_text_encoder: the saved folder has no text_encoder/; load it with the base "
                      f"model's text encoder{extra}")
-    mode = getattr(cfg, "image_interpolation_mode", None)
-    if mode not in (None, "bilinear"):
-        notes.append(f"--image_interpolation_mode {mode}: dbtrain resizes with bilinear (train_dreambooth.py's "
-                     f"filter); {mode} is not used")
     if command == "textual-inversion":
         if getattr(cfg, "save_as_full_pipeline", False):
             notes.append("--save_as_full_pipeline: the output is the embedding files; dbtrain sample --model "
