@@ -35,6 +35,7 @@ def sample_parser():
 
 
 def check_sample_args(args) -> None:
+    from .lora import lora_files_of
     from .models import check_model_folder, model_and_embeddings
 
     if args.num_images < 1 or args.steps < 1:
@@ -43,8 +44,11 @@ def check_sample_args(args) -> None:
         raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if not math.isfinite(args.guidance):
         raise UserError(f"--guidance must be a finite number, got {args.guidance}")
+    if not math.isfinite(args.lora_scale):
+        raise UserError(f"--lora_scale must be a finite number, got {args.lora_scale}")
     outdir.check_images_out(args.out)
     check_model_folder(model_and_embeddings(args.model, args.embedding)[0])
+    lora_files_of(args.model, args.lora)
 
 
 def sample(argv: list[str]) -> Path:
@@ -56,6 +60,7 @@ def sample(argv: list[str]) -> Path:
     from .data import make_grid
 
     from .embeddings import load_embedding_into
+    from .lora import apply_loras, lora_files_of
     from .models import model_and_embeddings
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -64,6 +69,7 @@ def sample(argv: list[str]) -> Path:
                                                    requires_safety_checker=False).to(device)
     for f in files:
         print(f"embedding {f}: write {load_embedding_into(pipe, f)} in the prompt")
+    apply_loras(pipe, lora_files_of(args.model, args.lora), args.lora_scale)
     gens = [torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)]
     kw = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     images = pipe([args.prompt] * args.num_images, negative_prompt=(

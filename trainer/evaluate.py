@@ -6,6 +6,7 @@ the same --seed, starts from the same noise), so two models are compared image f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,20 +31,23 @@ def recorded_subject(model: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_pipeline(model, device, embedding_files=None):
-    """The pipeline of a model folder; a Textual Inversion / pivotal-tuning output folder, or
-    `embedding_files`, add their embeddings (read safely) on top."""
+def load_pipeline(model, device, embedding_files=None, lora_files=None, lora_scale: float = 1.0):
+    """The pipeline of a model folder; a Textual Inversion / pivotal-tuning / LoRA output folder, or
+    `embedding_files` / `lora_files`, add their embeddings (read safely) and fused LoRAs on top."""
     from diffusers import StableDiffusionPipeline
 
     from .embeddings import load_embedding_into
+    from .lora import apply_loras, lora_files_of
     from .models import check_model_folder, model_and_embeddings
 
+    loras = lora_files_of(model, lora_files)
     model, files = model_and_embeddings(model, embedding_files)
     check_model_folder(model)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for f in files:
         load_embedding_into(pipe, f)
+    apply_loras(pipe, loras, lora_scale, say=lambda _: None)
     return pipe.to(device)
 
 
@@ -90,13 +94,17 @@ def evaluate(pipe, scorer, real, identifier, class_noun, templates=DEFAULT_PROMP
 
 def run(argv: list[str]) -> dict:
     from .data import list_images, open_rgb, make_grid
+    from .lora import lora_files_of
     from .metrics import Scorer, markdown_table
 
     a = eval_parser().parse_args(argv)
     if a.num_images < 2:
         raise UserError("--num_images must be >= 2 (DIV compares samples of one prompt)")
+    if not math.isfinite(a.lora_scale):
+        raise UserError(f"--lora_scale must be a finite number, got {a.lora_scale}")
     if a.out:
         outdir.check_images_out(a.out)
+    lora_files_of(a.model, a.lora)  # missing files: one line before any model loads
     rec = recorded_subject(Path(a.model))
     identifier = a.identifier or rec.get("identifier")
     class_noun = a.class_noun or rec.get("class_noun")
@@ -109,7 +117,7 @@ def run(argv: list[str]) -> dict:
     scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
     kw = dict(templates=a.prompts or DEFAULT_PROMPTS, num_images=a.num_images, steps=a.steps, guidance=a.guidance,
               seed=a.seed)
-    ev = evaluate(load_pipeline(a.model, device, a.embedding), scorer, real, identifier, class_noun, **kw)
+    ev = evaluate(load_pipeline(a.model, device, a.embedding, a.lora, a.lora_scale), scorer, real, identifier, class_noun, **kw)
     rows, cis = {str(a.model): ev.metrics}, {str(a.model): ev.intervals}
     ref = None
     if a.base_model:

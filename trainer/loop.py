@@ -18,10 +18,10 @@ import torch
 import dbkernels
 from dbkernels.ops.diffusion_loss import reference as loss_reference
 
-from . import checkpoint, config, data, embeddings, interrupts, outdir, runlog
+from . import checkpoint, config, data, embeddings, interrupts, lora, outdir, runlog
 from .config import Resumable, UserError
 from .data import ImageSet, list_images
-from .export import export, export_embedding, remove_temporaries
+from .export import export, export_embedding, export_single_file, remove_temporaries
 from .models import load_components, pick_identifier
 from .prior import generate_class_images
 
@@ -36,6 +36,11 @@ FP16_CPU_FACTOR = "2-3x"
 
 def _step_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro) % (1 << 62)
+
+
+def _fake(t) -> bool:
+    """trainer.estimate runs the step on fake tensors (shapes, no values): value checks are skipped there."""
+    return isinstance(t, torch._subclasses.FakeTensor)
 
 
 def prepare_output_dir(cfg) -> Path | None:
@@ -90,10 +95,12 @@ def load_weights(model, folder: Path) -> None:
     model.load_state_dict(state)
 
 
-def encode_prompt(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids)[0]
+def encode_prompt(tokenizer, text_encoder, prompts: list[str], device, cfg=None) -> torch.Tensor:
+    # diffusers' --tokenizer_max_length and --text_encoder_use_attention_mask
+    tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                    max_length=getattr(cfg, "tokenizer_max_length", None) or tokenizer.model_max_length)
+    mask = tok.attention_mask.to(device) if getattr(cfg, "text_encoder_use_attention_mask", False) else None
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
 
 
 class Batches:
@@ -144,7 +151,8 @@ class Batches:
     def cache_prompt_embeddings(self, move_off: bool = False) -> None:
         """One embedding per distinct prompt, computed now (the text side is frozen from here on)."""
         te = self.text_encoder.to(self.device)
-        self.embeds = {p: encode_prompt(self.tokenizer, te, [p], self.device) for p in self.distinct_prompts()}
+        self.embeds = {p: encode_prompt(self.tokenizer, te, [p], self.device, self.cfg)
+                       for p in self.distinct_prompts()}
         if move_off:
             te.to("cpu")
 
@@ -181,7 +189,7 @@ class Batches:
         if self.embeds is not None:
             emb = torch.cat([self.embeds[k] for k in keys])
         else:
-            emb = encode_prompt(self.tokenizer, self.text_encoder, keys, self.device)
+            emb = encode_prompt(self.tokenizer, self.text_encoder, keys, self.device, self.cfg)
         return latents, emb, gen
 
 
@@ -206,6 +214,7 @@ class Run:
     weights_dtype: torch.dtype
     new_tokens: object = None  # trainer.embeddings.NewTokenEmbedding when new token rows are trained
     freeze_at: int = 0  # the step from which they are frozen (pivotal tuning)
+    identifier: str | None = None  # what [V] became (recorded in the LoRA file's metadata)
 
 
 def setup(cfg, comps, batches: Batches, device) -> Run:
@@ -213,8 +222,9 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     unet, te = comps.unet, comps.text_encoder
     weights_dtype = torch.bfloat16 if cfg.weights_dtype == "bf16" else torch.float32
     train_unet = getattr(cfg, "train_unet", True)
-    if not train_unet:  # Textual Inversion: the UNet is frozen, so it is stored in half precision where it can be
-        weights_dtype = frozen_dtype(cfg, device)
+    use_lora = bool(getattr(cfg, "lora_rank", None))
+    if not train_unet or use_lora:  # TI, LoRA: the base is frozen, so it is stored in half precision where it can be
+        weights_dtype = torch.bfloat16 if use_lora and cfg.weights_dtype == "bf16" else frozen_dtype(cfg, device)
         unet.requires_grad_(False)
     unet.to(device, dtype=weights_dtype).train()
     if cfg.gradient_checkpointing:
@@ -227,7 +237,16 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     models = {"unet": unet} if train_unet else {}
     new = embeddings.new_tokens_of(te)
     freeze_at = 0
-    if new is not None:  # only the new rows train; the table and the rest of the encoder stay frozen
+    if use_lora:  # adapters on the frozen base: only they train and only they are saved
+        if new is not None:
+            raise UserError("--train_text_embedding cannot be combined with --lora_rank yet; train the LoRA with "
+                            "--train_text_encoder, or the embedding without --lora_rank")
+        if cfg.train_text_encoder:
+            _train_mode_text_encoder(cfg, te, device, weights_dtype)
+            if cfg.gradient_checkpointing:  # the frozen embeddings would cut the gradient to the adapters
+                te.enable_input_require_grads()
+        params, models = lora.add_adapters(cfg, unet, te, train_text_encoder=cfg.train_text_encoder)
+    elif new is not None:  # only the new rows train; the table and the rest of the encoder stay frozen
         rows = new.rows.detach().clone()
         te.requires_grad_(False)
         te.to(device, dtype=weights_dtype).train()
@@ -238,9 +257,7 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
         frac = getattr(cfg, "text_embedding_frac", 1.0)
         freeze_at = cfg.max_train_steps if frac >= 1 else max(1, round(frac * cfg.max_train_steps))
     elif cfg.train_text_encoder:
-        te.to(device, dtype=weights_dtype).train()
-        if cfg.gradient_checkpointing:  # transformers 5 renamed it
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+        _train_mode_text_encoder(cfg, te, device, weights_dtype)
         params += [p for p in te.parameters() if p.requires_grad]
         models["text_encoder"] = te
     else:
@@ -250,7 +267,8 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
 
     optimizer = make_optimizer(cfg, params)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
+                                 num_training_steps=cfg.max_train_steps,
+                                 num_cycles=getattr(cfg, "lr_num_cycles", 1), power=getattr(cfg, "lr_power", 1.0))
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
     hook = None
     if cfg.step_in_backward:
@@ -258,13 +276,19 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
             raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
         from dbkernels.optim import step_in_backward
 
-        hook = step_in_backward(torch.nn.ModuleList(list(models.values())), optimizer)
+        hook = step_in_backward(torch.nn.ModuleList([getattr(m, "module", m) for m in models.values()]), optimizer)
     return Run(cfg=cfg, device=device, batches=batches, unet=unet, te=te, models=models, params=params,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, hook=hook,
                alphas_cumprod=comps.noise_scheduler.alphas_cumprod.to(device, torch.float32),
                prediction_type=comps.prediction_type,
                n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype,
                new_tokens=new, freeze_at=freeze_at)
+
+
+def _train_mode_text_encoder(cfg, te, device, dtype) -> None:
+    te.to(device, dtype=dtype).train()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it
+        (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
 
 
 def frozen_dtype(cfg, device) -> torch.dtype:
@@ -325,16 +349,17 @@ def train_step(run: Run, step: int) -> StepResult:
             t = torch.randint(0, run.alphas_cumprod.shape[0], (latents.shape[0],), generator=dgen, device=device)
             x_t = dbkernels.add_noise(latents, noise, t, run.alphas_cumprod, noise_offset=offset, validate=False)
             with autocast:
-                pred = run.unet(x_t.to(run.weights_dtype), t,
-                                encoder_hidden_states=emb.to(run.weights_dtype)).sample
+                labels = t if getattr(cfg, "class_labels_conditioning", None) == "timesteps" else None
+                pred = run.unet(x_t.to(run.weights_dtype), t, encoder_hidden_states=emb.to(run.weights_dtype),
+                                class_labels=labels).sample
             loss = dbkernels.diffusion_loss(pred, latents, noise, t, run.alphas_cumprod,
                                             prediction_type=run.prediction_type, num_prior=run.n_prior,
                                             prior_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
                                             noise_offset=offset, validate=False)
-            if not torch.isfinite(loss):  # never train on NaN: the whole step is skipped
+            if not _fake(loss) and not torch.isfinite(loss):  # never train on NaN: the whole step is skipped
                 finite = False
                 break
-            total += loss.item() / cfg.gradient_accumulation_steps
+            total += (0.0 if _fake(loss) else loss.item()) / cfg.gradient_accumulation_steps
             loss = loss / cfg.gradient_accumulation_steps
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
     stepped = finite and _optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.hook)
@@ -368,6 +393,8 @@ def train(cfg) -> Path:
 
 def _train(cfg) -> Path:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if getattr(cfg, "allow_tf32", False):  # diffusers' --allow_tf32: TF32 matmuls/convolutions (Ampere+)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.output_dir)
     config.check_paths(cfg)  # (the CLI ran these before importing torch; callers of train() may not have)
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
@@ -376,11 +403,11 @@ def _train(cfg) -> Path:
     outdir.check_space(cfg)
     captions = data.caption_suffix(cfg.caption_extension) if getattr(cfg, "caption_extension", None) else None
     inst_files = list_images(cfg.instance_data_dir, "instance image", captions=captions)
-    inst = ImageSet(inst_files, cfg.resolution, center_crop=cfg.center_crop,
-                    random_flip=cfg.random_flip)  # bad images fail before the model
+    inst = ImageSet(inst_files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                    interpolation=getattr(cfg, "image_interpolation_mode", None))  # bad images fail before the model
     captioned = data.read_captions(inst_files, captions) if captions else [None] * len(inst_files)
     torch.manual_seed(cfg.seed)
-    comps = load_components(cfg.pretrained_model_name_or_path)
+    comps = load_components(cfg.pretrained_model_name_or_path, cfg)
 
     # --- prompts, with [V] replaced by the identifier ---
     class_word = cfg.class_prompt.split()[-1] if cfg.class_prompt else None
@@ -408,13 +435,15 @@ def _train(cfg) -> Path:
         if made:
             print(f"generated {made} class image(s) in {cfg.class_data_dir}")
         files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
-        cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+        cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                       interpolation=getattr(cfg, "image_interpolation_mode", None))
     inst_prompts = [sub(c) if c is not None else prompts["inst"] for c in captioned]
     batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32, inst_prompts=inst_prompts,
                       templates=getattr(cfg, "prompt_templates", None), word=word)
     outdir.claim(out, cfg_dict(cfg))  # only once the inputs are known to be good
 
     run = setup(cfg, comps, batches, device)
+    run.identifier = ident
     start = resume_run(run, resume) if resume is not None else 0
     log = runlog.RunLog(out, cfg)
     skipped, done = 0, start
@@ -466,7 +495,8 @@ def _train(cfg) -> Path:
         save_model(run, out, done)
     runlog.record_subject(out, ident, class_word, prompts["inst"], cfg, run)
     outdir.write_marker(out, finished=True)
-    what = "the trained model" if "unet" in run.models else "the embedding files"
+    what = ("the LoRA weights" if "unet_lora" in run.models else "the trained model" if "unet" in run.models
+            else "the embedding files")
     print(f"saved {what} to {out} ({skipped} skipped step(s))")
     return out
 
@@ -485,8 +515,14 @@ def save_checkpoint(run: Run, out: Path, step: int) -> Path:
 def save_model(run: Run, out: Path, step: int) -> None:
     """The final export; if it fails, the trained state goes into checkpoint-<step> so nothing is lost."""
     try:
-        if "unet" in run.models:  # Textual Inversion stores nothing for the (frozen) model
+        if "unet_lora" in run.models:
+            lora.export_lora(run.cfg, run.unet, run.te if "text_encoder_lora" in run.models else None, out, step,
+                             run.identifier)
+        elif "unet" in run.models:  # Textual Inversion stores nothing for the (frozen) model
             export(run.cfg, run.unet, run.te if run.cfg.train_text_encoder else None, out)
+        if getattr(run.cfg, "save_single_file", False) and ("unet" in run.models or "unet_lora" in run.models):
+            lora_file = out / lora.DIFFUSERS_FILE if "unet_lora" in run.models else None
+            print(f"single file: {out / export_single_file(run.cfg, out, lora_file)}")
         if run.new_tokens is not None:  # the embedding files, never the extended text encoder
             export_embedding(out, run.new_tokens, step, base_model=run.cfg.pretrained_model_name_or_path)
     except UserError as e:
@@ -514,7 +550,7 @@ def _optimizer_step(cfg, optimizer, scaler, params, hook) -> bool:
         scaler.step(optimizer)  # skips the update itself on inf/NaN gradients
         scaler.update()
         ok = scaler.get_scale() >= before
-    elif norm is not None and not torch.isfinite(norm):
+    elif norm is not None and not _fake(norm) and not torch.isfinite(norm):
         ok = False
     else:
         optimizer.step()

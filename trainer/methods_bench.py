@@ -308,7 +308,7 @@ def cost(a) -> int:
                          "ms_p50": float(np.median(ms)), "ms_p80": float(np.percentile(ms, 80)),
                          "rss_before_steps_mib": round(start / 2**20, 1), "peak_rss_mib": round(peak / 2**20, 1),
                          "peak_above_start_mib": round((peak - start) / 2**20, 1), "steps": a.steps, "threads": a.threads,
-                         "output_mib": round(size / 2**20, 2),
+                         "output_mib": round(size / 2**20, 4),
                          "batch": "2 instance" + (" + 2 class" if "--with_prior_preservation" in args else ""),
                          "device": _device_name(torch.device("cpu")), "torch": torch.__version__,
                          "command": "python -m trainer.methods_bench " + " ".join(a.argv)})
@@ -333,7 +333,7 @@ def cost_report(rows_file: Path, md: Path) -> str:
                      f"({np.median([r['ms_p20'] for r in mine]):.0f}-{np.median([r['ms_p80'] for r in mine]):.0f}) | "
                      f"{max(r['rss_before_steps_mib'] for r in mine):.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} | "
                      f"{max(r['peak_above_start_mib'] for r in mine):.0f} | "
-                     + (f"{mine[0]['output_mib']:.2f} |" if "output_mib" in mine[0] else "- |"))
+                     + (f"{mine[0]['output_mib']:.3g} |" if "output_mib" in mine[0] else "- |"))
     r0 = rows[0]
     text = (f"Built-in model (64 px, 3.2M-parameter UNet), CPU ({r0['device']}, {r0['threads']} thread(s), a shared "
             f"machine), torch {r0['torch']}, fp32, torch AdamW, {r0['steps']} steps per run, {len({r['round'] for r in rows})} "

@@ -33,6 +33,13 @@ DEFAULT_PROMPTS = ("a {V} {C} on the beach", "a {V} {C} in the snow", "a {V} {C}
 CLASS_PROMPT = "a {C}"
 
 
+def add_lora_flags(a) -> None:
+    a("--lora", nargs="+", default=None, metavar="FILE",
+      help="LoRA file(s) fused into --model: diffusers' pytorch_lora_weights.safetensors or a kohya/A1111 "
+           ".safetensors (or a dbtrain LoRA output folder); a LoRA output folder given as --model loads its own")
+    a("--lora_scale", type=float, default=1.0, help="strength of the --lora file(s) (1 = as trained)")
+
+
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbtrain sample", formatter_class=HelpFormatter,
                                 description="Images from a trained model folder (or any diffusers SD folder).")
@@ -42,6 +49,7 @@ def sample_parser() -> argparse.ArgumentParser:
       help="Textual Inversion embedding(s) on top of --model: diffusers' learned_embeds.safetensors or an "
            "A1111/ComfyUI .safetensors/.pt, read safely; a textual-inversion or pivotal-tuning output folder "
            "given as --model loads its own")
+    add_lora_flags(a)
     a("--prompt", required=True, metavar="TEXT", help="what to draw, e.g. \"a photo of sks dog\"; required")
     a("--negative_prompt", default=None, metavar="TEXT", help="what not to draw (not given: none)")
     a = option_adder(p.add_argument_group("sampling"))
@@ -66,6 +74,7 @@ def eval_parser() -> argparse.ArgumentParser:
       help="Textual Inversion embedding(s) on top of --model: diffusers' learned_embeds.safetensors or an "
            "A1111/ComfyUI .safetensors/.pt, read safely; a textual-inversion or pivotal-tuning output folder "
            "given as --model loads its own")
+    add_lora_flags(a)
     a("--instance_data_dir", required=True, metavar="DIR", help="the subject's real images; required")
     a("--identifier", default=None, metavar="WORD",
       help="[V] (not given: what dbtrain train recorded in the model's dreambooth.json)")
