@@ -3,6 +3,7 @@
     python -m bench <suite> [--out DIR] [--device cuda|cpu] [--quick] [--dtype bf16,fp32]
                             [--providers a,b,...] [suite options]
     python -m bench report [--results DIR] [--include-cpu] [--no-plots]
+    python -m bench memory [--arch sd15,sd21] [--only NAME,...]   (estimates on the CPU, no GPU)
     python -m bench list
 
 Suites append JSON rows to <out>/<op>.jsonl (default bench/results/; CPU smoke rows
@@ -32,6 +33,7 @@ def _usage() -> str:
     names = ", ".join(sorted(SUITES))
     return (f"usage: python -m bench <suite> [options]   suites: {names}\n"
             f"       python -m bench report [--results DIR] [--include-cpu]\n"
+            f"       python -m bench memory [--arch sd15,sd21]   peak-memory estimates (CPU)\n"
             f"       python -m bench <suite> --help   for a suite's options")
 
 
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import report
 
         return report.main(rest)
+    if cmd == "memory":  # estimates on the CPU (dbtrain estimate): no device to resolve
+        from . import memory
+
+        return memory.main(rest)
     if cmd == "list":
         for name, mod in sorted(SUITES.items()):
             print(f"{name:16s} {mod}")

@@ -168,6 +168,8 @@ def options_of(cfg) -> dict:
     out["model"] = getattr(cfg, "arch", None) or str(cfg.pretrained_model_name_or_path)
     if getattr(cfg, "lora_rank", None):
         out["lora_rank"] = cfg.lora_rank
+    if getattr(cfg, "stock_recipe", False):
+        out["stock_recipe"] = True
     return out
 
 

@@ -295,14 +295,26 @@ class _FakeScaler:
         return 65536.0
 
 
-def _as_on_gpu(run, fake: bool) -> list:
+def _stock_resident(cfg, confs, te, mode) -> list:
+    from diffusers import AutoencoderKL
+
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    with mode:
+        vae = AutoencoderKL.from_config(confs["vae"]).to(dtype=half)
+        out = [vae]
+        if not cfg.train_text_encoder:
+            out.append(te.to(dtype=half))
+    return out
+
+
+def _as_on_gpu(run, fake: bool, foreach: bool = False) -> list:
     """Make the optimizer step as it would be on a GPU; returns the patches to undo."""
     from dbkernels.optim import adamw8bit, multi_tensor
 
     opt = run.optimizer
     undo = []
     if isinstance(opt, torch.optim.AdamW):  # loop.make_optimizer: fused for fp32 CUDA params, torch: foreach else
-        fused = all(p.dtype == torch.float32 for p in run.params)
+        fused = all(p.dtype == torch.float32 for p in run.params) and not foreach
         for g in opt.param_groups:
             g["fused"], g["foreach"] = (True, None) if fused else (None, True)
     if fake:
@@ -342,6 +354,11 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
             cfg = argparse_copy(cfg, optimizer="adamw8bit")
             notes.append("bitsandbytes is not installed: its 8-bit AdamW was estimated as ours (2 B of state per "
                          "parameter, as bitsandbytes keeps)")
+    stock = bool(getattr(cfg, "stock_recipe", False)) and fake and confs is not None
+    if stock:
+        notes.append("stock recipe: diffusers' train_dreambooth.py keeps the VAE and the frozen text encoder on the "
+                     "GPU in the autocast dtype and encodes every step (no_grad, before the UNet's forward: not "
+                     "at the peak); torch AdamW without fused/foreach arguments (foreach on a GPU)")
     tracker = StorageTracker()
     te = comps.text_encoder
     batches = StepBatches(cfg, te, tracker, latent_size=cfg.resolution // factor, seq_len=seq_len,
@@ -356,11 +373,15 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
                 run = loop.setup(cfg, comps, batches, device)
         finally:
             loop.frozen_dtype = frozen
+        resident = []  # diffusers' recipe keeps the VAE and a frozen text encoder on the GPU, in half precision
+        if stock:
+            with swappable(mode):
+                resident = _stock_resident(cfg, confs, te, mode)
         try:
-            undo = _as_on_gpu(run, fake)
+            undo = _as_on_gpu(run, fake, foreach=stock)
             with tracker:
-                on_gpu = [run.unet] + ([te] if "text_encoder" in run.models or run.new_tokens is not None else [])
-                weights = [t for m in on_gpu for t in (*m.parameters(), *m.buffers())]
+                on_gpu = [run.unet] + ([te] if cfg.train_text_encoder or run.new_tokens is not None else [])
+                weights = [t for m in on_gpu + resident for t in (*m.parameters(), *m.buffers())]
                 for t in weights:
                     tracker.add(t)
                 tracker.add(run.alphas_cumprod)

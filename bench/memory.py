@@ -1,0 +1,193 @@
+"""Benchmark suite `memory`: peak GPU memory of DreamBooth steps, estimated on the CPU (dbtrain estimate).
+
+    python -m bench memory [--out DIR] [--arch sd15,sd21] [--only NAME,...]
+
+Every row is an estimate, not a measurement: trainer.estimate runs the trainer's own step
+on fake tensors (device "estimate (fake tensors, CPU)"), adds its stated allowance, and
+compares the predicted peak with the project's targets: SD1.5 full DreamBooth at 512 with
+prior preservation, batch 1+1, UNet only <= 6 GB, with text-encoder training <= 8 GB
+(GB = 10^9 bytes). Settings:
+
+* stock-*   diffusers' train_dreambooth.py: fp32 weights under fp16 autocast (GradScaler),
+            torch AdamW (foreach) or bitsandbytes 8-bit, SDPA attention, VAE and frozen
+            text encoder resident in fp16, gradient checkpointing off/on
+* ours-*    dbtrain train: bf16 autocast and our kernels, then each memory option alone
+            (adamw8bit, gradient checkpointing, bf16 weights, step in backward) and the
+            best combination; LoRA for comparison
+
+Rows go to <out>/memory.jsonl (replaced when the run completes; rows so far are in
+memory.jsonl.partial while it runs) and a table to <out>/memory.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results" / "memory"
+OP = "memory"
+GB = 10 ** 9
+GIB = 1 << 30
+TARGETS = {"unet": 6 * GB, "unet+te": 8 * GB}   # SD1.5 at 512, prior preservation, batch 1+1
+STOCK = ["--mixed_precision", "fp16", "--weights_dtype", "fp32", "--kernels", "off"]
+OURS = ["--mixed_precision", "bf16"]
+BEST = OURS + ["--gradient_checkpointing", "--weights_dtype", "bf16", "--step_in_backward"]
+
+# (name, flags, stock recipe, what it is)
+SETTINGS = (
+    ("stock-adamw", STOCK + ["--optimizer", "adamw"], True, "diffusers' recipe, torch AdamW"),
+    ("stock-adamw-gc", STOCK + ["--optimizer", "adamw", "--gradient_checkpointing"], True,
+     "diffusers' recipe, torch AdamW, gradient checkpointing"),
+    ("stock-bnb8bit", STOCK + ["--optimizer", "bnb8bit"], True, "diffusers' recipe, bitsandbytes AdamW8bit"),
+    ("stock-bnb8bit-gc", STOCK + ["--optimizer", "bnb8bit", "--gradient_checkpointing"], True,
+     "diffusers' recipe, bitsandbytes AdamW8bit, gradient checkpointing"),
+    ("stock-adamw-gc+te", STOCK + ["--optimizer", "adamw", "--gradient_checkpointing", "--train_text_encoder"],
+     True, "diffusers' recipe with text-encoder training, torch AdamW, gradient checkpointing"),
+    ("stock-bnb8bit-gc+te", STOCK + ["--optimizer", "bnb8bit", "--gradient_checkpointing",
+                                     "--train_text_encoder"], True,
+     "diffusers' recipe with text-encoder training, bitsandbytes AdamW8bit, gradient checkpointing"),
+    ("ours-adamw", OURS + ["--optimizer", "adamw"], False, "ours: bf16 autocast, kernels, fused torch AdamW"),
+    ("ours-adamw8bit", OURS, False, "ours + AdamW8bit"),
+    ("ours-adamw-gc", OURS + ["--optimizer", "adamw", "--gradient_checkpointing"], False,
+     "ours + gradient checkpointing"),
+    ("ours-adamw-bf16w", OURS + ["--optimizer", "adamw", "--weights_dtype", "bf16"], False,
+     "ours + bf16 weights (no fp32 master copy)"),
+    ("ours-adamw8bit-sib", OURS + ["--step_in_backward"], False, "ours + AdamW8bit + step in backward"),
+    ("ours-best", BEST, False, "ours, all options: AdamW8bit, checkpointing, bf16 weights, step in backward"),
+    ("ours-best+te", BEST + ["--train_text_encoder"], False, "ours, all options, with text-encoder training"),
+    ("ours-lora4-gc+te", OURS + ["--lora_rank", "4", "--gradient_checkpointing", "--train_text_encoder"], False,
+     "ours, LoRA rank 4 on UNet and text encoder, checkpointing"),
+)
+ARCH_RES = {"sd15": 512, "sd21": 768}
+SD21_SETTINGS = ("stock-adamw-gc", "stock-bnb8bit-gc", "ours-best", "ours-best+te")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of memory.jsonl and memory.md")
+    p.add_argument("--arch", default="sd15,sd21", help="comma list of sd15, sd21 (sd21: a subset of settings)")
+    p.add_argument("--only", default=None, help="comma list of setting names (default: all)")
+
+
+def _cfg(arch: str, flags: list[str], stock: bool):
+    from trainer import estimate
+
+    argv = ["--arch", arch, "--resolution", str(ARCH_RES[arch]), "--with_prior_preservation",
+            "--train_batch_size", "1", *flags]
+    cfg = estimate.parse(argv)
+    cfg.stock_recipe = stock
+    return cfg, argv
+
+
+def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> dict:
+    from trainer import estimate
+
+    target_key = "unet+te" if cfg.train_text_encoder else "unet"
+    target = TARGETS[target_key] if arch == "sd15" else None
+    over = r["peak_bytes"] - target if target is not None else None
+    extras = {"estimate": True, "arch": arch, "resolution": cfg.resolution, "rows_per_step": 2,
+              "what": what, "flags": argv, "stock_recipe": cfg.stock_recipe,
+              "tracked_peak_bytes": r["tracked_peak_bytes"], "peak_phase": r["peak_phase"],
+              "by_category": r["by_category"], "phases": {k: v["peak_bytes"] for k, v in r["phases"].items()},
+              "allowance_bytes": r["allowance_bytes"], "fits_gib": r["fits_gib"],
+              "trainable_params": r["trainable_params"], "params": r["params"], "notes": r["notes"],
+              "target": target_key if target is not None else None, "target_bytes": target,
+              "meets_target": (over <= 0) if over is not None else None,
+              "over_target_bytes": max(0, over) if over is not None else None,
+              "estimate_seconds": r["seconds"]}
+    if over is not None and over > 0:  # what would close the gap, from the breakdown
+        extras["would_help"] = [{"flag": f, "saves_bytes": b} for f, b in estimate.savings(r, cfg) if b > 0]
+    return {"op": OP, "provider": name, "shape": [2, 4, cfg.resolution // 8, cfg.resolution // 8],
+            "dtype": cfg.mixed_precision, "mode": "train_step", "variant": arch,
+            "ms_p20": None, "ms_p50": None, "ms_p80": None, "gbps": None, "frac_peak_bw": None,
+            "tflops": None, "frac_peak_flops": None, "peak_bytes": r["peak_bytes"], "launches": None,
+            "device": r["device"], "device_type": "estimate", "torch": _torch_version(), "triton": None,
+            "cuda": None, "git_sha": _git_sha(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run_id": None, "extras": extras}
+
+
+def _torch_version():
+    import torch
+
+    return torch.__version__
+
+
+def _git_sha() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["# Peak GPU memory of one DreamBooth step (estimates)", "",
+             "Estimated on the CPU with `dbtrain estimate` (the trainer's own step on fake tensors, plus the "
+             "allowance in trainer/estimate.py); not measured on a GPU. Prior preservation, batch 1+1. "
+             "Targets (SD1.5 at 512): UNet only <= 6 GB, with text-encoder training <= 8 GB (GB = 10^9 B).", "",
+             "| model | setting | predicted peak | GB | weights | grads | opt. state | activations | temp. "
+             "| smallest card | target | what |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e, c = r["extras"], r["extras"]["by_category"]
+        tgt = "-"
+        if e["target_bytes"] is not None:
+            tgt = ("meets" if e["meets_target"] else f"over by {e['over_target_bytes'] / GB:.2f} GB") + \
+                f" ({e['target_bytes'] // GB} GB)"
+        card = f"{e['fits_gib'][0]} GB" if e["fits_gib"] else "> 24 GB"
+        lines.append(f"| {e['arch']}@{e['resolution']} | {r['provider']} | {r['peak_bytes'] / GIB:.2f} GiB | "
+                     f"{r['peak_bytes'] / GB:.2f} | " + " | ".join(f"{c[k] / GIB:.2f}" for k in (
+                         "weights", "gradients", "optimizer_state", "activations", "temporaries"))
+                     + f" | {card} | {tgt} | {e['what']} |")
+    lines += ["", "Category columns in GiB, at the peak phase. Where a row misses its target, the JSONL row's "
+              "extras.would_help lists the options that would lower it and by about how much.", ""]
+    return "\n".join(lines)
+
+
+def run_all(opts) -> int:
+    from trainer import estimate
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = set(opts.only.split(",")) if opts.only else None
+    partial = out / "memory.jsonl.partial"
+    partial.write_text("")
+    rows = []
+    for arch in [a.strip() for a in opts.arch.split(",") if a.strip()]:
+        if arch not in ARCH_RES:
+            print(f"--arch: unknown {arch!r} (sd15, sd21)", file=sys.stderr)
+            return 2
+        for name, flags, stock, what in SETTINGS:
+            if (only and name not in only) or (arch != "sd15" and name not in SD21_SETTINGS):
+                continue
+            cfg, argv = _cfg(arch, flags, stock)
+            r = estimate.estimate(cfg)
+            row = make_row(arch, name, what, argv, cfg, r)
+            rows.append(row)
+            with open(partial, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+            e = row["extras"]
+            print(f"{arch} {name:22s} {r['peak_bytes'] / GB:6.2f} GB predicted ({r['seconds']:.0f} s)"
+                  + (f"  target {'met' if e['meets_target'] else 'missed'}" if e["target_bytes"] else ""),
+                  flush=True)
+    tmp = out / "memory.md.tmp"
+    tmp.write_text(table(rows))
+    os.replace(tmp, out / "memory.md")
+    os.replace(partial, out / "memory.jsonl")
+    print(f"{len(rows)} row(s) in {out / 'memory.jsonl'}, table {out / 'memory.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.strip().splitlines()[0])
+    add_arguments(p)
+    return run_all(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""dbtrain estimate on the tiny model: the fake-tensor estimate against the same step on real CPU tensors
+(tracked the same way), categories that add up, what each memory option saves, one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli_helpers import one_line_error, run_cli
+from trainer import estimate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from trainer.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("estimate") / "tiny")
+
+
+def _cfg(tiny, *flags):
+    return estimate.parse(["--pretrained_model_name_or_path", str(tiny), "--resolution", "32",
+                           "--with_prior_preservation", *flags])
+
+
+_runs: dict = {}
+
+
+def _run(tiny, *flags, fake=True):
+    """The estimate (fake) or the tracked real step, once per option set."""
+    from trainer.models import load_components
+
+    key = (str(tiny), flags, fake)
+    if key not in _runs:
+        _runs[key] = estimate.estimate(_cfg(tiny, *flags), load_components(tiny), fake=fake)
+    return _runs[key]
+
+
+def _close(a, b, rel=0.05):
+    return abs(a - b) <= rel * max(a, b)
+
+
+@pytest.mark.parametrize("flags", [("--optimizer", "adamw"),
+                                   ("--mixed_precision", "bf16", "--gradient_checkpointing", "--train_text_encoder")])
+def test_fake_step_matches_the_real_step(tiny, flags):
+    fake, real = _run(tiny, *flags), _run(tiny, *flags, fake=False)
+    for phase in ("forward", "backward"):
+        assert _close(fake["phases"][phase]["peak_bytes"], real["phases"][phase]["peak_bytes"]), phase
+    if "adamw" in flags:  # torch's fused AdamW runs the same ops on both; AdamW8bit's CPU step is not the GPU's
+        assert _close(fake["tracked_peak_bytes"], real["tracked_peak_bytes"])
+    assert fake["by_category"]["optimizer_state"] == real["by_category"]["optimizer_state"]
+
+
+def test_categories_add_up(tiny):
+    r = _run(tiny)
+    for d in r["phases"].values():
+        assert d["peak_bytes"] == sum(d["by_category"].values())
+    assert r["tracked_peak_bytes"] == max(d["peak_bytes"] for d in r["phases"].values())
+    assert r["peak_bytes"] == r["tracked_peak_bytes"] + sum(r["allowance_bytes"].values())
+    assert r["fits_gib"] == [8, 12, 16, 24]
+    n = r["trainable_params"]
+    assert r["by_category"]["weights"] >= 4 * n  # fp32 UNet
+    assert "forward" in estimate.report(r) and "predicted peak" in estimate.report(r)
+
+
+def test_each_option_saves_what_it_should(tiny):
+    from dbkernels.optim.quant import num_blocks
+    from trainer.models import load_components
+
+    adamw, eight = _run(tiny, "--optimizer", "adamw"), _run(tiny)
+    sizes = [p.numel() for p in load_components(tiny).unet.parameters()]
+    n = sum(sizes)
+    # torch AdamW: two fp32 moments (8 B/param) and a step counter per tensor
+    assert adamw["by_category"]["optimizer_state"] == 8 * n + 4 * len(sizes)
+    # ours: 1 B per moment plus an fp32 absmax per 256 for tensors >= 4096 elements; fp32 moments below that
+    want = sum(2 * s + 8 * num_blocks(s, 256) if s >= 4096 else 8 * s for s in sizes)
+    assert eight["by_category"]["optimizer_state"] == want
+    big = [s for s in sizes if s >= 4096]
+    assert (2 * sum(big) + 8 * sum(num_blocks(s, 256) for s in big)) / sum(big) < 2.05  # ~2 B/param
+    # the step in backward frees each gradient once applied: the full set is never alive
+    sib = _run(tiny, "--step_in_backward")
+    grads = eight["phases"]["optimizer"]["by_category"]["gradients"]
+    assert grads >= 0.99 * 4 * n  # (a few parameters get no gradient in this forward)
+    assert all(d["by_category"]["gradients"] <= 4 * max(sizes) for d in sib["phases"].values())
+    after = {k: r["phases"]["optimizer"]["peak_bytes"] for k, r in (("8bit", eight), ("sib", sib))}
+    assert after["8bit"] - after["sib"] >= 0.99 * grads
+    # bf16 weights halve the weights
+    bf16 = _run(tiny, "--weights_dtype", "bf16", "--mixed_precision", "bf16")
+    assert bf16["by_category"]["weights"] <= 0.51 * eight["by_category"]["weights"]
+
+
+def test_cli_json_and_preflight(tiny, capsys):
+    code, out, err = run_cli(["estimate", "--pretrained_model_name_or_path", str(tiny), "--resolution", "32",
+                              "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["peak_bytes"] > r["tracked_peak_bytes"] > 0 and r["device"] == "estimate (fake tensors, CPU)"
+    import torch
+
+    assert estimate.preflight(_cfg(tiny), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("argv,parts", [
+    (["--arch", "sd3"], ("--arch must be one of sd15, sd21",)),
+    (["--arch", "sd15", "--resolution", "500"], ("--resolution", "multiple of 8")),
+    (["--arch", "sdxl"], ("SDXL", "issue 19")),
+    ([], ("--arch",)),
+    (["--pretrained_model_name_or_path", "/nonexistent/model"], ("does not exist",)),
+])
+def test_bad_input_one_line(argv, parts, capsys):
+    import sys
+
+    had_torch = "torch" in sys.modules
+    code, _out, err = run_cli(["estimate", *argv], capsys)
+    one_line_error(code, err, *parts)
+    assert had_torch or "torch" not in sys.modules  # checked before torch loads
