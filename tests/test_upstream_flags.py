@@ -100,6 +100,17 @@ def test_offset_noise_switch_or_number(capsys):
     assert config.parse(BASE).offset_noise == 0.0
 
 
+def test_config_file_takes_diffusers_keys(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text("offset_noise = true\nnum_train_epochs = 2\nuse_8bit_adam = true\nrank = 4\n")
+    with pytest.raises(UserError, match="unknown option"):  # dests, not aliases: --rank's key is lora_rank
+        config.parse(["--config", str(toml), *BASE])
+    toml.write_text("offset_noise = true\nnum_train_epochs = 2\nuse_8bit_adam = true\nlora_rank = 4\n")
+    cfg = config.parse(["--config", str(toml), *BASE])
+    assert (cfg.offset_noise, cfg.num_train_epochs, cfg.max_train_steps, cfg.lora_rank) == (0.1, 2, None, 4)
+    assert "note: --use_8bit_adam" in capsys.readouterr().err
+
+
 def test_mapped_flags_say_so_and_keep_no_token(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = config.parse(BASE + ["--use_8bit_adam", "--enable_xformers_memory_efficient_attention",

@@ -226,6 +226,8 @@ def check(cfg: argparse.Namespace) -> None:
                             "there if it holds fewer than --num_class_images)")
         if cfg.num_class_images < 1:
             raise UserError(f"--num_class_images must be >= 1, got {cfg.num_class_images}")
+    if isinstance(cfg.offset_noise, bool):  # `offset_noise = true` in a --config file: diffusers' switch, 0.1
+        cfg.offset_noise = 0.1 if cfg.offset_noise else 0.0
     if cfg.max_train_steps is None and getattr(cfg, "num_train_epochs", None) is None:
         cfg.max_train_steps = flag_notes.DEFAULT_STEPS
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
