@@ -73,7 +73,8 @@ def test_each_upstream_flag_parses_and_checks(script, capsys, monkeypatch):
     for name in upstream(script):
         if name in BASE:
             continue
-        extra = ["--class_prompt", "a dog", "--class_data_dir", "c"] if name == "--with_prior_preservation" else []
+        extra = {"--with_prior_preservation": ["--class_prompt", "a dog", "--class_data_dir", "c"],
+                 "--lora_dropout": ["--rank", "4"]}.get(name, [])  # (what each needs beside it)
         cfg = config.parse(BASE + extra + [name, *value_for(acts[name])])
         assert cfg.max_train_steps is not None or cfg.num_train_epochs == 8, name
     capsys.readouterr()
@@ -142,6 +143,7 @@ def test_contradictions_are_one_line_errors(capsys, monkeypatch):
     for bad, msg in ((["--lora_rank", "0"], "--lora_rank must be >= 1"), (["--rank", "4", "--lora_dropout", "1"],
                      "--lora_dropout"), (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
                      (["--rank", "4", "--lora_conv_rank", "2"], "--lora_conv_rank needs --lora_conv"),
+                     (["--lora_dropout", "0.1"], "--lora_dropout needs --lora_rank .* add --rank 4"),
                      (["--single_file_half"], "--single_file_half needs --save_single_file"),
                      (["--num_train_epochs", "0"], "--num_train_epochs must be >= 1"),
                      (["--lr_power", "0"], "--lr_power must be > 0")):

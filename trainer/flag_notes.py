@@ -105,7 +105,8 @@ def add_flags(g, names) -> None:
 def add_lora_flags(g) -> None:
     """LoRA (kohya's and train_dreambooth_lora.py's names); the loop decides what they do."""
     g("--lora_rank", "--rank", dest="lora_rank", type=int, default=None,
-      help="train LoRA adapters of this rank instead of the full UNet (not given: full fine-tuning)")
+      help="train LoRA adapters of this rank instead of the full UNet (not given: full fine-tuning; "
+           "train_dreambooth_lora.py's default is 4, so add --rank 4 to its command lines that have none)")
     g("--lora_alpha", type=float, default=None, help="LoRA scale numerator: updates are scaled by alpha / rank "
       "(not given: = rank, scale 1)")
     g("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch, in [0, 1)")
@@ -123,9 +124,11 @@ def check_lora(cfg, UserError) -> None:
     rank = getattr(cfg, "lora_rank", None)
     if rank is not None and rank < 1:
         raise UserError(f"--lora_rank must be >= 1 (or not given: full fine-tuning), got {rank}")
-    for name in ("lora_alpha", "lora_conv_rank"):
-        if getattr(cfg, name, None) is not None and rank is None:
-            raise UserError(f"--{name} needs --lora_rank (LoRA training)")
+    given = [n for n in ("lora_alpha", "lora_conv_rank") if getattr(cfg, n, None) is not None]
+    given += [n for n in ("lora_dropout", "lora_conv") if getattr(cfg, n, None)]
+    if given and rank is None:  # (a train_dreambooth_lora.py line without --rank relied on its default, 4)
+        raise UserError(f"--{given[0]} needs --lora_rank (LoRA training; train_dreambooth_lora.py's default "
+                        f"rank is 4: add --rank 4)")
     alpha = getattr(cfg, "lora_alpha", None)
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise UserError(f"--lora_alpha must be > 0, got {alpha}")
