@@ -113,3 +113,10 @@ def test_bad_input_one_line(argv, parts, capsys):
     code, _out, err = run_cli(["estimate", *argv], capsys)
     one_line_error(code, err, *parts)
     assert had_torch or "torch" not in sys.modules  # checked before torch loads
+
+
+def test_lora_trains_only_the_adapters(tiny):
+    full, lora = _run(tiny), _run(tiny, "--lora_rank", "4")
+    assert 0 < lora["trainable_params"] < 0.2 * full["trainable_params"]
+    assert lora["by_category"]["optimizer_state"] <= 8 * lora["trainable_params"] + 4096
+    assert lora["tracked_peak_bytes"] < full["tracked_peak_bytes"]

@@ -213,28 +213,46 @@ def predicted_peak(cfg) -> dict:
     return _last[key]
 
 
+def supported(cfg) -> bool:
+    """Runs the estimate covers: DreamBooth (full or LoRA) on an SD 1.x/2.x UNet; not Textual Inversion."""
+    return getattr(cfg, "train_unet", True) and not getattr(cfg, "train_text_embedding", False)
+
+
+def log_fields(cfg) -> dict:
+    """For the run log beside torch.cuda.max_memory_allocated: the tracked peak plus the allocator's 512 B
+    rounding (what max_memory_allocated counts) and the predicted peak with the whole allowance, in GiB."""
+    if not supported(cfg):
+        return {}
+    r = predicted_peak(cfg)
+    return {"estimated_allocated_gb": round((r["tracked_peak_bytes"] + r["allowance_bytes"]["allocator_rounding"])
+                                            / GIB, 3),
+            "estimated_peak_gb": round(r["peak_bytes"] / GIB, 3)}
+
+
 def preflight(cfg, device) -> str | None:
     """On a GPU: a one-line warning when the estimate exceeds the free memory, naming options that would
-    make it fit; None when it fits (or on a CPU)."""
-    if getattr(device, "type", str(device)) != "cuda":
+    make it fit; None when it fits (or on a CPU, or for runs the estimate does not cover)."""
+    if getattr(device, "type", str(device)) != "cuda" or not supported(cfg):
         return None
     import torch
 
     free, _total = torch.cuda.mem_get_info(device)
-    r = predicted_peak(cfg)
-    # the context is already part of what is used on a card that runs us
+    try:
+        r = predicted_peak(cfg)
+    except Exception as e:  # noqa: BLE001 - advisory only: the run itself says what is wrong, if anything
+        return f"note: no memory estimate for this run ({type(e).__name__}: {str(e)[:120]})"
+    # this process's CUDA context already counts as used, so it is not in what must still be free
     need = r["peak_bytes"] - ALLOWANCE["cuda_context"]
     if need <= free:
         return None
-    saving = savings(r, cfg)
     picked, left = [], need
-    for flag, b in saving:
+    for flag, b in savings(r, cfg):
         if left <= free:
             break
         picked.append(flag)
         left -= b
     hint = (f"; {' '.join(picked)} would bring it to about {left / GIB:.1f} GiB" if picked and left <= free
-            else f"; even {' '.join(picked)} leave about {left / GIB:.1f} GiB" if picked else "")
+            else f"; even {' '.join(picked)} would leave about {left / GIB:.1f} GiB" if picked else "")
     return (f"warning: this run is estimated to need {need / GIB:.1f} GiB of GPU memory but {free / GIB:.1f} GiB "
             f"are free{hint} (dbtrain estimate shows the breakdown)")
 
@@ -242,14 +260,16 @@ def preflight(cfg, device) -> str | None:
 def savings(r: dict, cfg) -> list[tuple[str, int]]:
     """(flag, bytes it saves, roughly) for the memory options this run does not use yet, biggest first."""
     cat, n = r["by_category"], r["trainable_params"]
+    lora = bool(getattr(cfg, "lora_rank", None))
     out = []
     if cfg.optimizer != "adamw8bit":
         out.append(("--optimizer adamw8bit", max(0, cat["optimizer_state"] - 2 * n)))
     if not cfg.gradient_checkpointing:  # most saved activations are recomputed in backward instead
         out.append(("--gradient_checkpointing", int(0.7 * cat["activations"])))
-    if not cfg.step_in_backward and cfg.gradient_accumulation_steps == 1:
-        out.append(("--step_in_backward", cat["gradients"]))
-    if cfg.weights_dtype != "bf16":
+    if not cfg.step_in_backward and cfg.gradient_accumulation_steps == 1 and cfg.mixed_precision != "fp16":
+        out.append(("--step_in_backward" + ("" if cfg.optimizer == "adamw8bit" else " (needs adamw8bit)"),
+                    cat["gradients"]))
+    if cfg.weights_dtype != "bf16" and not lora:
         out.append(("--weights_dtype bf16", cat["weights"] // 2 + cat["gradients"] // 2))
     if cfg.mixed_precision == "no":
         out.append(("--mixed_precision bf16", cat["activations"] // 3))
