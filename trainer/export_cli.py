@@ -1,6 +1,6 @@
 """`dbtrain export`: a model folder as one .safetensors file (A1111/ComfyUI), and LoRA formats.
 
-  dbtrain export --model DIR --single_file OUT.safetensors [--half]
+  dbtrain export --model DIR --single_file OUT.safetensors [--half]      (SD1.x, SD2.x and SDXL folders)
   dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --single_file OUT.safetensors [--half]
   dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --output_dir NEWDIR
   dbtrain export --lora pytorch_lora_weights.safetensors --kohya OUT.safetensors [--model DIR]
@@ -23,7 +23,7 @@ DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dbtrain export", formatter_class=HelpFormatter,
-        description="Write a diffusers SD1.x/SD2.x folder (a dbtrain output folder is one) as a single-file "
+        description="Write a diffusers SD1.x/SD2.x/SDXL folder (a dbtrain output folder is one) as a single-file "
                     "checkpoint for A1111/ComfyUI, merge a LoRA into it, or convert a diffusers LoRA to kohya's "
                     "format.")
     p.add_argument("--model", default=None, help="a diffusers Stable Diffusion folder (or a dbtrain output folder)")
@@ -94,6 +94,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--lora_scale must be a finite number, got {a.lora_scale}")
     if a.model:
         a.model = str(check_model_folder(a.model))
+        from .sdxl import is_sdxl
+
+        if (a.merge or a.kohya) and is_sdxl(a.model):
+            raise UserError(f"--model {a.model} is an SDXL model: --merge and --kohya support SD1.x/SD2.x for now; "
+                            "--single_file alone exports SDXL")
     if a.lora:
         a.lora = str(_lora_file(a.lora))
     for flag, out in (("--single_file", a.single_file), ("--kohya", a.kohya)):

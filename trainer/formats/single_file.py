@@ -53,6 +53,13 @@ def unet_table(config) -> list[tuple[str, str, dict]]:
     if cfg.get("addition_embed_type") or cfg.get("class_embed_type") or cfg.get("num_class_embeds"):
         raise UserError("single-file export supports SD1.x/SD2.x UNets only (this one has extra embeddings, "
                         "e.g. SDXL)")
+    return unet_block_table(cfg)
+
+
+def unet_block_table(config) -> list[tuple[str, str, dict]]:
+    """unet_table without the check for added embeddings: the blocks SD1.x, SD2.x and SDXL share
+    (single_file_sdxl adds SDXL's label_emb)."""
+    cfg = dict(config)
     per = cfg["layers_per_block"]
     if not isinstance(per, int):
         raise UserError("single-file export needs one layers_per_block for every UNet block")
@@ -287,6 +294,10 @@ def check_model_folder(model_dir) -> Path:
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"--model {d} is not a folder")
+    from ..sdxl import check_sdxl_folder, is_sdxl
+
+    if is_sdxl(d):  # written by single_file_sdxl (save_single_file routes there)
+        return check_sdxl_folder(d, "--model")
     missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                            "scheduler/scheduler_config.json") if not (d / p).is_file()]
     if missing and (d / "pytorch_lora_weights.safetensors").is_file():
@@ -388,10 +399,16 @@ def save_single_file(model_dir, out_path, *, half: bool = False, metadata: dict 
     """Write `model_dir` (a diffusers SD1.x/SD2.x folder) as one original-layout .safetensors file.
 
     `components` = (unet, vae, text_encoder) to write instead of the folder's own weights
-    (e.g. a merged LoRA); the folder still gives the scheduler's prediction type.
+    (e.g. a merged LoRA); the folder still gives the scheduler's prediction type. An SDXL folder is
+    written by single_file_sdxl.save_single_file_sdxl (components: unet, vae, text_encoder, text_encoder_2).
     """
+    from ..sdxl import is_sdxl
     from .io import check_new_file, write_new_safetensors
 
+    if is_sdxl(model_dir):
+        from .single_file_sdxl import save_single_file_sdxl
+
+        return save_single_file_sdxl(model_dir, out_path, half=half, metadata=metadata, components=components)
     check_model_folder(model_dir)
     check_new_file(out_path)
     v_pred = prediction_type(model_dir) == "v_prediction"

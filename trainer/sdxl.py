@@ -1,0 +1,212 @@
+"""SDXL pieces the training loop calls: folder checks, the two-encoder prompt, time ids, loading.
+
+  is_sdxl(folder) / check_sdxl_folder(folder)       torch-free; bad folders are one-line UserErrors
+  load_sdxl_components(folder) -> SDXLComponents    tokenizers, both text encoders, VAE, UNet, DDPM scheduler
+  encode_prompt_sdxl(tokenizers, encoders, prompts, device) -> (prompt_embeds [B, L, d1+d2], pooled [B, p2])
+  crop_geometry(width, height, resolution, crop_xy) -> (original_size, crop_top_left), as data.to_tensor crops
+  add_time_ids(original_size, crop_top_left, target_size, dtype, device) -> [6]
+  vae_dtype(vae, wanted)                              float32 where SDXL's VAE would overflow in float16
+
+The UNet's call per batch (as diffusers' train_dreambooth_lora_sdxl.py does):
+  unet(noisy, t, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+with time_ids [B, 6] stacked from add_time_ids per image (class images generated at the training
+resolution: original = target = (res, res), crop (0, 0)).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import UserError
+
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                  "StableDiffusionXLInpaintPipeline")
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _present(index: dict, name: str) -> bool:
+    """model_index.json lists the component with a class ([lib, cls]; a refiner has [null, null])."""
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def is_sdxl(folder) -> bool:
+    """Whether `folder` is an SDXL diffusers folder (base or refiner): model_index.json's pipeline class,
+    or, for a folder without one, a UNet with SDXL's added text/time conditioning."""
+    d = Path(folder)
+    name = _json(d / "model_index.json").get("_class_name", "")
+    if name:
+        return name in SDXL_PIPELINES or name.startswith("StableDiffusionXL")
+    return _json(d / "unet" / "config.json").get("addition_embed_type") == "text_time"
+
+
+def check_sdxl_folder(folder, what: str = "--pretrained_model_name_or_path") -> Path:
+    """The folder if it is a complete SDXL base model, else a UserError saying what to pass instead."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise UserError(f"{what} {d} is not a folder (a local diffusers SDXL folder is required)")
+    index = _json(d / "model_index.json")
+    unet = _json(d / "unet" / "config.json")
+    refiner = index.get("requires_aesthetics_score") is True or (
+        index and not _present(index, "text_encoder") and _present(index, "text_encoder_2"))
+    if refiner:
+        raise UserError(f"{what} {d} is an SDXL refiner (only text_encoder_2, aesthetic-score conditioning); "
+                        "pass the SDXL base model folder (e.g. stable-diffusion-xl-base-1.0)")
+    missing = [p for p in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet", "vae")
+               if not (d / p).is_dir()] + ([] if (d / "scheduler/scheduler_config.json").is_file() else ["scheduler"])
+    if missing:
+        raise UserError(f"{what} {d} is an SDXL folder without {', '.join(missing)}; download the whole "
+                        "base model folder (both text encoders and both tokenizers)")
+    if unet.get("in_channels", 4) != 4:
+        raise UserError(f"{what} {d}: its UNet takes {unet.get('in_channels')} input channels (an inpainting "
+                        "model); pass the SDXL base model folder")
+    return d
+
+
+# ------------------------------------------------------------------ time ids and crops
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after trainer.data.to_tensor's resize: the short side to `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def crop_geometry(width: int, height: int, resolution: int, crop_xy=None, *, flip: bool = False):
+    """((orig_h, orig_w), (crop_top, crop_left)) of trainer.data.to_tensor's view of a width x height image.
+
+    Same arithmetic as to_tensor: the short side resized to `resolution`, a resolution-square crop at the
+    relative position crop_xy (None: centered). With flip, the crop's left edge is given in the mirrored
+    resized image, as diffusers' train_dreambooth_lora_sdxl.py does (it flips before cropping).
+    """
+    nw, nh = resized_size(width, height, resolution)
+    fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
+    left, top = int(round((nw - resolution) * fx)), int(round((nh - resolution) * fy))
+    if flip:
+        left = nw - resolution - left
+    return (height, width), (top, left)
+
+
+def view_geometry(image_set, i: int, crop_xy=None, flip: bool = False):
+    """crop_geometry of image i of a trainer.data.ImageSet for the crop it drew (None for its cached
+    center-cropped views: ImageSet.cacheable(i))."""
+    w, h = image_set.images[i].size
+    return crop_geometry(w, h, image_set.resolution, None if image_set.cacheable(i) else crop_xy, flip=flip)
+
+
+def add_time_ids(original_size, crops_coords_top_left, target_size, dtype=None, device=None):
+    """SDXL's micro-conditioning of one image: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]."""
+    import torch
+
+    ids = list(original_size) + list(crops_coords_top_left) + list(target_size)
+    if len(ids) != 6:
+        raise ValueError(f"add_time_ids: expected (h, w) pairs, got {original_size}, {crops_coords_top_left}, "
+                         f"{target_size}")
+    return torch.tensor(ids, dtype=dtype or torch.float32, device=device)
+
+
+# ------------------------------------------------------------------ the text encoders
+
+def encode_prompt_sdxl(tokenizers, text_encoders, prompts, device=None):
+    """(prompt_embeds [B, L, d1 + d2], pooled [B, p2]) as StableDiffusionXLPipeline.encode_prompt gives for
+    the positive prompt: each encoder's penultimate hidden states, concatenated; the second encoder's
+    projected pooled output. Gradients flow (no no_grad here): the caller decides for text-encoder training.
+    """
+    import torch
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    states, pooled = [], None
+    for tok, enc in zip(tokenizers, text_encoders):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        out = enc(ids.to(device if device is not None else enc.device), output_hidden_states=True)
+        if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+            pooled = out[0]
+        states.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError("encode_prompt_sdxl: no encoder returned a pooled projection (text_encoder_2 must be "
+                         "a CLIPTextModelWithProjection)")
+    embeds = torch.cat(states, dim=-1).to(dtype=text_encoders[-1].dtype)
+    return embeds, pooled
+
+
+# ------------------------------------------------------------------ loading
+
+@dataclass
+class SDXLComponents:
+    unet: object
+    vae: object
+    text_encoder: object
+    text_encoder_2: object
+    tokenizer: object
+    tokenizer_2: object
+    noise_scheduler: object
+    prediction_type: str
+
+    @property
+    def tokenizers(self):
+        return [self.tokenizer, self.tokenizer_2]
+
+    @property
+    def text_encoders(self):
+        return [self.text_encoder, self.text_encoder_2]
+
+
+def load_sdxl_components(folder, *, vae_path=None, variant: str | None = None) -> SDXLComponents:
+    """The SDXL base model's parts, on the CPU in the stored dtype (variant weights as float32).
+
+    The noise scheduler is DDPMScheduler.from_pretrained(folder, subfolder="scheduler") whatever class the
+    folder ships (SDXL's is Euler), as diffusers' training scripts do: training uses the DDPM forward process.
+
+    vae_path: an fp16-safe VAE to use instead of the folder's own (diffusers' scripts call the flag
+    --pretrained_vae_model_name_or_path), a local folder holding an AutoencoderKL (config.json + weights,
+    e.g. a download of madebyollin/sdxl-vae-fp16-fix); its config has force_upcast false, so vae_dtype()
+    then lets it run in float16. SDXL's own VAE overflows in float16 and is kept in float32.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = check_sdxl_folder(folder)
+    kw = {"variant": variant} if variant else {}
+    pred = _json(root / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(f"{root}/scheduler: unsupported prediction_type {pred!r}")
+    if vae_path is not None:
+        vp = Path(vae_path)
+        if not (vp / "config.json").is_file():
+            raise UserError(f"--pretrained_vae_model_name_or_path {vp} is not a diffusers AutoencoderKL folder "
+                            "(no config.json)")
+        vae = AutoencoderKL.from_pretrained(vp)
+    else:
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+    comps = SDXLComponents(
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **kw),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+        noise_scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+        prediction_type=pred)
+    if variant:
+        for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+            m.float()
+    return comps
+
+
+def vae_dtype(vae, wanted):
+    """The dtype to run `vae` in when the run wants `wanted`: float32 instead of float16 when the VAE's
+    config says force_upcast (SDXL's original VAE: its activations overflow float16 and decode to NaN).
+    bfloat16 has float32's range and is kept. To encode in float16, pass an fp16-safe VAE folder
+    (load_sdxl_components(vae_path=...), diffusers' --pretrained_vae_model_name_or_path)."""
+    import torch
+
+    if wanted == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return wanted
