@@ -99,6 +99,20 @@ def test_cli_json_and_preflight(tiny, capsys):
     assert estimate.preflight(_cfg(tiny), torch.device("cpu")) is None
 
 
+def test_preflight_names_options_that_fit(tiny, monkeypatch):
+    import torch
+
+    cfg = _cfg(tiny, "--optimizer", "adamw")
+    r = estimate.predicted_peak(cfg)
+    need = r["peak_bytes"] - estimate.ALLOWANCE["cuda_context"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (need + 1, 24 << 30))
+    assert estimate.preflight(cfg, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (need - 1000, 24 << 30))
+    line = estimate.preflight(cfg, torch.device("cuda"))
+    assert line.startswith("warning:") and "--optimizer adamw8bit" in line and "\n" not in line
+    assert set(estimate.log_fields(cfg)) == {"estimated_allocated_gb", "estimated_peak_gb"}
+
+
 @pytest.mark.parametrize("argv,parts", [
     (["--arch", "sd3"], ("--arch must be one of sd15, sd21",)),
     (["--arch", "sd15", "--resolution", "500"], ("--resolution", "multiple of 8")),

@@ -37,16 +37,25 @@ ALLOWANCE = {"cuda_context": 500 * MIB, "cublas_workspace": 32 * MIB, "cudnn_wor
 FRAGMENTATION = 0.10
 ROUND = 512
 
+# (applies to the run?, what differs on the GPU)
 DIFFERENCES = (
-    "autocast's op lists differ between CPU (this run) and CUDA: a few ops (norms, softmax) may keep another "
-    "dtype on the GPU",
-    "dbkernels' AdamW8bit: the fake run creates its states but not the CUDA kernel's update (in place, "
-    "no temporaries besides a small launch table)",
-    "torch AdamW: the fake run uses the fused step for fp32 weights and foreach otherwise, as the trainer and "
-    "torch pick on a GPU",
-    "Triton attention: its backward's fp32 row sums (batch x heads x tokens x 4 B per layer) are not seen",
-    "latents and prompt embeddings are cached as the trainer does for square or center-cropped images: the "
-    "VAE (and a frozen text encoder) are not on the GPU during the steps",
+    (lambda c: c.mixed_precision != "no",
+     "autocast's op lists differ between CPU (this run) and CUDA: a few ops (norms, softmax) may keep another "
+     "dtype on the GPU"),
+    (lambda c: c.mixed_precision == "fp16",
+     "GradScaler: modelled as a scaled loss and an in-place unscale (its inf checks need values)"),
+    (lambda c: c.optimizer in ("adamw8bit", "bnb8bit"),
+     "AdamW8bit: the fake run creates its states but skips the update, which the CUDA kernel does in place "
+     "(no temporaries besides a small launch table)"),
+    (lambda c: c.optimizer == "adamw",
+     "torch AdamW: the fake run uses the fused step for fp32 weights and foreach otherwise, as the trainer and "
+     "torch pick on a GPU"),
+    (lambda c: c.kernels,
+     "Triton attention: its backward's fp32 row sums (batch x heads x tokens x 4 B, one layer at a time) are "
+     "not seen"),
+    (lambda c: not getattr(c, "stock_recipe", False),
+     "latents and prompt embeddings are cached as the trainer does for square or center-cropped images: the VAE "
+     "(and a frozen text encoder) are not on the GPU during the steps; random crops would keep the VAE there"),
 )
 
 
@@ -155,7 +164,8 @@ def summarize(cfg, t: dict, seconds: float) -> dict:
     return {"peak_bytes": predicted, "tracked_peak_bytes": tracked, "peak_phase": peak_phase,
             "by_category": at_peak["by_category"], "phases": t["phases"], "allowance_bytes": allowance,
             "fits_gib": fits, "smallest_card_gib": fits[0] if fits else None,
-            "params": t["params"], "trainable_params": t["trainable_params"], "notes": t["notes"] + list(DIFFERENCES),
+            "params": t["params"], "trainable_params": t["trainable_params"],
+            "notes": t["notes"] + [n for applies, n in DIFFERENCES if applies(cfg)],
             "options": options_of(cfg), "seconds": round(seconds, 1),
             "device": "estimate (fake tensors, CPU)"}
 
