@@ -150,6 +150,27 @@ def test_view_geometry_of_an_image_set(tmp_path):
     assert sdxl.view_geometry(centered, 1, (1.0, 0.0)) == ((40, 48), (0, 3))
 
 
+def test_draw_view_is_image_set_tensor_with_geometry(tmp_path):
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate([(48, 40), (40, 40), (30, 52)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    for center_crop, flip in ((False, True), (False, False), (True, True)):
+        images = ImageSet(files, 32, center_crop=center_crop, random_flip=flip)
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        for step in range(6):
+            i = step % len(files)
+            want, want_flip = images.tensor(i, g1)
+            got, got_flip, (orig, crop) = sdxl.draw_view(images, i, g2)
+            assert torch.equal(got, want) and got_flip == want_flip
+            assert orig == images.images[i].size[::-1]
+            nw, nh = sdxl.resized_size(*images.images[i].size, 32)
+            assert 0 <= crop[0] <= nh - 32 and 0 <= crop[1] <= nw - 32
+        assert torch.equal(g1.get_state(), g2.get_state())
+    ids = sdxl.time_ids_batch([((40, 48), (0, 6)), ((40, 40), (0, 0))], 32)
+    assert ids.tolist() == [[40, 48, 0, 6, 32, 32], [40, 40, 0, 0, 32, 32]]
+
+
 def test_vae_dtype_and_own_vae(folders, comps, tmp_path):
     assert sdxl.vae_dtype(comps.vae, torch.float16) == torch.float32
     assert sdxl.vae_dtype(comps.vae, torch.bfloat16) == torch.bfloat16

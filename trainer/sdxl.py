@@ -4,7 +4,8 @@
   load_sdxl_components(folder) -> SDXLComponents    tokenizers, both text encoders, VAE, UNet, DDPM scheduler
   encode_prompt_sdxl(tokenizers, encoders, prompts, device) -> (prompt_embeds [B, L, d1+d2], pooled [B, p2])
   crop_geometry(width, height, resolution, crop_xy) -> (original_size, crop_top_left), as data.to_tensor crops
-  add_time_ids(original_size, crop_top_left, target_size, dtype, device) -> [6]
+  add_time_ids(original_size, crop_top_left, target_size, dtype, device) -> [6]; time_ids_batch -> [B, 6]
+  draw_view(image_set, i, gen) -> ImageSet.tensor's (pixels, flipped) plus that view's geometry
   vae_dtype(vae, wanted)                              float32 where SDXL's VAE would overflow in float16
 
 The UNet's call per batch (as diffusers' train_dreambooth_lora_sdxl.py does):
@@ -98,6 +99,32 @@ def view_geometry(image_set, i: int, crop_xy=None, flip: bool = False):
     center-cropped views: ImageSet.cacheable(i))."""
     w, h = image_set.images[i].size
     return crop_geometry(w, h, image_set.resolution, None if image_set.cacheable(i) else crop_xy, flip=flip)
+
+
+def draw_view(image_set, i: int, gen):
+    """ImageSet.tensor(i, gen) with the view's geometry: (pixels, flipped, (original_size, crop_top_left)).
+
+    Draws from `gen` exactly as ImageSet.tensor does (flip, then the crop's x and y), so the loop can call
+    this instead and get the same pixels and random stream (tests/test_sdxl.py checks that).
+    """
+    import torch
+
+    from .data import to_tensor
+
+    flip = bool(torch.randint(0, 2, (), generator=gen)) if image_set.random_flip else False
+    if image_set.cacheable(i):
+        return image_set.fixed_view(i, flip), flip, view_geometry(image_set, i, None, flip)
+    crop = (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)))
+    pixels = to_tensor(image_set.images[i], image_set.resolution, crop_xy=crop, flip=flip,
+                       resample=image_set.resample)
+    return pixels, flip, view_geometry(image_set, i, crop, flip)
+
+
+def time_ids_batch(geometries, resolution: int, dtype=None, device=None):
+    """[B, 6] time ids for a batch of (original_size, crop_top_left) views, all trained at resolution^2."""
+    import torch
+
+    return torch.stack([add_time_ids(o, c, (resolution, resolution), dtype, device) for o, c in geometries])
 
 
 def add_time_ids(original_size, crops_coords_top_left, target_size, dtype=None, device=None):
