@@ -274,3 +274,27 @@ def test_export_cli(folders, capsys, tmp_path):
         code, _, err = run_cli(["export", *argv], capsys)
         one_line_error(code, err, part)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_real_sdxl_layout_against_diffusers_converters():
+    """SDXL 1.0's own configs (no weights, meta tensors): our names are what diffusers' converters read."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as su
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = json.loads((ROOT / "trainer/arch_configs/sdxl.json").read_text())
+    te = [CLIPTextConfig(**{k: v for k, v in c.items() if k != "architectures"}) for c in cfg["text_encoder"]]
+    with init_empty_weights():
+        models = (UNet2DConditionModel.from_config(cfg["unet"]), AutoencoderKL.from_config(cfg["vae"]),
+                  CLIPTextModel(te[0]), CLIPTextModelWithProjection(te[1]))
+    sd = sx.single_file_state_dict_sdxl(*models)
+    unet, vae, t1, t2 = models
+    assert set(su.convert_ldm_unet_checkpoint(dict(sd), dict(unet.config))) == set(unet.state_dict())
+    assert set(su.convert_ldm_vae_checkpoint(dict(sd), dict(vae.config))) == set(vae.state_dict())
+    assert {k.removeprefix("text_model.") for k in su.convert_ldm_clip_checkpoint(sd)} == set(t1.state_dict())
+    assert set(su.convert_open_clip_checkpoint(t2, sd, prefix=sx.CLIP_G)) == set(t2.state_dict())
+    assert sd["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
+    assert sd["model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"].shape == (1280, 2048)
+    assert sd[sx.CLIP_G + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+    assert len(sd) == 2513
