@@ -139,13 +139,17 @@ def table(rows: list[dict]) -> str:
         if e["target_bytes"] is not None:
             tgt = ("meets" if e["meets_target"] else f"over by {e['over_target_bytes'] / GB:.2f} GB") + \
                 f" ({e['target_bytes'] // GB} GB)"
+            helps = [h["flag"] for h in e.get("would_help", []) if h["saves_bytes"] >= GB // 10]
+            if helps:
+                tgt += "; would help: " + ", ".join(helps)
         card = f"{e['fits_gib'][0]} GB" if e["fits_gib"] else "> 24 GB"
         lines.append(f"| {e['arch']}@{e['resolution']} | {r['provider']} | {r['peak_bytes'] / GIB:.2f} GiB | "
                      f"{r['peak_bytes'] / GB:.2f} | " + " | ".join(f"{c[k] / GIB:.2f}" for k in (
                          "weights", "gradients", "optimizer_state", "activations", "temporaries"))
                      + f" | {card} | {tgt} | {e['what']} |")
-    lines += ["", "Category columns in GiB, at the peak phase. Where a row misses its target, the JSONL row's "
-              "extras.would_help lists the options that would lower it and by about how much.", ""]
+    lines += ["", "Category columns in GiB, at the peak phase. Where a row misses its target, the options that "
+              "would lower it (by >= 0.1 GB each) are named, biggest saving first; the JSONL row's extras.would_help "
+              "has the bytes.", ""]
     return "\n".join(lines)
 
 

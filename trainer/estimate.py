@@ -272,7 +272,7 @@ def savings(r: dict, cfg) -> list[tuple[str, int]]:
     cat, n = r["by_category"], r["trainable_params"]
     lora = bool(getattr(cfg, "lora_rank", None))
     out = []
-    if cfg.optimizer != "adamw8bit":
+    if cfg.optimizer == "adamw":
         out.append(("--optimizer adamw8bit", max(0, cat["optimizer_state"] - 2 * n)))
     if not cfg.gradient_checkpointing:  # most saved activations are recomputed in backward instead
         out.append(("--gradient_checkpointing", int(0.7 * cat["activations"])))
