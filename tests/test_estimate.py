@@ -134,3 +134,13 @@ def test_lora_trains_only_the_adapters(tiny):
     assert 0 < lora["trainable_params"] < 0.2 * full["trainable_params"]
     assert lora["by_category"]["optimizer_state"] <= 8 * lora["trainable_params"] + 4096
     assert lora["tracked_peak_bytes"] < full["tracked_peak_bytes"]
+
+
+def test_config_file_as_for_train(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('mixed_precision = "bf16"\ngradient_checkpointing = true\nresolution = 768\n')
+    cfg = estimate.parse(["--arch", "sd21", "--config", str(f), "--resolution", "512"])
+    assert (cfg.mixed_precision, cfg.gradient_checkpointing, cfg.resolution) == ("bf16", True, 512)
+    f.write_text("no_such_option = 1\n")
+    with pytest.raises(estimate.UserError, match="unknown option"):
+        estimate.parse(["--arch", "sd15", "--config", str(f)])

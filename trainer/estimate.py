@@ -81,6 +81,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     parser.set_defaults(instance_data_dir="-", instance_prompt="a photo of [V]", class_prompt="a photo",
                         class_data_dir="-")
+    _config_file_defaults(parser, argv)
     cfg = parser.parse_args(argv)
     if cfg.arch is not None and cfg.arch not in ARCHES:
         raise UserError(f"--arch must be one of {', '.join(ARCHES)}, got {cfg.arch!r}")
@@ -94,11 +95,37 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not cfg.pretrained_model_name_or_path:
         cfg.pretrained_model_name_or_path = "-"
     config.check(cfg)
+    notes = getattr(config, "flag_notes", None)
+    if notes is not None and hasattr(notes, "apply"):  # diffusers' flags mapped onto ours, as dbtrain train does
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # --json keeps stdout to one object
+            notes.apply(cfg, UserError)
     if cfg.arch is None:
         model_configs(cfg.pretrained_model_name_or_path)  # the folder and its configs, before torch
     else:
         cfg.pretrained_model_name_or_path = None
     return cfg
+
+
+def _config_file_defaults(parser, argv) -> None:
+    """--config run.toml as `dbtrain train` reads it: its keys become defaults, flags override them."""
+    import tomllib
+
+    first, _ = parser.parse_known_args(argv)
+    if not first.config:
+        return
+    path = Path(first.config)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path}: not valid TOML ({e})") from e
+    unknown = sorted(set(table) - {act.dest for act in parser._actions})
+    if unknown:
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    parser.set_defaults(**table)
 
 
 def _read_json(path: Path, what: str) -> dict:
