@@ -7,7 +7,8 @@
 #   here, once:   ../shared/device/fetch-wheels          (diffusers / bitsandbytes / torchao into .whl/)
 #   device call:  bash bench/gpu_check.sh                 (carry [".whl"], timeout_s 600)
 #   afterwards:   tar xzf results.tar.gz; copy results/*.jsonl into bench/results/ as they came;
-#                 python -m bench report; commit.
+#                 python -m bench report; python -m bench memory --calibrate bench/results/train.jsonl
+#                 (each measured peak beside its CPU estimate); commit.
 #
 # Stages (each skipped when the time left cannot hold it):
 #   0  environment; CUDA extension build (sm_90 only, background) while `python -m dbkernels compile`

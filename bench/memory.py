@@ -1,6 +1,7 @@
 """Benchmark suite `memory`: peak GPU memory of DreamBooth steps, estimated on the CPU (dbtrain estimate).
 
     python -m bench memory [--out DIR] [--arch sd15,sd21] [--only NAME,...]
+    python -m bench memory --calibrate RESULTS/train.jsonl   # each GPU-measured peak beside its estimate
 
 Every row is an estimate, not a measurement: trainer.estimate runs the trainer's own step
 on fake tensors (device "estimate (fake tensors, CPU)"), adds its stated allowance, and
@@ -70,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of memory.jsonl and memory.md")
     p.add_argument("--arch", default="sd15,sd21", help="comma list of sd15, sd21 (sd21: a subset of settings)")
     p.add_argument("--only", default=None, help="comma list of setting names (default: all)")
+    p.add_argument("--calibrate", default=None, metavar="TRAIN_JSONL",
+                   help="rows of `bench train` measured on a GPU: write each measured peak beside the estimate of "
+                        "the same setting to <out>/calibration.jsonl and .md")
 
 
 def _cfg(arch: str, flags: list[str], stock: bool):
@@ -187,10 +191,74 @@ def run_all(opts) -> int:
     return 0
 
 
+# bench train's settings (bench/train.py) as dbtrain flags; the stock ones are diffusers' recipes
+TRAIN_SETTINGS = {
+    "ours-fast": (OURS, False),
+    "ours-lowmem": (BEST, False),
+    "stock-fast": (STOCK, True),
+    "stock-lowmem": (STOCK + ["--gradient_checkpointing"], True),
+    "ours-lora": (OURS + ["--lora_rank", "4"], False),
+    "ours-lora-lowmem": (OURS + ["--lora_rank", "4", "--step_in_backward", "--gradient_checkpointing"], False),
+    "stock-lora": (STOCK + ["--lora_rank", "4", "--optimizer", "adamw"], True),
+}
+
+
+def calibrate(opts) -> int:
+    """Each `bench train` row measured on a GPU beside the estimate of the same setting: how far off the
+    estimate is, so every GPU run calibrates it."""
+    from trainer import estimate
+
+    rows = [json.loads(x) for x in Path(opts.calibrate).read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("op") == "train" and r.get("device_type") == "cuda" and r.get("peak_bytes")]
+    if not rows:
+        print(f"--calibrate {opts.calibrate}: no `bench train` rows measured on a GPU", file=sys.stderr)
+        return 2
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| setting | GPU | resolution | measured peak GiB | estimated allocated GiB | error |",
+             "|---|---|---|---|---|---|"]
+    done = []
+    for r in rows:
+        e = r.get("extras", {})
+        setting = e.get("setting", r["provider"])
+        if setting not in TRAIN_SETTINGS:
+            continue
+        flags, stock = TRAIN_SETTINGS[setting]
+        if stock and "bitsandbytes" in str(e.get("optimizer", "")) and "--optimizer" not in flags:
+            flags = flags + ["--optimizer", "bnb8bit"]
+        elif stock and "--optimizer" not in flags:
+            flags = flags + ["--optimizer", "adamw"]
+        argv = ["--arch", "sd15", "--resolution", str(e.get("resolution", 512)), "--with_prior_preservation",
+                "--train_batch_size", "1", *flags] + (["--train_text_encoder"] if e.get("train_text_encoder") else [])
+        cfg = estimate.parse(argv)
+        cfg.stock_recipe = stock
+        est = estimate.estimate(cfg)
+        allocated = est["tracked_peak_bytes"] + est["allowance_bytes"]["allocator_rounding"]
+        err = allocated / r["peak_bytes"] - 1
+        done.append({"setting": setting, "train_text_encoder": bool(e.get("train_text_encoder")),
+                     "device": r["device"], "git_sha_measured": r.get("git_sha"),
+                     "measured_peak_bytes": r["peak_bytes"],
+                     "estimated_allocated_bytes": allocated, "estimated_peak_bytes": est["peak_bytes"],
+                     "relative_error": round(err, 4), "flags": argv})
+        lines.append(f"| {r['variant']} | {r['device']} | {e.get('resolution')} | {r['peak_bytes'] / GIB:.2f} | "
+                     f"{allocated / GIB:.2f} | {err:+.1%} |")
+        print(lines[-1], flush=True)
+    with open(out / "calibration.jsonl", "w") as f:
+        for d in done:
+            f.write(json.dumps(d) + "\n")
+    (out / "calibration.md").write_text(
+        "# The estimate against GPU-measured peaks (bench train)\n\nmeasured: torch.cuda.max_memory_allocated over "
+        "the timed steps; estimated: the tracked peak plus the allocator's rounding (the CUDA context, library "
+        "workspaces and fragmentation are not in max_memory_allocated). Regenerate: `python -m bench memory "
+        f"--calibrate {opts.calibrate}`.\n\n" + "\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.strip().splitlines()[0])
     add_arguments(p)
-    return run_all(p.parse_args(argv))
+    opts = p.parse_args(argv)
+    return calibrate(opts) if opts.calibrate else run_all(opts)
 
 
 if __name__ == "__main__":
