@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path("bench/results/methods")
-METHODS = ("base", "textual inversion", "dreambooth (prior)", "pivotal tuning", "lora r4 (prior)", "lora r16 (prior)")
+METHODS = ("base", "textual inversion", "dreambooth (prior)", "pivotal tuning", "lora r4 (prior)", "lora r16 (prior)",
+           "lora r16 conv (prior)")
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
 TOKEN = "<sks>"  # Textual Inversion's and pivotal tuning's new word, initialised from DreamBooth's identifier
 IDENTIFIER = "sks"
@@ -31,9 +32,10 @@ IDENTIFIER = "sks"
 # images, no captions; the demo has since moved to captions and lr 1e-4). Textual Inversion keeps it but for
 # what it trains and its learning rate (a few embedding rows need a far larger step than a whole UNet).
 STEPS, DB_LR, TI_LR, NUM_CLASS, SAMPLE_STEPS, GUIDANCE, EVAL_IMAGES = 300, 2e-4, 5e-3, 50, 20, 5.0, 8
-# LoRA DreamBooth: DreamBooth's recipe but for what trains; a few low-rank adapters need a larger step than the
-# whole UNet (diffusers' LoRA script: lr 1e-4 against its full DreamBooth's 5e-6)
-LORA_LR = 1e-3
+# LoRA DreamBooth: DreamBooth's recipe but for what trains and the learning rate: low-rank adapters need a larger
+# step than the whole UNet (diffusers' scripts: 1e-4 for LoRA against 5e-6 full). 3e-3 was the best of 1e-3,
+# 3e-3, 1e-2 here (bench/results/methods/lora-lr-probe.md); 1e-2 with conv adapters collapsed.
+LORA_LR = 3e-3
 
 
 def slug(method: str) -> str:
@@ -52,7 +54,7 @@ def _common(model, subject, out, seed, steps, device) -> list[str]:
 
 
 def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, seed: int, steps: int = STEPS,
-               device=None, num_class: int = NUM_CLASS) -> tuple[str, list[str]]:
+               device=None, num_class: int = NUM_CLASS, lora_lr: float = LORA_LR) -> tuple[str, list[str]]:
     """(dbtrain command, its arguments) of one method."""
     from .world import scenes
 
@@ -68,18 +70,20 @@ def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, se
             str(SAMPLE_STEPS), "--sample_batch_size", "25", *common]
     if method == "pivotal tuning":
         args += ["--train_text_embedding", "--placeholder_token", TOKEN, "--text_embedding_frac", "0.5"]
-    elif method.startswith("lora r"):
-        args += ["--lora_rank", method.split()[1][1:], "--learning_rate", str(LORA_LR)]  # the last one counts
+    elif method.startswith("lora r"):  # 'lora r16 conv (prior)': rank 16, also the 3x3 convs (kohya's conv_dim)
+        args += ["--lora_rank", method.split()[1][1:], "--learning_rate", str(lora_lr)]  # the last one counts
+        args += ["--lora_conv"] if " conv " in method else []
     elif method != "dreambooth (prior)":
         raise ValueError(method)
     return "train", args
 
 
-def train(method, model, subject, out, class_dir, seed, steps=STEPS, device=None, num_class=NUM_CLASS) -> Path:
+def train(method, model, subject, out, class_dir, seed, steps=STEPS, device=None, num_class=NUM_CLASS,
+          lora_lr=LORA_LR) -> Path:
     from . import config, loop, ti_config
 
     cmd, args = train_args(method, model, subject, out, class_dir, seed, steps=steps, device=device,
-                           num_class=num_class)
+                           num_class=num_class, lora_lr=lora_lr)
     print(f"dbtrain {cmd} " + " ".join(a if " " not in a else repr(a) for a in args), flush=True)
     return loop.train(ti_config.parse(args) if cmd == "textual-inversion" else config.parse(args))
 
@@ -171,7 +175,7 @@ def quality(a) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_file = out.with_suffix(".jsonl")
-    meta = {"steps": a.steps, "num_class_images": a.num_class_images, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "lora_lr": LORA_LR, "eval_images": a.eval_images,
+    meta = {"steps": a.steps, "num_class_images": a.num_class_images, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "lora_lr": a.lora_lr, "eval_images": a.eval_images,
             "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "device": _device_name(device),
             "torch": torch.__version__, "command": "python -m trainer.methods_bench " + " ".join(a.argv)}
     with open(rows_file, "w") as f:
@@ -183,7 +187,7 @@ def quality(a) -> int:
                 if method != "base":
                     model_dir = train(method, MODEL_DIR, subject, work / f"seed{seed}-{slug(method)}",
                                       work / f"seed{seed}-class-images", seed, steps=a.steps, device=a.device,
-                                      num_class=a.num_class_images)
+                                      num_class=a.num_class_images, lora_lr=a.lora_lr)
                 t_train = time.time() - t1
                 pipe, word = pipeline_of(method, model_dir, MODEL_DIR, device)
                 pairs, class_prompt = subject_prompts(a.prompts, word, scenes.SUBJECT_CLASS)
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=STEPS, help="training steps of every method")
     q.add_argument("--num_class_images", type=int, default=NUM_CLASS, help="class images of the prior term")
     q.add_argument("--threads", type=int, default=1, help="torch threads (1: several runs share the CPU)")
+    q.add_argument("--lora_lr", type=float, default=LORA_LR, help="learning rate of the LoRA methods")
     q.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="a subset (several processes can share the work; concatenate their .jsonl rows)")
     q.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
