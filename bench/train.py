@@ -143,6 +143,21 @@ def ours_step(setting, train_te, comps, res, device, data):
                   "gradient_checkpointing": cfg.gradient_checkpointing, "step_in_backward": cfg.step_in_backward}
 
 
+def _stock_update(loss, scaler, optimizer, params) -> None:
+    """backward, clip at 1.0 and step, with the fp16 GradScaler where the scripts use one (accelerate's)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def stock_step(setting, train_te, comps, res, device, data):
     """diffusers examples/dreambooth/train_dreambooth.py, one step, as that script does it."""
     import torch.nn.functional as F
@@ -189,17 +204,7 @@ def stock_step(setting, train_te, comps, res, device, data):
         pred_i, pred_p = torch.chunk(pred, 2, dim=0)
         tgt_i, tgt_p = torch.chunk(noise, 2, dim=0)
         loss = F.mse_loss(pred_i.float(), tgt_i.float()) + F.mse_loss(pred_p.float(), tgt_p.float())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _stock_update(loss, scaler, optimizer, params)
 
     return step, {"optimizer": opt_name, "weights_dtype": "fp32", "autocast": str(weight_dtype),
                   "gradient_checkpointing": setting == "stock-lowmem"}
@@ -254,17 +259,7 @@ def stock_lora_step(setting, train_te, comps, res, device, data):
             pred_i, pred_p = torch.chunk(pred, 2, dim=0)
             tgt_i, tgt_p = torch.chunk(noise, 2, dim=0)
             loss = F.mse_loss(pred_i.float(), tgt_i.float()) + F.mse_loss(pred_p.float(), tgt_p.float())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _stock_update(loss, scaler, optimizer, params)
 
     return step, {"optimizer": "torch AdamW", "frozen_dtype": str(weight_dtype), "lora_rank": LORA_RANK,
                   "autocast": str(weight_dtype), "gradient_checkpointing": False}
