@@ -55,18 +55,17 @@ def sample(argv: list[str]) -> Path:
     args = sample_parser().parse_args(argv)
     check_sample_args(args)
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from .data import make_grid
 
     from .embeddings import load_embedding_into
     from .lora import apply_loras, lora_files_of
     from .models import model_and_embeddings
+    from .sdxl import load_pipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, files = model_and_embeddings(args.model, args.embedding)
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
-                                                   requires_safety_checker=False).to(device)
+    pipe = load_pipeline(model).to(device)  # StableDiffusionXLPipeline for an SDXL folder
     for f in files:
         print(f"embedding {f}: write {load_embedding_into(pipe, f)} in the prompt")
     apply_loras(pipe, lora_files_of(args.model, args.lora), args.lora_scale)

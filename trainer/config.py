@@ -294,12 +294,31 @@ def _check_numbers(cfg) -> None:
             raise UserError(f"--{name} must be {rng}, got {v}")
 
 
+def _check_sdxl_options(cfg) -> None:
+    """What an SDXL base folder cannot do yet, said before anything loads."""
+    from .sdxl import is_sdxl
+
+    if not is_sdxl(cfg.pretrained_model_name_or_path):
+        return
+    if getattr(cfg, "train_text_embedding", False):
+        what = ("dbtrain textual-inversion" if getattr(cfg, "method", None) == "textual_inversion"
+                else "--train_text_embedding")
+        raise UserError(f"{what} does not take SDXL models yet (new token rows in both text encoders); use "
+                        f"dbtrain train (full or --lora_rank) on {cfg.pretrained_model_name_or_path}")
+    for flag in ("tokenizer_name", "tokenizer_max_length", "text_encoder_use_attention_mask"):
+        if getattr(cfg, flag, None):
+            raise UserError(f"--{flag} is not supported for SDXL models (two tokenizers and text encoders, "
+                            f"used as the model ships them); leave it out")
+
+
 def check_paths(cfg: argparse.Namespace) -> None:
     """Errors in the files and folders the options name, found without loading anything."""
     from .models import check_model_folder
     from .outdir import check_output_dir, check_creatable
 
-    check_model_folder(cfg.pretrained_model_name_or_path, variant=getattr(cfg, "variant", None))
+    check_model_folder(cfg.pretrained_model_name_or_path, variant=getattr(cfg, "variant", None),
+                       what="--pretrained_model_name_or_path")
+    _check_sdxl_options(cfg)
     flag_notes.check_model_extras(cfg, UserError)
     inst = Path(cfg.instance_data_dir)
     if not inst.is_dir():

@@ -34,16 +34,15 @@ def recorded_subject(model: Path) -> dict:
 def load_pipeline(model, device, embedding_files=None, lora_files=None, lora_scale: float = 1.0):
     """The pipeline of a model folder; a Textual Inversion / pivotal-tuning / LoRA output folder, or
     `embedding_files` / `lora_files`, add their embeddings (read safely) and fused LoRAs on top."""
-    from diffusers import StableDiffusionPipeline
-
     from .embeddings import load_embedding_into
     from .lora import apply_loras, lora_files_of
     from .models import check_model_folder, model_and_embeddings
+    from .sdxl import load_pipeline as pipeline_of
 
     loras = lora_files_of(model, lora_files)
     model, files = model_and_embeddings(model, embedding_files)
     check_model_folder(model)
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe = pipeline_of(model)  # StableDiffusionXLPipeline for an SDXL folder
     pipe.set_progress_bar_config(disable=True)
     for f in files:
         load_embedding_into(pipe, f)
@@ -117,7 +116,8 @@ def run(argv: list[str]) -> dict:
     scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
     kw = dict(templates=a.prompts or DEFAULT_PROMPTS, num_images=a.num_images, steps=a.steps, guidance=a.guidance,
               seed=a.seed)
-    ev = evaluate(load_pipeline(a.model, device, a.embedding, a.lora, a.lora_scale), scorer, real, identifier, class_noun, **kw)
+    ev = evaluate(load_pipeline(a.model, device, a.embedding, a.lora, a.lora_scale), scorer, real, identifier,
+                  class_noun, **kw)
     rows, cis = {str(a.model): ev.metrics}, {str(a.model): ev.intervals}
     ref = None
     if a.base_model:

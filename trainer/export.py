@@ -20,14 +20,17 @@ _TMP = ".tmp-export"
 _OLD = ".tmp-old-"
 
 
-def pipeline(cfg, unet, te, tokenizer=None):
+def pipeline(cfg, unet, te, tokenizer=None, te2=None):
     """The base model's StableDiffusionPipeline with the trained UNet (and text encoder, and a tokenizer
-    with new tokens)."""
-    from diffusers import StableDiffusionPipeline
+    with new tokens); for an SDXL base model its StableDiffusionXLPipeline (te2: the trained second text
+    encoder). A --pretrained_vae_model_name_or_path VAE replaces the model's own."""
+    from .sdxl import load_pipeline
 
     kw = {"unet": unet}
     if te is not None:
         kw["text_encoder"] = te
+    if te2 is not None:
+        kw["text_encoder_2"] = te2
     if tokenizer is None and getattr(cfg, "tokenizer_name", None):  # diffusers' --tokenizer_name
         from transformers import CLIPTokenizer
 
@@ -36,8 +39,8 @@ def pipeline(cfg, unet, te, tokenizer=None):
         kw["tokenizer"] = tokenizer
     if getattr(cfg, "variant", None):  # the base model's parts not passed in come from its variant files
         kw["variant"] = cfg.variant
-    return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None,
-                                                   requires_safety_checker=False, dtype=unet.dtype, **kw)
+    vae_path = getattr(cfg, "pretrained_vae_model_name_or_path", None)
+    return load_pipeline(cfg.pretrained_model_name_or_path, vae_path=vae_path, dtype=unet.dtype, **kw)
 
 
 def model_bytes(cfg, pipe) -> int:
@@ -72,12 +75,14 @@ def staging(out: Path) -> Path:
     return tmp
 
 
-def export(cfg, unet, te, out: Path) -> None:
-    """Write the model into `out`. Raises outdir.NoSpace (no room, failed write) or UserError
-    (an item there that this run did not write); `out` is then as it was before."""
-    pipe = pipeline(cfg, unet, te)
+def export(cfg, unet, te, out: Path, te2=None) -> None:
+    """Write the model into `out` (SDXL: a StableDiffusionXLPipeline folder). Raises outdir.NoSpace (no room,
+    failed write) or UserError (an item there that this run did not write); `out` is then as it was before."""
+    pipe = pipeline(cfg, unet, te, te2=te2)
     if getattr(cfg, "skip_save_text_encoder", False):  # diffusers' flag: the folder without text_encoder/
         pipe.register_modules(text_encoder=None)
+        if hasattr(pipe, "text_encoder_2"):
+            pipe.register_modules(text_encoder_2=None)
     need = model_bytes(cfg, pipe)
     outdir.require_space(out, need, "the trained model")
     tmp = staging(out)
@@ -118,14 +123,18 @@ def export_single_file(cfg, out: Path, lora_file: Path | None = None) -> str:
     original-layout .safetensors file in `out`, for A1111 / ComfyUI; returns its name."""
     from .formats import single_file
     from .formats.kohya_lora import merge_lora
+    from .sdxl import is_sdxl, merge_lora_sdxl
 
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in out.resolve().name).strip(".-") or "model"
     if lora_file is None:
         model, parts, name = out, None, f"{name}.safetensors"
     else:  # the kohya LoRA file already has <name>.safetensors
         model, name = Path(cfg.pretrained_model_name_or_path), f"{name}-merged.safetensors"
-        merged = merge_lora(model, lora_file)
-        parts = (merged["unet"], merged["vae"], merged["text_encoder"])
+        if is_sdxl(model):
+            parts = merge_lora_sdxl(model, lora_file)
+        else:
+            merged = merge_lora(model, lora_file)
+            parts = (merged["unet"], merged["vae"], merged["text_encoder"])
     half = bool(getattr(cfg, "single_file_half", False))
     need = (1 if half else 2) * sum(f.stat().st_size for f in model.rglob("*.safetensors")) + outdir.MB
     outdir.require_space(out, need, "the single-file checkpoint")

@@ -74,6 +74,9 @@ def _spec(g, name):
         "image_interpolation_mode": dict(default=None, choices=list(INTERPOLATIONS),
                                          help="resize filter of the training images (not given: bilinear, as "
                                               "train_dreambooth.py; train_dreambooth_lora.py's is lanczos)"),
+        "pretrained_vae_model_name_or_path": dict(default=None, metavar="DIR", help="a local VAE folder "
+                                                  "(AutoencoderKL) to use instead of the model's vae/, e.g. an "
+                                                  "fp16-safe SDXL VAE (train_dreambooth_lora_sdxl.py's flag)"),
         "save_as_full_pipeline": dict(action="store_true", help="accepted: the output is the embedding files; "
                                       "dbtrain sample --model OUTPUT_DIR loads them on the base model"),
         "no_safe_serialization": dict(action="store_true", help="accepted: embeddings are always written as "
@@ -90,7 +93,9 @@ TRAIN_FLAGS = ("revision", "variant", "tokenizer_name", "num_train_epochs", "sca
                "tokenizer_max_length", "text_encoder_use_attention_mask", "skip_save_text_encoder",
                "validation_images", "class_labels_conditioning", "validation_scheduler",
                # train_dreambooth_lora.py's own
-               "validation_epochs", "image_interpolation_mode")
+               "validation_epochs", "image_interpolation_mode",
+               # train_dreambooth_lora_sdxl.py's
+               "pretrained_vae_model_name_or_path")
 TI_FLAGS = ("revision", "variant", "tokenizer_name", "num_train_epochs", "lr_num_cycles", "dataloader_num_workers",
             "push_to_hub", "hub_token", "hub_model_id", "logging_dir", "allow_tf32", "report_to", "validation_epochs",
             "local_rank", "enable_xformers_memory_efficient_attention", "save_as_full_pipeline",
@@ -291,8 +296,13 @@ def resolve_counts(cfg, UserError) -> None:
 
 
 def check_model_extras(cfg, UserError) -> None:
-    """--tokenizer_name, --tokenizer_max_length and --class_labels_conditioning against the model's files."""
+    """--tokenizer_name, --tokenizer_max_length, --class_labels_conditioning and
+    --pretrained_vae_model_name_or_path against the model's files."""
     root = Path(cfg.pretrained_model_name_or_path)
+    vae = getattr(cfg, "pretrained_vae_model_name_or_path", None)
+    if vae and not (Path(vae) / "config.json").is_file():
+        raise UserError(f"--pretrained_vae_model_name_or_path {vae}: not a local VAE folder (config.json + weights "
+                        f"of an AutoencoderKL); nothing is downloaded")
     tok = getattr(cfg, "tokenizer_name", None)
     if tok:
         t = Path(tok)

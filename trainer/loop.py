@@ -18,7 +18,7 @@ import torch
 import dbkernels
 from dbkernels.ops.diffusion_loss import reference as loss_reference
 
-from . import checkpoint, config, data, embeddings, interrupts, lora, outdir, runlog
+from . import checkpoint, config, data, embeddings, interrupts, lora, outdir, runlog, sdxl
 from .config import Resumable, UserError
 from .data import ImageSet, list_images
 from .export import export, export_embedding, export_single_file, remove_temporaries
@@ -104,7 +104,8 @@ def encode_prompt(tokenizer, text_encoder, prompts: list[str], device, cfg=None)
 
 
 class Batches:
-    """Makes each step's batch: [instance rows; class rows] latents and prompt embeddings.
+    """Makes each step's batch: [instance rows; class rows] latents and prompt embeddings (SDXL: also the
+    UNet's added_cond_kwargs, pooled embeddings and each row's size/crop time ids; trainer.sdxl).
 
     Latents of images whose preprocessing is deterministic are encoded once and kept as
     the VAE's (mean, std); a step samples mean + std * noise from them. Other images
@@ -116,6 +117,10 @@ class Batches:
         self.cfg, self.inst, self.cls, self.device = cfg, inst, cls, device
         # the prompt of each instance image: its caption file's, or the instance prompt
         self.inst_prompts = list(inst_prompts) if inst_prompts is not None else [prompts["inst"]] * len(inst)
+        self.tokenizers, self.text_encoders = sdxl.text_side(comps)
+        self.sdxl = len(self.text_encoders) == 2
+        if self.sdxl:  # SDXL's own VAE overflows in float16: float32 unless the VAE is fp16-safe
+            vae_dtype = sdxl.vae_dtype(comps.vae, vae_dtype)
         self.vae = comps.vae.to(device, dtype=vae_dtype).eval().requires_grad_(False)
         self.vae_dtype = vae_dtype
         self.scale = comps.vae.config.scaling_factor
@@ -150,11 +155,18 @@ class Batches:
     @torch.no_grad()
     def cache_prompt_embeddings(self, move_off: bool = False) -> None:
         """One embedding per distinct prompt, computed now (the text side is frozen from here on)."""
-        te = self.text_encoder.to(self.device)
-        self.embeds = {p: encode_prompt(self.tokenizer, te, [p], self.device, self.cfg)
-                       for p in self.distinct_prompts()}
+        for te in self.text_encoders:
+            te.to(self.device)
+        self.embeds = {p: self.encode_text([p]) for p in self.distinct_prompts()}
         if move_off:
-            te.to("cpu")
+            for te in self.text_encoders:
+                te.to("cpu")
+
+    def encode_text(self, prompts: list[str]):
+        """Prompt embeddings; SDXL: (prompt_embeds, pooled) of both text encoders."""
+        if self.sdxl:
+            return sdxl.encode_prompt_sdxl(self.tokenizers, self.text_encoders, prompts, self.device)
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device, self.cfg)
 
     def prompt(self, which: str, i: int) -> str:
         return self.inst_prompts[i] if which == "inst" else self.prompts["cls"]
@@ -167,7 +179,7 @@ class Batches:
     def make(self, step: int, micro: int):
         cfg = self.cfg
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro))
-        rows, keys = [], []
+        rows, keys, views = [], [], []
         for which, images, n in (("inst", self.inst, cfg.train_batch_size),
                                  ("cls", self.cls, cfg.train_batch_size if self.cls is not None else 0)):
             for _ in range(n):
@@ -175,8 +187,10 @@ class Batches:
                 if images.cacheable(i):
                     flip = bool(torch.randint(0, 2, (), generator=gen)) if images.random_flip else False
                     mean, std = self.cache[(which, i, flip)]
-                else:  # a random crop: encode this view now
-                    px, _ = images.tensor(i, gen)
+                    views.append(sdxl.view_geometry(images, i, None, flip) if self.sdxl else None)
+                else:  # a random crop: encode this view now (SDXL: the same draw, plus its size and crop)
+                    px, _, view = sdxl.draw_view(images, i, gen) if self.sdxl else (*images.tensor(i, gen), None)
+                    views.append(view)
                     mean, std = self._encode(px[None])
                 eps = torch.randn(mean.shape, generator=gen).to(mean.device)
                 rows.append((mean + std * eps) * self.scale)
@@ -186,11 +200,11 @@ class Batches:
                 else:
                     keys.append(self.prompt(which, i))
         latents = torch.cat(rows).to(self.device)
-        if self.embeds is not None:
-            emb = torch.cat([self.embeds[k] for k in keys])
-        else:
-            emb = encode_prompt(self.tokenizer, self.text_encoder, keys, self.device, self.cfg)
-        return latents, emb, gen
+        emb = sdxl.cat_embeddings([self.embeds[k] for k in keys]) if self.embeds is not None else self.encode_text(keys)
+        if not self.sdxl:
+            return latents, emb, gen
+        emb, pooled = emb
+        return latents, emb, gen, sdxl.added_cond(pooled, views, self.inst.resolution, self.device)
 
 
 @dataclass
@@ -215,11 +229,13 @@ class Run:
     new_tokens: object = None  # trainer.embeddings.NewTokenEmbedding when new token rows are trained
     freeze_at: int = 0  # the step from which they are frozen (pivotal tuning)
     identifier: str | None = None  # what [V] became (recorded in the LoRA file's metadata)
+    te2: torch.nn.Module | None = None  # SDXL's second text encoder
 
 
 def setup(cfg, comps, batches: Batches, device) -> Run:
     """Trainable models on the device, optimizer, lr schedule, loss scaler."""
-    unet, te = comps.unet, comps.text_encoder
+    unet, te, te2 = comps.unet, comps.text_encoder, getattr(comps, "text_encoder_2", None)
+    encoders = [e for e in (te, te2) if e is not None]
     weights_dtype = torch.bfloat16 if cfg.weights_dtype == "bf16" else torch.float32
     train_unet = getattr(cfg, "train_unet", True)
     use_lora = bool(getattr(cfg, "lora_rank", None))
@@ -241,11 +257,11 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
         if new is not None:
             raise UserError("--train_text_embedding cannot be combined with --lora_rank yet; train the LoRA with "
                             "--train_text_encoder, or the embedding without --lora_rank")
-        if cfg.train_text_encoder:
-            _train_mode_text_encoder(cfg, te, device, weights_dtype)
+        for enc in encoders if cfg.train_text_encoder else []:
+            _train_mode_text_encoder(cfg, enc, device, weights_dtype)
             if cfg.gradient_checkpointing:  # the frozen embeddings would cut the gradient to the adapters
-                te.enable_input_require_grads()
-        params, models = lora.add_adapters(cfg, unet, te, train_text_encoder=cfg.train_text_encoder)
+                enc.enable_input_require_grads()
+        params, models = lora.add_adapters(cfg, unet, te, train_text_encoder=cfg.train_text_encoder, te2=te2)
     elif new is not None:  # only the new rows train; the table and the rest of the encoder stay frozen
         rows = new.rows.detach().clone()
         te.requires_grad_(False)
@@ -256,12 +272,14 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
         models["text_embedding"] = new
         frac = getattr(cfg, "text_embedding_frac", 1.0)
         freeze_at = cfg.max_train_steps if frac >= 1 else max(1, round(frac * cfg.max_train_steps))
-    elif cfg.train_text_encoder:
-        _train_mode_text_encoder(cfg, te, device, weights_dtype)
-        params += [p for p in te.parameters() if p.requires_grad]
-        models["text_encoder"] = te
+    elif cfg.train_text_encoder:  # SDXL: both encoders
+        for name, enc in zip(("text_encoder", "text_encoder_2"), encoders):
+            _train_mode_text_encoder(cfg, enc, device, weights_dtype)
+            params += [p for p in enc.parameters() if p.requires_grad]
+            models[name] = enc
     else:
-        te.requires_grad_(False)
+        for enc in encoders:
+            enc.requires_grad_(False)
 
     from diffusers.optimization import get_scheduler
 
@@ -282,7 +300,7 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
                alphas_cumprod=comps.noise_scheduler.alphas_cumprod.to(device, torch.float32),
                prediction_type=comps.prediction_type,
                n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype,
-               new_tokens=new, freeze_at=freeze_at)
+               new_tokens=new, freeze_at=freeze_at, te2=te2)
 
 
 def _train_mode_text_encoder(cfg, te, device, dtype) -> None:
@@ -341,7 +359,8 @@ def train_step(run: Run, step: int) -> StepResult:
             run.batches.cache_prompt_embeddings()
     with backend:  # kernels off: every dbkernels op runs its PyTorch reference
         for micro in range(cfg.gradient_accumulation_steps):
-            latents, emb, _ = run.batches.make(step, micro)
+            batch = run.batches.make(step, micro)  # SDXL: a 4th item, the UNet's added conditions
+            latents, emb, added = batch[0], batch[1], sdxl.unet_kwargs(batch, run.weights_dtype)
             dgen = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step, micro) + 1)
             noise = torch.randn(latents.shape, generator=dgen, device=device)
             offset = (cfg.offset_noise * torch.randn(latents.shape[:2], generator=dgen, device=device)
@@ -351,7 +370,7 @@ def train_step(run: Run, step: int) -> StepResult:
             with autocast:
                 labels = t if getattr(cfg, "class_labels_conditioning", None) == "timesteps" else None
                 pred = run.unet(x_t.to(run.weights_dtype), t, encoder_hidden_states=emb.to(run.weights_dtype),
-                                class_labels=labels).sample
+                                class_labels=labels, **added).sample
             loss = dbkernels.diffusion_loss(pred, latents, noise, t, run.alphas_cumprod,
                                             prediction_type=run.prediction_type, num_prior=run.n_prior,
                                             prior_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
@@ -401,6 +420,12 @@ def _train(cfg) -> Path:
         print(FP16_CPU_NOTE.format(x=FP16_CPU_FACTOR), file=sys.stderr, flush=True)
     resume = prepare_output_dir(cfg)
     outdir.check_space(cfg)
+    if device.type == "cuda":  # the step's estimated peak (trainer.estimate, on the CPU) against the free memory
+        from .estimate import preflight
+
+        warning = preflight(cfg, device)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     captions = data.caption_suffix(cfg.caption_extension) if getattr(cfg, "caption_extension", None) else None
     inst_files = list_images(cfg.instance_data_dir, "instance image", captions=captions)
     inst = ImageSet(inst_files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
@@ -478,7 +503,8 @@ def _train(cfg) -> Path:
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
                     runlog.validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
                                     out / "validation", f"step-{done:06d}",
-                                    tokenizer=run.batches.tokenizer if run.new_tokens is not None else None)
+                                    tokenizer=run.batches.tokenizer if run.new_tokens is not None else None,
+                                    te2=run.te2)
                 if stop.signum is not None and done < cfg.max_train_steps:
                     saved = saved or save_checkpoint(run, out, done)
                     raise Resumable(f"{interrupts.signal_name(stop.signum)} at step {done} of "
@@ -517,9 +543,10 @@ def save_model(run: Run, out: Path, step: int) -> None:
     try:
         if "unet_lora" in run.models:
             lora.export_lora(run.cfg, run.unet, run.te if "text_encoder_lora" in run.models else None, out, step,
-                             run.identifier)
+                             run.identifier, te2=run.te2 if "text_encoder_2_lora" in run.models else None)
         elif "unet" in run.models:  # Textual Inversion stores nothing for the (frozen) model
-            export(run.cfg, run.unet, run.te if run.cfg.train_text_encoder else None, out)
+            trained_te = run.cfg.train_text_encoder
+            export(run.cfg, run.unet, run.te if trained_te else None, out, te2=run.te2 if trained_te else None)
         if getattr(run.cfg, "save_single_file", False) and ("unet" in run.models or "unet_lora" in run.models):
             lora_file = out / lora.DIFFUSERS_FILE if "unet_lora" in run.models else None
             print(f"single file: {out / export_single_file(run.cfg, out, lora_file)}")

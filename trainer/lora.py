@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import UserError
+from .sdxl import is_sdxl
 
 if TYPE_CHECKING:
     import torch
@@ -100,18 +101,23 @@ def _inject(module, config) -> None:
     module.peft_config = {"default": config}  # what peft's state-dict helpers and diffusers' metadata read
 
 
-def add_adapters(cfg, unet, te, *, train_text_encoder: bool) -> tuple[list, dict]:
-    """Freeze the base, add the adapters; (trainable fp32 parameters, checkpoint items)."""
+def add_adapters(cfg, unet, te, *, train_text_encoder: bool, te2=None) -> tuple[list, dict]:
+    """Freeze the base, add the adapters; (trainable fp32 parameters, checkpoint items). te2: SDXL's second
+    text encoder (adapters on both encoders' q/k/v/out_proj with --train_text_encoder)."""
     unet.requires_grad_(False)
-    te.requires_grad_(False)
+    encoders = {"text_encoder": te, "text_encoder_2": te2}
+    for enc in encoders.values():
+        if enc is not None:
+            enc.requires_grad_(False)
     conv = (cfg.lora_conv_rank or cfg.lora_rank) if cfg.lora_conv else None
     unet.add_adapter(lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, UNET_TARGETS, conv))
     params = _fp32_adapters(unet)
     models = {"unet_lora": LoraWeights(unet)}
-    if train_text_encoder:
-        _inject(te, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, TEXT_TARGETS))
-        params += _fp32_adapters(te)
-        models["text_encoder_lora"] = LoraWeights(te)
+    for name, enc in encoders.items() if train_text_encoder else ():
+        if enc is not None:
+            _inject(enc, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, TEXT_TARGETS))
+            params += _fp32_adapters(enc)
+            models[f"{name}_lora"] = LoraWeights(enc)
     return params, models
 
 
@@ -135,6 +141,9 @@ def metadata(cfg, identifier: str | None, step: int, out: Path) -> dict:
     meta = kohya_metadata(rank=cfg.lora_rank, alpha=alpha, base_model=base.resolve().name, v2=v2, v_pred=v_pred,
                           steps=step, identifier=identifier, name=out.resolve().name, conv_rank=conv,
                           conv_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else conv)
+    if is_sdxl(base):  # kohya's / modelspec's names for SDXL base LoRAs
+        meta.update(ss_base_model_version="sdxl_base_v1-0", ss_v2="False",
+                    **{"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     meta["dbtrain_base_model"] = str(base.resolve())
     return meta
 
@@ -144,12 +153,14 @@ def kohya_name(out: Path) -> str:
     return f"{name or 'lora'}.safetensors"
 
 
-def export_lora(cfg, unet, te, out: Path, step: int, identifier: str | None) -> list[str]:
+def export_lora(cfg, unet, te, out: Path, step: int, identifier: str | None, te2=None) -> list[str]:
     """Write both LoRA files into `out` (staged, then moved in; see export.install); returns their names.
 
     The diffusers file keeps peft's names (`unet.<module>.lora_A.weight`), which diffusers' loader reads
-    as it reads its own scripts' files; the header holds each adapter's config (rank, alpha, patterns)."""
-    from diffusers import StableDiffusionPipeline
+    as it reads its own scripts' files; the header holds each adapter's config (rank, alpha, patterns).
+    SDXL (te2: its second text encoder's adapters): StableDiffusionXLPipeline.save_lora_weights, and kohya's
+    lora_te1_ / lora_te2_ names."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.training_utils import _collate_lora_metadata
 
     from . import outdir
@@ -159,17 +170,23 @@ def export_lora(cfg, unet, te, out: Path, step: int, identifier: str | None) -> 
     parts = {"unet": peft_state(unet)}
     if te is not None:
         parts["text_encoder"] = peft_state(te)
+    if te2 is not None:
+        parts["text_encoder_2"] = peft_state(te2)
+    sdxl = is_sdxl(cfg.pretrained_model_name_or_path)
     need = 2 * sum(t.numel() * 4 for sd in parts.values() for t in sd.values()) + outdir.MB
     outdir.require_space(out, need, "the LoRA weights")
     tmp = staging(out)
     name = kohya_name(out)
     try:
         tmp.mkdir(parents=True)
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=parts["unet"],
-                                                  text_encoder_lora_layers=parts.get("text_encoder"),
-                                                  safe_serialization=True,
-                                                  **_collate_lora_metadata({"unet": unet, "text_encoder": te}))
-        kohya_lora.save_kohya_lora(tmp / name, kohya_lora.to_kohya(parts, alpha=cfg.lora_alpha),
+        kw = {"text_encoder_2_lora_layers": parts.get("text_encoder_2")} if sdxl else {}
+        modules = {"unet": unet, "text_encoder": te, **({"text_encoder_2": te2} if sdxl else {})}
+        (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
+            tmp, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts.get("text_encoder"),
+            safe_serialization=True, **kw, **_collate_lora_metadata(modules))
+        # (to_kohya names SDXL's encoders lora_te1_/lora_te2_ when text_encoder_2 is among the parts)
+        kparts = {**parts, "text_encoder_2": parts.get("text_encoder_2", {})} if sdxl else parts
+        kohya_lora.save_kohya_lora(tmp / name, kohya_lora.to_kohya(kparts, alpha=cfg.lora_alpha),
                                    metadata(cfg, identifier, step, out))
     except OSError as e:
         import shutil
@@ -205,6 +222,8 @@ def apply_loras(pipe, files, scale: float = 1.0, say=print) -> None:
     from .formats import kohya_lora
 
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        modules["text_encoder_2"] = pipe.text_encoder_2
     for f in files:
         sd, meta = kohya_lora.read_lora(f)
         try:  # (a failed merge ends the command: the half-merged pipeline is never used)

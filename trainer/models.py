@@ -22,9 +22,15 @@ def variant_name(file: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def check_model_folder(path, variant: str | None = None) -> Path:
-    """The folder, or a UserError listing every missing component (with `variant`: its weight files)."""
+def check_model_folder(path, variant: str | None = None, what: str = "model folder") -> Path:
+    """The folder, or a UserError listing every missing component (with `variant`: its weight files).
+    An SDXL folder (model_index.json says so) is checked by trainer.sdxl: a refiner, or a folder without
+    text_encoder_2 / tokenizer_2, is refused there."""
+    from .sdxl import check_sdxl_folder, is_sdxl
+
     root = Path(path)
+    if root.is_dir() and is_sdxl(root):
+        return check_sdxl_folder(root, what)
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist (a local diffusers folder is required; "
                         f"nothing is downloaded)")
@@ -60,14 +66,23 @@ class Components:
     tokenizer: object
     noise_scheduler: object
     prediction_type: str
+    text_encoder_2: object = None  # SDXL only (trainer.sdxl.SDXLComponents)
+    tokenizer_2: object = None
 
 
-def load_components(path, cfg=None) -> Components:
-    """The base model's parts; with cfg, its --variant weights (as fp32) and --tokenizer_name folder."""
+def load_components(path, cfg=None):
+    """The base model's parts; with cfg, its --variant weights (as fp32), --tokenizer_name folder and
+    --pretrained_vae_model_name_or_path VAE. An SDXL folder gives trainer.sdxl.SDXLComponents (both text
+    encoders and tokenizers)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .sdxl import is_sdxl, load_sdxl_components
+
     variant = getattr(cfg, "variant", None)
+    vae_path = getattr(cfg, "pretrained_vae_model_name_or_path", None)
+    if is_sdxl(path):
+        return load_sdxl_components(path, vae_path=vae_path, variant=variant)
     root = check_model_folder(path, variant=variant)
     kw = {"variant": variant} if variant else {}
     sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
@@ -79,7 +94,8 @@ def load_components(path, cfg=None) -> Components:
     tok = getattr(cfg, "tokenizer_name", None)
     comps = Components(
         unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
-        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw),
+        vae=(AutoencoderKL.from_pretrained(vae_path) if vae_path else
+             AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)),
         text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
         tokenizer=CLIPTokenizer.from_pretrained(tok) if tok else CLIPTokenizer.from_pretrained(root,
                                                                                               subfolder="tokenizer"),

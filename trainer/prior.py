@@ -29,16 +29,17 @@ def generate_class_images(cfg, device: torch.device, dtype: torch.dtype) -> int:
     missing = cfg.num_class_images - have
     if missing <= 0:
         return 0
-    from diffusers import StableDiffusionPipeline
+    from .sdxl import load_pipeline
 
     dtype = PRECISIONS.get(getattr(cfg, "prior_generation_precision", None) or "no", dtype)
     if dtype == torch.float16 and device.type == "cpu":
         print("dbtrain: note: --prior_generation_precision fp16 on a CPU is slow (CPUs have no fast fp16 math); "
               "bf16 or fp32 is faster there", file=sys.stderr, flush=True)
     variant = getattr(cfg, "variant", None)
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, dtype=dtype,
-                                                   safety_checker=None, requires_safety_checker=False,
-                                                   **({"variant": variant} if variant else {}))
+    # SDXL: StableDiffusionXLPipeline (it runs a force_upcast VAE in float32 itself), no watermark
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, dtype=dtype, class_images=True,
+                         vae_path=getattr(cfg, "pretrained_vae_model_name_or_path", None),
+                         **({"variant": variant} if variant else {}))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     made = 0

@@ -107,11 +107,13 @@ def record_subject(out: Path, identifier: str, class_word: str | None, instance_
 
 
 @torch.no_grad()
-def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=None) -> Path:
+def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=None, te2=None) -> Path:
+    """A grid of validation images from the model being trained (SDXL: StableDiffusionXLPipeline; te2 its
+    second text encoder, used when the text encoders train)."""
     was_training = unet.training
     unet.eval()
     pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
-                    tokenizer=tokenizer).to(device)
+                    tokenizer=tokenizer, te2=te2 if cfg.train_text_encoder else None).to(device)
     pipe.set_progress_bar_config(disable=True)
     sched = getattr(cfg, "validation_scheduler", None)
     if sched:  # diffusers' --validation_scheduler; learned variances are not trained, so sample fixed ones

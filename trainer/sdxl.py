@@ -237,3 +237,68 @@ def vae_dtype(vae, wanted):
     if wanted == torch.float16 and getattr(vae.config, "force_upcast", False):
         return torch.float32
     return wanted
+
+
+# ------------------------------------------------------------------ what the loop, export and sample call
+
+def text_side(comps):
+    """(tokenizers, text encoders) of loaded components: one of each for SD1/SD2, two for SDXL."""
+    encoders = [e for e in (comps.text_encoder, getattr(comps, "text_encoder_2", None)) if e is not None]
+    tokenizers = [t for t in (comps.tokenizer, getattr(comps, "tokenizer_2", None)) if t is not None]
+    return tokenizers, encoders
+
+
+def cat_embeddings(picked):
+    """torch.cat of cached per-prompt embeddings: tensors (SD1/SD2) or (prompt_embeds, pooled) pairs (SDXL)."""
+    import torch
+
+    if isinstance(picked[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*picked))
+    return torch.cat(picked)
+
+
+def added_cond(pooled, geometries, resolution: int, device=None) -> dict:
+    """The SDXL UNet's added_cond_kwargs for a batch: the pooled prompt embeddings and [B, 6] time ids from
+    each row's (original_size, crop_top_left) view (float32: sizes such as 1651 are not exact in bfloat16)."""
+    return {"text_embeds": pooled, "time_ids": time_ids_batch(geometries, resolution, device=device)}
+
+
+def unet_kwargs(batch, dtype) -> dict:
+    """The extra UNet arguments of a loop.Batches.make() batch: {} for SD1/SD2 (3 items); for SDXL
+    added_cond_kwargs with the pooled embeddings in the weights' dtype (the time ids stay float32)."""
+    if len(batch) < 4:
+        return {}
+    added = batch[3]
+    return {"added_cond_kwargs": {"text_embeds": added["text_embeds"].to(dtype), "time_ids": added["time_ids"]}}
+
+
+def load_pipeline(folder, *, vae_path=None, class_images: bool = False, **kw):
+    """The pipeline of a diffusers folder: StableDiffusionXLPipeline for SDXL (class images without the
+    invisible watermark, which would become part of the prior), else StableDiffusionPipeline without the
+    safety checker. vae_path: a VAE folder to use instead of the folder's own (fp16-safe SDXL VAEs)."""
+    if vae_path and "vae" not in kw:
+        from diffusers import AutoencoderKL
+
+        kw["vae"] = AutoencoderKL.from_pretrained(vae_path)
+    if is_sdxl(folder):
+        from diffusers import StableDiffusionXLPipeline
+
+        if class_images:
+            kw["add_watermarker"] = False
+        return StableDiffusionXLPipeline.from_pretrained(folder, **kw)
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, **kw)
+
+
+def merge_lora_sdxl(model_dir, lora_file, scale: float = 1.0):
+    """(unet, vae, text_encoder, text_encoder_2) of an SDXL folder with a LoRA file (kohya or diffusers
+    names, adapters on the UNet and either text encoder) merged in: W += scale * alpha/rank * up @ down."""
+    from .formats.kohya_lora import lora_updates, merge_into, read_lora
+    from .formats.single_file_sdxl import load_components_sdxl
+
+    unet, vae, te, te2 = load_components_sdxl(check_sdxl_folder(model_dir, "--model"))
+    modules = {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+    sd, meta = read_lora(lora_file)
+    merge_into(modules, lora_updates(sd, meta, modules), scale)
+    return unet, vae, te, te2

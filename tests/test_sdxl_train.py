@@ -1,0 +1,218 @@
+"""`dbtrain train` on a tiny SDXL folder: full and LoRA DreamBooth with prior preservation (class images drawn by
+StableDiffusionXLPipeline), per-image size/crop time ids, exports diffusers loads, kill-safe resume, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cli_helpers import one_line_error, run_cli
+from test_trainer import make_images
+from trainer import cli, config, loop, sdxl
+from trainer.tiny_sdxl import build_tiny_sdxl
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory):
+    """Two instance images of different sizes: one square (a cached view), one portrait (random crops)."""
+    folder = make_images(tmp_path_factory.mktemp("inst") / "inst", n=1, size=(50, 50))
+    Image.new("RGB", (40, 64), (30, 90, 200)).save(folder / "tall.png")
+    return folder
+
+
+def train_args(model, inst, out, *extra, steps=3):
+    return ["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(inst),
+            "--instance_prompt", "a photo of [V] toy", "--output_dir", str(out), "--resolution", "32",
+            "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--log_every", "1", "--seed", "3",
+            "--device", "cpu", "--kernels", "off", "--optimizer", "adamw", *extra]
+
+
+def prior_args(cls_dir):
+    return ["--with_prior_preservation", "--class_prompt", "a toy", "--class_data_dir", str(cls_dir),
+            "--num_class_images", "2", "--class_inference_steps", "2", "--sample_batch_size", "2"]
+
+
+def _probe(pipe):
+    """The UNet's output for a fixed prompt through both text encoders (the SDXL conditioning path)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        emb, pooled = sdxl.encode_prompt_sdxl([pipe.tokenizer, pipe.tokenizer_2],
+                                              [pipe.text_encoder, pipe.text_encoder_2], ["a photo of sks toy"])
+        ids = sdxl.time_ids_batch([((64, 40), (0, 4))], 32)
+        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=emb,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+@pytest.fixture(scope="module")
+def full_run(model, inst, tmp_path_factory):
+    """Full DreamBooth (UNet + both text encoders) with prior preservation, class images generated, and the
+    single file; the time ids of every batch recorded."""
+    tmp = tmp_path_factory.mktemp("full")
+    seen = []
+    real = sdxl.added_cond
+
+    def record(pooled, views, resolution, device=None):
+        out = real(pooled, views, resolution, device)
+        seen.append((list(views), out["time_ids"].clone(), tuple(pooled.shape)))
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sdxl, "added_cond", record)
+    try:
+        assert cli.main(train_args(model, inst, tmp / "out", "--train_text_encoder", "--save_single_file",
+                                   *prior_args(tmp / "cls"))) == 0
+    finally:
+        mp.undo()
+    return tmp, seen
+
+
+def test_full_run_exports_an_sdxl_folder_that_samples(model, full_run):
+    from diffusers import StableDiffusionXLPipeline
+
+    tmp, seen = full_run
+    out = tmp / "out"
+    assert sorted(p.name for p in (tmp / "cls").glob("*.png")) == ["class-00000.png", "class-00001.png"]
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    base = StableDiffusionXLPipeline.from_pretrained(model)
+    for name in ("unet", "text_encoder", "text_encoder_2"):  # all three trained
+        a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), name
+    torch.testing.assert_close(base.vae.state_dict(), pipe.vae.state_dict())  # the VAE is not trained
+    images = pipe("a photo of sks toy", num_inference_steps=2, height=32, width=32,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images[0].size == (32, 32)
+    assert len(seen) == 3 and all(shape == (2, 40) for *_, shape in seen)  # instance + class row, pooled 40
+
+
+def test_time_ids_follow_each_images_size_and_crop(full_run, model, inst):
+    """Rows of the trained batches: the square image's cached centre view, the portrait's random crops
+    (both sizes seen), the generated 32x32 class images; the ids are exactly add_time_ids of those views."""
+    _, seen = full_run
+    for views, ids, _ in seen:
+        assert ids.shape == (2, 6) and ids.dtype == torch.float32
+        assert torch.equal(ids, sdxl.time_ids_batch(views, 32))
+        assert ids[1].tolist() == [32, 32, 0, 0, 32, 32]  # class image: generated at the resolution
+    # every (step, micro) draw, replayed on the loop's Batches: two images of different sizes -> different ids
+    cfg = config.parse(train_args(model, inst, "unused")[1:])
+    comps = loop.load_components(model, cfg)
+    from trainer.data import ImageSet, list_images
+
+    images = ImageSet(list_images(inst, "instance image"), 32, center_crop=False, random_flip=True)
+    batches = loop.Batches(cfg, comps, images, None, {"inst": "a photo of sks toy"}, torch.device("cpu"),
+                           torch.float32)
+    by_image = {}
+    for step in range(12):
+        batch = batches.make(step, 0)
+        gen = torch.Generator().manual_seed(loop._step_seed(cfg.seed, step, 0))
+        i = int(torch.randint(0, len(images), (), generator=gen))
+        _, flip, view = sdxl.draw_view(images, i, gen)
+        assert batch[3]["time_ids"][0].tolist() == sdxl.add_time_ids(*view, (32, 32)).tolist()
+        by_image.setdefault(images.files[i].name, set()).add(tuple(batch[3]["time_ids"][0].tolist()))
+    assert by_image["img0.png"] == {(50.0, 50.0, 0.0, 0.0, 32.0, 32.0)}  # square: resized, nothing cropped
+    tall = by_image["tall.png"]
+    assert all(t[:2] == (64.0, 40.0) and t[3] == 0 for t in tall) and len(tall) > 1  # crops at varying tops
+
+
+def test_single_file_of_a_trained_run(full_run):
+    from diffusers import StableDiffusionXLPipeline
+
+    tmp, _ = full_run
+    out = tmp / "out"
+    files = [f for f in out.glob("*.safetensors")]
+    assert len(files) == 1
+    loaded = StableDiffusionXLPipeline.from_single_file(str(files[0]), config=str(out), local_files_only=True)
+    folder = StableDiffusionXLPipeline.from_pretrained(out)
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(folder, name).state_dict(), getattr(loaded, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
+    """LoRA on the UNet and both text encoders: diffusers' SDXL loader and our merge (sample / eval / the
+    merged single file) give the same model; the kohya file has lora_te1_ / lora_te2_ names."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.evaluate import load_pipeline
+
+    tmp, _ = full_run
+    out = tmp_path / "lora"
+    assert cli.main(train_args(model, inst, out, "--lora_rank", "4", "--train_text_encoder", "--save_single_file",
+                               *prior_args(tmp / "cls"))) == 0  # (class images already there)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    base = _probe(pipe)
+    pipe.load_lora_weights(out)  # diffusers' own loader
+    theirs = _probe(pipe)
+    assert not torch.allclose(base, theirs, atol=1e-5)
+    ours = _probe(load_pipeline(out, "cpu"))  # a LoRA output folder: base + its LoRA, merged by us
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in sd} == {"unet", "text_encoder", "text_encoder_2"}
+    kohya = out / "lora.safetensors"
+    with safe_open(str(kohya), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    merged = StableDiffusionXLPipeline.from_single_file(str(out / "lora-merged.safetensors"), config=str(model),
+                                                        local_files_only=True)
+    torch.testing.assert_close(_probe(merged), theirs, atol=1e-5, rtol=1e-4)
+    code, _, err = run_cli(["sample", "--model", str(out), "--prompt", "a photo of sks toy", "--num_images", "1",
+                            "--steps", "2", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "s")],
+                           capsys)
+    assert code == 0, err
+    assert (tmp_path / "s" / "000.png").is_file()
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(model, inst, full_run, tmp_path, monkeypatch):
+    tmp, _ = full_run
+    extra = ["--train_text_encoder", "--checkpointing_steps", "2", *prior_args(tmp / "cls")]
+    assert cli.main(train_args(model, inst, tmp_path / "whole", *extra, steps=4)) == 0
+    real_step = loop.train_step
+
+    def stop_at_3(run, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(loop, "train_step", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config.parse(train_args(model, inst, tmp_path / "cut", *extra, steps=4)[1:]))
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert (tmp_path / "cut" / "checkpoint-2" / "text_encoder_2").is_dir()
+    assert cli.main(train_args(model, inst, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest",
+                               steps=4)) == 0
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        for f in (tmp_path / "whole" / name).glob("*.safetensors"):
+            a, b = load_file(f), load_file(tmp_path / "cut" / name / f.name)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_bad_sdxl_input_gets_one_line(model, inst, tmp_path, capsys):
+    import shutil
+
+    refiner = build_tiny_sdxl(tmp_path / "refiner", refiner=True)
+    code, _, err = run_cli(train_args(refiner, inst, tmp_path / "o1"), capsys)
+    one_line_error(code, err, "--pretrained_model_name_or_path", "SDXL refiner")
+    partial = tmp_path / "partial"
+    shutil.copytree(model, partial)
+    shutil.rmtree(partial / "text_encoder_2")
+    code, _, err = run_cli(train_args(partial, inst, tmp_path / "o2"), capsys)
+    one_line_error(code, err, "without text_encoder_2")
+    code, _, err = run_cli(["textual-inversion", "--pretrained_model_name_or_path", str(model), "--train_data_dir",
+                            str(inst), "--placeholder_token", "<t>", "--initializer_token", "toy", "--output_dir",
+                            str(tmp_path / "o3"), "--device", "cpu"], capsys)
+    one_line_error(code, err, "textual-inversion", "SDXL")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
