@@ -16,6 +16,16 @@ from trainer import cli, config, loop, sdxl
 from trainer.tiny_sdxl import build_tiny_sdxl
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a shared CPU torch's worker threads wait on each
+    other: one step took 16 s instead of 0.15 s here with 2 threads and 2 other busy processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
@@ -110,7 +120,8 @@ def test_time_ids_follow_each_images_size_and_crop(full_run, model, inst):
 
     images = ImageSet(list_images(inst, "instance image"), 32, center_crop=False, random_flip=True)
     batches = loop.Batches(cfg, comps, images, None, {"inst": "a photo of sks toy"}, torch.device("cpu"),
-                           torch.float32)
+                           torch.float16)  # (what a GPU run in fp16 asks for)
+    assert batches.vae_dtype == torch.float32  # SDXL's VAE (force_upcast) is kept in float32
     by_image = {}
     for step in range(12):
         batch = batches.make(step, 0)
@@ -159,6 +170,8 @@ def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     sd = load_file(out / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in sd} == {"unet", "text_encoder", "text_encoder_2"}
+    for part in ("unet", "text_encoder", "text_encoder_2"):  # B starts at zero: every part's adapters moved
+        assert any(v.abs().max() > 0 for k, v in sd.items() if k.startswith(part + ".") and "lora_B" in k), part
     kohya = out / "lora.safetensors"
     with safe_open(str(kohya), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
@@ -172,6 +185,36 @@ def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
                            capsys)
     assert code == 0, err
     assert (tmp_path / "s" / "000.png").is_file()
+
+
+def test_memory_options_and_own_vae(model, inst, tmp_path):
+    """bf16 weights, 8-bit AdamW, the step inside backward, gradient checkpointing, bf16 autocast, our kernels,
+    and an fp16-safe VAE folder (--pretrained_vae_model_name_or_path): all three models train, the VAE given
+    is the one used and exported."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", force_upcast=False)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.01)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "out"
+    assert cli.main(train_args(model, inst, out, "--train_text_encoder", "--weights_dtype", "bf16", "--optimizer",
+                               "adamw8bit", "--step_in_backward", "--gradient_checkpointing", "--mixed_precision",
+                               "bf16", "--kernels", "on", "--pretrained_vae_model_name_or_path",
+                               str(tmp_path / "vae"), steps=2)) == 0
+    log = [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["skipped_steps"] == 0 and r["loss"] == r["loss"] for r in log)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    base = StableDiffusionXLPipeline.from_pretrained(model)
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16  # saved as trained
+    for name in ("unet", "text_encoder", "text_encoder_2"):  # changed beyond the rounding to bf16
+        a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
+        assert any(not torch.equal(a[k].float(), b[k].bfloat16().float()) for k in a), name
+    assert pipe.vae.config.force_upcast is False
+    mine = vae.state_dict()
+    assert all(torch.equal(v.float(), mine[k]) for k, v in pipe.vae.state_dict().items())
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(model, inst, full_run, tmp_path, monkeypatch):

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--resolution", type=int, default=512, help="training image size in pixels (a multiple of 8)")
     g("--center_crop", action="store_true", help="crop non-square images at the center instead of at random")
     g("--seed", type=int, default=0, help="seed of every random draw (same seed, same run)")
-    flag_notes.add_flags(g, ("revision", "variant", "tokenizer_name", "image_interpolation_mode"))
+    flag_notes.add_flags(g, ("revision", "variant", "tokenizer_name", "image_interpolation_mode",
+                             "pretrained_vae_model_name_or_path"))
     g = option_adder(p.add_argument_group("prior preservation"))
     g("--with_prior_preservation", action="store_true",
       help="also train on class images of the frozen model (keeps the class prior)")
