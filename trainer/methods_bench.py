@@ -221,12 +221,13 @@ def report(rows_file: Path, md: Path) -> str:
         m, ci = estimates(mine), bootstrap(mine)
         lines.append(f"| {method} | " + " | ".join(f"{m[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" for k in METRICS)
                      + " |")
+    lora_lr = next((r["lora_lr"] for r in rows if r["method"].startswith("lora")), LORA_LR)
     per_seed = ["| method | seed | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
     for r in rows:
         per_seed.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
     text = (f"Built-in world, subject: the striped orange star; {meta['steps']} training steps per method "
             f"(DreamBooth and pivotal tuning lr {meta['dreambooth_lr']} with {meta.get('num_class_images', NUM_CLASS)} "
-            f"class images, LoRA the same at lr {meta.get('lora_lr', LORA_LR)}, Textual Inversion lr "
+            f"class images, LoRA the same at lr {lora_lr}, Textual Inversion lr "
             f"{meta['textual_inversion_lr']}), training seeds {seeds}; {meta['eval_images']} images per prompt, "
             f"{meta['sample_steps']} DPM-Solver++ steps, guidance {meta['guidance']}, sampling seed 10000 + "
             f"training seed; device {meta['device']}, torch {meta['torch']}.\n"
