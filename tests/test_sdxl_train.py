@@ -80,7 +80,8 @@ def full_run(model, inst, tmp_path_factory):
     mp.setattr(sdxl, "added_cond", record)
     try:
         assert cli.main(train_args(model, inst, tmp / "out", "--train_text_encoder", "--save_single_file",
-                                   *prior_args(tmp / "cls"))) == 0
+                                   "--validation_prompt", "a photo of [V] toy", "--validation_steps", "3",
+                                   "--num_validation_images", "1", *prior_args(tmp / "cls"))) == 0
     finally:
         mp.undo()
     return tmp, seen
@@ -102,6 +103,7 @@ def test_full_run_exports_an_sdxl_folder_that_samples(model, full_run):
     images = pipe("a photo of sks toy", num_inference_steps=2, height=32, width=32,
                   generator=torch.Generator().manual_seed(0)).images
     assert images[0].size == (32, 32)
+    assert Image.open(out / "validation" / "step-000003.png").size == (32, 32)  # the grid, drawn by the SDXL pipeline
     assert len(seen) == 3 and all(shape == (2, 40) for *_, shape in seen)  # instance + class row, pooled 40
 
 
@@ -217,9 +219,11 @@ def test_memory_options_and_own_vae(model, inst, tmp_path):
     assert all(torch.equal(v.float(), mine[k]) for k, v in pipe.vae.state_dict().items())
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(model, inst, full_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_interrupt_equals_uninterrupted_run(model, inst, full_run, tmp_path, monkeypatch, lora):
     tmp, _ = full_run
-    extra = ["--train_text_encoder", "--checkpointing_steps", "2", *prior_args(tmp / "cls")]
+    extra = ["--train_text_encoder", "--checkpointing_steps", "2", *prior_args(tmp / "cls"),
+             *(["--lora_rank", "2"] if lora else [])]
     assert cli.main(train_args(model, inst, tmp_path / "whole", *extra, steps=4)) == 0
     real_step = loop.train_step
 
@@ -232,9 +236,14 @@ def test_resume_after_interrupt_equals_uninterrupted_run(model, inst, full_run, 
     with pytest.raises(KeyboardInterrupt):
         loop.train(config.parse(train_args(model, inst, tmp_path / "cut", *extra, steps=4)[1:]))
     monkeypatch.setattr(loop, "train_step", real_step)
-    assert (tmp_path / "cut" / "checkpoint-2" / "text_encoder_2").is_dir()
+    assert (tmp_path / "cut" / "checkpoint-2" / ("text_encoder_2_lora" if lora else "text_encoder_2")).is_dir()
     assert cli.main(train_args(model, inst, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest",
                                steps=4)) == 0
+    if lora:
+        a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("whole", "cut"))
+        assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        return
     for name in ("unet", "text_encoder", "text_encoder_2"):
         for f in (tmp_path / "whole" / name).glob("*.safetensors"):
             a, b = load_file(f), load_file(tmp_path / "cut" / name / f.name)
