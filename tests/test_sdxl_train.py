@@ -263,8 +263,65 @@ def test_bad_sdxl_input_gets_one_line(model, inst, tmp_path, capsys):
     shutil.rmtree(partial / "text_encoder_2")
     code, _, err = run_cli(train_args(partial, inst, tmp_path / "o2"), capsys)
     one_line_error(code, err, "without text_encoder_2")
-    code, _, err = run_cli(["textual-inversion", "--pretrained_model_name_or_path", str(model), "--train_data_dir",
-                            str(inst), "--placeholder_token", "<t>", "--initializer_token", "toy", "--output_dir",
-                            str(tmp_path / "o3"), "--device", "cpu"], capsys)
-    one_line_error(code, err, "textual-inversion", "SDXL")
+    code, _, err = run_cli(train_args(model, inst, tmp_path / "o3", "--tokenizer_max_length", "20"), capsys)
+    one_line_error(code, err, "--tokenizer_max_length", "SDXL")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def ti_args(model, inst, out, *extra, steps=4):
+    return ["textual-inversion", "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(inst),
+            "--placeholder_token", "<t>", "--initializer_token", "toy", "--output_dir", str(out), "--resolution",
+            "32", "--max_train_steps", str(steps), "--learning_rate", "1e-2", "--seed", "1", "--device", "cpu",
+            "--kernels", "off", "--checkpointing_steps", "2", *extra]
+
+
+def test_textual_inversion_clip_l_and_clip_g(model, inst, tmp_path, monkeypatch, capsys):
+    """New rows in both text encoders; the file holds clip_l and clip_g (diffusers' SDXL embedding layout), which
+    diffusers' per-encoder load_textual_inversion reads back; `dbtrain sample` takes the output folder; a run
+    killed at step 3 and resumed gives the same rows."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.embeddings import NewTokenEmbedding
+
+    whole = tmp_path / "whole"
+    assert cli.main(ti_args(model, inst, whole)) == 0
+    emb = load_file(whole / "learned_embeds.safetensors")
+    assert {k: tuple(v.shape) for k, v in emb.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    assert torch.equal(load_file(whole / "t.safetensors")["clip_g"], emb["clip_g"])  # the A1111 / ComfyUI name
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    start = {}
+    for key, enc, tok in (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2,
+                                                                          pipe.tokenizer_2)):
+        start[key] = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("toy</w>")].detach().clone()
+        pipe.load_textual_inversion(emb[key], token="<t>", text_encoder=enc, tokenizer=tok)  # diffusers' way
+        row = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("<t>")]
+        assert torch.equal(row, emb[key][0]) and not torch.allclose(row, start[key]), key  # trained from "toy"
+    code, out, err = run_cli(["sample", "--model", str(whole), "--prompt", "a photo of <t>", "--num_images", "1",
+                              "--steps", "2", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "s")],
+                             capsys)
+    assert code == 0, err
+    assert "write <t> in the prompt" in out
+    real_step = loop.train_step
+    seen = {}
+
+    def stop_at_3(run, step):
+        seen["kinds"] = [type(m) for m in run.models.values()]
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(loop, "train_step", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config_ti(ti_args(model, inst, tmp_path / "cut")[1:]))
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert seen["kinds"] == [NewTokenEmbedding, NewTokenEmbedding]  # only the rows of both encoders train
+    assert (tmp_path / "cut" / "checkpoint-2" / "text_embedding_2").is_dir()
+    assert cli.main(ti_args(model, inst, tmp_path / "cut", "--resume_from_checkpoint", "latest")) == 0
+    again = load_file(tmp_path / "cut" / "learned_embeds.safetensors")
+    assert all(torch.equal(emb[k], again[k]) for k in emb)
+
+
+def config_ti(argv):
+    from trainer import ti_config
+
+    return ti_config.parse(argv)

@@ -58,16 +58,15 @@ def sample(argv: list[str]) -> Path:
 
     from .data import make_grid
 
-    from .embeddings import load_embedding_into
     from .lora import apply_loras, lora_files_of
     from .models import model_and_embeddings
-    from .sdxl import load_pipeline
+    from .sdxl import load_embedding, load_pipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, files = model_and_embeddings(args.model, args.embedding)
     pipe = load_pipeline(model).to(device)  # StableDiffusionXLPipeline for an SDXL folder
     for f in files:
-        print(f"embedding {f}: write {load_embedding_into(pipe, f)} in the prompt")
+        print(f"embedding {f}: write {load_embedding(pipe, f)} in the prompt")
     apply_loras(pipe, lora_files_of(args.model, args.lora), args.lora_scale)
     gens = [torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)]
     kw = {"height": args.resolution, "width": args.resolution} if args.resolution else {}

@@ -301,11 +301,6 @@ def _check_sdxl_options(cfg) -> None:
 
     if not is_sdxl(cfg.pretrained_model_name_or_path):
         return
-    if getattr(cfg, "train_text_embedding", False):
-        what = ("dbtrain textual-inversion" if getattr(cfg, "method", None) == "textual_inversion"
-                else "--train_text_embedding")
-        raise UserError(f"{what} does not take SDXL models yet (new token rows in both text encoders); use "
-                        f"dbtrain train (full or --lora_rank) on {cfg.pretrained_model_name_or_path}")
     for flag in ("tokenizer_name", "tokenizer_max_length", "text_encoder_use_attention_mask"):
         if getattr(cfg, flag, None):
             raise UserError(f"--{flag} is not supported for SDXL models (two tokenizers and text encoders, "

@@ -34,9 +34,9 @@ def recorded_subject(model: Path) -> dict:
 def load_pipeline(model, device, embedding_files=None, lora_files=None, lora_scale: float = 1.0):
     """The pipeline of a model folder; a Textual Inversion / pivotal-tuning / LoRA output folder, or
     `embedding_files` / `lora_files`, add their embeddings (read safely) and fused LoRAs on top."""
-    from .embeddings import load_embedding_into
     from .lora import apply_loras, lora_files_of
     from .models import check_model_folder, model_and_embeddings
+    from .sdxl import load_embedding
     from .sdxl import load_pipeline as pipeline_of
 
     loras = lora_files_of(model, lora_files)
@@ -45,7 +45,7 @@ def load_pipeline(model, device, embedding_files=None, lora_files=None, lora_sca
     pipe = pipeline_of(model)  # StableDiffusionXLPipeline for an SDXL folder
     pipe.set_progress_bar_config(disable=True)
     for f in files:
-        load_embedding_into(pipe, f)
+        load_embedding(pipe, f)  # (SDXL: clip_l / clip_g files)
     apply_loras(pipe, loras, lora_scale, say=lambda _: None)
     return pipe.to(device)
 

@@ -31,6 +31,10 @@ def pipeline(cfg, unet, te, tokenizer=None, te2=None):
         kw["text_encoder"] = te
     if te2 is not None:
         kw["text_encoder_2"] = te2
+    if isinstance(tokenizer, (list, tuple)):  # the run's tokenizers, with new tokens (SDXL: both)
+        if len(tokenizer) > 1:
+            kw["tokenizer_2"] = tokenizer[1]
+        tokenizer = tokenizer[0]
     if tokenizer is None and getattr(cfg, "tokenizer_name", None):  # diffusers' --tokenizer_name
         from transformers import CLIPTokenizer
 
@@ -157,16 +161,23 @@ def a1111_name(placeholder: str) -> str:
 
 
 def export_embedding(out: Path, new_tokens, step: int, *, name: str | None = None, a1111: bool = True,
-                     base_model=None) -> list[str]:
+                     base_model=None, second=None) -> list[str]:
     """learned_embeds.safetensors (diffusers), and <name>.safetensors (emb_params) + <name>.pt (string_to_param)
     for A1111 / ComfyUI, into `out`; each written to a temporary name and renamed. A file there that this
-    run did not write is never replaced (UserError). Returns the names written."""
+    run did not write is never replaced (UserError). Returns the names written.
+    SDXL (second: the second text encoder's new rows): both files hold clip_l and clip_g (no .pt)."""
     from . import embeddings as E
+    from .sdxl import save_embedding_sdxl
 
     out = Path(out)
     rows, token = new_tokens.rows.detach().float().cpu(), new_tokens.placeholder
     files = {(name or Path(E.DIFFUSERS_FILE).stem) + ".safetensors": lambda p: E.save_diffusers(p, token, rows)}
-    if a1111:
+    if second is not None:
+        rows = torch.cat([rows, second.rows.detach().float().cpu()], dim=1)  # (only counted for the space check)
+        files = {k: lambda p: save_embedding_sdxl(p, new_tokens, second, step) for k in files}
+        if a1111:
+            files[a1111_name(token) + ".safetensors"] = lambda p: save_embedding_sdxl(p, new_tokens, second, step)
+    elif a1111:
         short = a1111_name(token)
         ckpt = Path(base_model).name if base_model else None
         files[short + ".safetensors"] = lambda p: E.save_a1111_safetensors(p, rows, short, step)

@@ -230,6 +230,7 @@ class Run:
     freeze_at: int = 0  # the step from which they are frozen (pivotal tuning)
     identifier: str | None = None  # what [V] became (recorded in the LoRA file's metadata)
     te2: torch.nn.Module | None = None  # SDXL's second text encoder
+    new_tokens_2: object = None  # SDXL: the new rows of the second text encoder
 
 
 def setup(cfg, comps, batches: Batches, device) -> Run:
@@ -252,6 +253,7 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     params = [p for p in unet.parameters() if p.requires_grad]
     models = {"unet": unet} if train_unet else {}
     new = embeddings.new_tokens_of(te)
+    new2 = embeddings.new_tokens_of(te2) if te2 is not None else None
     freeze_at = 0
     if use_lora:  # adapters on the frozen base: only they train and only they are saved
         if new is not None:
@@ -263,13 +265,16 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
                 enc.enable_input_require_grads()
         params, models = lora.add_adapters(cfg, unet, te, train_text_encoder=cfg.train_text_encoder, te2=te2)
     elif new is not None:  # only the new rows train; the table and the rest of the encoder stay frozen
-        rows = new.rows.detach().clone()
-        te.requires_grad_(False)
-        te.to(device, dtype=weights_dtype).train()
-        new.rows.data = rows.to(device)  # fp32 master copy, whatever the frozen dtype
-        new.rows.requires_grad_(True)
-        params.append(new.rows)
-        models["text_embedding"] = new
+        for enc, rows_of, key in ((te, new, "text_embedding"), (te2, new2, "text_embedding_2")):
+            if rows_of is None:
+                continue
+            rows = rows_of.rows.detach().clone()
+            enc.requires_grad_(False)
+            enc.to(device, dtype=weights_dtype).train()
+            rows_of.rows.data = rows.to(device)  # fp32 master copy, whatever the frozen dtype
+            rows_of.rows.requires_grad_(True)
+            params.append(rows_of.rows)
+            models[key] = rows_of
         frac = getattr(cfg, "text_embedding_frac", 1.0)
         freeze_at = cfg.max_train_steps if frac >= 1 else max(1, round(frac * cfg.max_train_steps))
     elif cfg.train_text_encoder:  # SDXL: both encoders
@@ -300,7 +305,7 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
                alphas_cumprod=comps.noise_scheduler.alphas_cumprod.to(device, torch.float32),
                prediction_type=comps.prediction_type,
                n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype,
-               new_tokens=new, freeze_at=freeze_at, te2=te2)
+               new_tokens=new, freeze_at=freeze_at, te2=te2, new_tokens_2=new2)
 
 
 def _train_mode_text_encoder(cfg, te, device, dtype) -> None:
@@ -354,7 +359,8 @@ def train_step(run: Run, step: int) -> StepResult:
     total, finite = 0.0, True
     if run.new_tokens is not None:  # pivotal tuning: the new rows train until freeze_at, then stay as they are
         active = step < run.freeze_at
-        run.new_tokens.rows.requires_grad_(active)
+        for rows_of in filter(None, (run.new_tokens, run.new_tokens_2)):
+            rows_of.rows.requires_grad_(active)
         if not active and run.batches.embeds is None and run.batches.can_cache():
             run.batches.cache_prompt_embeddings()
     with backend:  # kernels off: every dbkernels op runs its PyTorch reference
@@ -442,6 +448,9 @@ def _train(cfg) -> Path:
         ident = cfg.placeholder_token or f"<{ident}>"
         init = cfg.initializer_token or (None if cfg.identifier == ident else word)
         embeddings.add_new_tokens(comps.tokenizer, comps.text_encoder, ident, cfg.num_vectors, init, seed=cfg.seed)
+        if getattr(comps, "text_encoder_2", None) is not None:  # SDXL: the same new tokens in both encoders
+            embeddings.add_new_tokens(comps.tokenizer_2, comps.text_encoder_2, ident, cfg.num_vectors, init,
+                                      seed=cfg.seed + 1)
         word = embeddings.expand(ident, ident, cfg.num_vectors)
         print(f"placeholder: {ident} ({cfg.num_vectors} new token(s), initialised from "
               f"{init if init else 'random rows'})")
@@ -497,13 +506,14 @@ def _train(cfg) -> Path:
                 saved = None
                 save_every = getattr(cfg, "save_steps", None)
                 if save_every and run.new_tokens is not None and done % save_every == 0:  # diffusers' --save_steps
-                    export_embedding(out, run.new_tokens, done, name=f"learned_embeds-steps-{done}", a1111=False)
+                    export_embedding(out, run.new_tokens, done, name=f"learned_embeds-steps-{done}", a1111=False,
+                                     second=run.new_tokens_2)
                 if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                     saved = save_checkpoint(run, out, done)
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
                     runlog.validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
                                     out / "validation", f"step-{done:06d}",
-                                    tokenizer=run.batches.tokenizer if run.new_tokens is not None else None,
+                                    tokenizer=run.batches.tokenizers if run.new_tokens is not None else None,
                                     te2=run.te2)
                 if stop.signum is not None and done < cfg.max_train_steps:
                     saved = saved or save_checkpoint(run, out, done)
@@ -551,7 +561,8 @@ def save_model(run: Run, out: Path, step: int) -> None:
             lora_file = out / lora.DIFFUSERS_FILE if "unet_lora" in run.models else None
             print(f"single file: {out / export_single_file(run.cfg, out, lora_file)}")
         if run.new_tokens is not None:  # the embedding files, never the extended text encoder
-            export_embedding(out, run.new_tokens, step, base_model=run.cfg.pretrained_model_name_or_path)
+            export_embedding(out, run.new_tokens, step, base_model=run.cfg.pretrained_model_name_or_path,
+                             second=run.new_tokens_2)
     except UserError as e:
         where = out / f"checkpoint-{step}"
         if checkpoint.verify(where) is not None:

@@ -113,7 +113,8 @@ def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=N
     was_training = unet.training
     unet.eval()
     pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
-                    tokenizer=tokenizer, te2=te2 if cfg.train_text_encoder else None).to(device)
+                    tokenizer=tokenizer, te2=te2 if (cfg.train_text_encoder or tokenizer is not None) else None
+                    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     sched = getattr(cfg, "validation_scheduler", None)
     if sched:  # diffusers' --validation_scheduler; learned variances are not trained, so sample fixed ones

@@ -302,3 +302,74 @@ def merge_lora_sdxl(model_dir, lora_file, scale: float = 1.0):
     sd, meta = read_lora(lora_file)
     merge_into(modules, lora_updates(sd, meta, modules), scale)
     return unet, vae, te, te2
+
+
+# ------------------------------------------------------------------ Textual Inversion files
+
+EMBEDDING_KEYS = ("clip_l", "clip_g")  # the SDXL embedding file's tensors (diffusers' advanced script, A1111)
+
+
+def save_embedding_sdxl(path, new_l, new_g, step: int | None = None):
+    """An SDXL embedding file: clip_l [n, d1] and clip_g [n, d2] (the rows of NewTokenEmbedding new_l / new_g),
+    with the placeholder in the header; written to a temporary name and renamed."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: e.rows.detach().float().cpu().contiguous() for k, e in zip(EMBEDDING_KEYS, (new_l, new_g))}
+    meta = {"dbtrain.placeholder": new_l.placeholder, "vectors": str(state["clip_l"].shape[0])}
+    if step is not None:
+        meta["step"] = str(step)
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def is_embedding_sdxl(path) -> bool:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return set(EMBEDDING_KEYS) <= set(f.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file: not ours to read here
+        return False
+
+
+def load_embedding_sdxl(pipe, path, token: str | None = None) -> str:
+    """Load an SDXL embedding file (clip_l, clip_g) into both text encoders of an SDXL pipeline, as diffusers
+    documents it (load_textual_inversion per encoder); returns the token to write in prompts (the placeholder
+    the file records, else <file stem> as A1111 names embeddings)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise UserError(f"{path} is an SDXL embedding (clip_l / clip_g); load it with an SDXL model")
+    if not is_embedding_sdxl(path):
+        raise UserError(f"{path}: not an SDXL embedding (an SDXL model needs a file with clip_l and clip_g rows; "
+                        "SD 1.x / 2.x embeddings do not fit its two text encoders)")
+    with safe_open(str(path), "pt") as f:
+        rows = {k: f.get_tensor(k).float() for k in EMBEDDING_KEYS}
+        token = token or (f.metadata() or {}).get("dbtrain.placeholder") or f"<{path.stem}>"
+    for key, enc, tok in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                          ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        dim = enc.get_input_embeddings().weight.shape[1]
+        if rows[key].ndim != 2 or rows[key].shape[1] != dim:
+            raise UserError(f"{path}: {key} has shape {tuple(rows[key].shape)}, this model's encoder takes width {dim}")
+        try:
+            pipe.load_textual_inversion({token: rows[key].to(enc.dtype)}, token=token, text_encoder=enc, tokenizer=tok)
+        except ValueError as e:
+            raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
+    return token
+
+
+def load_embedding(pipe, path) -> str:
+    """Any embedding file into a pipeline: SDXL pipelines take clip_l/clip_g files (load_embedding_sdxl), others
+    trainer.embeddings.load_embedding_into's formats."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return load_embedding_sdxl(pipe, path)
+    from .embeddings import load_embedding_into
+
+    return load_embedding_into(pipe, path)
