@@ -33,8 +33,10 @@ def _text_encoder(cls, vocab_size, hidden, projection, act, max_len):
 
 
 def build_tiny_sdxl(path, *, seed: int = 0, sample_size: int = 32, prediction_type: str = "epsilon",
-                    refiner: bool = False, max_length: int = 77):
-    """Write a tiny SDXL model folder at `path` (sample_size x sample_size images) and return the path."""
+                    refiner: bool = False, max_length: int = 77, head_dim: int | None = None):
+    """Write a tiny SDXL model folder at `path` (sample_size x sample_size images) and return the path.
+    head_dim=64: UNet channels 64/128/128 with 1/2/2 heads, the head dim of the real SDXL's attention (what our
+    fused attention kernels are tuned for); default: channels 16/32/32, head dim 8."""
     import tempfile
 
     import torch
@@ -61,10 +63,11 @@ def build_tiny_sdxl(path, *, seed: int = 0, sample_size: int = 32, prediction_ty
     n_time = 5 if refiner else 6  # the refiner's time ids: original size, crop, aesthetic score
     unet = UNet2DConditionModel(
         sample_size=sample_size // 4, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(16, 32, 32),
+        block_out_channels=(16, 32, 32) if head_dim is None else (head_dim, 2 * head_dim, 2 * head_dim),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),  # heads: head dim 8
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4) if head_dim is None else (1, 2, 2),  # (diffusers' name for the head count)
         use_linear_projection=True, norm_num_groups=8,
         cross_attention_dim=HIDDEN_2 if refiner else HIDDEN_1 + HIDDEN_2,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
