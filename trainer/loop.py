@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 import dbkernels
-from dbkernels.ops.diffusion_loss import reference as loss_reference
 
 from . import checkpoint, config, data, embeddings, interrupts, lora, outdir, runlog, sdxl
 from .config import Resumable, UserError
@@ -499,7 +498,7 @@ def _train(cfg) -> Path:
                     skipped += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.max_train_steps:
-                    rec = log.write(done, res.loss, _loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
+                    rec = log.write(done, res.loss, runlog.loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
                                     (time.perf_counter() - t0) * 1000, device, skipped)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
                     bar.write(runlog.log_line(rec))
@@ -595,19 +594,6 @@ def _optimizer_step(cfg, optimizer, scaler, params, hook) -> bool:
         ok = True
     optimizer.zero_grad(set_to_none=True)
     return ok
-
-
-def _loss_terms(run: Run, res: StepResult):
-    """(instance loss, prior loss) of the last micro-batch, for the log (reference math)."""
-    pred, latents, noise, t, offset = res.last
-    with torch.no_grad():
-        rows = loss_reference.per_sample_loss(pred, latents, noise, t, run.alphas_cumprod,
-                                              prediction_type=run.prediction_type, snr_gamma=run.cfg.snr_gamma,
-                                              noise_offset=offset)
-    n_inst = rows.shape[0] - run.n_prior
-    inst = rows[:n_inst].mean().item()
-    prior = rows[n_inst:].mean().item() if run.n_prior else None
-    return inst, prior
 
 
 def cfg_dict(cfg) -> dict:

@@ -34,6 +34,21 @@ def oom_advice(cfg) -> str:
     return "out of GPU memory; options that would help: " + ", ".join(tips)
 
 
+def loss_terms(run, res):
+    """(instance loss, prior loss) of a loop.StepResult's last micro-batch, for the log (reference math)."""
+    from dbkernels.ops.diffusion_loss import reference as loss_reference
+
+    pred, latents, noise, t, offset = res.last
+    with torch.no_grad():
+        rows = loss_reference.per_sample_loss(pred, latents, noise, t, run.alphas_cumprod,
+                                              prediction_type=run.prediction_type, snr_gamma=run.cfg.snr_gamma,
+                                              noise_offset=offset)
+    n_inst = rows.shape[0] - run.n_prior
+    inst = rows[:n_inst].mean().item()
+    prior = rows[n_inst:].mean().item() if run.n_prior else None
+    return inst, prior
+
+
 def log_line(rec: dict) -> str:
     prior = f" / prior {rec['loss_prior']:.4f}" if rec["loss_prior"] is not None else ""
     vram = f"  peak {rec['peak_vram_gb']:.2f} GB" if rec["peak_vram_gb"] is not None else ""
