@@ -3,6 +3,7 @@ StableDiffusionXLPipeline), per-image size/crop time ids, exports diffusers load
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +292,15 @@ def test_bad_sdxl_input_gets_one_line(model, inst, tmp_path, capsys):
     code, _, err = run_cli(train_args(model, inst, tmp_path / "o3", "--tokenizer_max_length", "20"), capsys)
     one_line_error(code, err, "--tokenizer_max_length", "SDXL")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # said before torch is imported
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainer import cli; rc = cli.main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, *train_args(refiner, inst, tmp_path / "o4")],
+                          capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.stdout.split() == ["2", "False"], done.stderr
 
 
 def ti_args(model, inst, out, *extra, steps=4):
