@@ -40,6 +40,20 @@ def inst(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def own_vae(model, tmp_path_factory):
+    """An "fp16-safe" VAE folder (force_upcast false; the tiny VAE's weights scaled, so it is told apart)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", force_upcast=False)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.01)
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(folder)
+    return folder, vae.state_dict()
+
+
 def train_args(model, inst, out, *extra, steps=3):
     return ["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(inst),
             "--instance_prompt", "a photo of [V] toy", "--output_dir", str(out), "--resolution", "32",
@@ -153,9 +167,10 @@ def test_single_file_of_a_trained_run(full_run):
             assert torch.equal(a[k], b[k]), (name, k)
 
 
-def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
+def test_lora_with_prior_preservation(model, inst, full_run, own_vae, tmp_path, capsys):
     """LoRA on the UNet and both text encoders: diffusers' SDXL loader and our merge (sample / eval / the
-    merged single file) give the same model; the kohya file has lora_te1_ / lora_te2_ names."""
+    merged single file, which carries the run's own VAE) give the same model; the kohya file has lora_te1_ /
+    lora_te2_ names."""
     from diffusers import StableDiffusionXLPipeline
 
     from trainer.evaluate import load_pipeline
@@ -163,6 +178,7 @@ def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
     tmp, _ = full_run
     out = tmp_path / "lora"
     assert cli.main(train_args(model, inst, out, "--lora_rank", "4", "--train_text_encoder", "--save_single_file",
+                               "--pretrained_vae_model_name_or_path", str(own_vae[0]),
                                *prior_args(tmp / "cls"))) == 0  # (class images already there)
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     base = _probe(pipe)
@@ -183,6 +199,7 @@ def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
     merged = StableDiffusionXLPipeline.from_single_file(str(out / "lora-merged.safetensors"), config=str(model),
                                                         local_files_only=True)
     torch.testing.assert_close(_probe(merged), theirs, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, own_vae[1][k]) for k, v in merged.vae.state_dict().items())
     code, _, err = run_cli(["sample", "--model", str(out), "--prompt", "a photo of sks toy", "--num_images", "1",
                             "--steps", "2", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "s")],
                            capsys)
@@ -190,22 +207,17 @@ def test_lora_with_prior_preservation(model, inst, full_run, tmp_path, capsys):
     assert (tmp_path / "s" / "000.png").is_file()
 
 
-def test_memory_options_and_own_vae(model, inst, tmp_path):
+def test_memory_options_and_own_vae(model, inst, own_vae, tmp_path):
     """bf16 weights, 8-bit AdamW, the step inside backward, gradient checkpointing, bf16 autocast, our kernels,
     and an fp16-safe VAE folder (--pretrained_vae_model_name_or_path): all three models train, the VAE given
     is the one used and exported."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", force_upcast=False)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.mul_(1.01)
-    vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "out"
     assert cli.main(train_args(model, inst, out, "--train_text_encoder", "--weights_dtype", "bf16", "--optimizer",
                                "adamw8bit", "--step_in_backward", "--gradient_checkpointing", "--mixed_precision",
                                "bf16", "--kernels", "on", "--pretrained_vae_model_name_or_path",
-                               str(tmp_path / "vae"), steps=2)) == 0
+                               str(own_vae[0]), steps=2)) == 0
     log = [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["skipped_steps"] == 0 and r["loss"] == r["loss"] for r in log)
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
@@ -216,8 +228,7 @@ def test_memory_options_and_own_vae(model, inst, tmp_path):
         a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
         assert any(not torch.equal(a[k].float(), b[k].bfloat16().float()) for k in a), name
     assert pipe.vae.config.force_upcast is False
-    mine = vae.state_dict()
-    assert all(torch.equal(v.float(), mine[k]) for k, v in pipe.vae.state_dict().items())
+    assert all(torch.equal(v.float(), own_vae[1][k]) for k, v in pipe.vae.state_dict().items())
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

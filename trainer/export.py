@@ -139,6 +139,10 @@ def export_single_file(cfg, out: Path, lora_file: Path | None = None) -> str:
         else:
             merged = merge_lora(model, lora_file)
             parts = (merged["unet"], merged["vae"], merged["text_encoder"])
+        if getattr(cfg, "pretrained_vae_model_name_or_path", None):  # the VAE the run used, not the base's
+            from diffusers import AutoencoderKL
+
+            parts = (parts[0], AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path), *parts[2:])
     half = bool(getattr(cfg, "single_file_half", False))
     need = (1 if half else 2) * sum(f.stat().st_size for f in model.rglob("*.safetensors")) + outdir.MB
     outdir.require_space(out, need, "the single-file checkpoint")
