@@ -371,3 +371,34 @@ def config_ti(argv):
     from trainer import ti_config
 
     return ti_config.parse(argv)
+
+
+def test_eval_on_the_trained_sdxl_folder(full_run, model, inst, tmp_path):
+    """`dbtrain eval` samples the trained SDXL folder with StableDiffusionXLPipeline (tiny local CLIP/DINO)."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    tmp, _ = full_run
+    torch.manual_seed(0)
+    clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
+    tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    CLIPModel(CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": len(tok) - 2,
+                     "eos_token_id": len(tok) - 1, "pad_token_id": len(tok) - 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)).save_pretrained(clip_dir)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                  tokenizer=tok).save_pretrained(clip_dir)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(dino_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", str(tmp / "out"), "--instance_data_dir", str(inst), "--num_images", "2",
+                     "--steps", "2", "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--device", "cpu",
+                     "--out", str(out)]) == 0
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["identifier"] == "sks" and rec["class_noun"] == "toy"
+    assert set(rec["metrics"]) == {"DINO", "CLIP-I", "CLIP-T", "PLACE", "PRES", "DIV"}
+    assert Image.open(out / "prompt-0.png").size == (64, 32)  # two 32 px samples side by side
