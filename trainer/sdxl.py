@@ -7,6 +7,11 @@
   add_time_ids(original_size, crop_top_left, target_size, dtype, device) -> [6]; time_ids_batch -> [B, 6]
   draw_view(image_set, i, gen) -> ImageSet.tensor's (pixels, flipped) plus that view's geometry
   vae_dtype(vae, wanted)                              float32 where SDXL's VAE would overflow in float16
+What loop.py / export / sample call so that they stay one code path for SD1/SD2 and SDXL:
+  text_side(comps), cat_embeddings(picked), added_cond(pooled, views, res), unet_kwargs(batch, dtype)
+  load_pipeline(folder)          StableDiffusionXLPipeline for SDXL, else StableDiffusionPipeline
+  merge_lora_sdxl(folder, file)  the four models with a LoRA merged in (--save_single_file of a LoRA run)
+  save_embedding_sdxl / load_embedding_sdxl / load_embedding   clip_l + clip_g Textual Inversion files
 
 The UNet's call per batch (as diffusers' train_dreambooth_lora_sdxl.py does):
   unet(noisy, t, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample

@@ -98,11 +98,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
     p.add_argument("--refiner", action="store_true", help="the SDXL refiner's layout (only text_encoder_2)")
+    p.add_argument("--head_dim", type=int, default=None, help="attention head size (64: SDXL 1.0's; not given: 8)")
     a = p.parse_args(argv)
     if Path(a.out).exists() and any(Path(a.out).iterdir()):
         print(f"python -m trainer.tiny_sdxl: {a.out} exists and is not empty; choose another folder")
         return 2
-    build_tiny_sdxl(a.out, seed=a.seed, prediction_type=a.prediction_type, refiner=a.refiner)
+    build_tiny_sdxl(a.out, seed=a.seed, prediction_type=a.prediction_type, refiner=a.refiner, head_dim=a.head_dim)
     print(f"wrote a tiny SDXL {'refiner ' if a.refiner else ''}model to {a.out}")
     return 0
 
