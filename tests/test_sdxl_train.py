@@ -303,6 +303,13 @@ def test_bad_sdxl_input_gets_one_line(model, inst, tmp_path, capsys):
     code, _, err = run_cli(train_args(model, inst, tmp_path / "o3", "--tokenizer_max_length", "20"), capsys)
     one_line_error(code, err, "--tokenizer_max_length", "SDXL")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # an fp16-only download (only *.fp16.safetensors files): the flag that loads it, then it trains
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline.from_pretrained(model).save_pretrained(tmp_path / "fp16", variant="fp16")
+    code, _, err = run_cli(train_args(tmp_path / "fp16", inst, tmp_path / "o5", steps=1), capsys)
+    one_line_error(code, err, "text_encoder_2 (config.json + weights)", "add --variant fp16")
+    assert cli.main(train_args(tmp_path / "fp16", inst, tmp_path / "o5", "--variant", "fp16", steps=1)) == 0
     # said before torch is imported
     import subprocess
     import sys

@@ -29,19 +29,21 @@ def check_model_folder(path, variant: str | None = None, what: str = "model fold
     from .sdxl import check_sdxl_folder, is_sdxl
 
     root = Path(path)
-    if root.is_dir() and is_sdxl(root):
-        return check_sdxl_folder(root, what)
+    components = COMPONENTS
+    if root.is_dir() and is_sdxl(root):  # then the same file checks for all its parts (e.g. fp16-only downloads)
+        check_sdxl_folder(root, what)
+        components = COMPONENTS + ("text_encoder_2", "tokenizer_2")
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist (a local diffusers folder is required; "
                         f"nothing is downloaded)")
     missing = []
-    for comp in COMPONENTS:
+    for comp in components:
         d = root / comp
         if not d.is_dir():
             missing.append(comp)
-        elif comp == "tokenizer":
+        elif comp.startswith("tokenizer"):
             if not (d / "vocab.json").is_file() and not (d / "tokenizer.json").is_file():
-                missing.append("tokenizer (vocab.json)")
+                missing.append(f"{comp} (vocab.json)")
         elif comp == "scheduler":
             if not (d / "scheduler_config.json").is_file():
                 missing.append("scheduler (scheduler_config.json)")
@@ -51,7 +53,7 @@ def check_model_folder(path, variant: str | None = None, what: str = "model fold
     if missing:
         hint = ""
         if not variant:  # only variant files there (e.g. an fp16-only download): say which flag loads them
-            found = sorted({f.name.split(".")[1] for comp in ("unet", "vae", "text_encoder")
+            found = sorted({f.name.split(".")[1] for comp in ("unet", "vae", "text_encoder", "text_encoder_2")
                             for f in (root / comp).glob("*.*.safetensors") if (root / comp).is_dir()})
             hint = f"; it has {'/'.join(found)} variant weights: add --variant {found[0]}" if found else ""
         raise UserError(f"model folder {root} is missing: {', '.join(missing)}{hint}")
