@@ -329,8 +329,8 @@ def test_caption_files_are_per_image_instance_prompts(tiny_model, tmp_path, caps
     (tmp_path / "inst" / "img1.txt").write_text("a [V] toy in the snow")
     encoded = []
     real = loop.encode_prompt
-    monkeypatch.setattr(loop, "encode_prompt", lambda tok, te, prompts, dev: (encoded.extend(prompts),
-                                                                             real(tok, te, prompts, dev))[1])
+    monkeypatch.setattr(loop, "encode_prompt", lambda tok, te, prompts, dev, *rest: (
+        encoded.extend(prompts), real(tok, te, prompts, dev, *rest))[1])
     seen = []
     real_make = loop.Batches.make
     monkeypatch.setattr(loop.Batches, "make", lambda self, step, micro: (seen.append(dict(self.embeds)),
