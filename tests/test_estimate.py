@@ -116,7 +116,6 @@ def test_preflight_names_options_that_fit(tiny, monkeypatch):
 @pytest.mark.parametrize("argv,parts", [
     (["--arch", "sd3"], ("--arch must be one of sd15, sd21",)),
     (["--arch", "sd15", "--resolution", "500"], ("--resolution", "multiple of 8")),
-    (["--arch", "sdxl"], ("SDXL", "issue 19")),
     ([], ("--arch",)),
     (["--pretrained_model_name_or_path", "/nonexistent/model"], ("does not exist",)),
 ])
@@ -144,3 +143,48 @@ def test_config_file_as_for_train(tmp_path):
     f.write_text("no_such_option = 1\n")
     with pytest.raises(estimate.UserError, match="unknown option"):
         estimate.parse(["--arch", "sd15", "--config", str(f)])
+
+
+# ---------------------------------------------------------------- SDXL (issue 19's memory target)
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory):
+    from trainer.tiny_sdxl import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("estimate_xl")
+    return {"base": build_tiny_sdxl(root / "xl"), "refiner": build_tiny_sdxl(root / "refiner", refiner=True)}
+
+
+def test_sdxl_fake_step_matches_the_real_step(tiny_xl):
+    """Both text encoders trained (full), torch AdamW: the fake estimate equals the real CPU step, phase by
+    phase, including the pooled embeddings and time ids the SDXL UNet takes."""
+    flags = ("--optimizer", "adamw", "--train_text_encoder")
+    fake, real = _run(tiny_xl["base"], *flags), _run(tiny_xl["base"], *flags, fake=False)
+    for phase in ("forward", "backward", "optimizer"):
+        assert _close(fake["phases"][phase]["peak_bytes"], real["phases"][phase]["peak_bytes"]), phase
+    assert _close(fake["tracked_peak_bytes"], real["tracked_peak_bytes"])
+    from trainer.models import load_components
+
+    comps = load_components(tiny_xl["base"])
+    n = sum(p.numel() for m in (comps.unet, comps.text_encoder, comps.text_encoder_2) for p in m.parameters())
+    assert fake["trainable_params"] == fake["params"] == n  # UNet and both encoders train
+    # torch AdamW: 8 B/param for those that get a gradient (not the encoders' unused last layers)
+    assert fake["by_category"]["optimizer_state"] == real["by_category"]["optimizer_state"] >= 0.95 * 8 * n
+
+
+def test_sdxl_lora_on_both_encoders(tiny_xl):
+    flags = ("--lora_rank", "4", "--train_text_encoder", "--mixed_precision", "bf16", "--gradient_checkpointing")
+    fake = _run(tiny_xl["base"], *flags)  # (fake only: the real step is checked above, and slow here)
+    assert 0 < fake["trainable_params"] < 0.2 * fake["params"]
+    assert fake["by_category"]["gradients"] <= 4 * fake["trainable_params"]
+    assert fake["by_category"]["optimizer_state"] < fake["by_category"]["weights"] // 4
+
+
+def test_sdxl_arch_parses_and_refiner_refused(tiny_xl, capsys):
+    cfg = estimate.parse(["--arch", "sdxl", "--resolution", "1024", "--train_text_encoder"])
+    assert cfg.pretrained_model_name_or_path is None and cfg.arch == "sdxl"
+    confs = estimate.model_configs(arch="sdxl")
+    assert len(confs["text_encoder"]) == 2 and confs["unet"]["addition_embed_type"] == "text_time"
+    assert len(estimate.model_configs(tiny_xl["base"])["text_encoder"]) == 2
+    code, _out, err = run_cli(["estimate", "--pretrained_model_name_or_path", str(tiny_xl["refiner"])], capsys)
+    one_line_error(code, err, "refiner")

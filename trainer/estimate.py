@@ -88,10 +88,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if cfg.arch and cfg.pretrained_model_name_or_path:
         raise UserError("give --arch or --pretrained_model_name_or_path, not both")
     if not cfg.arch and not cfg.pretrained_model_name_or_path:
-        raise UserError("give --arch sd15|sd21 or --pretrained_model_name_or_path DIR (its configs are read)")
-    if cfg.arch == "sdxl":
-        raise UserError("--arch sdxl: the trainer does not train SDXL yet (issue 19), so there is no step to "
-                        "estimate; use --arch sd15 or sd21")
+        raise UserError("give --arch sd15|sd21|sdxl or --pretrained_model_name_or_path DIR (its configs are read)")
     if not cfg.pretrained_model_name_or_path:
         cfg.pretrained_model_name_or_path = "-"
     config.check(cfg)
@@ -138,20 +135,25 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def model_configs(folder=None, arch: str | None = None) -> dict:
-    """{"unet", "vae", "text_encoder": [..], "scheduler"} configs of an arch or a model folder."""
+    """{"unet", "vae", "text_encoder": [..], "scheduler"} configs of an arch or a model folder (SDXL: two text
+    encoder configs, CLIPTextModel's and CLIPTextModelWithProjection's)."""
     if arch is not None:
         return _read_json(ARCH_DIR / f"{arch}.json", f"--arch {arch}")
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist")
     where = f"--pretrained_model_name_or_path {root}"
+    from .sdxl import check_sdxl_folder, is_sdxl
+
+    xl = is_sdxl(root)
+    if xl:  # a refiner or an incomplete folder: the same one line as dbtrain train
+        check_sdxl_folder(root)
+    encoders = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
     out = {"unet": _read_json(root / "unet" / "config.json", where),
-           "text_encoder": [_read_json(root / "text_encoder" / "config.json", where)],
+           "text_encoder": [_read_json(root / e / "config.json", where) for e in encoders],
            "scheduler": _read_json(root / "scheduler" / "scheduler_config.json", where)}
     vae = root / "vae" / "config.json"
     out["vae"] = _read_json(vae, where) if vae.is_file() else {}
-    if out["unet"].get("addition_embed_type"):
-        raise UserError(f"{where} is an SDXL model: the trainer does not train SDXL yet (issue 19)")
     return out
 
 
@@ -251,7 +253,7 @@ def predicted_peak(cfg) -> dict:
 
 
 def supported(cfg) -> bool:
-    """Runs the estimate covers: DreamBooth (full or LoRA) on an SD 1.x/2.x UNet; not Textual Inversion."""
+    """Runs the estimate covers: DreamBooth (full or LoRA) on an SD 1.x/2.x or SDXL UNet; not Textual Inversion."""
     return getattr(cfg, "train_unet", True) and not getattr(cfg, "train_text_embedding", False)
 
 

@@ -193,31 +193,42 @@ class _Tokenizer:
 class StepBatches:
     """loop.Batches' interface for one step: latents and prompt embeddings of the right shapes.
     Latents come from the cache (as for square or center-cropped images); prompt embeddings too unless the
-    text encoder trains, then loop.encode_prompt runs it. make() also marks the start of a forward pass."""
+    text encoders train, then loop.encode_prompt (SDXL: sdxl.encode_prompt_sdxl) runs them. SDXL batches have
+    loop.Batches' 4th item, the UNet's added conditions (pooled embeddings, float32 time ids). make() also
+    marks the start of a forward pass."""
 
-    def __init__(self, cfg, text_encoder, tracker, *, latent_size: int, seq_len: int, dim: int):
-        self.cfg, self.text_encoder, self.tracker = cfg, text_encoder, tracker
+    def __init__(self, cfg, text_encoders, tracker, *, latent_size: int, seq_len: int):
+        self.cfg, self.text_encoders, self.tracker = cfg, list(text_encoders), tracker
+        self.text_encoder = self.text_encoders[0]
+        self.sdxl = len(self.text_encoders) == 2
         self.tokenizer = _Tokenizer(seq_len)
         self.cls = True if cfg.with_prior_preservation else None
         self.shape = (4, latent_size, latent_size)
-        self.emb_shape = (seq_len, dim)
+        self.emb_shape = (seq_len, sum(te.config.hidden_size for te in self.text_encoders))
+        self.pooled = self.text_encoders[-1].config.projection_dim if self.sdxl else 0
         self.embeds = None if cfg.train_text_encoder else {}
 
     def can_cache(self) -> bool:
         return not self.cfg.train_text_encoder
 
     def make(self, step: int, micro: int):
-        from . import loop
+        from . import loop, sdxl
 
         self.tracker.set_phase("forward")
         rows = self.cfg.train_batch_size * (2 if self.cls is not None else 1)
         gen = torch.Generator().manual_seed(step * 1009 + micro)
         latents = torch.randn((rows, *self.shape))
-        if self.cfg.train_text_encoder:
+        if self.cfg.train_text_encoder and self.sdxl:
+            emb, pooled = sdxl.encode_prompt_sdxl([self.tokenizer] * 2, self.text_encoders, [""] * rows,
+                                                  torch.device("cpu"))
+        elif self.cfg.train_text_encoder:
             emb = loop.encode_prompt(self.tokenizer, self.text_encoder, [""] * rows, torch.device("cpu"))
-        else:
+        else:  # cached: the frozen encoders' output dtype (SDXL: cast to the second encoder's, as sdxl does)
             emb = torch.randn((rows, *self.emb_shape))
-        return latents, emb, gen
+            pooled = torch.randn((rows, self.pooled)) if self.sdxl else None
+        if not self.sdxl:
+            return latents, emb, gen
+        return latents, emb, gen, {"text_embeds": pooled, "time_ids": torch.zeros((rows, 6))}
 
 
 def fake_mode():
@@ -257,21 +268,25 @@ def _build_fake(make, mode):
 
 
 def fake_components(cfg, confs: dict):
-    """loop.setup's components from configs: UNet and text encoder as fake tensors, the real noise schedule."""
+    """loop.setup's components from configs: UNet and text encoder(s) as fake tensors, the real noise schedule.
+    Two text encoder configs (SDXL): the second is a CLIPTextModelWithProjection (its pooled projection)."""
     from types import SimpleNamespace
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sched = DDPMScheduler.from_config(confs["scheduler"])
     mode = fake_mode()
     unet = _build_fake(lambda: UNet2DConditionModel.from_config(confs["unet"]), mode)
-    te_conf = {k: v for k, v in confs["text_encoder"][0].items() if k not in ("architectures", "model_type")}
-    te = _build_fake(lambda: CLIPTextModel(CLIPTextConfig(**te_conf)), mode)
+    encoders = []
+    for cls, conf in zip((CLIPTextModel, CLIPTextModelWithProjection), confs["text_encoder"]):
+        kw = {k: v for k, v in conf.items() if k not in ("architectures", "model_type")}
+        encoders.append(_build_fake(lambda cls=cls, kw=kw: cls(CLIPTextConfig(**kw)), mode))
     vae = confs.get("vae") or {}
     factor = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
-    return SimpleNamespace(unet=unet, text_encoder=te, vae=None, noise_scheduler=sched,
-                           prediction_type=confs["scheduler"].get("prediction_type", "epsilon"),
+    return SimpleNamespace(unet=unet, text_encoder=encoders[0],
+                           text_encoder_2=encoders[1] if len(encoders) > 1 else None, vae=None,
+                           noise_scheduler=sched, prediction_type=confs["scheduler"].get("prediction_type", "epsilon"),
                            vae_factor=factor, fake_mode=mode)
 
 
@@ -295,15 +310,20 @@ class _FakeScaler:
         return 65536.0
 
 
-def _stock_resident(cfg, confs, te, mode) -> list:
+def _stock_resident(cfg, confs, encoders, mode) -> list:
+    """What diffusers' scripts keep on the GPU besides the trained models. train_dreambooth.py: the VAE and
+    the frozen text encoder in the autocast dtype. SDXL (train_dreambooth_lora_sdxl.py): the VAE in float32
+    (its own VAE overflows in float16); the frozen text encoders in the autocast dtype, except that the LoRA
+    script frees them once the prompts are encoded (fixed prompts)."""
     from diffusers import AutoencoderKL
 
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    xl = len(encoders) == 2
     with mode:
-        vae = AutoencoderKL.from_config(confs["vae"]).to(dtype=half)
+        vae = AutoencoderKL.from_config(confs["vae"]).to(dtype=torch.float32 if xl else half)
         out = [vae]
-        if not cfg.train_text_encoder:
-            out.append(te.to(dtype=half))
+        if not cfg.train_text_encoder and not (xl and getattr(cfg, "lora_rank", None)):
+            out += [te.to(dtype=half) for te in encoders]
     return out
 
 
@@ -327,6 +347,15 @@ def _as_on_gpu(run, fake: bool, foreach: bool = False) -> list:
     return undo
 
 
+STOCK_NOTE = ("stock recipe: diffusers' train_dreambooth.py keeps the VAE and the frozen text encoder on the GPU in "
+              "the autocast dtype and encodes every step (no_grad, before the UNet's forward: not at the peak); "
+              "torch AdamW without fused/foreach arguments (foreach on a GPU)")
+STOCK_NOTE_XL = ("stock recipe: as diffusers' train_dreambooth_lora_sdxl.py, the VAE stays on the GPU in float32 and "
+                 "encodes every step (no_grad, before the UNet's forward: not at the peak); frozen text encoders in "
+                 "the autocast dtype (the LoRA script frees them after encoding its fixed prompts); torch AdamW "
+                 "without fused/foreach arguments (foreach on a GPU)")
+
+
 def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True) -> dict:
     """Run loop.setup and one loop.train_step with every storage tracked; phase peaks and categories."""
     import contextlib
@@ -347,6 +376,8 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
             mode = fake_mode()
             comps.unet = _faked(comps.unet, mode)
             comps.text_encoder = _faked(comps.text_encoder, mode)
+            if getattr(comps, "text_encoder_2", None) is not None:
+                comps.text_encoder_2 = _faked(comps.text_encoder_2, mode)
     if getattr(cfg, "optimizer", "") == "bnb8bit":
         import importlib.util
 
@@ -356,13 +387,11 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
                          "parameter, as bitsandbytes keeps)")
     stock = bool(getattr(cfg, "stock_recipe", False)) and fake and confs is not None
     if stock:
-        notes.append("stock recipe: diffusers' train_dreambooth.py keeps the VAE and the frozen text encoder on the "
-                     "GPU in the autocast dtype and encodes every step (no_grad, before the UNet's forward: not "
-                     "at the peak); torch AdamW without fused/foreach arguments (foreach on a GPU)")
+        notes.append(STOCK_NOTE_XL if getattr(comps, "text_encoder_2", None) is not None else STOCK_NOTE)
     tracker = StorageTracker()
     te = comps.text_encoder
-    batches = StepBatches(cfg, te, tracker, latent_size=cfg.resolution // factor, seq_len=seq_len,
-                          dim=te.config.hidden_size)
+    encoders = [e for e in (te, getattr(comps, "text_encoder_2", None)) if e is not None]
+    batches = StepBatches(cfg, encoders, tracker, latent_size=cfg.resolution // factor, seq_len=seq_len)
     undo = []
     with mode:
         frozen = loop.frozen_dtype
@@ -376,11 +405,11 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
         resident = []  # diffusers' recipe keeps the VAE and a frozen text encoder on the GPU, in half precision
         if stock:
             with swappable(mode):
-                resident = _stock_resident(cfg, confs, te, mode)
+                resident = _stock_resident(cfg, confs, encoders, mode)
         try:
             undo = _as_on_gpu(run, fake, foreach=stock)
             with tracker:
-                on_gpu = [run.unet] + ([te] if cfg.train_text_encoder or run.new_tokens is not None else [])
+                on_gpu = [run.unet] + (encoders if cfg.train_text_encoder or run.new_tokens is not None else [])
                 weights = [t for m in on_gpu + resident for t in (*m.parameters(), *m.buffers())]
                 for t in weights:
                     tracker.add(t)
@@ -397,7 +426,7 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
         state = [v for s in run.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         state_keys = {tracker.key(t) for t in state} - {None}
         state_bytes = sum(t.untyped_storage().nbytes() for t in state)
-        n_params = sum(p.numel() for m in (run.unet, te) for p in m.parameters())
+        n_params = sum(p.numel() for m in (run.unet, *encoders) for p in m.parameters())
         n_train = sum(p.numel() for p in run.params)
     phases = {}
     for ph in PHASES:
