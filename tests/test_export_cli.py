@@ -140,3 +140,90 @@ def test_lora_of_another_architecture(setup, capsys, tmp_path):
                             str(tmp_path / "k.safetensors")], capsys)
     one_line_error(code, err, "another architecture")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+# ------------------------------------------------------------------ SDXL (lora_te1_ / lora_te2_)
+
+@pytest.fixture(scope="module")
+def setup_xl(tmp_path_factory):
+    """A tiny SDXL folder and a diffusers-format LoRA on its UNet and both text encoders (alpha != rank)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from diffusers import StableDiffusionXLPipeline
+    from trainer.sdxl import load_sdxl_components
+    from trainer.tiny_sdxl import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("export_xl")
+    folder = build_tiny_sdxl(root / "model")
+    c = load_sdxl_components(folder)
+    torch.manual_seed(0)
+    ucfg = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                      init_lora_weights="gaussian")
+    tcfg = LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    c.unet.add_adapter(ucfg)
+    for te in (c.text_encoder, c.text_encoder_2):
+        inject_adapter_in_model(tcfg, te)
+    for m in (c.unet, c.text_encoder, c.text_encoder_2):
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.05)
+    lora_dir = root / "lora"
+    StableDiffusionXLPipeline.save_lora_weights(
+        lora_dir, unet_lora_layers=get_peft_model_state_dict(c.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(c.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(c.text_encoder_2),
+        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict(),
+        text_encoder_2_lora_adapter_metadata=tcfg.to_dict())
+    return {"root": root, "model": folder, "lora": lora_dir / "pytorch_lora_weights.safetensors"}
+
+
+def test_sdxl_kohya_then_merge(setup_xl, capsys, tmp_path):
+    """--kohya writes lora_unet_/lora_te1_/lora_te2_; --merge of that file (single file and folder) equals
+    trainer.sdxl.merge_lora_sdxl of the diffusers file, on all four parts."""
+    from trainer.formats.single_file_sdxl import diffusers_state_dicts_sdxl, load_components_sdxl
+    from trainer.sdxl import merge_lora_sdxl
+
+    model = str(setup_xl["model"])
+    kohya = tmp_path / "subject.safetensors"
+    code, _, err = run_cli(["export", "--lora", str(setup_xl["lora"]), "--kohya", str(kohya), "--model", model],
+                           capsys)
+    assert code == 0, err
+    with safe_open(str(kohya), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_alpha"] == "2.0"
+
+    single, folder = tmp_path / "merged.safetensors", tmp_path / "merged"
+    code, _, err = run_cli(["export", "--model", model, "--lora", str(kohya), "--merge", "--lora_scale", "0.5",
+                            "--single_file", str(single), "--output_dir", str(folder)], capsys)
+    assert code == 0, err
+    want = merge_lora_sdxl(model, setup_xl["lora"], scale=0.5)
+    got_single = diffusers_state_dicts_sdxl(load_file(str(single)), want[0].config, want[1].config)
+    got_folder = load_components_sdxl(folder)
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    for i, name in enumerate(names):
+        ref = {k.removeprefix("text_model."): v for k, v in want[i].state_dict().items()}
+        for got in (got_single[name], got_folder[i].state_dict()):
+            got = {k.removeprefix("text_model."): v for k, v in got.items()}
+            common = set(got) & set(ref)
+            assert len(common) >= 0.9 * len(ref), name
+            for k in common:
+                torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    base = load_components_sdxl(model)
+    for i in (0, 2, 3):  # the LoRA moved the UNet and both encoders
+        assert any(not torch.equal(a, b) for a, b in zip(base[i].state_dict().values(),
+                                                         got_folder[i].state_dict().values()))
+
+
+def test_sdxl_kohya_without_model_and_bad_lora(setup_xl, capsys, tmp_path):
+    out = tmp_path / "k.safetensors"
+    code, _, err = run_cli(["export", "--lora", str(setup_xl["lora"]), "--kohya", str(out)], capsys)
+    assert code == 0, err
+    with safe_open(str(out), "pt") as f:  # the second encoder's adapters say SDXL
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"x")
+    code, _, err = run_cli(["export", "--model", str(setup_xl["model"]), "--lora", str(bad), "--merge",
+                            "--single_file", str(tmp_path / "o.safetensors")], capsys)
+    one_line_error(code, err, "not a readable .safetensors", "is an SDXL model")
+    assert not (tmp_path / "o.safetensors").exists()

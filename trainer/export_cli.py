@@ -4,6 +4,8 @@
   dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --single_file OUT.safetensors [--half]
   dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --output_dir NEWDIR
   dbtrain export --lora pytorch_lora_weights.safetensors --kohya OUT.safetensors [--model DIR]
+SDXL folders take all four: --merge uses trainer.sdxl.merge_lora_sdxl (UNet and both text encoders), --kohya
+writes kohya's SDXL names (lora_unet_, lora_te1_, lora_te2_; ss_base_model_version sdxl_base_v1-0).
 
 parse() checks the flags and the paths without importing torch; run() does the work.
 """
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, metavar="NEWDIR",
                    help="with --merge: also write the merged model as a diffusers folder (new or empty)")
     p.add_argument("--kohya", default=None, metavar="OUT.safetensors",
-                   help="write --lora in kohya's format (lora_unet_/lora_te_ names, alphas, ss_* header)")
+                   help="write --lora in kohya's format (lora_unet_/lora_te_ names, SDXL: lora_te1_/lora_te2_; "
+                        "alphas, ss_* header)")
     return p
 
 
@@ -54,6 +57,32 @@ def _lora_file(path: str) -> Path:
     if p.suffix != ".safetensors":
         raise UserError(f"--lora {p}: only .safetensors LoRA files are read (pickled .pt/.ckpt files can run code)")
     return p
+
+
+def _check_safetensors(p: Path, model: str | None) -> None:
+    """A .safetensors file starts with its header's length (8 bytes, little-endian) and that JSON header;
+    checked here, before torch, so a wrong file is one line naming what --model is."""
+    why = None
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or n > 100 * 2**20:
+                why = "no safetensors header"
+            else:
+                json.loads(f.read(n))
+    except OSError as e:
+        why = f"cannot read it: {e.strerror}"
+    except ValueError:
+        why = "its header is not valid JSON"
+    if why is None:
+        return
+    kind = ""
+    if model:
+        from .sdxl import is_sdxl
+
+        kind = f"; --model {model} is an {'SDXL' if is_sdxl(model) else 'SD1.x/SD2.x'} model, pass a LoRA made for it"
+    raise UserError(f"--lora {p} is not a readable .safetensors LoRA file ({why}){kind}")
 
 
 def _check_new_dir(path: str) -> Path:
@@ -94,13 +123,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--lora_scale must be a finite number, got {a.lora_scale}")
     if a.model:
         a.model = str(check_model_folder(a.model))
-        from .sdxl import is_sdxl
-
-        if (a.merge or a.kohya) and is_sdxl(a.model):
-            raise UserError(f"--model {a.model} is an SDXL model: --merge and --kohya support SD1.x/SD2.x for now; "
-                            "--single_file alone exports SDXL")
     if a.lora:
         a.lora = str(_lora_file(a.lora))
+        _check_safetensors(Path(a.lora), a.model)
     for flag, out in (("--single_file", a.single_file), ("--kohya", a.kohya)):
         if out:
             check_new_file(out, flag)
@@ -122,6 +147,17 @@ def _run_record(lora: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def _is_sdxl_lora(a, parts: dict, run: dict) -> bool:
+    """Whether the LoRA is for SDXL: --model says so; else a second text encoder's adapters or the base model
+    recorded by the dbtrain run that wrote it."""
+    from .sdxl import is_sdxl
+
+    if a.model:
+        return is_sdxl(a.model)
+    base = run.get("pretrained_model_name_or_path")
+    return "text_encoder_2" in parts or bool(base and Path(str(base)).is_dir() and is_sdxl(base))
+
+
 def _to_kohya(a) -> None:
     from .formats import kohya_lora as kl
 
@@ -130,14 +166,23 @@ def _to_kohya(a) -> None:
     if kl.is_kohya(sd):
         raise UserError(f"--lora {lora} is already in kohya's format")
     state = kl.diffusers_to_kohya(sd, meta)
+    run = _run_record(lora)
+    xl = _is_sdxl_lora(a, kl.split_diffusers(sd), run)
+    if xl:  # kohya's SDXL names: lora_te1_ for the first encoder also when the file has no second one
+        state = {("lora_te1_" + k[len("lora_te_"):] if k.startswith("lora_te_") else k): v for k, v in state.items()}
     if a.model:  # names and shapes checked against the model the LoRA is for
-        from .formats.single_file import load_components
+        if xl:
+            from .formats.single_file_sdxl import load_components_sdxl
 
-        unet, _, te = load_components(a.model)
-        probe = {"unet": unet, "text_encoder": te}
+            unet, _, te, te2 = load_components_sdxl(a.model)
+            probe = {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+        else:
+            from .formats.single_file import load_components
+
+            unet, _, te = load_components(a.model)
+            probe = {"unet": unet, "text_encoder": te}
         updates = kl.lora_updates(state, None, probe)
         kl.merge_into(probe, [(c, m, d * 0, u, al) for c, m, d, u, al in updates])  # shapes only, adds zero
-    run = _run_record(lora)
     downs = {k: v for k, v in state.items() if k.endswith(".lora_down.weight")}
     conv_names = {k[:-len(".lora_down.weight")] for k, v in downs.items() if v.ndim == 4 and v.shape[-1] > 1}
     # kohya's header: network_dim/alpha for the linear (and 1x1) layers, the 3x3 convs' in ss_network_args
@@ -156,22 +201,34 @@ def _to_kohya(a) -> None:
     one = lambda xs: (xs[0] if len(xs) == 1 else "Dynamic") if xs else None  # noqa: E731 (kohya's word)
     header = kl.kohya_metadata(
         rank=one(ranks), alpha=one(alphas), base_model=Path(str(base)).name if base else "",
-        v2=te_cfg.get("hidden_act") == "gelu", v_pred=v_pred, steps=run.get("max_train_steps"),
+        v2=te_cfg.get("hidden_act") == "gelu" and not xl, v_pred=v_pred, steps=run.get("max_train_steps"),
         identifier=ident, name=Path(a.kohya).stem, conv_rank=one(conv), conv_alpha=one(conv_alpha))
+    if xl:  # kohya's / modelspec's names for SDXL base LoRAs (as trainer.lora.metadata writes them)
+        header.update(ss_base_model_version="sdxl_base_v1-0", ss_v2="False",
+                      **{"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     kl.save_kohya_lora(a.kohya, state, header)
     print(f"wrote {a.kohya}: {len(downs)} LoRA modules, rank {header['ss_network_dim']}, "
-          f"alpha {header['ss_network_alpha']} (kohya format: A1111, ComfyUI)")
+          f"alpha {header['ss_network_alpha']} (kohya format{', SDXL' if xl else ''}: A1111, ComfyUI)")
 
 
-def _write_folder(a, unet, vae, te) -> None:
-    """The merged model as a diffusers folder: saved beside NEWDIR, then renamed into place."""
-    from diffusers import StableDiffusionPipeline
-
+def _write_folder(a, parts) -> None:
+    """The merged model as a diffusers folder: saved beside NEWDIR, then renamed into place.
+    parts: (unet, vae, text_encoder) or, SDXL, (unet, vae, text_encoder, text_encoder_2)."""
     out = Path(a.output_dir)
     tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(a.model, unet=unet, vae=vae, text_encoder=te,
-                                                       safety_checker=None, requires_safety_checker=False)
+        if len(parts) == 4:
+            from diffusers import StableDiffusionXLPipeline
+
+            unet, vae, te, te2 = parts
+            pipe = StableDiffusionXLPipeline.from_pretrained(a.model, unet=unet, vae=vae, text_encoder=te,
+                                                             text_encoder_2=te2)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            unet, vae, te = parts
+            pipe = StableDiffusionPipeline.from_pretrained(a.model, unet=unet, vae=vae, text_encoder=te,
+                                                           safety_checker=None, requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             out.rmdir()  # checked empty in parse(); rmdir refuses if something appeared since
@@ -189,16 +246,21 @@ def run(a) -> None:
         return
     from .formats import single_file as sf
 
+    from .sdxl import is_sdxl, merge_lora_sdxl
+
     components = None
     if a.merge:
-        from .formats.kohya_lora import merge_lora
+        if is_sdxl(a.model):  # UNet and both text encoders; kohya (lora_te1_/lora_te2_) or diffusers names
+            components = merge_lora_sdxl(a.model, a.lora, scale=a.lora_scale)
+        else:
+            from .formats.kohya_lora import merge_lora
 
-        unet, vae, te = sf.load_components(a.model)
-        merge_lora({"unet": unet, "vae": vae, "text_encoder": te}, a.lora, scale=a.lora_scale)
-        components = (unet, vae, te)
+            unet, vae, te = sf.load_components(a.model)
+            merge_lora({"unet": unet, "vae": vae, "text_encoder": te}, a.lora, scale=a.lora_scale)
+            components = (unet, vae, te)
         print(f"merged {a.lora} (scale {a.lora_scale}) into {a.model}")
         if a.output_dir:
-            _write_folder(a, unet, vae, te)
+            _write_folder(a, components)
     if a.single_file:
         meta = {"dbtrain.merged_lora": Path(a.lora).name, "dbtrain.lora_scale": a.lora_scale} if a.merge else {}
         out = sf.save_single_file(a.model, a.single_file, half=a.half, metadata=meta, components=components)
