@@ -240,3 +240,26 @@ def resolve(output_dir, resume: str | None) -> Path | None:
 
 def load_state(path: Path) -> dict:
     return json.loads((path / "training_state.json").read_text())
+
+
+def prepare_output_dir(cfg) -> Path | None:
+    """Check that output_dir may be written (a new, empty, or our own folder; see outdir) and
+    return the checkpoint to resume from (None: start at step 0)."""
+    from . import embeddings
+    from .export import remove_temporaries
+
+    out = Path(cfg.output_dir)
+    state = outdir.check_output_dir(out, resume=bool(cfg.resume_from_checkpoint))
+    if state == "ours":
+        remove_stale_temporaries(out)
+        remove_temporaries(out)
+    resume = resolve(out, cfg.resume_from_checkpoint)
+    if resume is None and state == "ours":
+        if (out / "model_index.json").exists() or (out / embeddings.DIFFUSERS_FILE).exists():
+            raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to continue from; choose "
+                            f"a new --output_dir")
+        print(f"{out} holds a run that stopped before its first checkpoint: starting it again at step 0",
+              flush=True)
+    elif resume is None and cfg.resume_from_checkpoint:
+        print(f"{out} holds no checkpoint yet: starting at step 0", flush=True)
+    return resume

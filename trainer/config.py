@@ -181,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     g("--kernels", type=_bool, default="on", metavar="on|off",
       help="on: dbkernels loss and attention; off: PyTorch's")
     g("--log_every", type=int, default=10, help="a log line every this many steps")
-    g("--device", default=None, metavar="cuda|cpu", help="cuda or cpu (not given: cuda if available)")
+    g("--device", default=None, metavar="cuda|cpu", help="cuda or cpu (not given: cuda if available; under "
+      "torchrun each rank takes cuda:LOCAL_RANK)")
+    g("--ddp_timeout", type=int, default=1800, metavar="S", help="torchrun: seconds a rank waits for the others "
+      "(a rank that died or hangs ends the run with an error after this; rank 0's export must fit in it)")
+    g("--shard", action="store_true", help="torchrun: shard the weights and optimizer state over the ranks "
+      "(FSDP2); not yet available")
     return p
 
 

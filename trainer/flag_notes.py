@@ -167,6 +167,24 @@ def check_numbers(cfg, UserError) -> None:
         raise UserError("--logging_dir must name a folder (default logs, inside output_dir)")
 
 
+def _check_distributed(cfg, UserError, notes: list) -> None:
+    """torchrun / accelerate launch (WORLD_SIZE > 1): data parallel, see trainer.distributed."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    world = int(world) if world.isdigit() else 1
+    if getattr(cfg, "shard", False):
+        raise UserError("--shard (FSDP2 sharding of weights and optimizer state) is not yet available; drop it: "
+                        "under torchrun every rank holds the whole model (data parallel)")
+    if getattr(cfg, "ddp_timeout", 1800) < 1:
+        raise UserError(f"--ddp_timeout must be >= 1 second, got {cfg.ddp_timeout}")
+    if world > 1 and getattr(cfg, "step_in_backward", False):
+        raise UserError("--step_in_backward is not available under torchrun yet (it updates each weight inside "
+                        "backward, before the ranks' gradients are averaged); drop it")
+    if getattr(cfg, "local_rank", -1) > -1:
+        notes.append(f"--local_rank {cfg.local_rank}: ignored, " + (
+            "each rank's device comes from torchrun's LOCAL_RANK" if world > 1
+            else "dbtrain trains in one process here (choose the GPU with --device cuda:N; several: torchrun)"))
+
+
 def _upload_hint(cfg) -> str:
     repo = getattr(cfg, "hub_model_id", None) or "<user>/<repo>"
     return f"huggingface-cli upload {repo} {cfg.output_dir}"
@@ -215,13 +233,7 @@ def apply(cfg, UserError, command: str = "train") -> list[str]:
     if getattr(cfg, "dataloader_num_workers", 0) > 0:
         notes.append(f"--dataloader_num_workers {cfg.dataloader_num_workers}: ignored, dbtrain has no DataLoader "
                      f"(images are decoded once and their latents cached)")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        raise UserError(f"dbtrain trains in one process on one device, but WORLD_SIZE={world} (torchrun / "
-                        f"accelerate launch --multi_gpu); run it as a single process")
-    if getattr(cfg, "local_rank", -1) > -1:
-        notes.append(f"--local_rank {cfg.local_rank}: ignored, dbtrain trains in one process on one device "
-                     f"(choose it with --device cuda:N)")
+    _check_distributed(cfg, UserError, notes)
     if getattr(cfg, "revision", None):
         notes.append(f"--revision {cfg.revision}: ignored, {cfg.pretrained_model_name_or_path} is a local folder "
                      f"(it has no revisions); to train on that revision, download it into a folder and pass that")

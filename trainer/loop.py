@@ -17,10 +17,11 @@ import torch
 
 import dbkernels
 
-from . import checkpoint, config, data, embeddings, interrupts, lora, outdir, runlog, sdxl
+from . import checkpoint, config, data, distributed, embeddings, interrupts, lora, outdir, runlog, sdxl
+from .checkpoint import prepare_output_dir
 from .config import Resumable, UserError
 from .data import ImageSet, list_images
-from .export import export, export_embedding, export_single_file, remove_temporaries
+from .export import export, export_embedding, export_single_file
 from .models import load_components, pick_identifier
 from .prior import generate_class_images
 
@@ -40,26 +41,6 @@ def _step_seed(seed: int, step: int, micro: int) -> int:
 def _fake(t) -> bool:
     """trainer.estimate runs the step on fake tensors (shapes, no values): value checks are skipped there."""
     return isinstance(t, torch._subclasses.FakeTensor)
-
-
-def prepare_output_dir(cfg) -> Path | None:
-    """Check that output_dir may be written (a new, empty, or our own folder; see outdir) and
-    return the checkpoint to resume from (None: start at step 0)."""
-    out = Path(cfg.output_dir)
-    state = outdir.check_output_dir(out, resume=bool(cfg.resume_from_checkpoint))
-    if state == "ours":
-        checkpoint.remove_stale_temporaries(out)
-        remove_temporaries(out)
-    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)
-    if resume is None and state == "ours":
-        if (out / "model_index.json").exists() or (out / embeddings.DIFFUSERS_FILE).exists():
-            raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to continue from; choose "
-                            f"a new --output_dir")
-        print(f"{out} holds a run that stopped before its first checkpoint: starting it again at step 0",
-              flush=True)
-    elif resume is None and cfg.resume_from_checkpoint:
-        print(f"{out} holds no checkpoint yet: starting at step 0", flush=True)
-    return resume
 
 
 def make_optimizer(cfg, params):
@@ -170,6 +151,10 @@ class Batches:
     def prompt(self, which: str, i: int) -> str:
         return self.inst_prompts[i] if which == "inst" else self.prompts["cls"]
 
+    def _latent_shape(self, px: torch.Tensor) -> tuple:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (1, self.vae.config.latent_channels, px.shape[-2] // f, px.shape[-1] // f)
+
     @torch.no_grad()
     def _encode(self, px: torch.Tensor):
         dist = self.vae.encode(px.to(self.device, self.vae_dtype)).latent_dist
@@ -179,25 +164,29 @@ class Batches:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro))
         rows, keys, views = [], [], []
-        for which, images, n in (("inst", self.inst, cfg.train_batch_size),
-                                 ("cls", self.cls, cfg.train_batch_size if self.cls is not None else 0)):
-            for _ in range(n):
+        b, n_ranks, rank = cfg.train_batch_size, distributed.world(), distributed.rank()
+        # torchrun: the draws of the whole global batch (N x b rows each); this rank keeps rows r*b..(r+1)*b-1
+        for which, images, n in (("inst", self.inst, b * n_ranks),
+                                 ("cls", self.cls, b * n_ranks if self.cls is not None else 0)):
+            for j in range(n):
+                mine = j // b == rank
                 i = int(torch.randint(0, len(images), (), generator=gen))
                 if images.cacheable(i):
                     flip = bool(torch.randint(0, 2, (), generator=gen)) if images.random_flip else False
                     mean, std = self.cache[(which, i, flip)]
-                    views.append(sdxl.view_geometry(images, i, None, flip) if self.sdxl else None)
+                    view = sdxl.view_geometry(images, i, None, flip) if self.sdxl and mine else None
                 else:  # a random crop: encode this view now (SDXL: the same draw, plus its size and crop)
                     px, _, view = sdxl.draw_view(images, i, gen) if self.sdxl else (*images.tensor(i, gen), None)
-                    views.append(view)
-                    mean, std = self._encode(px[None])
-                eps = torch.randn(mean.shape, generator=gen).to(mean.device)
-                rows.append((mean + std * eps) * self.scale)
+                    mean, std = self._encode(px[None]) if mine else (self._latent_shape(px), None)
+                shape = mean if std is None else mean.shape  # (another rank's row: only its draws are made)
+                eps = torch.randn(shape, generator=gen)
+                key = self.prompt(which, i)
                 if which == "inst" and self.templates:
-                    t = self.templates[int(torch.randint(0, len(self.templates), (), generator=gen))]
-                    keys.append(t.format(self.word))
-                else:
-                    keys.append(self.prompt(which, i))
+                    key = self.templates[int(torch.randint(0, len(self.templates), (), generator=gen))].format(self.word)
+                if mine:
+                    rows.append((mean + std * eps.to(mean.device)) * self.scale)
+                    views.append(view)
+                    keys.append(key)
         latents = torch.cat(rows).to(self.device)
         emb = sdxl.cat_embeddings([self.embeds[k] for k in keys]) if self.embeds is not None else self.encode_text(keys)
         if not self.sdxl:
@@ -367,10 +356,14 @@ def train_step(run: Run, step: int) -> StepResult:
             batch = run.batches.make(step, micro)  # SDXL: a 4th item, the UNet's added conditions
             latents, emb, added = batch[0], batch[1], sdxl.unet_kwargs(batch, run.weights_dtype)
             dgen = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step, micro) + 1)
-            noise = torch.randn(latents.shape, generator=dgen, device=device)
-            offset = (cfg.offset_noise * torch.randn(latents.shape[:2], generator=dgen, device=device)
+            full = (latents.shape[0] * distributed.world(), *latents.shape[1:])  # torchrun: the global batch's
+            noise = torch.randn(full, generator=dgen, device=device)
+            offset = (cfg.offset_noise * torch.randn(full[:2], generator=dgen, device=device)
                       if cfg.offset_noise else None)
-            t = torch.randint(0, run.alphas_cumprod.shape[0], (latents.shape[0],), generator=dgen, device=device)
+            t = torch.randint(0, run.alphas_cumprod.shape[0], (full[0],), generator=dgen, device=device)
+            mine = distributed.my_rows(cfg.train_batch_size, 2 if run.n_prior else 1, device)
+            if mine is not None:  # this rank's rows of the global draws
+                noise, t, offset = noise[mine], t[mine], (offset[mine] if offset is not None else None)
             x_t = dbkernels.add_noise(latents, noise, t, run.alphas_cumprod, noise_offset=offset, validate=False)
             with autocast:
                 labels = t if getattr(cfg, "class_labels_conditioning", None) == "timesteps" else None
@@ -386,6 +379,8 @@ def train_step(run: Run, step: int) -> StepResult:
             total += (0.0 if _fake(loss) else loss.item()) / cfg.gradient_accumulation_steps
             loss = loss / cfg.gradient_accumulation_steps
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    if distributed.world() > 1:  # global mean loss; gradients averaged over the ranks (when all were finite)
+        total, finite = distributed.reduce_step(run.params, total, finite)
     stepped = finite and _optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.hook)
     if not stepped:
         run.optimizer.zero_grad(set_to_none=True)
@@ -409,22 +404,31 @@ def _note_first_step_compile(bar) -> None:
 
 def train(cfg) -> Path:
     """Run DreamBooth as configured; returns the output folder."""
+    progress = {"step": 0}
     try:
-        return _train(cfg)
+        return _train(cfg, progress)
     except torch.cuda.OutOfMemoryError as e:
         raise UserError(runlog.oom_advice(cfg)) from e
+    except Exception as e:  # torchrun: a collective failed because another rank died or hung -> one line
+        msg = distributed.stopped_message(e, progress["step"])
+        if msg is None:
+            raise
+        raise Resumable(msg) from e
+    finally:
+        distributed.shutdown()
 
 
-def _train(cfg) -> Path:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _train(cfg, progress: dict) -> Path:
+    # torchrun (WORLD_SIZE > 1): join the process group; only rank 0 writes (distributed.on_rank0)
+    device = distributed.init(cfg) or torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if getattr(cfg, "allow_tf32", False):  # diffusers' --allow_tf32: TF32 matmuls/convolutions (Ampere+)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.output_dir)
     config.check_paths(cfg)  # (the CLI ran these before importing torch; callers of train() may not have)
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         print(FP16_CPU_NOTE.format(x=FP16_CPU_FACTOR), file=sys.stderr, flush=True)
-    resume = prepare_output_dir(cfg)
-    outdir.check_space(cfg)
+    resume = distributed.on_rank0(prepare_output_dir, cfg)
+    distributed.on_rank0(outdir.check_space, cfg)
     if device.type == "cuda":  # the step's estimated peak (trainer.estimate, on the CPU) against the free memory
         from .estimate import preflight
 
@@ -473,18 +477,18 @@ def _train(cfg) -> Path:
     inst_prompts = [sub(c) if c is not None else prompts["inst"] for c in captioned]
     batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32, inst_prompts=inst_prompts,
                       templates=getattr(cfg, "prompt_templates", None), word=word)
-    outdir.claim(out, cfg_dict(cfg))  # only once the inputs are known to be good
+    distributed.on_rank0(outdir.claim, out, cfg_dict(cfg))  # only once the inputs are known to be good
 
     run = setup(cfg, comps, batches, device)
     run.identifier = ident
     start = resume_run(run, resume) if resume is not None else 0
-    log = runlog.RunLog(out, cfg)
+    log = runlog.RunLog(out, cfg, files=distributed.is_main())
     skipped, done = 0, start
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="train",
-               unit="step")
+               unit="step", disable=not distributed.is_main())
     with interrupts.StopRequests() as stop:
         try:
             for step in bar:
@@ -496,29 +500,32 @@ def _train(cfg) -> Path:
                     _note_first_step_compile(bar)
                 if not res.stepped:
                     skipped += 1
-                done = step + 1
+                done = progress["step"] = step + 1
                 if done % cfg.log_every == 0 or done == cfg.max_train_steps:
-                    rec = log.write(done, res.loss, runlog.loss_terms(run, res), run.lr_scheduler.get_last_lr()[0],
+                    terms = distributed.mean_terms(runlog.loss_terms(run, res))  # torchrun: over all ranks
+                    rec = log.write(done, res.loss, terms, run.lr_scheduler.get_last_lr()[0],
                                     (time.perf_counter() - t0) * 1000, device, skipped)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
                     bar.write(runlog.log_line(rec))
                 saved = None
                 save_every = getattr(cfg, "save_steps", None)
                 if save_every and run.new_tokens is not None and done % save_every == 0:  # diffusers' --save_steps
-                    export_embedding(out, run.new_tokens, done, name=f"learned_embeds-steps-{done}", a1111=False,
+                    distributed.on_rank0(export_embedding, out, run.new_tokens, done, name=f"learned_embeds-steps-{done}", a1111=False,
                                      second=run.new_tokens_2)
                 if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-                    saved = save_checkpoint(run, out, done)
+                    saved = distributed.on_rank0(save_checkpoint, run, out, done)
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
-                    runlog.validate(cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
+                    distributed.on_rank0(runlog.validate, cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
                                     out / "validation", f"step-{done:06d}",
                                     tokenizer=run.batches.tokenizers if run.new_tokens is not None else None,
                                     te2=run.te2)
-                if stop.signum is not None and done < cfg.max_train_steps:
-                    saved = saved or save_checkpoint(run, out, done)
-                    raise Resumable(f"{interrupts.signal_name(stop.signum)} at step {done} of "
+                # torchrun: a stop request that reached some ranks stops all of them at this step
+                if distributed.any_flag(stop.signum is not None) and done < cfg.max_train_steps:
+                    signum = stop.signum or interrupts.signal.SIGTERM
+                    saved = saved or distributed.on_rank0(save_checkpoint, run, out, done)
+                    raise Resumable(f"{interrupts.signal_name(signum)} at step {done} of "
                                     f"{cfg.max_train_steps}; saved {saved}", kind="interrupted",
-                                    exit_code=128 + stop.signum)
+                                    exit_code=128 + signum)
             if skipped > cfg.max_train_steps // 2:
                 raise UserError(f"{skipped} of {cfg.max_train_steps} steps had a non-finite loss or gradient and "
                                 f"were skipped; lower --learning_rate or use --mixed_precision bf16")
@@ -527,9 +534,9 @@ def _train(cfg) -> Path:
             log.close()
             if run.hook is not None:
                 run.hook.remove()
-        save_model(run, out, done)
-    runlog.record_subject(out, ident, class_word, prompts["inst"], cfg, run)
-    outdir.write_marker(out, finished=True)
+        distributed.on_rank0(save_model, run, out, done)
+    distributed.on_rank0(runlog.record_subject, out, ident, class_word, prompts["inst"], cfg, run)
+    distributed.on_rank0(outdir.write_marker, out, finished=True)
     what = ("the LoRA weights" if "unet_lora" in run.models else "the trained model" if "unet" in run.models
             else "the embedding files")
     print(f"saved {what} to {out} ({skipped} skipped step(s))")

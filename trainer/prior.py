@@ -14,6 +14,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import list_images
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # "no": the caller's dtype
@@ -26,9 +27,18 @@ def generate_class_images(cfg, device: torch.device, dtype: torch.dtype) -> int:
     folder = Path(cfg.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     have = len(list_images(folder, "class image", allow_empty=True))
+    distributed.barrier()  # torchrun: every rank has counted before any rank writes
     missing = cfg.num_class_images - have
     if missing <= 0:
         return 0
+    # torchrun: each rank draws every N-th missing image (seeded by its index, so the same images as one process)
+    mine = distributed.share(list(range(have, have + missing)))
+    made = _generate(cfg, device, dtype, folder, mine) if mine else 0
+    distributed.barrier()  # every rank's images are written before any rank lists the folder
+    return distributed.sum_int(made)
+
+
+def _generate(cfg, device, dtype, folder: Path, mine: list[int]) -> int:
     from .sdxl import load_pipeline
 
     dtype = PRECISIONS.get(getattr(cfg, "prior_generation_precision", None) or "no", dtype)
@@ -44,15 +54,15 @@ def generate_class_images(cfg, device: torch.device, dtype: torch.dtype) -> int:
     pipe.to(device)
     made = 0
     size = cfg.resolution
-    with tqdm(total=missing, desc="class images", unit="img") as bar:
-        while made < missing:
-            n = min(cfg.sample_batch_size, missing - made)
-            first = have + made  # index of the first new image: the seed depends on it only
-            gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + first + k) for k in range(n)]
+    with tqdm(total=len(mine), desc="class images", unit="img") as bar:
+        while made < len(mine):
+            index = mine[made: made + cfg.sample_batch_size]  # the images' indices: their seeds depend on them only
+            n = len(index)
+            gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i) for i in index]
             images = pipe([cfg.class_prompt] * n, num_inference_steps=cfg.class_inference_steps, generator=gens,
                           height=size, width=size).images
             for k, img in enumerate(images):
-                path = _free_name(folder, first + k)
+                path = _free_name(folder, index[k])
                 tmp = path.with_name("." + path.name + ".tmp")
                 img.save(tmp, format="PNG")
                 os.replace(tmp, path)

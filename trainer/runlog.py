@@ -66,11 +66,13 @@ class RunLog:
     """JSONL log (output_dir/logs/train_log.jsonl) and TensorBoard when installed (and --report_to asks for it:
     tensorboard, the default, or all)."""
 
-    def __init__(self, out: Path, cfg):
+    def __init__(self, out: Path, cfg, files: bool = True):
+        self.f = self.tb = None
+        if not files:  # torchrun: ranks other than 0 make the records (for their log lines) but write nothing
+            return
         logs = logs_folder(out, cfg)
         logs.mkdir(parents=True, exist_ok=True)
         self.f = open(logs / "train_log.jsonl", "a")
-        self.tb = None
         if str(getattr(cfg, "report_to", "tensorboard") or "tensorboard") not in ("tensorboard", "all"):
             return  # (the note printed at start says which trackers dbtrain does not have)
         try:
@@ -86,8 +88,9 @@ class RunLog:
                "peak_vram_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                                 if device.type == "cuda" else None),
                "skipped_steps": skipped}
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -95,7 +98,8 @@ class RunLog:
         return rec
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
         if self.tb is not None:
             self.tb.close()
 

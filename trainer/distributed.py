@@ -1,0 +1,235 @@
+"""Data parallel training on torch.distributed (issue 20): `torchrun --nproc_per_node N -m trainer train ...`.
+
+One global batch is N x --train_batch_size rows. Every rank draws the whole global batch's random choices
+(images, flips, VAE samples, noise, timesteps: all seeded by (seed, step, micro-step) in trainer.loop) and
+keeps only its own rows r*b .. (r+1)*b-1 of the instance rows and of the class rows, so the union of the
+ranks' rows is exactly the batch one process at batch N*b trains on. After backward the gradients are
+averaged with all-reduce (in buckets, once per optimizer step); every rank then takes the same optimizer
+step, so the weights and the (replicated) optimizer state stay identical everywhere. DDP's reducer is not
+used: it fixes the trained parameters when it wraps a module, and pivotal tuning switches its new token rows
+off mid-run, and the text encoders are called outside the UNet.
+
+Only rank 0 writes (output folder checks, logs, checkpoints, validation grids, the export); `on_rank0` runs
+such a part there and hands its result, or its error, to the other ranks. NCCL on GPUs, gloo on CPUs; every
+collective has --ddp_timeout seconds, so a rank that dies or hangs ends the others with a one-line error.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+
+import torch
+
+from .config import Resumable, UserError
+
+_STATE = {"rank": 0, "world": 1, "timeout": None}
+BUCKET_ELEMS = 1 << 24  # gradient elements per all-reduce (64 MB in fp32): few collectives, bounded extra memory
+
+
+def env_world() -> int:
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() else 1
+
+
+def rank() -> int:
+    return _STATE["rank"]
+
+
+def world() -> int:
+    return _STATE["world"]
+
+
+def is_main() -> bool:
+    return _STATE["rank"] == 0
+
+
+def init(cfg) -> torch.device | None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this rank's device
+    (None: one process, the caller picks the device as before)."""
+    n = env_world()
+    if n <= 1:
+        return None
+    import torch.distributed as dist
+
+    rk, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda"):
+        if torch.cuda.device_count() <= local:
+            raise UserError(f"rank {rk}: LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} "
+                            f"GPU(s); start at most that many processes per node (--nproc_per_node)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    timeout = int(getattr(cfg, "ddp_timeout", 1800))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
+                            **({"device_id": device} if backend == "nccl" else {}))
+    _STATE.update(rank=dist.get_rank(), world=dist.get_world_size(), timeout=timeout)
+    if rk != 0:  # one copy of the progress output: rank 0's (errors still reach stderr from every rank)
+        _STATE["stdout"] = sys.stdout
+        sys.stdout = open(os.devnull, "w")
+    print(f"data parallel: {n} ranks ({backend}), global batch {n} x {cfg.train_batch_size}", flush=True)
+    return device
+
+
+def shutdown() -> None:
+    if _STATE["world"] <= 1:
+        return
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+    if "stdout" in _STATE:
+        sys.stdout.close()
+        sys.stdout = _STATE.pop("stdout")
+    _STATE.update(rank=0, world=1, timeout=None)
+
+
+def stopped_message(err: BaseException, step: int) -> str | None:
+    """The one line for a collective that failed because another rank died or hung (None: not that)."""
+    if _STATE["world"] <= 1:
+        return None
+    import torch.distributed as dist
+
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    comm = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe")
+    if not isinstance(err, dist.DistError) and not (isinstance(err, RuntimeError)
+                                                     and any(w in text.lower() for w in comm)):
+        return None
+    return (f"rank {rank()} of {world()}: another rank stopped or did not answer within --ddp_timeout "
+            f"{_STATE['timeout']} s at step {step} ({type(err).__name__}: {text}); the run ended there")
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args) on rank 0 only (a write); every rank returns its result, or raises its error (UserError and
+    Resumable keep their message, so every rank ends the same way)."""
+    if _STATE["world"] <= 1:
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    box = [None]
+    err = None
+    if is_main():
+        try:
+            box[0] = ("ok", fn(*args, **kwargs))
+        except Resumable as e:
+            err, box[0] = e, ("resumable", str(e), e.kind, e.exit_code)
+        except UserError as e:
+            err, box[0] = e, ("user", str(e))
+        except BaseException as e:  # noqa: BLE001 - handed on as a one-line error, re-raised here as it was
+            err, box[0] = e, ("other", f"rank 0 failed: {type(e).__name__}: {str(e)[:200]}")
+    dist.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
+    kind, *rest = box[0]
+    if kind == "ok":
+        return rest[0]
+    if kind == "resumable":
+        raise Resumable(rest[0], kind=rest[1], exit_code=rest[2])
+    if kind == "user":
+        raise UserError(rest[0])
+    raise RuntimeError(rest[0])
+
+
+def barrier() -> None:
+    if _STATE["world"] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def my_rows(b: int, groups: int, device) -> torch.Tensor | None:
+    """This rank's rows of the global batch [instance N*b; class N*b] (None: one process, all rows)."""
+    n = _STATE["world"]
+    if n <= 1:
+        return None
+    r = _STATE["rank"]
+    return torch.tensor([g * n * b + r * b + k for g in range(groups) for k in range(b)], device=device)
+
+
+def any_flag(flag: bool) -> bool:
+    """True when any rank says so (a stop request that reached only some ranks stops all at the same step)."""
+    if _STATE["world"] <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def mean_terms(terms: tuple) -> tuple:
+    """(instance loss, prior loss) of the log averaged over ranks (prior None on every rank or on none)."""
+    if _STATE["world"] <= 1:
+        return terms
+    import torch.distributed as dist
+
+    inst, prior = terms
+    t = torch.tensor([inst, prior if prior is not None else 0.0], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    t /= _STATE["world"]
+    return float(t[0]), (float(t[1]) if prior is not None else None)
+
+
+def reduce_step(params: list, loss: float, finite: bool) -> tuple[float, bool]:
+    """After a step's backward passes: the global mean loss, whether every rank's loss was finite, and (when
+    it was) every gradient replaced by its mean over the ranks."""
+    import torch.distributed as dist
+
+    n = _STATE["world"]
+    dev = _comm_device()
+    t = torch.tensor([loss if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    if t[1].item() > 0:
+        return float("nan"), False
+    grads = [p.grad for p in params if p.grad is not None]  # the same parameters have gradients on every rank
+    bucket: list[torch.Tensor] = []
+    for g in grads:
+        if bucket and (g.dtype != bucket[0].dtype or g.device != bucket[0].device
+                       or sum(x.numel() for x in bucket) + g.numel() > BUCKET_ELEMS):
+            _all_reduce_mean(bucket, n)
+            bucket = []
+        bucket.append(g)
+    if bucket:
+        _all_reduce_mean(bucket, n)
+    return float(t[0].item()) / n, True
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], n: int) -> None:
+    import torch.distributed as dist
+
+    if len(grads) == 1:
+        dist.all_reduce(grads[0])
+        grads[0].div_(n)
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(n)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _comm_device():
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
+def share(indices: list[int]) -> list[int]:
+    """This rank's part of a list of work items (class images to generate): every N-th, starting at its rank."""
+    return indices[_STATE["rank"]::_STATE["world"]]
+
+
+def sum_int(k: int) -> int:
+    if _STATE["world"] <= 1:
+        return k
+    import torch.distributed as dist
+
+    t = torch.tensor([k], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t)
+    return int(t.item())
