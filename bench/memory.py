@@ -1,13 +1,13 @@
 """Benchmark suite `memory`: peak GPU memory of DreamBooth steps, estimated on the CPU (dbtrain estimate).
 
-    python -m bench memory [--out DIR] [--arch sd15,sd21] [--only NAME,...]
+    python -m bench memory [--out DIR] [--arch sd15,sd21,sdxl] [--only NAME,...]
     python -m bench memory --calibrate RESULTS/train.jsonl   # each GPU-measured peak beside its estimate
 
 Every row is an estimate, not a measurement: trainer.estimate runs the trainer's own step
 on fake tensors (device "estimate (fake tensors, CPU)"), adds its stated allowance, and
 compares the predicted peak with the project's targets: SD1.5 full DreamBooth at 512 with
-prior preservation, batch 1+1, UNet only <= 6 GB, with text-encoder training <= 8 GB
-(GB = 10^9 bytes). Settings:
+prior preservation, batch 1+1, UNet only <= 6 GB, with text-encoder training <= 8 GB;
+SDXL (issue 19) full UNet at 1024, same batch, <= 16 GB (GB = 10^9 bytes). Settings:
 
 * stock-*   diffusers' train_dreambooth.py: fp32 weights under fp16 autocast (GradScaler),
             torch AdamW (foreach) or bitsandbytes 8-bit, SDPA attention, VAE and frozen
@@ -15,6 +15,10 @@ prior preservation, batch 1+1, UNet only <= 6 GB, with text-encoder training <= 
 * ours-*    dbtrain train: bf16 autocast and our kernels, then each memory option alone
             (adamw8bit, gradient checkpointing, bf16 weights, step in backward) and the
             best combination; LoRA for comparison
+* SDXL      diffusers has only LoRA for SDXL DreamBooth (train_dreambooth_lora_sdxl.py: fp16
+            frozen base, fp32 rank-4 adapters, torch AdamW, VAE resident in float32, text
+            encoders freed after encoding): stock-lora4; the full-UNet stock rows apply
+            train_dreambooth.py's recipe to SDXL for reference
 
 Rows go to <out>/memory.jsonl (replaced when the run completes; rows so far are in
 memory.jsonl.partial while it runs) and a table to <out>/memory.md.
@@ -33,7 +37,8 @@ DEFAULT_OUT = REPO / "bench" / "results" / "memory"
 OP = "memory"
 GB = 10 ** 9
 GIB = 1 << 30
-TARGETS = {"unet": 6 * GB, "unet+te": 8 * GB}   # SD1.5 at 512, prior preservation, batch 1+1
+# prior preservation, batch 1+1: SD1.5 at 512 (both), SDXL's full UNet at 1024 (issue 19)
+TARGETS = {"sd15": {"unet": 6 * GB, "unet+te": 8 * GB}, "sdxl": {"unet": 16 * GB}}
 STOCK = ["--mixed_precision", "fp16", "--weights_dtype", "fp32", "--kernels", "off"]
 OURS = ["--mixed_precision", "bf16"]
 BEST = OURS + ["--gradient_checkpointing", "--weights_dtype", "bf16", "--step_in_backward"]
@@ -62,14 +67,30 @@ SETTINGS = (
     ("ours-best+te", BEST + ["--train_text_encoder"], False, "ours, all options, with text-encoder training"),
     ("ours-lora4-gc+te", OURS + ["--lora_rank", "4", "--gradient_checkpointing", "--train_text_encoder"], False,
      "ours, LoRA rank 4 on UNet and text encoder, checkpointing"),
+    # SDXL only (not in the SD1.5/SD2.1 rows)
+    ("stock-lora4", STOCK + ["--lora_rank", "4", "--optimizer", "adamw"], True,
+     "diffusers' train_dreambooth_lora_sdxl.py: fp16 frozen base, fp32 LoRA rank 4 on the UNet, torch AdamW"),
+    ("stock-lora4-gc", STOCK + ["--lora_rank", "4", "--optimizer", "adamw", "--gradient_checkpointing"], True,
+     "diffusers' train_dreambooth_lora_sdxl.py with --gradient_checkpointing"),
+    ("ours-adamw8bit-gc", OURS + ["--gradient_checkpointing"], False, "ours + AdamW8bit + gradient checkpointing"),
+    ("ours-lora4-gc", OURS + ["--lora_rank", "4", "--gradient_checkpointing"], False,
+     "ours, LoRA rank 4 on the UNet, checkpointing"),
 )
-ARCH_RES = {"sd15": 512, "sd21": 768}
-SD21_SETTINGS = ("stock-adamw-gc", "stock-bnb8bit-gc", "ours-best", "ours-best+te")
+ARCH_RES = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+XL_ONLY = ("stock-lora4", "stock-lora4-gc", "ours-adamw8bit-gc", "ours-lora4-gc")
+ARCH_SETTINGS = {
+    "sd15": tuple(n for n, *_ in SETTINGS if n not in XL_ONLY),
+    "sd21": ("stock-adamw-gc", "stock-bnb8bit-gc", "ours-best", "ours-best+te"),
+    "sdxl": ("stock-lora4", "stock-lora4-gc", "stock-adamw-gc", "stock-bnb8bit-gc", "ours-adamw", "ours-adamw8bit",
+             "ours-adamw-gc", "ours-adamw-bf16w", "ours-adamw8bit-sib", "ours-adamw8bit-gc", "ours-best",
+             "ours-best+te", "ours-lora4-gc", "ours-lora4-gc+te"),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of memory.jsonl and memory.md")
-    p.add_argument("--arch", default="sd15,sd21", help="comma list of sd15, sd21 (sd21: a subset of settings)")
+    p.add_argument("--arch", default="sd15,sd21,sdxl",
+                   help="comma list of sd15, sd21, sdxl (sd21, sdxl: their own subsets of the settings)")
     p.add_argument("--only", default=None, help="comma list of setting names (default: all)")
     p.add_argument("--calibrate", default=None, metavar="TRAIN_JSONL",
                    help="rows of `bench train` measured on a GPU: write each measured peak beside the estimate of "
@@ -90,7 +111,9 @@ def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> 
     from trainer import estimate
 
     target_key = "unet+te" if cfg.train_text_encoder else "unet"
-    target = TARGETS[target_key] if arch == "sd15" else None
+    if getattr(cfg, "lora_rank", None) and arch == "sdxl":  # issue 19's target is for the full UNet
+        target_key = None
+    target = TARGETS.get(arch, {}).get(target_key)
     over = r["peak_bytes"] - target if target is not None else None
     extras = {"estimate": True, "arch": arch, "resolution": cfg.resolution, "rows_per_step": 2,
               "what": what, "flags": argv, "stock_recipe": cfg.stock_recipe,
@@ -133,7 +156,8 @@ def table(rows: list[dict]) -> str:
     lines = ["# Peak GPU memory of one DreamBooth step (estimates)", "",
              "Estimated on the CPU with `dbtrain estimate` (the trainer's own step on fake tensors, plus the "
              "allowance in trainer/estimate.py); not measured on a GPU. Prior preservation, batch 1+1. "
-             "Targets (SD1.5 at 512): UNet only <= 6 GB, with text-encoder training <= 8 GB (GB = 10^9 B).", "",
+             "Targets: SD1.5 at 512, UNet only <= 6 GB, with text-encoder training <= 8 GB; SDXL at 1024, full "
+             "UNet <= 16 GB (issue 19; GB = 10^9 B). Regenerate: `python -m bench memory`.", "",
              "| model | setting | predicted peak | GB | weights | grads | opt. state | activations | temp. "
              "| smallest card | target | what |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -168,10 +192,10 @@ def run_all(opts) -> int:
     rows = []
     for arch in [a.strip() for a in opts.arch.split(",") if a.strip()]:
         if arch not in ARCH_RES:
-            print(f"--arch: unknown {arch!r} (sd15, sd21)", file=sys.stderr)
+            print(f"--arch: unknown {arch!r} (sd15, sd21, sdxl)", file=sys.stderr)
             return 2
         for name, flags, stock, what in SETTINGS:
-            if (only and name not in only) or (arch != "sd15" and name not in SD21_SETTINGS):
+            if (only and name not in only) or name not in ARCH_SETTINGS[arch]:
                 continue
             cfg, argv = _cfg(arch, flags, stock)
             r = estimate.estimate(cfg)
