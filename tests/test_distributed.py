@@ -42,6 +42,7 @@ def wrap_open(real):
         return real(file, mode, *a, **k)
     return opener
 
+real_open, real_replace = builtins.open, os.replace
 builtins.open = wrap_open(builtins.open)
 io.open = wrap_open(io.open)
 for name in ("replace", "rename"):
@@ -57,16 +58,20 @@ from trainer import cli, loop
 die_at = int(os.environ.get("DBT_DIE_AT", "-1"))
 real_step = loop.train_step
 
+def dump():  # (outside the output folder; with the real open and replace, so not recorded)
+    with real_open(os.environ["DBT_WRITES"] + ".tmp", "w") as f:
+        json.dump(sorted(writes), f)
+    real_replace(os.environ["DBT_WRITES"] + ".tmp", os.environ["DBT_WRITES"])
+
 def step(run, k):
+    dump()
     if k == die_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_step(run, k)
 
 loop.train_step = step
 code = cli.main(sys.argv[1:])
-with open(os.environ["DBT_WRITES"] + ".tmp", "w") as f:
-    json.dump(sorted(writes), f)
-os.replace(os.environ["DBT_WRITES"] + ".tmp", os.environ["DBT_WRITES"])
+dump()
 sys.exit(code)
 '''
 
@@ -101,14 +106,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(base: Path, out: Path, args: list[str], die: dict | None = None) -> list[subprocess.Popen]:
+def launch(base: Path, out: Path, args: list[str], tag: str, die: dict | None = None) -> list[subprocess.Popen]:
     """Two rank processes, as torchrun --nproc_per_node 2 would start them."""
     port = free_port()
     procs = []
     for r in range(2):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DBT_OUT=str(out),
-                   DBT_WRITES=str(base / f"writes-{out.name}-{r}.json"), PYTHONPATH=str(ROOT))
+                   DBT_WRITES=str(base / f"writes-{tag}-{r}.json"), PYTHONPATH=str(ROOT))
         env["DBT_DIE_AT"] = str((die or {}).get(r, -1))
         procs.append(subprocess.Popen([sys.executable, str(base / "harness.py"), *args], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -151,48 +156,59 @@ def single(world):
     return out
 
 
-def test_two_ranks_equal_one_process_at_twice_the_batch(world, single):
+@pytest.fixture(scope="module")
+def killed(world):
+    """2 ranks at batch 1; rank 1 dies (SIGKILL) at step index 2, after checkpoint-2 (rank 0 must notice)."""
     base, model = world
     out = base / "ddp"
-    res = finish(launch(base, out, argv(base, model, out, 1)))
-    for code, _, err in res:
-        assert code == 0, err[-3000:]
-    ref, got = log(single), log(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(ref, got):  # the global mean loss of each step, instance and prior terms too
-        for k in ("loss", "loss_instance", "loss_prior"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
-    same_weights(unet(single), unet(out))
-    # only rank 0 wrote into the output folder; rank 1 wrote nothing at all there
-    w0 = json.loads((base / "writes-ddp-0.json").read_text())
-    w1 = json.loads((base / "writes-ddp-1.json").read_text())
-    assert w1 == [], w1
-    assert any(p.startswith("checkpoint-2") for p in w0) and "logs/train_log.jsonl" in w0
-    assert "data parallel: 2 ranks (gloo), global batch 2 x 1" in res[0][1]
-    assert res[1][1].strip() == ""  # rank 1 prints nothing (one copy of the progress output)
-
-
-def test_a_dead_rank_ends_the_other_with_one_line_then_resume(world, single):
-    base, model = world
-    out = base / "killed"
-    args = argv(base, model, out, 1, "--ddp_timeout", "30")
     t0 = time.monotonic()
-    procs = launch(base, out, args, die={1: 2})  # rank 1 dies (SIGKILL) at step index 2, after checkpoint-2
-    (c0, _, e0), (c1, _, _) = finish(procs, timeout=150)
-    took = time.monotonic() - t0
+    res = finish(launch(base, out, argv(base, model, out, 1, "--ddp_timeout", "30"), "killed", die={1: 2}), timeout=150)
+    return out, res, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def resumed(world, killed):
+    """The same 2-rank command again with --resume_from_checkpoint latest: it runs the last step."""
+    base, model = world
+    out = killed[0]
+    return finish(launch(base, out, argv(base, model, out, 1, "--ddp_timeout", "30", "--resume_from_checkpoint",
+                                          "latest"), "resumed"))
+
+
+def test_a_dead_rank_ends_the_other_with_one_line(killed):
+    out, ((c0, o0, e0), (c1, _, _)), took = killed
     assert c1 == -9
     assert c0 == 2, e0[-3000:]
     errors = [x for x in e0.splitlines() if x.startswith("dbtrain: error:")]
-    assert len(errors) == 1 and "another rank stopped" in errors[0], e0[-3000:]
-    assert "Traceback" not in e0
+    assert len(errors) == 1 and "rank 0 of 2: another rank stopped" in errors[0], e0[-3000:]
+    assert "--resume_from_checkpoint latest" in errors[0] and "Traceback" not in e0
     assert (out / "checkpoint-2").is_dir() and not (out / "unet").exists()
+    assert "data parallel: 2 ranks (gloo), global batch 2 x 1" in o0
     assert took < 120
-    # resume on 2 ranks from rank 0's checkpoint: the same weights as the uninterrupted run
-    res = finish(launch(base, out, [*args, "--resume_from_checkpoint", "latest"]))
-    for code, _, err in res:
+
+
+def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(single, killed, resumed):
+    """Steps 1-2 of the killed run and step 3 of the resumed one: the same losses (the global mean, its
+    instance and prior terms) and final weights as one process at batch 2."""
+    for code, _, err in resumed:
         assert code == 0, err[-3000:]
+    out = killed[0]
+    ref, got = log(single), log(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        for k in ("loss", "loss_instance", "loss_prior"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
     same_weights(unet(single), unet(out))
-    assert json.loads((base / "writes-killed-1.json").read_text()) == []
+    assert resumed[1][1].strip() == ""  # rank 1 prints nothing (one copy of the progress output)
+
+
+def test_no_rank_but_0_writes(world, killed, resumed):
+    base, _ = world
+    written = {(tag, r): json.loads((base / f"writes-{tag}-{r}.json").read_text())
+               for tag in ("killed", "resumed") for r in (0, 1)}
+    assert written[("killed", 1)] == [] and written[("resumed", 1)] == [], written
+    assert {"checkpoint-2", "logs/train_log.jsonl", ".dbtrain-run.json"} <= set(written[("killed", 0)])
+    assert {"dreambooth.json", "logs/train_log.jsonl"} <= set(written[("resumed", 0)])
 
 
 def test_shard_and_step_in_backward_say_so(world, monkeypatch):

@@ -263,3 +263,44 @@ def prepare_output_dir(cfg) -> Path | None:
     elif resume is None and cfg.resume_from_checkpoint:
         print(f"{out} holds no checkpoint yet: starting at step 0", flush=True)
     return resume
+
+
+def load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    if hasattr(model, "load_pretrained"):  # new token rows (trainer.embeddings)
+        model.load_pretrained(folder)
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint folder {folder} has no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    model.load_state_dict(state)
+
+
+def resume_run(run, folder: Path) -> int:
+    """Load a checkpoint into the run; returns its step.
+
+    torchrun: every rank loads the same checkpoint (rank 0's; the ranks' weights and optimizer states are
+    identical copies in data parallel), so one saved on any number of ranks resumes on any other number;
+    only the global batch (ranks x --train_batch_size) changes with it, and with it the later steps' draws."""
+    try:
+        for name, model in run.models.items():
+            load_weights(model, folder / name)
+        # weights only: a checkpoint folder may come from elsewhere, and unpickling runs code
+        run.optimizer.load_state_dict(load_pt(folder / "optimizer.pt"))
+        run.lr_scheduler.load_state_dict(load_pt(folder / "scheduler.pt"))
+        if run.scaler is not None and (folder / "scaler.pt").exists():
+            run.scaler.load_state_dict(load_pt(folder / "scaler.pt"))
+        set_rng_state(load_pt(folder / "rng_state.pt"))
+        step = load_state(folder)["step"]
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a checkpoint of another model or options, or damaged
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"checkpoint {folder} does not fit this run ({type(e).__name__}: {first}); resume with "
+                        f"the options it was made with, or choose a new --output_dir") from e
+    print(f"resumed from {folder} at step {step}")
+    return step

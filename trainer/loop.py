@@ -18,7 +18,7 @@ import torch
 import dbkernels
 
 from . import checkpoint, config, data, distributed, embeddings, interrupts, lora, outdir, runlog, sdxl
-from .checkpoint import prepare_output_dir
+from .checkpoint import prepare_output_dir, resume_run
 from .config import Resumable, UserError
 from .data import ImageSet, list_images
 from .export import export, export_embedding, export_single_file
@@ -58,21 +58,6 @@ def make_optimizer(cfg, params):
         return bnb.optim.AdamW8bit(params, **kw)
     fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kw)
-
-
-def load_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    if hasattr(model, "load_pretrained"):  # new token rows (trainer.embeddings)
-        model.load_pretrained(folder)
-        return
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"checkpoint folder {folder} has no .safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    model.load_state_dict(state)
 
 
 def encode_prompt(tokenizer, text_encoder, prompts: list[str], device, cfg=None) -> torch.Tensor:
@@ -182,7 +167,8 @@ class Batches:
                 eps = torch.randn(shape, generator=gen)
                 key = self.prompt(which, i)
                 if which == "inst" and self.templates:
-                    key = self.templates[int(torch.randint(0, len(self.templates), (), generator=gen))].format(self.word)
+                    t = self.templates[int(torch.randint(0, len(self.templates), (), generator=gen))]
+                    key = t.format(self.word)
                 if mine:
                     rows.append((mean + std * eps.to(mean.device)) * self.scale)
                     views.append(view)
@@ -307,28 +293,6 @@ def frozen_dtype(cfg, device) -> torch.dtype:
     if device.type == "cuda":
         return HALF.get(cfg.mixed_precision, torch.float32)
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-
-
-def resume_run(run: Run, folder: Path) -> int:
-    """Load a checkpoint into the run; returns its step."""
-    try:
-        for name, model in run.models.items():
-            load_weights(model, folder / name)
-        # weights only: a checkpoint folder may come from elsewhere, and unpickling runs code
-        run.optimizer.load_state_dict(checkpoint.load_pt(folder / "optimizer.pt"))
-        run.lr_scheduler.load_state_dict(checkpoint.load_pt(folder / "scheduler.pt"))
-        if run.scaler is not None and (folder / "scaler.pt").exists():
-            run.scaler.load_state_dict(checkpoint.load_pt(folder / "scaler.pt"))
-        checkpoint.set_rng_state(checkpoint.load_pt(folder / "rng_state.pt"))
-        step = checkpoint.load_state(folder)["step"]
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a checkpoint of another model or options, or damaged
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"checkpoint {folder} does not fit this run ({type(e).__name__}: {first}); resume with "
-                        f"the options it was made with, or choose a new --output_dir") from e
-    print(f"resumed from {folder} at step {step}")
-    return step
 
 
 @dataclass
@@ -510,15 +474,14 @@ def _train(cfg, progress: dict) -> Path:
                 saved = None
                 save_every = getattr(cfg, "save_steps", None)
                 if save_every and run.new_tokens is not None and done % save_every == 0:  # diffusers' --save_steps
-                    distributed.on_rank0(export_embedding, out, run.new_tokens, done, name=f"learned_embeds-steps-{done}", a1111=False,
-                                     second=run.new_tokens_2)
+                    distributed.on_rank0(export_embedding, out, run.new_tokens, done, a1111=False,
+                                         name=f"learned_embeds-steps-{done}", second=run.new_tokens_2)
                 if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                     saved = distributed.on_rank0(save_checkpoint, run, out, done)
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
                     distributed.on_rank0(runlog.validate, cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
-                                    out / "validation", f"step-{done:06d}",
-                                    tokenizer=run.batches.tokenizers if run.new_tokens is not None else None,
-                                    te2=run.te2)
+                                         out / "validation", f"step-{done:06d}", te2=run.te2,
+                                         tokenizer=run.batches.tokenizers if run.new_tokens is not None else None)
                 # torchrun: a stop request that reached some ranks stops all of them at this step
                 if distributed.any_flag(stop.signum is not None) and done < cfg.max_train_steps:
                     signum = stop.signum or interrupts.signal.SIGTERM
