@@ -55,7 +55,7 @@ DIFFERENCES = (
      "not seen"),
     (lambda c: not getattr(c, "stock_recipe", False),
      "latents and prompt embeddings are cached as the trainer does for square or center-cropped images: the VAE "
-     "(and a frozen text encoder) are not on the GPU during the steps; random crops would keep the VAE there"),
+     "(and frozen text encoders) are not on the GPU during the steps; random crops would keep the VAE there"),
 )
 
 

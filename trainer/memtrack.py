@@ -207,9 +207,17 @@ class StepBatches:
         self.emb_shape = (seq_len, sum(te.config.hidden_size for te in self.text_encoders))
         self.pooled = self.text_encoders[-1].config.projection_dim if self.sdxl else 0
         self.embeds = None if cfg.train_text_encoder else {}
+        self.vae = None  # the stock recipes: a resident VAE encodes the step's images (track_step sets it)
 
     def can_cache(self) -> bool:
         return not self.cfg.train_text_encoder
+
+    def _encode_images(self, rows: int) -> None:
+        """diffusers' scripts encode every step's images (no gradient) right before the UNet; at SDXL's 1024
+        in float32 that transient can exceed the step's own peak. The latents of the right shape follow."""
+        px = self.cfg.resolution
+        with torch.no_grad():
+            self.vae.encode(torch.randn((rows, 3, px, px), dtype=self.vae.dtype)).latent_dist.sample()
 
     def make(self, step: int, micro: int):
         from . import loop, sdxl
@@ -217,6 +225,8 @@ class StepBatches:
         self.tracker.set_phase("forward")
         rows = self.cfg.train_batch_size * (2 if self.cls is not None else 1)
         gen = torch.Generator().manual_seed(step * 1009 + micro)
+        if self.vae is not None:
+            self._encode_images(rows)
         latents = torch.randn((rows, *self.shape))
         if self.cfg.train_text_encoder and self.sdxl:
             emb, pooled = sdxl.encode_prompt_sdxl([self.tokenizer] * 2, self.text_encoders, [""] * rows,
@@ -348,12 +358,12 @@ def _as_on_gpu(run, fake: bool, foreach: bool = False) -> list:
 
 
 STOCK_NOTE = ("stock recipe: diffusers' train_dreambooth.py keeps the VAE and the frozen text encoder on the GPU in "
-              "the autocast dtype and encodes every step (no_grad, before the UNet's forward: not at the peak); "
-              "torch AdamW without fused/foreach arguments (foreach on a GPU)")
+              "the autocast dtype; the VAE encodes every step's images (no_grad, before the UNet's forward; counted "
+              "in the forward phase); torch AdamW without fused/foreach arguments (foreach on a GPU)")
 STOCK_NOTE_XL = ("stock recipe: as diffusers' train_dreambooth_lora_sdxl.py, the VAE stays on the GPU in float32 and "
-                 "encodes every step (no_grad, before the UNet's forward: not at the peak); frozen text encoders in "
-                 "the autocast dtype (the LoRA script frees them after encoding its fixed prompts); torch AdamW "
-                 "without fused/foreach arguments (foreach on a GPU)")
+                 "encodes every step's images (no_grad, before the UNet's forward; counted in the forward phase); "
+                 "frozen text encoders in the autocast dtype (the LoRA script frees them after encoding its fixed "
+                 "prompts); torch AdamW without fused/foreach arguments (foreach on a GPU)")
 
 
 def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True) -> dict:
@@ -406,6 +416,7 @@ def track_step(cfg, *, confs: dict | None = None, comps=None, fake: bool = True)
         if stock:
             with swappable(mode):
                 resident = _stock_resident(cfg, confs, encoders, mode)
+            batches.vae = resident[0]
         try:
             undo = _as_on_gpu(run, fake, foreach=stock)
             with tracker:
