@@ -11,14 +11,16 @@ SDXL (issue 19) full UNet at 1024, same batch, <= 16 GB (GB = 10^9 bytes). Setti
 
 * stock-*   diffusers' train_dreambooth.py: fp32 weights under fp16 autocast (GradScaler),
             torch AdamW (foreach) or bitsandbytes 8-bit, SDPA attention, VAE and frozen
-            text encoder resident in fp16, gradient checkpointing off/on
+            text encoder resident in fp16, the VAE encoding each step's images (tracked),
+            gradient checkpointing off/on
 * ours-*    dbtrain train: bf16 autocast and our kernels, then each memory option alone
             (adamw8bit, gradient checkpointing, bf16 weights, step in backward) and the
             best combination; LoRA for comparison
 * SDXL      diffusers has only LoRA for SDXL DreamBooth (train_dreambooth_lora_sdxl.py: fp16
-            frozen base, fp32 rank-4 adapters, torch AdamW, VAE resident in float32, text
-            encoders freed after encoding): stock-lora4; the full-UNet stock rows apply
-            train_dreambooth.py's recipe to SDXL for reference
+            frozen base, fp32 rank-4 adapters, torch AdamW, VAE resident in float32 and
+            encoding each step's 1024 px images, text encoders freed after encoding the
+            fixed prompts): stock-lora4(-gc); the full-UNet stock rows apply
+            train_dreambooth.py's recipe to SDXL (VAE in float32) for reference
 
 Rows go to <out>/memory.jsonl (replaced when the run completes; rows so far are in
 memory.jsonl.partial while it runs) and a table to <out>/memory.md.
