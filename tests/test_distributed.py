@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -163,7 +164,9 @@ def killed(world):
     out = base / "ddp"
     t0 = time.monotonic()
     res = finish(launch(base, out, argv(base, model, out, 1, "--ddp_timeout", "30"), "killed", die={1: 2}), timeout=150)
-    return out, res, time.monotonic() - t0
+    took = time.monotonic() - t0
+    shutil.copytree(out, base / "ddp-copy")  # (resumed by one process in test_resume_on_one_process)
+    return out, res, took
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +203,16 @@ def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(single, killed, resum
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
     same_weights(unet(single), unet(out))
     assert resumed[1][1].strip() == ""  # rank 1 prints nothing (one copy of the progress output)
+
+
+def test_resume_on_one_process(world, single, killed):
+    """The 2-rank checkpoint (batch 1 per rank) resumed by one process at batch 2, the same global batch:
+    the same last step and weights (the optimizer state is replicated, so any number of ranks resumes it)."""
+    base, model = world
+    out = base / "ddp-copy"
+    assert cli.main(argv(base, model, out, 2, "--resume_from_checkpoint", "latest")) == 0
+    assert log(out)[-1]["loss"] == pytest.approx(log(single)[-1]["loss"], rel=1e-4)
+    same_weights(unet(single), unet(out))
 
 
 def test_no_rank_but_0_writes(world, killed, resumed):

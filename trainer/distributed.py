@@ -100,7 +100,7 @@ def stopped_message(err: BaseException, step: int) -> str | None:
                                                      and any(w in text.lower() for w in comm)):
         return None
     return (f"rank {rank()} of {world()}: another rank stopped or did not answer within --ddp_timeout "
-            f"{_STATE['timeout']} s at step {step} ({type(err).__name__}: {text}); the run ended there")
+            f"{_STATE['timeout']} s after step {step} ({type(err).__name__}: {text}); the run ended there")
 
 
 def on_rank0(fn, *args, **kwargs):

@@ -49,7 +49,8 @@ def _spec(g, name):
         "report_to": dict(default=None, metavar="NAME", help="tensorboard (event files when tensorboard is "
                           "installed), wandb, comet_ml or all; the JSONL step log is always written (not given: "
                           "tensorboard, without a note when it is not installed)"),
-        "local_rank": dict(type=int, default=-1, help="accepted: dbtrain trains in one process on one device"),
+        "local_rank": dict(type=int, default=-1, help="accepted: under torchrun each rank's device comes "
+                           "from LOCAL_RANK (data parallel, see --ddp_timeout)"),
         "enable_xformers_memory_efficient_attention": dict(action="store_true", help="diffusers' switch: our "
                                                            "fused attention kernels (--kernels on) instead"),
         "set_grads_to_none": dict(action="store_true", help="accepted: gradients are always set to None"),
