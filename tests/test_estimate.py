@@ -158,7 +158,7 @@ def tiny_xl(tmp_path_factory):
 def test_sdxl_fake_step_matches_the_real_step(tiny_xl):
     """Both text encoders trained (full), torch AdamW: the fake estimate equals the real CPU step, phase by
     phase, including the pooled embeddings and time ids the SDXL UNet takes."""
-    flags = ("--optimizer", "adamw", "--train_text_encoder")
+    flags = ("--optimizer", "adamw", "--train_text_encoder", "--resolution", "16")
     fake, real = _run(tiny_xl["base"], *flags), _run(tiny_xl["base"], *flags, fake=False)
     for phase in ("forward", "backward", "optimizer"):
         assert _close(fake["phases"][phase]["peak_bytes"], real["phases"][phase]["peak_bytes"]), phase
@@ -173,7 +173,8 @@ def test_sdxl_fake_step_matches_the_real_step(tiny_xl):
 
 
 def test_sdxl_lora_on_both_encoders(tiny_xl):
-    flags = ("--lora_rank", "4", "--train_text_encoder", "--mixed_precision", "bf16", "--gradient_checkpointing")
+    flags = ("--lora_rank", "4", "--train_text_encoder", "--mixed_precision", "bf16", "--gradient_checkpointing",
+             "--resolution", "16")
     fake = _run(tiny_xl["base"], *flags)  # (fake only: the real step is checked above, and slow here)
     assert 0 < fake["trainable_params"] < 0.2 * fake["params"]
     assert fake["by_category"]["gradients"] <= 4 * fake["trainable_params"]
@@ -188,3 +189,9 @@ def test_sdxl_arch_parses_and_refiner_refused(tiny_xl, capsys):
     assert len(estimate.model_configs(tiny_xl["base"])["text_encoder"]) == 2
     code, _out, err = run_cli(["estimate", "--pretrained_model_name_or_path", str(tiny_xl["refiner"])], capsys)
     one_line_error(code, err, "refiner")
+    # the folder's configs only (no weights): the same numbers as the components loaded from it
+    code, out, err = run_cli(["estimate", "--pretrained_model_name_or_path", str(tiny_xl["base"]), "--resolution",
+                              "32", "--with_prior_preservation", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["tracked_peak_bytes"] == _run(tiny_xl["base"])["tracked_peak_bytes"] > 0
