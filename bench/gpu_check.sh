@@ -15,7 +15,7 @@
 #      fills Triton's cache for this GPU in parallel (16 processes), so the JIT only autotunes later
 #   1  python -m dbkernels check           every backend of every op against the reference
 #   2  pytest -m gpu                       the GPU tests
-#   3  python -m bench loss / attention / optim / train   (rows under $OUT/results)
+#   3  python -m bench loss / attention / optim / train / train --arch sdxl   (rows under $OUT/results)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-470}          # seconds for the whole script (the device call allows 600)
@@ -70,5 +70,6 @@ stage bench_loss 30 60 python3 -m bench loss --out "$OUT/results"
 stage bench_attention 40 100 python3 -m bench attention --out "$OUT/results"
 stage bench_optim 30 60 python3 -m bench optim --out "$OUT/results"
 stage bench_train 30 80 python3 -m bench train --out "$OUT/results"
+stage bench_train_sdxl 60 150 python3 -m bench train --arch sdxl --text-encoder off --out "$OUT/results"
 pack
 echo "done in $((SECONDS - START))s"; ls -la "$OUT"

@@ -254,8 +254,8 @@ def calibrate(opts) -> int:
             flags = flags + ["--optimizer", "bnb8bit"]
         elif stock and "--optimizer" not in flags:
             flags = flags + ["--optimizer", "adamw"]
-        argv = ["--arch", "sd15", "--resolution", str(e.get("resolution", 512)), "--with_prior_preservation",
-                "--train_batch_size", "1", *flags] + (["--train_text_encoder"] if e.get("train_text_encoder") else [])
+        argv = ["--arch", e.get("arch", "sd15"), "--resolution", str(e.get("resolution", 512)),
+                "--with_prior_preservation", "--train_batch_size", "1", *flags] + (["--train_text_encoder"] if e.get("train_text_encoder") else [])
         cfg = estimate.parse(argv)
         cfg.stock_recipe = stock
         est = estimate.estimate(cfg)

@@ -38,6 +38,7 @@ from . import common
 OP = "train"
 SETTINGS = ("ours-fast", "ours-lowmem", "stock-fast", "stock-lowmem", "ours-lora", "ours-lora-lowmem", "stock-lora")
 LORA_RANK = 4
+SDXL_SETTINGS = ("ours-lowmem", "ours-lora", "ours-lora-lowmem", "stock-lora")
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280),
@@ -62,11 +63,47 @@ TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    p.add_argument("--settings", default=None, help=f"comma list of {', '.join(SETTINGS)} (default: all; "
+                   "sdxl: its own default list)")
     p.add_argument("--text-encoder", default="off,on", help="train the text encoder: off, on or both")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --quick 2)")
     p.add_argument("--memory-cap-gb", type=float, default=24.0, help="emulate a card of this size (CUDA)")
-    p.add_argument("--resolution", type=int, default=None, help="default 512 (--quick 32)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512, sdxl 1024 (--quick 32)")
+    p.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"],
+                   help="sd15; sdxl: SDXL 1.0's architecture (trainer/arch_configs/sdxl.json), settings "
+                        f"{','.join(SDXL_SETTINGS)} by default (the full stock recipes need > 24 GB there)")
+
+
+def build_sdxl_components(quick: bool, device: torch.device, tmp: Path):
+    """trainer.sdxl.SDXLComponents with random weights: SDXL 1.0's configs (--quick: the tiny SDXL folder)."""
+    import json
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trainer import sdxl
+    from trainer.tiny_sd import write_tokenizer_files
+
+    if quick:
+        from trainer.tiny_sdxl import build_tiny_sdxl
+
+        comps = sdxl.load_sdxl_components(build_tiny_sdxl(tmp / "tiny-sdxl"))
+        for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+            m.to(device)
+        return comps
+    confs = json.loads((Path(sdxl.__file__).parent / "arch_configs" / "sdxl.json").read_text())
+    write_tokenizer_files(tmp / "tok")  # ids stay small; the encoders' cost does not depend on them
+    toks = [CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77)
+            for _ in range(2)]
+    kws = [{k: v for k, v in c.items() if k not in ("architectures", "model_type")} for c in confs["text_encoder"]]
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(confs["unet"])
+        vae = AutoencoderKL.from_config(confs["vae"])
+        te, te2 = CLIPTextModel(CLIPTextConfig(**kws[0])), CLIPTextModelWithProjection(CLIPTextConfig(**kws[1]))
+    return sdxl.SDXLComponents(unet=unet, vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=toks[0],
+                               tokenizer_2=toks[1], noise_scheduler=DDPMScheduler.from_config(confs["scheduler"]),
+                               prediction_type="epsilon")
 
 
 def build_components(quick: bool, device: torch.device, tmp: Path):
@@ -221,19 +258,23 @@ def stock_lora_step(setting, train_te, comps, res, device, data):
     cuda = device.type == "cuda"
     weight_dtype = torch.float16 if cuda else torch.float32
     unet, vae, te, tok, sched = comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
-    for m in (unet, vae, te):
+    xl = getattr(comps, "text_encoder_2", None) is not None  # train_dreambooth_lora_sdxl.py
+    encoders = [te] + ([comps.text_encoder_2] if xl else [])
+    for m in (unet, vae, *encoders):
         m.requires_grad_(False)
     unet.to(device, weight_dtype)
-    vae.to(device, weight_dtype)
-    te.to(device, weight_dtype)
+    vae.to(device, torch.float32 if xl else weight_dtype)  # SDXL's VAE in fp32 (no fp16-fix VAE given)
+    for enc in encoders:
+        enc.to(device, weight_dtype)
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     if train_te:
         from trainer.lora import _inject
 
-        _inject(te, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+        for enc in encoders:
+            _inject(enc, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    params = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
     for p in params:  # diffusers' cast_training_params(..., dtype=torch.float32)
         p.data = p.data.float()
     unet.train()
@@ -243,19 +284,37 @@ def stock_lora_step(setting, train_te, comps, res, device, data):
                           for f in list_images(data / "inst", "i")[:1] + list_images(data / "cls", "c")[:1]])
     ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,
               truncation=True, return_tensors="pt").input_ids.to(device)
-    pixels = pixels.to(device, weight_dtype)
+    pixels = pixels.to(device, vae.dtype)
     alphas = sched.alphas_cumprod.to(device)
     autocast = torch.autocast(device.type, dtype=weight_dtype) if cuda else contextlib.nullcontext()
+    prompts = ["a photo of sks dog", "a photo of dog"]
+
+    def text():
+        if not xl:
+            return te(ids)[0], {}
+        from trainer.sdxl import encode_prompt_sdxl
+
+        emb, pooled = encode_prompt_sdxl([comps.tokenizer, comps.tokenizer_2], encoders, prompts, device)
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]] * 2, device=device, dtype=emb.dtype)
+        return emb, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    cached = None
+    if xl and not train_te:  # the script encodes the prompts once and frees the text encoders
+        with torch.no_grad(), autocast:
+            cached = text()
+        for enc in encoders:
+            enc.to("cpu")
 
     def step():
         with autocast:
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            latents = vae.encode(pixels).latent_dist.sample().to(weight_dtype) * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
             a = alphas[t].sqrt().flatten()[:, None, None, None]
             s = (1 - alphas[t]).sqrt().flatten()[:, None, None, None]
             noisy = (a * latents + s * noise).to(latents.dtype)
-            pred = unet(noisy, t, te(ids)[0]).sample
+            emb, kw = cached if cached is not None else text()
+            pred = unet(noisy, t, emb, **kw).sample
             pred_i, pred_p = torch.chunk(pred, 2, dim=0)
             tgt_i, tgt_p = torch.chunk(noise, 2, dim=0)
             loss = F.mse_loss(pred_i.float(), tgt_i.float()) + F.mse_loss(pred_p.float(), tgt_p.float())
@@ -293,7 +352,8 @@ def _measure(step, device, warmup: int, steps: int):
 
 def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     device: torch.device = opts.device
-    settings = [s.strip() for s in opts.settings.split(",") if s.strip()]
+    chosen = opts.settings or ",".join(SDXL_SETTINGS if opts.arch == "sdxl" else SETTINGS)
+    settings = [s.strip() for s in chosen.split(",") if s.strip()]
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"--settings: unknown {bad}; choose from {list(SETTINGS)}")
@@ -301,7 +361,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
                 "both": [False, True]}.get(opts.text_encoder.replace(" ", ""))
     if te_modes is None:
         raise ValueError("--text-encoder must be off, on or both")
-    res = opts.resolution or (32 if opts.quick else 512)
+    res = opts.resolution or (32 if opts.quick else 1024 if opts.arch == "sdxl" else 512)
     steps = opts.steps or (2 if opts.quick else 10)
     env = common.environment(device)
     from trainer.cli import _quiet_libraries
@@ -319,7 +379,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
         write_images(data / "cls", 4, res, 1)
         for train_te in te_modes:
             for setting in settings:
-                comps = build_components(opts.quick, device, data)
+                comps = (build_sdxl_components if opts.arch == "sdxl" else build_components)(opts.quick, device, data)
                 make = (ours_step if setting.startswith("ours") else stock_lora_step if setting == "stock-lora"
                         else stock_step)
                 label = f"{setting}{' +te' if train_te else ''}"
@@ -334,7 +394,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
                     del comps
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                extras.update({"setting": setting, "train_text_encoder": train_te, "resolution": res,
+                extras.update({"setting": setting, "train_text_encoder": train_te, "resolution": res, "arch": opts.arch,
                                "memory_cap_gb": opts.memory_cap_gb, "batch": "1 instance + 1 class"})
                 writer.write(common.make_row(op=OP, provider=setting, shape=[2, 3, res, res],
                                              dtype="mixed", mode="train_te" if train_te else "unet",

@@ -307,3 +307,13 @@ def test_train_suite_cpu_smoke(tmp_path):
     rows = _read_rows(tmp_path / "train.jsonl")
     assert {r["provider"] for r in rows} == {"ours-fast", "ours-lowmem", "stock-fast"}
     assert all(r["mode"] == "train_te" and r["ms_p50"] > 0 for r in rows)
+
+
+def test_train_suite_lora_and_sdxl_cpu_smoke(tmp_path):
+    """bench train's LoRA settings (ours and diffusers' train_dreambooth_lora[_sdxl] step) on the tiny SDXL."""
+    proc = _bench("train", "--device", "cpu", "--quick", "--arch", "sdxl", "--settings", "ours-lora,stock-lora",
+                  "--text-encoder", "on", "--steps", "1", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _read_rows(tmp_path / "train.jsonl")
+    assert {r["provider"] for r in rows} == {"ours-lora", "stock-lora"}
+    assert all(r["extras"]["arch"] == "sdxl" and r["extras"]["lora_rank"] == 4 for r in rows)
