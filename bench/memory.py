@@ -255,7 +255,8 @@ def calibrate(opts) -> int:
         elif stock and "--optimizer" not in flags:
             flags = flags + ["--optimizer", "adamw"]
         argv = ["--arch", e.get("arch", "sd15"), "--resolution", str(e.get("resolution", 512)),
-                "--with_prior_preservation", "--train_batch_size", "1", *flags] + (["--train_text_encoder"] if e.get("train_text_encoder") else [])
+                "--with_prior_preservation", "--train_batch_size", "1", *flags]
+        argv += ["--train_text_encoder"] if e.get("train_text_encoder") else []
         cfg = estimate.parse(argv)
         cfg.stock_recipe = stock
         est = estimate.estimate(cfg)
