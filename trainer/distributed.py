@@ -100,7 +100,16 @@ def stopped_message(err: BaseException, step: int) -> str | None:
                                                      and any(w in text.lower() for w in comm)):
         return None
     return (f"rank {rank()} of {world()}: another rank stopped or did not answer within --ddp_timeout "
-            f"{_STATE['timeout']} s after step {step} ({type(err).__name__}: {text}); the run ended there")
+            f"{_STATE['timeout']} s after step {step} ({type(err).__name__}: {text}); the run ended there"
+            + resume_note())
+
+
+def resume_note() -> str:
+    """Said where a run under torchrun stops resumably: the line to continue it is the torchrun line."""
+    if _STATE["world"] <= 1:
+        return ""
+    return (f" (started by torchrun: continue with the same torchrun --nproc_per_node {_STATE['world']} line plus "
+            f"--resume_from_checkpoint latest)")
 
 
 def on_rank0(fn, *args, **kwargs):

@@ -487,8 +487,8 @@ def _train(cfg, progress: dict) -> Path:
                     signum = stop.signum or interrupts.signal.SIGTERM
                     saved = saved or distributed.on_rank0(save_checkpoint, run, out, done)
                     raise Resumable(f"{interrupts.signal_name(signum)} at step {done} of "
-                                    f"{cfg.max_train_steps}; saved {saved}", kind="interrupted",
-                                    exit_code=128 + signum)
+                                    f"{cfg.max_train_steps}; saved {saved}{distributed.resume_note()}",
+                                    kind="interrupted", exit_code=128 + signum)
             if skipped > cfg.max_train_steps // 2:
                 raise UserError(f"{skipped} of {cfg.max_train_steps} steps had a non-finite loss or gradient and "
                                 f"were skipped; lower --learning_rate or use --mixed_precision bf16")
