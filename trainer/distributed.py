@@ -207,6 +207,25 @@ def reduce_step(params: list, loss: float, finite: bool) -> tuple[float, bool]:
     return float(t[0].item()) / n, True
 
 
+def average_in_backward(params: list) -> None:
+    """--step_in_backward under torchrun: each gradient is averaged over the ranks as soon as it is complete
+    (a post-accumulate-grad hook registered before step_in_backward's, so it runs first); every rank runs the
+    same graph, so the hooks and their all-reduces come in the same order everywhere."""
+    if _STATE["world"] <= 1:
+        return
+    import torch.distributed as dist
+
+    n = _STATE["world"]
+
+    def average(p):
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(n)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(average)
+
+
 def _all_reduce_mean(grads: list[torch.Tensor], n: int) -> None:
     import torch.distributed as dist
 

@@ -177,9 +177,6 @@ def _check_distributed(cfg, UserError, notes: list) -> None:
                         "under torchrun every rank holds the whole model (data parallel)")
     if getattr(cfg, "ddp_timeout", 1800) < 1:
         raise UserError(f"--ddp_timeout must be >= 1 second, got {cfg.ddp_timeout}")
-    if world > 1 and getattr(cfg, "step_in_backward", False):
-        raise UserError("--step_in_backward is not available under torchrun yet (it updates each weight inside "
-                        "backward, before the ranks' gradients are averaged); drop it")
     if getattr(cfg, "local_rank", -1) > -1:
         notes.append(f"--local_rank {cfg.local_rank}: ignored, " + (
             "each rank's device comes from torchrun's LOCAL_RANK" if world > 1

@@ -273,6 +273,7 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
             raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
         from dbkernels.optim import step_in_backward
 
+        distributed.average_in_backward(params)  # torchrun: these hooks run first, so each update sees the mean
         hook = step_in_backward(torch.nn.ModuleList([getattr(m, "module", m) for m in models.values()]), optimizer)
     return Run(cfg=cfg, device=device, batches=batches, unet=unet, te=te, models=models, params=params,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, hook=hook,
@@ -337,7 +338,8 @@ def train_step(run: Run, step: int) -> StepResult:
                                             prediction_type=run.prediction_type, num_prior=run.n_prior,
                                             prior_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
                                             noise_offset=offset, validate=False)
-            if not _fake(loss) and not torch.isfinite(loss):  # never train on NaN: the whole step is skipped
+            # never train on NaN: the whole step is skipped (torchrun: on every rank, before any backward)
+            if distributed.any_flag(not _fake(loss) and not bool(torch.isfinite(loss))):
                 finite = False
                 break
             total += (0.0 if _fake(loss) else loss.item()) / cfg.gradient_accumulation_steps
