@@ -7,7 +7,8 @@ ranks' rows is exactly the batch one process at batch N*b trains on. After backw
 averaged with all-reduce (in buckets, once per optimizer step); every rank then takes the same optimizer
 step, so the weights and the (replicated) optimizer state stay identical everywhere. DDP's reducer is not
 used: it fixes the trained parameters when it wraps a module, and pivotal tuning switches its new token rows
-off mid-run, and the text encoders are called outside the UNet.
+off mid-run, and the text encoders are called outside the UNet. With --step_in_backward each gradient is
+averaged in its own post-accumulate hook, just before its update (average_in_backward).
 
 Only rank 0 writes (output folder checks, logs, checkpoints, validation grids, the export); `on_rank0` runs
 such a part there and hands its result, or its error, to the other ranks. NCCL on GPUs, gloo on CPUs; every
