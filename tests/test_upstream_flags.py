@@ -136,9 +136,9 @@ def test_contradictions_are_one_line_errors(capsys, monkeypatch):
         config.parse(BASE + ["--use_8bit_adam", "--optimizer", "adamw"])
     with pytest.raises(UserError, match="--pre_compute_text_embeddings"):
         config.parse(BASE + ["--pre_compute_text_embeddings", "--train_text_encoder"])
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data parallel, but not the step inside backward yet
-    with pytest.raises(UserError, match="--step_in_backward is not available under torchrun"):
-        config.parse(BASE + ["--step_in_backward"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data parallel (issue 20), but no sharding yet
+    with pytest.raises(UserError, match="--shard .* not yet"):
+        config.parse(BASE + ["--shard"])
     monkeypatch.delenv("WORLD_SIZE")
     for bad, msg in ((["--lora_rank", "0"], "--lora_rank must be >= 1"), (["--rank", "4", "--lora_dropout", "1"],
                      "--lora_dropout"), (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
