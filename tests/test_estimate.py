@@ -195,3 +195,25 @@ def test_sdxl_arch_parses_and_refiner_refused(tiny_xl, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["tracked_peak_bytes"] == _run(tiny_xl["base"])["tracked_peak_bytes"] > 0
+
+
+def test_run_log_puts_the_estimate_beside_the_measured_peak(tmp_path, monkeypatch):
+    """On a GPU every step-log record holds the estimate next to torch.cuda.max_memory_allocated."""
+    import json
+    import types
+
+    import torch
+
+    from trainer import runlog
+
+    cfg = types.SimpleNamespace(logging_dir="logs", report_to="none")
+    log = runlog.RunLog(tmp_path, cfg)
+    log.estimate = {"estimated_allocated_gb": 4.2, "estimated_peak_gb": 5.0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 4 * 2**30)
+    rec = log.write(1, 0.5, (0.5, None), 1e-4, 10.0, types.SimpleNamespace(type="cuda"), 0)
+    cpu = log.write(2, 0.5, (0.5, None), 1e-4, 10.0, torch.device("cpu"), 0)
+    log.close()
+    assert rec["peak_vram_gb"] == 4.0 and rec["estimated_allocated_gb"] == 4.2 and "estimated_peak_gb" in rec
+    assert "estimated_allocated_gb" not in cpu
+    lines = [json.loads(x) for x in (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert lines[0]["estimated_peak_gb"] == 5.0

@@ -449,6 +449,13 @@ def _train(cfg, progress: dict) -> Path:
     run.identifier = ident
     start = resume_run(run, resume) if resume is not None else 0
     log = runlog.RunLog(out, cfg, files=distributed.is_main())
+    if device.type == "cuda":  # the estimate beside the measured peak in every log line (cached by preflight)
+        from .estimate import log_fields
+
+        try:
+            log.estimate = log_fields(cfg)
+        except Exception:  # noqa: BLE001 - advisory only, as the preflight
+            log.estimate = {}
     skipped, done = 0, start
 
     from tqdm.auto import tqdm

@@ -68,6 +68,7 @@ class RunLog:
 
     def __init__(self, out: Path, cfg, files: bool = True):
         self.f = self.tb = None
+        self.estimate = {}  # on a GPU: trainer.estimate's figures, logged beside the measured peak
         if not files:  # torchrun: ranks other than 0 make the records (for their log lines) but write nothing
             return
         logs = logs_folder(out, cfg)
@@ -88,6 +89,8 @@ class RunLog:
                "peak_vram_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                                 if device.type == "cuda" else None),
                "skipped_steps": skipped}
+        if device.type == "cuda":
+            rec.update(self.estimate)
         if self.f is not None:
             self.f.write(json.dumps(rec) + "\n")
             self.f.flush()
