@@ -190,22 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_file_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """--config run.toml: its keys become the parser's defaults, so flags given on the line override them."""
+    first, _ = parser.parse_known_args(argv)
+    if not first.config:
+        return
+    path = Path(first.config)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path}: not valid TOML ({e})") from e
+    unknown = sorted(set(table) - {act.dest for act in parser._actions})
+    if unknown:
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    parser.set_defaults(**table)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        path = Path(first.config)
-        if not path.is_file():
-            raise UserError(f"--config {path}: no such file")
-        try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"--config {path}: not valid TOML ({e})") from e
-        known = {act.dest for act in parser._actions}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-        parser.set_defaults(**table)
+    config_file_defaults(parser, argv)
     cfg = parser.parse_args(argv)
     check(cfg)
     flag_notes.apply(cfg, UserError)

@@ -81,7 +81,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     parser.set_defaults(instance_data_dir="-", instance_prompt="a photo of [V]", class_prompt="a photo",
                         class_data_dir="-")
-    _config_file_defaults(parser, argv)
+    config.config_file_defaults(parser, argv)
     cfg = parser.parse_args(argv)
     if cfg.arch is not None and cfg.arch not in ARCHES:
         raise UserError(f"--arch must be one of {', '.join(ARCHES)}, got {cfg.arch!r}")
@@ -103,26 +103,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     else:
         cfg.pretrained_model_name_or_path = None
     return cfg
-
-
-def _config_file_defaults(parser, argv) -> None:
-    """--config run.toml as `dbtrain train` reads it: its keys become defaults, flags override them."""
-    import tomllib
-
-    first, _ = parser.parse_known_args(argv)
-    if not first.config:
-        return
-    path = Path(first.config)
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"--config {path}: not valid TOML ({e})") from e
-    unknown = sorted(set(table) - {act.dest for act in parser._actions})
-    if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    parser.set_defaults(**table)
 
 
 def _read_json(path: Path, what: str) -> dict:

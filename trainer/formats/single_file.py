@@ -333,11 +333,16 @@ def header(model_dir, *, half: bool, extra: dict | None = None) -> dict:
     pred = prediction_type(model_dir)
     te_cfg = json.loads((Path(model_dir) / "text_encoder/config.json").read_text())
     sd2 = text_layout(te_cfg) == "openclip"
-    meta = {"modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-v2-768-v" if sd2 and pred == "v_prediction" else (
-                "stable-diffusion-v2-512" if sd2 else "stable-diffusion-v1"),
+    arch = "stable-diffusion-v2-768-v" if sd2 and pred == "v_prediction" else (
+        "stable-diffusion-v2-512" if sd2 else "stable-diffusion-v1")
+    return modelspec(model_dir, arch, pred, half=half, extra=extra)
+
+
+def modelspec(model_dir, architecture: str, prediction_type: str, *, half: bool, extra: dict | None = None) -> dict:
+    """The file header: Stability's modelspec fields (what UIs show) and ours."""
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
+            "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
             "modelspec.title": Path(model_dir).resolve().name,
             "dbtrain.source": "diffusers folder", "dbtrain.dtype": "float16" if half else "float32"}
     meta.update(extra or {})

@@ -109,14 +109,8 @@ def load_components_sdxl(model_dir, dtype=None):
 
 
 def header_sdxl(model_dir, *, half: bool, extra: dict | None = None) -> dict:
-    pred = sf.prediction_type(model_dir)
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
-            "modelspec.title": Path(model_dir).resolve().name,
-            "dbtrain.source": "diffusers folder", "dbtrain.dtype": "float16" if half else "float32"}
-    meta.update(extra or {})
-    return meta
+    return sf.modelspec(model_dir, "stable-diffusion-xl-v1-base", sf.prediction_type(model_dir), half=half,
+                        extra=extra)
 
 
 def save_single_file_sdxl(model_dir, out, *, half: bool = False, metadata: dict | None = None,
