@@ -451,3 +451,15 @@ def test_sample_writes_into_its_own_folder_again(tiny_model, tmp_path, capsys):
         code, _, err = run_cli(argv, capsys)
         assert code == 0, err
     assert (out / "000.png").is_file() and (out / ".dbtrain-run.json").is_file()
+
+
+def test_resume_hint_under_torchrun_is_the_torchrun_line(monkeypatch):
+    from trainer import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.continue_command("train", ["--output_dir", "o"]).startswith("resume with: dbtrain train --output_dir o")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    hint = cli.continue_command("textual-inversion", ["--output_dir", "o", "--resume_from_checkpoint", "checkpoint-2"])
+    assert hint == ("resume with: torchrun --nproc_per_node 2 -m trainer textual-inversion --output_dir o "
+                    "--resume_from_checkpoint latest")

@@ -8,6 +8,7 @@ by Ctrl-C / SIGTERM saves its state and prints the exact command that continues 
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -111,8 +112,12 @@ def _without_resume(args: list[str]) -> list[str]:
 def continue_command(cmd: str, rest: list[str]) -> str:
     """The exact command that continues a stopped `cmd` (empty for commands that cannot)."""
     if cmd in ("train", "textual-inversion"):
-        return f"resume with: dbtrain {cmd} " + shlex.join(_without_resume(rest) + ["--resume_from_checkpoint",
-                                                                                   "latest"])
+        args = shlex.join(_without_resume(rest) + ["--resume_from_checkpoint", "latest"])
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:  # started by torchrun: continue under the same launcher
+            per_node = os.environ.get("LOCAL_WORLD_SIZE", world)
+            return f"resume with: torchrun --nproc_per_node {per_node} -m trainer {cmd} {args}"
+        return f"resume with: dbtrain {cmd} {args}"
     if cmd == "demo":
         return "continue with: " + " ".join(["dbtrain", "demo", shlex.join(rest)]).strip()
     return ""

@@ -100,6 +100,8 @@ def build_ti_parser() -> argparse.ArgumentParser:
     g("--kernels", default="on", metavar="on|off", help="on: dbkernels loss and attention; off: PyTorch's")
     g("--log_every", type=int, default=10, help="a log line every this many steps")
     g("--device", default=None, metavar="cuda|cpu", help="cuda or cpu (not given: cuda if available)")
+    g("--ddp_timeout", type=int, default=1800, metavar="S", help="torchrun: seconds a rank waits for the others "
+      "(a rank that died or hangs ends the run with an error after this)")
     return p
 
 
