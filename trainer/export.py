@@ -129,7 +129,7 @@ def export_single_file(cfg, out: Path, lora_file: Path | None = None) -> str:
     from .formats.kohya_lora import merge_lora
     from .sdxl import is_sdxl, merge_lora_sdxl
 
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in out.resolve().name).strip(".-") or "model"
+    name = file_stem(out.resolve().name, "model")
     if lora_file is None:
         model, parts, name = out, None, f"{name}.safetensors"
     else:  # the kohya LoRA file already has <name>.safetensors
@@ -158,10 +158,14 @@ def export_single_file(cfg, out: Path, lora_file: Path | None = None) -> str:
     return name
 
 
+def file_stem(text: str, default: str) -> str:
+    """A file name made of `text`: letters, digits, '-', '_', '.' kept, anything else '-' (`default` if empty)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text.strip()).strip(".-") or default
+
+
 def a1111_name(placeholder: str) -> str:
     """The embedding's file name for A1111 / ComfyUI (they name an embedding by its file): <cat-toy> -> cat-toy."""
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in placeholder.strip("<>").strip()).strip(".-")
-    return name or "embedding"
+    return file_stem(placeholder.strip("<>"), "embedding")
 
 
 def export_embedding(out: Path, new_tokens, step: int, *, name: str | None = None, a1111: bool = True,

@@ -149,8 +149,9 @@ def metadata(cfg, identifier: str | None, step: int, out: Path) -> dict:
 
 
 def kohya_name(out: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name).strip(".-")
-    return f"{name or 'lora'}.safetensors"
+    from .export import file_stem
+
+    return f"{file_stem(out.resolve().name, 'lora')}.safetensors"
 
 
 def export_lora(cfg, unet, te, out: Path, step: int, identifier: str | None, te2=None) -> list[str]:
