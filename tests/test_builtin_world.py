@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import write_tiny_judge
 from trainer import cli
 from trainer.world import scenes
 from trainer.world.tiny import JUDGE_DIR, MODEL_DIR
@@ -115,24 +116,8 @@ def test_prior_preservation_keeps_the_class_prior(short_runs):
 
 
 def test_eval_command_with_local_clip_and_dino_folders(tmp_path, capsys):
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
-                              ViTImageProcessor, ViTModel)
-
-    torch.manual_seed(0)
-    clip_dir, dino_dir, subject = tmp_path / "clip", tmp_path / "dino", tmp_path / "subject"
-    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
-    CLIPModel(CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": len(tok) - 2,
-                     "eos_token_id": len(tok) - 1, "pad_token_id": len(tok) - 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)).save_pretrained(clip_dir)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
-                  tokenizer=tok).save_pretrained(clip_dir)
-    ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(dino_dir)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    subject = tmp_path / "subject"
+    clip_dir, dino_dir = write_tiny_judge(tmp_path, MODEL_DIR / "tokenizer", 16)
     from trainer.demo import write_subject
 
     write_subject(subject)

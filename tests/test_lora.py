@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import one_line_error, run_cli, train_until_interrupt
 from test_trainer import make_images
 from trainer import cli, config, loop
 from trainer.tiny_sd import build_tiny_sd
@@ -133,18 +133,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, tmp_path, m
     inst = make_images(tmp_path / "inst")
     extra = ["--lora_rank", "2", "--lora_conv", "--checkpointing_steps", "2"]
     assert cli.main(train_args(tiny_model, inst, tmp_path / "full", *extra, steps=4)) == 0
-    real_step = loop.train_step
-
-    def stop_at_3(run, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, step)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(config.parse(
-            train_args(tiny_model, inst, tmp_path / "cut", *extra, steps=4)[1:]))
-    monkeypatch.setattr(loop, "train_step", real_step)
+    train_until_interrupt(monkeypatch, train_args(tiny_model, inst, tmp_path / "cut", *extra, steps=4)[1:])
     assert (tmp_path / "cut" / "checkpoint-2").is_dir()
     code = cli.main(train_args(tiny_model, inst, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest",
                                steps=4))

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import one_line_error, run_cli, train_until_interrupt, write_tiny_judge
 from test_trainer import make_images
 from trainer import cli, config, loop, sdxl
 from trainer.tiny_sdxl import build_tiny_sdxl
@@ -262,17 +262,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(model, inst, full_run, 
     extra = ["--train_text_encoder", "--checkpointing_steps", "2", *prior_args(tmp / "cls"),
              *(["--lora_rank", "2"] if lora else [])]
     assert cli.main(train_args(model, inst, tmp_path / "whole", *extra, steps=4)) == 0
-    real_step = loop.train_step
-
-    def stop_at_3(run, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, step)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(config.parse(train_args(model, inst, tmp_path / "cut", *extra, steps=4)[1:]))
-    monkeypatch.setattr(loop, "train_step", real_step)
+    train_until_interrupt(monkeypatch, train_args(model, inst, tmp_path / "cut", *extra, steps=4)[1:])
     assert (tmp_path / "cut" / "checkpoint-2" / ("text_encoder_2_lora" if lora else "text_encoder_2")).is_dir()
     assert cli.main(train_args(model, inst, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest",
                                steps=4)) == 0
@@ -382,25 +372,8 @@ def config_ti(argv):
 
 def test_eval_on_the_trained_sdxl_folder(full_run, model, inst, tmp_path):
     """`dbtrain eval` samples the trained SDXL folder with StableDiffusionXLPipeline (tiny local CLIP/DINO)."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
-                              ViTImageProcessor, ViTModel)
-
     tmp, _ = full_run
-    torch.manual_seed(0)
-    clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
-    tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    CLIPModel(CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": len(tok) - 2,
-                     "eos_token_id": len(tok) - 1, "pad_token_id": len(tok) - 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)).save_pretrained(clip_dir)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
-                  tokenizer=tok).save_pretrained(clip_dir)
-    ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(dino_dir)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    clip_dir, dino_dir = write_tiny_judge(tmp_path, model / "tokenizer", 77)
     out = tmp_path / "eval"
     assert cli.main(["eval", "--model", str(tmp / "out"), "--instance_data_dir", str(inst), "--num_images", "2",
                      "--steps", "2", "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--device", "cpu",
