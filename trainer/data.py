@@ -76,9 +76,10 @@ def caption_suffix(ext: str) -> str:
     return ext if ext.startswith(".") else "." + ext
 
 
-def read_captions(files: list[Path], ext: str) -> list[str | None]:
+def read_captions(files: list[Path], ext: str, fallback: str = "the instance prompt") -> list[str | None]:
     """Per image, the first non-empty line of `<stem><ext>` beside it (kohya's convention), or None
-    where there is no caption file or it is empty (the instance prompt is used there)."""
+    where there is no caption file or it is empty (`fallback` is used there: the instance prompt, or for
+    class images the class prompt); one note line says how many were captioned."""
     ext = caption_suffix(ext)
     out, empty = [], []
     for f in files:
@@ -100,9 +101,17 @@ def read_captions(files: list[Path], ext: str) -> list[str | None]:
     where = _folder_of(files)
     missing = [f.name for f, c in zip(files, out) if c is None]
     _say("note", f"{where}: {found} of {len(files)} image(s) captioned by their {ext} file"
-                 + (f"; the instance prompt for {_names(missing)}" if missing else "")
+                 + (f"; {fallback} for {_names(missing)}" if missing else "")
                  + (f" ({len(empty)} empty caption file(s): {_names(empty)})" if empty else ""))
     return out
+
+
+def class_prompts(files: list[Path], ext: str | None, class_prompt: str) -> list[str]:
+    """The prompt of each class image: its caption file's (`x.txt` beside `x.png`, --caption_extension;
+    the kohya convention for regularisation images too, used as written), else --class_prompt."""
+    if not ext:
+        return [class_prompt] * len(files)
+    return [c or class_prompt for c in read_captions(files, ext, fallback="the class prompt")]
 
 
 def _link_target(f: Path) -> str:

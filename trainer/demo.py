@@ -75,6 +75,14 @@ def write_subject(folder: Path, seed: int = 0, captions: bool = False) -> Path:
     return folder
 
 
+def place_class_prompts() -> list[str]:
+    """The place-diverse class prompts: "a star <place>" for every place of the world (the unseen one too),
+    so the class term keeps "a star in space" itself, not only "a star"."""
+    from .world.place import PLACES
+
+    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES]
+
+
 def recipe_extras() -> dict:
     """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS)."""
     return {"extra": tuple(DEMO_EXTRA_FLAGS)}

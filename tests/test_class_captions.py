@@ -1,0 +1,91 @@
+"""Class images with caption files (issue 15): `x.txt` beside `x.png` in --class_data_dir is that class
+image's prompt when --caption_extension is given (kohya's convention for regularisation images);
+--class_prompt for the others and for generating missing ones. The demo's place-diverse class images."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer import cli
+from trainer.tiny_sd import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd")
+
+
+def _images(folder, n, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.new("RGB", (size, size), (40 * k, 120, 200)).save(folder / f"img{k}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_class_prompts_read_caption_files_and_fall_back_to_the_class_prompt(tmp_path, capsys):
+    from trainer import data
+
+    files = _images(tmp_path / "cls", 3)
+    (tmp_path / "cls" / "img0.txt").write_text("a star in space\n")
+    (tmp_path / "cls" / "img1.txt").write_text("  \n")  # empty: the class prompt
+    assert data.class_prompts(files, ".txt", "a star") == ["a star in space", "a star", "a star"]
+    err = capsys.readouterr().err
+    assert "1 of 3 image(s) captioned by their .txt file; the class prompt for img1.png, img2.png" in err
+    # without --caption_extension the caption files are not read
+    assert data.class_prompts(files, None, "a star") == ["a star"] * 3
+
+
+def test_generated_class_images_carry_their_prompt_as_caption(tiny_model, tmp_path, capsys):
+    """prompts=[...]: image i drawn from prompts[i % len], its caption written beside it; the files are
+    counted as images only (no 'not images' warning), so a second call makes nothing."""
+    from types import SimpleNamespace
+
+    from trainer.prior import generate_class_images
+
+    cfg = SimpleNamespace(class_data_dir=str(tmp_path / "cls"), num_class_images=5, seed=0, resolution=32,
+                          class_prompt="a toy", class_inference_steps=2, sample_batch_size=4,
+                          pretrained_model_name_or_path=str(tiny_model), caption_extension=".txt")
+    prompts = ["a toy on the beach", "a toy in space"]
+    assert generate_class_images(cfg, torch.device("cpu"), torch.float32, prompts=prompts) == 5
+    captions = [(tmp_path / "cls" / f"class-{i:05d}.txt").read_text().strip() for i in range(5)]
+    assert captions == [prompts[i % 2] for i in range(5)]
+    assert len(list((tmp_path / "cls").glob("*.png"))) == 5
+    assert generate_class_images(cfg, torch.device("cpu"), torch.float32, prompts=prompts) == 0
+    assert "not images" not in capsys.readouterr().err
+
+
+def test_training_uses_each_class_images_caption(tiny_model, tmp_path, capsys, monkeypatch):
+    """Through `dbtrain train` with the recipe search's class_captions(): the class rows' prompts are the
+    class images' captions (one cached embedding per distinct prompt), --class_prompt where none."""
+    from trainer import loop
+    from trainer.world.recipes import class_captions
+
+    _images(tmp_path / "inst", 2)
+    _images(tmp_path / "cls", 3)
+    (tmp_path / "cls" / "img0.txt").write_text("a toy in space")
+    (tmp_path / "cls" / "img1.txt").write_text("a toy on the beach")
+    seen = []
+    real_make = loop.Batches.make
+    monkeypatch.setattr(loop.Batches, "make", lambda self, step, micro: (
+        seen.append((dict(self.embeds), [self.prompt("cls", i) for i in range(3)])), real_make(self, step, micro))[1])
+    argv = ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(tmp_path / "inst"),
+            "--instance_prompt", "a [V] toy", "--output_dir", str(tmp_path / "out"), "--resolution", "32",
+            "--max_train_steps", "1", "--seed", "3", "--optimizer", "adamw", "--kernels", "off",
+            "--with_prior_preservation", "--class_prompt", "a toy", "--class_data_dir", str(tmp_path / "cls"),
+            "--num_class_images", "3", "--caption_extension", ".txt"]
+    with class_captions():
+        assert cli.main(argv) == 0
+    assert loop.Batches.__name__ == "Batches"  # put back
+    embeds, cls_prompts = seen[0]
+    assert cls_prompts == ["a toy in space", "a toy on the beach", "a toy"]
+    assert {"a toy in space", "a toy on the beach", "a toy"} <= set(embeds)
+    assert "2 of 3 image(s) captioned by their .txt file; the class prompt for img2.png" in capsys.readouterr().err
+
+
+def test_place_class_prompts_cover_every_place_of_the_world():
+    from trainer.demo import place_class_prompts
+    from trainer.world.place import PLACES
+
+    assert place_class_prompts() == [f"a star {p}" for p in PLACES]
+    assert "a star in space" in place_class_prompts()
