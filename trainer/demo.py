@@ -75,12 +75,12 @@ def write_subject(folder: Path, seed: int = 0, captions: bool = False) -> Path:
     return folder
 
 
-def place_class_prompts() -> list[str]:
+def place_class_prompts(plain: bool = False) -> list[str]:
     """The place-diverse class prompts: "a star <place>" for every place of the world (the unseen one too),
-    so the class term keeps "a star in space" itself, not only "a star"."""
+    so the class term keeps "a star in space" itself, not only "a star"; plain=True: "a star" too."""
     from .world.place import PLACES
 
-    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES]
+    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + ([f"a {scenes.SUBJECT_CLASS}"] if plain else [])
 
 
 def recipe_extras() -> dict:

@@ -62,6 +62,22 @@ RECIPES = {
                          True),
     "places-lr2e-4": ("captions, place-captioned class images, lr 2e-4", {"lr": 2e-4, "class_places": True},
                       ("--caption_extension", ".txt"), True),
+    "places-te-lr2e-4": ("captions + text encoder, place-captioned class images, lr 2e-4",
+                         {"lr": 2e-4, "class_places": True}, ("--caption_extension", ".txt", "--train_text_encoder"),
+                         True),
+    "places-te-lr1e-4-400": ("captions + text encoder, place-captioned class images, lr 1e-4, 400 steps",
+                             {"lr": 1e-4, "steps": 400, "class_places": True},
+                             ("--caption_extension", ".txt", "--train_text_encoder"), True),
+    "places+plain-te-lr1e-4": ("captions + text encoder, class images of the 6 places and plain 'a star', lr 1e-4",
+                               {"lr": 1e-4, "class_places": "plain"},
+                               ("--caption_extension", ".txt", "--train_text_encoder"), True),
+    "places+plain-te-lr2e-4": ("captions + text encoder, class images of the 6 places and plain 'a star', lr 2e-4",
+                               {"lr": 2e-4, "class_places": "plain"},
+                               ("--caption_extension", ".txt", "--train_text_encoder"), True),
+    "places-te-lr1e-4-prior05": ("captions + text encoder, place-captioned class images, lr 1e-4, prior weight 0.5",
+                                 {"lr": 1e-4, "class_places": True},
+                                 ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "0.5"),
+                                 True),
 }
 
 
@@ -118,15 +134,69 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _space(r: dict) -> float:
+    return next((v for k, v in r["place_by_prompt"].items() if k.endswith(" in space")), float("nan"))
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Issue 15's targets per row, against the base row: DINO and CLIP-I gains in half-widths of the row's
+    own 95% interval (target >= 5), PLACE and PLACE in space minus the base model's (target >= -0.10),
+    PRES inside the base model's interval."""
+    base = next((r for r in rows if r["recipe"] == "base"), None)
+    if base is None:
+        return ""
+    bm, bci = base["metrics"], base["intervals"]
+    lines = ["| recipe | DINO gain / half-width | CLIP-I gain / half-width | PLACE - base | PLACE in space - base | "
+             "PRES in base interval | (a)+(b) met |", "|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if r is base:
+            continue
+        m, ci = r["metrics"], r["intervals"]
+        x = {k: (m[k] - bm[k]) / max((ci[k][1] - ci[k][0]) / 2, 1e-9) for k in ("DINO", "CLIP-I")}
+        dp, ds = m["PLACE"] - bm["PLACE"], _space(r) - _space(base)
+        pres = bci["PRES"][0] <= m["PRES"] <= bci["PRES"][1]
+        met = min(x.values()) >= 5 and dp >= -0.1 - 1e-9 and ds >= -0.1 - 1e-9
+        lines.append(f"| {r['recipe']} (seed {r['seed']}) | {x['DINO']:.1f} | {x['CLIP-I']:.1f} | {dp:+.3f} | "
+                     f"{ds:+.2f} | {'yes' if pres else 'no'} | {'yes' if met else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """Recipes run with more than one training seed: mean ± std over seeds of each metric."""
+    from ..metrics import METRICS
+
+    by = {}
+    for r in rows:
+        by.setdefault(r["recipe"], {})[r["seed"]] = r  # a recipe run twice with one seed: the later row
+    multi = {k: v for k, v in by.items() if len(v) > 1}
+    if not multi:
+        return ""
+    lines = ["| recipe | seeds | " + " | ".join(METRICS) + " | PLACE in space |",
+             "|---|---|" + "---:|" * (len(METRICS) + 1)]
+    for name, seeds in multi.items():
+        rs = [seeds[k] for k in sorted(seeds)]
+        cols = [[r["metrics"][k] for r in rs] for k in METRICS] + [[_space(r) for r in rs]]
+        cells = [f"{float(torch.tensor(c).mean()):.3f} ± {float(torch.tensor(c).std()):.3f}" for c in cols]
+        lines.append(f"| {name} | {', '.join(str(k) for k in sorted(seeds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(prefix: Path) -> str:
     rows = [json.loads(line) for line in prefix.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
     n = sorted({r["eval_images"] for r in rows})
     text = (f"Scored on 'a [V] star <place>' for the {len(PLACES)} places (the base model on 'a star <place>') and "
             f"'a star'; {n} images per prompt, image k from seed {rows[0]['eval_seed']} + k, 20 steps, guidance 5; "
-            f"mean [95% bootstrap interval over images]. One training seed (0) per recipe. Device: the 2-core CPU, "
-            f"shared with other jobs (train s is wall time under that load, 1 torch thread). Written by "
-            f"`python -m trainer.world.recipes --recipes NAME ... --out {prefix}` (appends a row per recipe; "
-            f"each row's command is in the .jsonl).\n\n" + table(rows))
+            f"mean [95% bootstrap interval over images]. The training seed is in each row. Device: the 2-core CPU, "
+            f"shared with other jobs (train s is wall time under that load, 1 torch thread; it includes drawing "
+            f"the class images). Written by `python -m trainer.world.recipes --recipes NAME ... [--seed S] --out "
+            f"{prefix}` (appends a row per recipe; each row's command is in the .jsonl).\n\n" + table(rows))
+    targets, seeds = targets_table(rows), seeds_table(rows)
+    if targets:
+        text += ("\nIssue 15's targets against the base row: (a) PLACE and PLACE in space within 10 points of the "
+                 "base model's, (b) DINO and CLIP-I gains at least 5 half-widths of the row's 95% interval.\n\n"
+                 + targets)
+    if seeds:
+        text += "\nRecipes run with several training seeds, mean ± std over the seeds:\n\n" + seeds
     prefix.with_suffix(".md").write_text(text)
     return text
 
@@ -170,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
                    "num_class_images": demo.NUM_CLASS_IMAGES, "seed": a.seed, "device": "cpu", **rkw}
             places = rkw.pop("class_places", False)
             run_dir = work / f"{name}-s{a.seed}"
-            class_dir = work / f"class-{'places-' if places else ''}{rkw['num_class_images']}"
+            class_dir = work / f"class-{'places-' if places else ''}{'plain-' if places == 'plain' else ''}" \
+                               f"{rkw['num_class_images']}"
             if places:  # the base model's "a star <place>" for every place, each with its caption file
                 from .. import config
                 from ..prior import generate_class_images
 
                 args = demo.train_args(MODEL_DIR, subject, run_dir, class_dir=class_dir, extra=extra, **rkw)
                 generate_class_images(config.parse(args), torch.device("cpu"), torch.float32,
-                                      prompts=demo.place_class_prompts())
+                                      prompts=demo.place_class_prompts(plain=places == "plain"))
             with class_captions() if places else contextlib.nullcontext():
                 trained = demo.dreambooth(MODEL_DIR, subject if captions else plain, run_dir, class_dir=class_dir,
                                           extra=extra, **rkw)
@@ -189,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
         grid([(name, ev.samples)]).save(work / f"{name}-s{a.seed}.png")
         row = {"recipe": name, "what": what, "seed": a.seed, "metrics": ev.metrics, "intervals": ev.intervals,
-               "place_by_prompt": ev.place_by_prompt, "train_s": round(train_s, 1), "total_s": round(time.time() - t0, 1),
+               "place_by_prompt": ev.place_by_prompt, "train_s": round(train_s, 1),
+               "total_s": round(time.time() - t0, 1),
                "eval_images": a.eval_images, "eval_seed": a.eval_seed, "device": platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "command": "python -m trainer.world.recipes " + " ".join(sys.argv[1:] if argv is None else argv)}
