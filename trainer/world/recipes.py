@@ -74,6 +74,10 @@ RECIPES = {
     "places+plain-te-lr2e-4": ("captions + text encoder, class images of the 6 places and plain 'a star', lr 2e-4",
                                {"lr": 2e-4, "class_places": "plain"},
                                ("--caption_extension", ".txt", "--train_text_encoder"), True),
+    "places-te-lr1e-4-prior2-400": ("captions + text encoder, place-captioned class images, lr 1e-4, prior weight 2, "
+                                    "400 steps", {"lr": 1e-4, "steps": 400, "class_places": True},
+                                    ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "2"),
+                                    True),
     "places-te-lr1e-4-prior05": ("captions + text encoder, place-captioned class images, lr 1e-4, prior weight 0.5",
                                  {"lr": 1e-4, "class_places": True},
                                  ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "0.5"),
