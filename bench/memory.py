@@ -77,15 +77,28 @@ SETTINGS = (
     ("ours-adamw8bit-gc", OURS + ["--gradient_checkpointing"], False, "ours + AdamW8bit + gradient checkpointing"),
     ("ours-lora4-gc", OURS + ["--lora_rank", "4", "--gradient_checkpointing"], False,
      "ours, LoRA rank 4 on the UNet, checkpointing"),
+    # torchrun (issue 20): one rank's memory; --shard splits the optimizer state and gradients (ZeRO-2)
+    ("ours-adamw-gc-x2", OURS + ["--optimizer", "adamw", "--gradient_checkpointing", "--world_size", "2"], False,
+     "ours + checkpointing, torch AdamW: one rank of 2, data parallel (whole state on each)"),
+    ("ours-adamw-gc-x2-shard", OURS + ["--optimizer", "adamw", "--gradient_checkpointing", "--world_size", "2",
+                                       "--shard"], False, "the same with --shard: one rank of 2"),
+    ("ours-adamw-gc-x4-shard", OURS + ["--optimizer", "adamw", "--gradient_checkpointing", "--world_size", "4",
+                                       "--shard"], False, "the same with --shard: one rank of 4"),
+    ("ours-adamw8bit-gc-x2-shard", OURS + ["--gradient_checkpointing", "--world_size", "2", "--shard"], False,
+     "ours + AdamW8bit + checkpointing, --shard: one rank of 2"),
+    ("ours-best-x2-shard", BEST + ["--world_size", "2", "--shard"], False, "ours, all options, --shard: one rank of 2"),
+    ("ours-best-x4-shard", BEST + ["--world_size", "4", "--shard"], False, "ours, all options, --shard: one rank of 4"),
 )
+SHARD = ("ours-adamw-gc-x2", "ours-adamw-gc-x2-shard", "ours-adamw-gc-x4-shard", "ours-adamw8bit-gc-x2-shard",
+         "ours-best-x2-shard", "ours-best-x4-shard")
 ARCH_RES = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 XL_ONLY = ("stock-lora4", "stock-lora4-gc", "ours-adamw8bit-gc", "ours-lora4-gc")
 ARCH_SETTINGS = {
-    "sd15": tuple(n for n, *_ in SETTINGS if n not in XL_ONLY),
+    "sd15": tuple(n for n, *_ in SETTINGS if n not in XL_ONLY),  # (the torchrun rows too)
     "sd21": ("stock-adamw-gc", "stock-bnb8bit-gc", "ours-best", "ours-best+te"),
     "sdxl": ("stock-lora4", "stock-lora4-gc", "stock-adamw-gc", "stock-bnb8bit-gc", "ours-adamw", "ours-adamw8bit",
              "ours-adamw-gc", "ours-adamw-bf16w", "ours-adamw8bit-sib", "ours-adamw8bit-gc", "ours-best",
-             "ours-best+te", "ours-lora4-gc", "ours-lora4-gc+te"),
+             "ours-best+te", "ours-lora4-gc", "ours-lora4-gc+te", *SHARD),
 }
 
 
@@ -126,7 +139,8 @@ def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> 
               "target": target_key if target is not None else None, "target_bytes": target,
               "meets_target": (over <= 0) if over is not None else None,
               "over_target_bytes": max(0, over) if over is not None else None,
-              "estimate_seconds": r["seconds"]}
+              "estimate_seconds": r["seconds"], "world_size": r.get("world_size", 1), "rank": r.get("rank", 0),
+              "shard": bool(getattr(cfg, "shard", False))}
     if over is not None and over > 0:  # what would close the gap, from the breakdown
         extras["would_help"] = [{"flag": f, "saves_bytes": b} for f, b in estimate.savings(r, cfg) if b > 0]
     return {"op": OP, "provider": name, "shape": [2, 4, cfg.resolution // 8, cfg.resolution // 8],

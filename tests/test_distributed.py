@@ -224,14 +224,23 @@ def test_no_rank_but_0_writes(world, killed, resumed):
     assert {"dreambooth.json", "logs/train_log.jsonl"} <= set(written[("resumed", 0)])
 
 
-def test_step_in_backward_averages_each_gradient_in_its_hook(world):
-    """--step_in_backward (adamw8bit updates inside backward): 2 ranks at batch 1 = 1 process at batch 2."""
+@pytest.fixture(scope="module")
+def sib(world):
+    """--step_in_backward (adamw8bit updates inside backward): 1 process at batch 2, 2 ranks at batch 1, and 2
+    ranks at batch 1 with --shard."""
     base, model = world
     extra = ["--optimizer", "adamw8bit", "--step_in_backward", "--max_train_steps", "2"]
-    one, two = base / "sib-one", base / "sib-two"
+    one, two, split = base / "sib-one", base / "sib-two", base / "sib-shard"
     assert cli.main(argv(base, model, one, 2, *extra)) == 0
-    for code, _, err in finish(launch(base, two, argv(base, model, two, 1, *extra), "sib")):
-        assert code == 0, err[-3000:]
+    for out, more in ((two, []), (split, ["--shard"])):
+        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
+            assert code == 0, err[-3000:]
+    return one, two, split
+
+
+def test_step_in_backward_averages_each_gradient_in_its_hook(sib):
+    """2 ranks at batch 1 = 1 process at batch 2."""
+    one, two, _ = sib
     for a, b in zip(log(one), log(two)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     # 8-bit states: a last-bit gradient difference can move an element to the next quantization level (measured
@@ -239,13 +248,66 @@ def test_step_in_backward_averages_each_gradient_in_its_hook(world):
     same_weights(unet(one), unet(two), max_tol=1e-3)
 
 
-def test_shard_says_not_yet(world, monkeypatch):
+def test_shard_with_step_in_backward_equals_unsharded(sib):
+    """--shard: each gradient reduced to its owner, updated there inside backward, broadcast: bit for bit the
+    unsharded 2-rank run (the sum of two values does not depend on the order)."""
+    _, two, split = sib
+    assert [r["loss"] for r in log(split)] == [r["loss"] for r in log(two)]
+    a, b = unet(two), unet(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def sharded(world):
+    """`killed` and `resumed` again with --shard: rank 1 dies at step index 2 (after checkpoint-2), then the
+    same 2-rank command resumes; a copy of the killed folder is resumed by one process without --shard."""
+    base, model = world
+    out = base / "shard"
+    args = argv(base, model, out, 1, "--ddp_timeout", "30", "--shard")
+    died = finish(launch(base, out, args, "shard-killed", die={1: 2}), timeout=150)
+    shutil.copytree(out, base / "shard-copy")
+    done = finish(launch(base, out, [*args, "--resume_from_checkpoint", "latest"], "shard-resumed"))
+    return out, died, done
+
+
+def test_shard_equals_unsharded(killed, resumed, sharded):
+    """--shard (torch AdamW, global-norm clipping): the same losses, weights and checkpoint as unsharded data
+    parallel, bit for bit; the checkpoint holds every parameter's optimizer state (gathered to rank 0)."""
+    out, died, done = sharded
+    (c0, _, e0), (c1, _, _) = died
+    assert c1 == -9 and c0 == 2 and "rank 0 of 2: another rank stopped" in e0, e0[-3000:]
+    for code, _, err in done:
+        assert code == 0, err[-3000:]
+    ref = killed[0]
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(ref)]
+    a, b = unet(ref), unet(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(d / "checkpoint-2" / "optimizer.pt", weights_only=True) for d in (ref, out))
+    n_params = sum(len(g["params"]) for g in sa["param_groups"])
+    assert len(sb["state"]) == len(sa["state"]) == n_params
+    for k, st in sa["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][k][name])), (k, name)
+
+
+def test_shard_checkpoint_resumes_in_one_process(world, single, sharded):
+    """The sharded run's checkpoint-2, resumed by one unsharded process at the same global batch."""
+    base, model = world
+    out = base / "shard-copy"
+    assert cli.main(argv(base, model, out, 2, "--resume_from_checkpoint", "latest")) == 0
+    assert log(out)[-1]["loss"] == pytest.approx(log(single)[-1]["loss"], rel=1e-4)
+    same_weights(unet(single), unet(out))
+
+
+def test_shard_rank_1_writes_nothing(world, sharded):
+    base, _ = world
+    for tag in ("shard-killed", "shard-resumed"):
+        assert json.loads((base / f"writes-{tag}-1.json").read_text()) == []
+
+
+def test_shard_in_one_process_is_a_note(world, capsys):
     from trainer import config
-    from trainer.config import UserError
 
     base, model = world
-    a = argv(base, model, base / "x", 1)[1:]
-    with pytest.raises(UserError, match="--shard .* not yet"):
-        config.parse([*a, "--shard"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert config.parse(a).ddp_timeout == 1800  # WORLD_SIZE > 1 is data parallel now, not an error
+    config.parse(argv(base, model, base / "x", 1, "--shard")[1:])
+    assert "--shard: one process, nothing to split" in capsys.readouterr().err

@@ -113,11 +113,38 @@ def test_preflight_names_options_that_fit(tiny, monkeypatch):
     assert set(estimate.log_fields(cfg)) == {"estimated_allocated_gb", "estimated_peak_gb"}
 
 
+def test_world_size_and_shard(tiny):
+    """--world_size N: one rank's step (its rows of the global batch, a whole optimizer state and gradient set);
+    with --shard the rank holding the most: its parameters' states only, other gradients dropped in backward."""
+    from trainer import shard
+    from trainer.models import load_components
+
+    one, two = _run(tiny, "--optimizer", "adamw"), _run(tiny, "--optimizer", "adamw", "--world_size", "2")
+    assert two["by_category"]["optimizer_state"] == one["by_category"]["optimizer_state"]
+    assert two["world_size"] == 2 and "one rank of 2 under torchrun" in estimate.report(two)
+    params = list(load_components(tiny).unet.parameters())
+    n = sum(p.numel() for p in params)
+    owner = shard.partition(params, 2)
+    mine = [p.numel() for p, k in zip(params, owner) if k == 0]
+    split = _run(tiny, "--optimizer", "adamw", "--world_size", "2", "--shard")
+    assert split["rank"] == 0 and 0.45 * n <= sum(mine) <= 0.55 * n  # (the larger share: ties go to rank 0)
+    assert split["by_category"]["optimizer_state"] == 8 * sum(mine) + 4 * len(mine)
+    big = 4 * max(p.numel() for p in params)
+    assert all(d["by_category"]["gradients"] <= 4 * sum(mine) + big for d in split["phases"].values())
+    assert one["phases"]["optimizer"]["by_category"]["gradients"] >= 0.99 * 4 * n
+    assert "its share of the optimizer state" in estimate.report(split)
+    real = _run(tiny, "--optimizer", "adamw", "--world_size", "2", "--shard", fake=False)  # collectives left out
+    assert real["by_category"]["optimizer_state"] == split["by_category"]["optimizer_state"]
+    assert _close(real["tracked_peak_bytes"], split["tracked_peak_bytes"])
+
+
 @pytest.mark.parametrize("argv,parts", [
     (["--arch", "sd3"], ("--arch must be one of sd15, sd21",)),
     (["--arch", "sd15", "--resolution", "500"], ("--resolution", "multiple of 8")),
     ([], ("--arch",)),
     (["--pretrained_model_name_or_path", "/nonexistent/model"], ("does not exist",)),
+    (["--arch", "sd15", "--shard"], ("--shard", "--world_size N")),
+    (["--arch", "sd15", "--world_size", "0"], ("--world_size must be >= 1",)),
 ])
 def test_bad_input_one_line(argv, parts, capsys):
     import sys

@@ -142,7 +142,7 @@ def test_time_ids_follow_each_images_size_and_crop(full_run, model, inst):
     by_image = {}
     for step in range(12):
         batch = batches.make(step, 0)
-        gen = torch.Generator().manual_seed(loop._step_seed(cfg.seed, step, 0))
+        gen = torch.Generator().manual_seed(loop.step_seed(cfg.seed, step, 0))
         i = int(torch.randint(0, len(images), (), generator=gen))
         _, flip, view = sdxl.draw_view(images, i, gen)
         assert batch[3]["time_ids"][0].tolist() == sdxl.add_time_ids(*view, (32, 32)).tolist()

@@ -328,8 +328,10 @@ def test_caption_files_are_per_image_instance_prompts(tiny_model, tmp_path, caps
     (tmp_path / "inst" / "img0.txt").write_text("\n  a [V] toy on the beach  \nsecond line ignored\n")
     (tmp_path / "inst" / "img1.txt").write_text("a [V] toy in the snow")
     encoded = []
-    real = loop.encode_prompt
-    monkeypatch.setattr(loop, "encode_prompt", lambda tok, te, prompts, dev, *rest: (
+    from trainer import batches
+
+    real = batches.encode_prompt
+    monkeypatch.setattr(batches, "encode_prompt", lambda tok, te, prompts, dev, *rest: (
         encoded.extend(prompts), real(tok, te, prompts, dev, *rest))[1])
     seen = []
     real_make = loop.Batches.make

@@ -285,12 +285,17 @@ def resume_run(run, folder: Path) -> int:
 
     torchrun: every rank loads the same checkpoint (rank 0's; the ranks' weights and optimizer states are
     identical copies in data parallel), so one saved on any number of ranks resumes on any other number;
-    only the global batch (ranks x --train_batch_size) changes with it, and with it the later steps' draws."""
+    only the global batch (ranks x --train_batch_size) changes with it, and with it the later steps' draws.
+    --shard: the checkpoint holds the whole optimizer state (trainer.shard gathers it to rank 0), each rank
+    keeps its own parameters' part, so sharded and unsharded runs resume each other's checkpoints."""
     try:
         for name, model in run.models.items():
             load_weights(model, folder / name)
         # weights only: a checkpoint folder may come from elsewhere, and unpickling runs code
-        run.optimizer.load_state_dict(load_pt(folder / "optimizer.pt"))
+        state = load_pt(folder / "optimizer.pt")
+        if getattr(run, "shard", None) is not None:  # --shard: this rank keeps its own parameters' states
+            state = run.shard.own_state(state)
+        run.optimizer.load_state_dict(state)
         run.lr_scheduler.load_state_dict(load_pt(folder / "scheduler.pt"))
         if run.scaler is not None and (folder / "scaler.pt").exists():
             run.scaler.load_state_dict(load_pt(folder / "scaler.pt"))

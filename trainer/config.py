@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
       "torchrun each rank takes cuda:LOCAL_RANK)")
     g("--ddp_timeout", type=int, default=1800, metavar="S", help="torchrun: seconds a rank waits for the others "
       "(a rank that died or hangs ends the run with an error after this; rank 0's export must fit in it)")
-    g("--shard", action="store_true", help="torchrun: shard the weights and optimizer state over the ranks "
-      "(FSDP2); not yet available")
+    g("--shard", action="store_true", help="torchrun: split the optimizer state and the gradients over the ranks "
+      "(ZeRO stage 2: each rank updates its share of the parameters; the weights stay whole on every rank)")
     return p
 
 

@@ -25,6 +25,43 @@ import torch
 
 from .config import Resumable, UserError
 
+
+class _NoComm:
+    """The collectives of a simulated rank (trainer.estimate: one rank's memory, no other processes)."""
+
+    def all_reduce(self, *a, **k):
+        return None
+
+    reduce = broadcast = all_reduce
+
+
+def comm():
+    """torch.distributed, or nothing-doing collectives in the estimate's simulated ranks."""
+    if _STATE.get("simulated"):
+        return _NoComm()
+    import torch.distributed as dist
+
+    return dist
+
+
+@contextlib.contextmanager
+def simulated(n: int, shard: bool = False):
+    """Within: this process is one of n ranks for the step's code (its rows of the global batch; with shard the
+    rank holding the most optimizer state, picked by trainer.shard), with no collectives (trainer.estimate)."""
+    saved = dict(_STATE)
+    if n > 1:
+        _STATE.update(rank=None if shard else 0, world=n, simulated=True)
+    try:
+        yield
+    finally:
+        _STATE.clear()
+        _STATE.update(saved)
+
+
+def set_simulated_rank(r: int) -> int:
+    _STATE["rank"] = r
+    return r
+
 _STATE = {"rank": 0, "world": 1, "timeout": None}
 BUCKET_ELEMS = 1 << 24  # gradient elements per all-reduce (64 MB in fp32): few collectives, bounded extra memory
 
@@ -162,11 +199,11 @@ def my_rows(b: int, groups: int, device) -> torch.Tensor | None:
 
 def any_flag(flag: bool) -> bool:
     """True when any rank says so (a stop request that reached only some ranks stops all at the same step)."""
-    if _STATE["world"] <= 1:
+    if _STATE["world"] <= 1 or _STATE.get("simulated"):
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(t)
     return bool(t.item() > 0)
 
@@ -178,7 +215,7 @@ def mean_terms(terms: tuple) -> tuple:
     import torch.distributed as dist
 
     inst, prior = terms
-    t = torch.tensor([inst, prior if prior is not None else 0.0], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([inst, prior if prior is not None else 0.0], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     t /= _STATE["world"]
     return float(t[0]), (float(t[1]) if prior is not None else None)
@@ -187,14 +224,10 @@ def mean_terms(terms: tuple) -> tuple:
 def reduce_step(params: list, loss: float, finite: bool) -> tuple[float, bool]:
     """After a step's backward passes: the global mean loss, whether every rank's loss was finite, and (when
     it was) every gradient replaced by its mean over the ranks."""
-    import torch.distributed as dist
-
     n = _STATE["world"]
-    dev = _comm_device()
-    t = torch.tensor([loss if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    if t[1].item() > 0:
-        return float("nan"), False
+    loss, finite = reduce_loss(loss, finite)
+    if not finite:
+        return loss, False
     grads = [p.grad for p in params if p.grad is not None]  # the same parameters have gradients on every rank
     bucket: list[torch.Tensor] = []
     for g in grads:
@@ -205,7 +238,20 @@ def reduce_step(params: list, loss: float, finite: bool) -> tuple[float, bool]:
         bucket.append(g)
     if bucket:
         _all_reduce_mean(bucket, n)
-    return float(t[0].item()) / n, True
+    return loss, True
+
+
+def reduce_loss(loss: float, finite: bool) -> tuple[float, bool]:
+    """The global mean loss and whether every rank's was finite (--shard: the gradients went in the hooks)."""
+    if _STATE.get("simulated"):
+        return loss, finite
+    import torch.distributed as dist
+
+    t = torch.tensor([loss if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    if t[1].item() > 0:
+        return float("nan"), False
+    return float(t[0].item()) / _STATE["world"], True
 
 
 def average_in_backward(params: list) -> None:
@@ -214,8 +260,7 @@ def average_in_backward(params: list) -> None:
     same graph, so the hooks and their all-reduces come in the same order everywhere."""
     if _STATE["world"] <= 1:
         return
-    import torch.distributed as dist
-
+    dist = comm()
     n = _STATE["world"]
 
     def average(p):
@@ -228,8 +273,7 @@ def average_in_backward(params: list) -> None:
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], n: int) -> None:
-    import torch.distributed as dist
-
+    dist = comm()
     if len(grads) == 1:
         dist.all_reduce(grads[0])
         grads[0].div_(n)
@@ -243,7 +287,9 @@ def _all_reduce_mean(grads: list[torch.Tensor], n: int) -> None:
         offset += g.numel()
 
 
-def _comm_device():
+def comm_device():
+    if _STATE.get("simulated"):
+        return "cpu"
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -259,6 +305,6 @@ def sum_int(k: int) -> int:
         return k
     import torch.distributed as dist
 
-    t = torch.tensor([k], dtype=torch.int64, device=_comm_device())
+    t = torch.tensor([k], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t)
     return int(t.item())

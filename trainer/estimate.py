@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="a model built from the configs shipped in trainer/arch_configs (instead of "
            "--pretrained_model_name_or_path, whose config.json files are read, never its weights)")
     g("--json", action="store_true", help="print one JSON object")
+    g("--world_size", type=int, default=1, metavar="N",
+      help="one rank of N under torchrun (its share of the global batch; with --shard the rank holding the "
+           "largest share of the optimizer state and gradients)")
     return p
 
 
@@ -87,6 +90,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--arch must be one of {', '.join(ARCHES)}, got {cfg.arch!r}")
     if cfg.arch and cfg.pretrained_model_name_or_path:
         raise UserError("give --arch or --pretrained_model_name_or_path, not both")
+    if cfg.world_size < 1:
+        raise UserError(f"--world_size must be >= 1, got {cfg.world_size}")
+    if cfg.shard and cfg.world_size < 2:
+        raise UserError("--shard splits the optimizer state over torchrun's ranks: give --world_size N (N >= 2) "
+                        "for the memory of one of them")
     if not cfg.arch and not cfg.pretrained_model_name_or_path:
         raise UserError("give --arch sd15|sd21|sdxl or --pretrained_model_name_or_path DIR (its configs are read)")
     if not cfg.pretrained_model_name_or_path:
@@ -150,14 +158,18 @@ def estimate(cfg, comps=None, *, fake: bool = True) -> dict:
     (tests: the real step tracked the same way); otherwise fake ones built from the configs."""
     import time
 
-    from . import memtrack
+    from . import distributed, memtrack
 
     t0 = time.perf_counter()
-    if comps is None:
-        confs = model_configs(cfg.pretrained_model_name_or_path, getattr(cfg, "arch", None))
-        tracked = memtrack.track_step(cfg, confs=confs, fake=fake)
-    else:
-        tracked = memtrack.track_step(cfg, comps=comps, fake=fake)
+    # torchrun: one rank's step (dbtrain train's preflight: this run's ranks), collectives left out
+    world = getattr(cfg, "world_size", None) or distributed.world()
+    with distributed.simulated(world, shard=bool(getattr(cfg, "shard", False))):
+        if comps is None:
+            confs = model_configs(cfg.pretrained_model_name_or_path, getattr(cfg, "arch", None))
+            tracked = memtrack.track_step(cfg, confs=confs, fake=fake)
+        else:
+            tracked = memtrack.track_step(cfg, comps=comps, fake=fake)
+        tracked["world_size"], tracked["rank"] = world, distributed.rank()
     return summarize(cfg, tracked, time.perf_counter() - t0)
 
 
@@ -176,15 +188,22 @@ def summarize(cfg, t: dict, seconds: float) -> dict:
             "params": t["params"], "trainable_params": t["trainable_params"],
             "notes": t["notes"] + [n for applies, n in DIFFERENCES if applies(cfg)],
             "options": options_of(cfg), "seconds": round(seconds, 1),
+            "world_size": t.get("world_size", 1), "rank": t.get("rank", 0),
             "device": "estimate (fake tensors, CPU)"}
 
 
 def options_of(cfg) -> dict:
     keys = ("resolution", "train_batch_size", "with_prior_preservation", "train_text_encoder", "mixed_precision",
             "optimizer", "weights_dtype", "gradient_checkpointing", "step_in_backward", "kernels",
-            "gradient_accumulation_steps")
+            "gradient_accumulation_steps", "shard")
     out = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
     out["model"] = getattr(cfg, "arch", None) or str(cfg.pretrained_model_name_or_path)
+    world = getattr(cfg, "world_size", None)
+    if world is None:  # dbtrain train's preflight: the ranks of this run
+        from . import distributed
+
+        world = distributed.world()
+    out["world_size"] = world
     if getattr(cfg, "lora_rank", None):
         out["lora_rank"] = cfg.lora_rank
     if getattr(cfg, "stock_recipe", False):
@@ -202,6 +221,11 @@ def report(r: dict) -> str:
     lines = [f"dbtrain estimate: {o['model']} at {o['resolution']} px, {rows} row(s) per step, "
              f"{r['trainable_params'] / 1e6:.1f}M of {r['params'] / 1e6:.1f}M parameters trained "
              f"({r['seconds']:.0f} s on the CPU)",
+             *([f"one rank of {r['world_size']} under torchrun (rank {r['rank']}): {o['train_batch_size']} of the "
+                f"{r['world_size'] * o['train_batch_size']} instance rows of a step" +
+                (", its share of the optimizer state and gradients (--shard)" if o.get("shard") else
+                 ", a whole copy of the optimizer state and gradients (--shard splits them)")]
+               if r.get("world_size", 1) > 1 else []),
              f"peak of the tracked tensors: {_gb(r['tracked_peak_bytes'])} in {r['peak_phase']}"]
     for k, v in r["by_category"].items():
         lines.append(f"  {k:<16}{_gb(v)}")

@@ -172,9 +172,9 @@ def _check_distributed(cfg, UserError, notes: list) -> None:
     """torchrun / accelerate launch (WORLD_SIZE > 1): data parallel, see trainer.distributed."""
     world = os.environ.get("WORLD_SIZE", "1")
     world = int(world) if world.isdigit() else 1
-    if getattr(cfg, "shard", False):
-        raise UserError("--shard (FSDP2 sharding of weights and optimizer state) is not yet available; drop it: "
-                        "under torchrun every rank holds the whole model (data parallel)")
+    if getattr(cfg, "shard", False) and world <= 1 and not hasattr(cfg, "world_size"):
+        notes.append("--shard: one process, nothing to split; it splits the optimizer state and gradients over "
+                     "the ranks of torchrun --nproc_per_node N")
     if getattr(cfg, "ddp_timeout", 1800) < 1:
         raise UserError(f"--ddp_timeout must be >= 1 second, got {cfg.ddp_timeout}")
     if getattr(cfg, "local_rank", -1) > -1:

@@ -17,7 +17,8 @@ import torch
 
 import dbkernels
 
-from . import checkpoint, config, data, distributed, embeddings, interrupts, lora, outdir, runlog, sdxl
+from . import checkpoint, config, data, distributed, embeddings, interrupts, lora, outdir, runlog, sdxl, shard
+from .batches import Batches, step_seed
 from .checkpoint import prepare_output_dir, resume_run
 from .config import Resumable, UserError
 from .data import ImageSet, list_images
@@ -32,10 +33,6 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FP16_CPU_NOTE = ("note: --mixed_precision fp16 on a CPU runs about {x} slower than fp32 (measured on a 2-core "
                  "CPU: CPUs have no fast fp16 math); use --mixed_precision bf16 or no")
 FP16_CPU_FACTOR = "2-3x"
-
-
-def _step_seed(seed: int, step: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 1009 + micro) % (1 << 62)
 
 
 def _fake(t) -> bool:
@@ -58,127 +55,6 @@ def make_optimizer(cfg, params):
         return bnb.optim.AdamW8bit(params, **kw)
     fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kw)
-
-
-def encode_prompt(tokenizer, text_encoder, prompts: list[str], device, cfg=None) -> torch.Tensor:
-    # diffusers' --tokenizer_max_length and --text_encoder_use_attention_mask
-    tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
-                    max_length=getattr(cfg, "tokenizer_max_length", None) or tokenizer.model_max_length)
-    mask = tok.attention_mask.to(device) if getattr(cfg, "text_encoder_use_attention_mask", False) else None
-    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
-
-
-class Batches:
-    """Makes each step's batch: [instance rows; class rows] latents and prompt embeddings (SDXL: also the
-    UNet's added_cond_kwargs, pooled embeddings and each row's size/crop time ids; trainer.sdxl).
-
-    Latents of images whose preprocessing is deterministic are encoded once and kept as
-    the VAE's (mean, std); a step samples mean + std * noise from them. Other images
-    (random crops of non-square images) are encoded when drawn.
-    """
-
-    def __init__(self, cfg, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype,
-                 inst_prompts: list[str] | None = None, templates: list[str] | None = None, word: str = ""):
-        self.cfg, self.inst, self.cls, self.device = cfg, inst, cls, device
-        # the prompt of each instance image: its caption file's, or the instance prompt
-        self.inst_prompts = list(inst_prompts) if inst_prompts is not None else [prompts["inst"]] * len(inst)
-        self.tokenizers, self.text_encoders = sdxl.text_side(comps)
-        self.sdxl = len(self.text_encoders) == 2
-        if self.sdxl:  # SDXL's own VAE overflows in float16: float32 unless the VAE is fp16-safe
-            vae_dtype = sdxl.vae_dtype(comps.vae, vae_dtype)
-        self.vae = comps.vae.to(device, dtype=vae_dtype).eval().requires_grad_(False)
-        self.vae_dtype = vae_dtype
-        self.scale = comps.vae.config.scaling_factor
-        self.tokenizer, self.text_encoder = comps.tokenizer, comps.text_encoder
-        # new token rows are trained: prompt embeddings change every step, the text encoder stays here
-        self.train_te = cfg.train_text_encoder or getattr(cfg, "train_text_embedding", False)
-        self.templates, self.word = templates, word  # Textual Inversion: a template drawn per image and step
-        self.prompts = prompts
-        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        for which, images in (("inst", inst), ("cls", cls)):
-            for i in range(len(images) if images is not None else 0):
-                if images.cacheable(i):
-                    for flip in images.variants(i):
-                        self.cache[(which, i, flip)] = self._encode(images.fixed_view(i, flip)[None])
-        self.all_cached = all(images.cacheable(i) for images in (inst, cls) if images is not None
-                              for i in range(len(images)))
-        if self.all_cached:  # the VAE is not needed again until export/validation
-            self.vae.to("cpu")
-        self.embeds = None
-        if not self.train_te:  # prompt embeddings are fixed: encode once, text encoder leaves the GPU
-            self.cache_prompt_embeddings(move_off=True)
-
-    def can_cache(self) -> bool:
-        return not self.templates and not self.cfg.train_text_encoder
-
-    def distinct_prompts(self) -> list[str]:
-        texts = list(dict.fromkeys(self.inst_prompts))
-        if self.cls is not None:
-            texts.append(self.prompts["cls"])
-        return list(dict.fromkeys(texts))
-
-    @torch.no_grad()
-    def cache_prompt_embeddings(self, move_off: bool = False) -> None:
-        """One embedding per distinct prompt, computed now (the text side is frozen from here on)."""
-        for te in self.text_encoders:
-            te.to(self.device)
-        self.embeds = {p: self.encode_text([p]) for p in self.distinct_prompts()}
-        if move_off:
-            for te in self.text_encoders:
-                te.to("cpu")
-
-    def encode_text(self, prompts: list[str]):
-        """Prompt embeddings; SDXL: (prompt_embeds, pooled) of both text encoders."""
-        if self.sdxl:
-            return sdxl.encode_prompt_sdxl(self.tokenizers, self.text_encoders, prompts, self.device)
-        return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device, self.cfg)
-
-    def prompt(self, which: str, i: int) -> str:
-        return self.inst_prompts[i] if which == "inst" else self.prompts["cls"]
-
-    def _latent_shape(self, px: torch.Tensor) -> tuple:
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (1, self.vae.config.latent_channels, px.shape[-2] // f, px.shape[-1] // f)
-
-    @torch.no_grad()
-    def _encode(self, px: torch.Tensor):
-        dist = self.vae.encode(px.to(self.device, self.vae_dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-    def make(self, step: int, micro: int):
-        cfg = self.cfg
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro))
-        rows, keys, views = [], [], []
-        b, n_ranks, rank = cfg.train_batch_size, distributed.world(), distributed.rank()
-        # torchrun: the draws of the whole global batch (N x b rows each); this rank keeps rows r*b..(r+1)*b-1
-        for which, images, n in (("inst", self.inst, b * n_ranks),
-                                 ("cls", self.cls, b * n_ranks if self.cls is not None else 0)):
-            for j in range(n):
-                mine = j // b == rank
-                i = int(torch.randint(0, len(images), (), generator=gen))
-                if images.cacheable(i):
-                    flip = bool(torch.randint(0, 2, (), generator=gen)) if images.random_flip else False
-                    mean, std = self.cache[(which, i, flip)]
-                    view = sdxl.view_geometry(images, i, None, flip) if self.sdxl and mine else None
-                else:  # a random crop: encode this view now (SDXL: the same draw, plus its size and crop)
-                    px, _, view = sdxl.draw_view(images, i, gen) if self.sdxl else (*images.tensor(i, gen), None)
-                    mean, std = self._encode(px[None]) if mine else (self._latent_shape(px), None)
-                shape = mean if std is None else mean.shape  # (another rank's row: only its draws are made)
-                eps = torch.randn(shape, generator=gen)
-                key = self.prompt(which, i)
-                if which == "inst" and self.templates:
-                    t = self.templates[int(torch.randint(0, len(self.templates), (), generator=gen))]
-                    key = t.format(self.word)
-                if mine:
-                    rows.append((mean + std * eps.to(mean.device)) * self.scale)
-                    views.append(view)
-                    keys.append(key)
-        latents = torch.cat(rows).to(self.device)
-        emb = sdxl.cat_embeddings([self.embeds[k] for k in keys]) if self.embeds is not None else self.encode_text(keys)
-        if not self.sdxl:
-            return latents, emb, gen
-        emb, pooled = emb
-        return latents, emb, gen, sdxl.added_cond(pooled, views, self.inst.resolution, self.device)
 
 
 @dataclass
@@ -205,6 +81,7 @@ class Run:
     identifier: str | None = None  # what [V] became (recorded in the LoRA file's metadata)
     te2: torch.nn.Module | None = None  # SDXL's second text encoder
     new_tokens_2: object = None  # SDXL: the new rows of the second text encoder
+    shard: object = None  # --shard under torchrun: trainer.shard.Sharding (optimizer state split over ranks)
 
 
 def setup(cfg, comps, batches: Batches, device) -> Run:
@@ -266,21 +143,29 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps,
                                  num_cycles=getattr(cfg, "lr_num_cycles", 1), power=getattr(cfg, "lr_power", 1.0))
-    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
+    sharded = shard.Sharding(params, optimizer) if getattr(cfg, "shard", False) and distributed.world() > 1 else None
+    scaler = None
+    if cfg.mixed_precision == "fp16":  # --shard: every rank must agree on inf/NaN, each seeing its own gradients
+        scaler = shard.scaler(device) if sharded is not None else torch.amp.GradScaler(device.type)
+    if sharded is not None:  # each gradient goes to its owner in a hook that runs before step_in_backward's
+        sharded.reduce_hooks()
     hook = None
     if cfg.step_in_backward:
         if scaler is not None:
             raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
         from dbkernels.optim import step_in_backward
 
-        distributed.average_in_backward(params)  # torchrun: these hooks run first, so each update sees the mean
+        if sharded is None:
+            distributed.average_in_backward(params)  # torchrun: these hooks run first, so each update sees the mean
         hook = step_in_backward(torch.nn.ModuleList([getattr(m, "module", m) for m in models.values()]), optimizer)
+        if sharded is not None:  # the owner's update, then its broadcast
+            sharded.broadcast_hooks()
     return Run(cfg=cfg, device=device, batches=batches, unet=unet, te=te, models=models, params=params,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, hook=hook,
                alphas_cumprod=comps.noise_scheduler.alphas_cumprod.to(device, torch.float32),
                prediction_type=comps.prediction_type,
                n_prior=cfg.train_batch_size if batches.cls is not None else 0, weights_dtype=weights_dtype,
-               new_tokens=new, freeze_at=freeze_at, te2=te2, new_tokens_2=new2)
+               new_tokens=new, freeze_at=freeze_at, te2=te2, new_tokens_2=new2, shard=sharded)
 
 
 def _train_mode_text_encoder(cfg, te, device, dtype) -> None:
@@ -320,7 +205,7 @@ def train_step(run: Run, step: int) -> StepResult:
         for micro in range(cfg.gradient_accumulation_steps):
             batch = run.batches.make(step, micro)  # SDXL: a 4th item, the UNet's added conditions
             latents, emb, added = batch[0], batch[1], sdxl.unet_kwargs(batch, run.weights_dtype)
-            dgen = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step, micro) + 1)
+            dgen = torch.Generator(device).manual_seed(step_seed(cfg.seed, step, micro) + 1)
             full = (latents.shape[0] * distributed.world(), *latents.shape[1:])  # torchrun: the global batch's
             noise = torch.randn(full, generator=dgen, device=device)
             offset = (cfg.offset_noise * torch.randn(full[:2], generator=dgen, device=device)
@@ -344,10 +229,16 @@ def train_step(run: Run, step: int) -> StepResult:
                 break
             total += (0.0 if _fake(loss) else loss.item()) / cfg.gradient_accumulation_steps
             loss = loss / cfg.gradient_accumulation_steps
+            if run.shard is not None:  # gradients go to their owners once, in the last micro-step's backward
+                run.shard.reduce_now = micro == cfg.gradient_accumulation_steps - 1
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-    if distributed.world() > 1:  # global mean loss; gradients averaged over the ranks (when all were finite)
+    if run.shard is not None:  # global mean loss (the gradients were reduced to their owners in backward)
+        total, finite = distributed.reduce_loss(total, finite)
+    elif distributed.world() > 1:  # global mean loss; gradients averaged over the ranks (when all were finite)
         total, finite = distributed.reduce_step(run.params, total, finite)
-    stepped = finite and _optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.hook)
+    stepped = finite and _optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.hook, run.shard)
+    if stepped and run.shard is not None and run.hook is None:  # the owners' new values to every rank
+        run.shard.broadcast_params()
     if not stepped:
         run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
@@ -395,7 +286,8 @@ def _train(cfg, progress: dict) -> Path:
         print(FP16_CPU_NOTE.format(x=FP16_CPU_FACTOR), file=sys.stderr, flush=True)
     resume = distributed.on_rank0(prepare_output_dir, cfg)
     distributed.on_rank0(outdir.check_space, cfg)
-    if device.type == "cuda":  # the step's estimated peak (trainer.estimate, on the CPU) against the free memory
+    # the step's estimated peak (trainer.estimate, on the CPU) against the free memory; torchrun: rank 0 for all
+    if device.type == "cuda" and distributed.is_main():
         from .estimate import preflight
 
         warning = preflight(cfg, device)
@@ -432,24 +324,25 @@ def _train(cfg, progress: dict) -> Path:
 
     # --- data (class images generated first if missing) ---
     half = HALF.get(cfg.mixed_precision) if device.type == "cuda" else None
-    cls = None
+    cls = cls_prompts = None
     if cfg.with_prior_preservation:
         made = generate_class_images(cfg, device, half or torch.float32)
         if made:
             print(f"generated {made} class image(s) in {cfg.class_data_dir}")
-        files = list_images(cfg.class_data_dir, "class image")[: cfg.num_class_images]
+        files = list_images(cfg.class_data_dir, "class image", captions=captions)[: cfg.num_class_images]
         cls = ImageSet(files, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                        interpolation=getattr(cfg, "image_interpolation_mode", None))
+        cls_prompts = data.class_prompts(files, captions, cfg.class_prompt)  # kohya: captions beside them too
     inst_prompts = [sub(c) if c is not None else prompts["inst"] for c in captioned]
     batches = Batches(cfg, comps, inst, cls, prompts, device, half or torch.float32, inst_prompts=inst_prompts,
-                      templates=getattr(cfg, "prompt_templates", None), word=word)
+                      templates=getattr(cfg, "prompt_templates", None), word=word, cls_prompts=cls_prompts)
     distributed.on_rank0(outdir.claim, out, cfg_dict(cfg))  # only once the inputs are known to be good
 
     run = setup(cfg, comps, batches, device)
     run.identifier = ident
     start = resume_run(run, resume) if resume is not None else 0
     log = runlog.RunLog(out, cfg, files=distributed.is_main())
-    if device.type == "cuda":  # the estimate beside the measured peak in every log line (cached by preflight)
+    if device.type == "cuda" and distributed.is_main():  # the estimate beside the measured peak in the log lines
         from .estimate import log_fields
 
         try:
@@ -486,7 +379,7 @@ def _train(cfg, progress: dict) -> Path:
                     distributed.on_rank0(export_embedding, out, run.new_tokens, done, a1111=False,
                                          name=f"learned_embeds-steps-{done}", second=run.new_tokens_2)
                 if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-                    saved = distributed.on_rank0(save_checkpoint, run, out, done)
+                    saved = _checkpoint(run, out, done)
                 if cfg.validation_prompt and done % cfg.validation_steps == 0:
                     distributed.on_rank0(runlog.validate, cfg, run.unet, run.te, sub(cfg.validation_prompt), device,
                                          out / "validation", f"step-{done:06d}", te2=run.te2,
@@ -494,7 +387,7 @@ def _train(cfg, progress: dict) -> Path:
                 # torchrun: a stop request that reached some ranks stops all of them at this step
                 if distributed.any_flag(stop.signum is not None) and done < cfg.max_train_steps:
                     signum = stop.signum or interrupts.signal.SIGTERM
-                    saved = saved or distributed.on_rank0(save_checkpoint, run, out, done)
+                    saved = saved or _checkpoint(run, out, done)
                     raise Resumable(f"{interrupts.signal_name(signum)} at step {done} of "
                                     f"{cfg.max_train_steps}; saved {saved}{distributed.resume_note()}",
                                     kind="interrupted", exit_code=128 + signum)
@@ -506,13 +399,26 @@ def _train(cfg, progress: dict) -> Path:
             log.close()
             if run.hook is not None:
                 run.hook.remove()
-        distributed.on_rank0(save_model, run, out, done)
+            if run.shard is not None:
+                run.shard.remove()
+        with _whole_state(run):  # --shard: a failed export saves a checkpoint, with the whole state
+            distributed.on_rank0(save_model, run, out, done)
     distributed.on_rank0(runlog.record_subject, out, ident, class_word, prompts["inst"], cfg, run)
     distributed.on_rank0(outdir.write_marker, out, finished=True)
     what = ("the LoRA weights" if "unet_lora" in run.models else "the trained model" if "unet" in run.models
             else "the embedding files")
     print(f"saved {what} to {out} ({skipped} skipped step(s))")
     return out
+
+
+def _whole_state(run: Run):
+    """--shard: rank 0 holds every rank's optimizer state within (a collective: all ranks enter it)."""
+    return run.shard.gathered() if run.shard is not None else contextlib.nullcontext()
+
+
+def _checkpoint(run: Run, out: Path, step: int) -> Path:
+    with _whole_state(run):
+        return distributed.on_rank0(save_checkpoint, run, out, step)
 
 
 def save_checkpoint(run: Run, out: Path, step: int) -> Path:
@@ -554,13 +460,15 @@ def save_model(run: Run, out: Path, step: int) -> None:
         raise Resumable(f"{e}; {kept}; fix that, then resume to write the model") from e
 
 
-def _optimizer_step(cfg, optimizer, scaler, params, hook) -> bool:
+def _optimizer_step(cfg, optimizer, scaler, params, hook, sharded=None) -> bool:
     """Clip and step; False if the step was skipped for non-finite gradients."""
     if hook is not None:  # the update already happened inside backward
         return True
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    clip = sharded.clip_grad_norm_ if sharded is not None else (
+        lambda m: torch.nn.utils.clip_grad_norm_(params, m))  # --shard: the norm of all ranks' gradients
+    norm = clip(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     if scaler is not None:
         before = scaler.get_scale()
         scaler.step(optimizer)  # skips the update itself on inf/NaN gradients

@@ -193,7 +193,7 @@ class _Tokenizer:
 class StepBatches:
     """loop.Batches' interface for one step: latents and prompt embeddings of the right shapes.
     Latents come from the cache (as for square or center-cropped images); prompt embeddings too unless the
-    text encoders train, then loop.encode_prompt (SDXL: sdxl.encode_prompt_sdxl) runs them. SDXL batches have
+    text encoders train, then batches.encode_prompt (SDXL: sdxl.encode_prompt_sdxl) runs them. SDXL batches have
     loop.Batches' 4th item, the UNet's added conditions (pooled embeddings, float32 time ids). make() also
     marks the start of a forward pass."""
 
@@ -220,7 +220,7 @@ class StepBatches:
             self.vae.encode(torch.randn((rows, 3, px, px), dtype=self.vae.dtype)).latent_dist.sample()
 
     def make(self, step: int, micro: int):
-        from . import loop, sdxl
+        from . import batches, sdxl
 
         self.tracker.set_phase("forward")
         rows = self.cfg.train_batch_size * (2 if self.cls is not None else 1)
@@ -232,7 +232,7 @@ class StepBatches:
             emb, pooled = sdxl.encode_prompt_sdxl([self.tokenizer] * 2, self.text_encoders, [""] * rows,
                                                   torch.device("cpu"))
         elif self.cfg.train_text_encoder:
-            emb = loop.encode_prompt(self.tokenizer, self.text_encoder, [""] * rows, torch.device("cpu"))
+            emb = batches.encode_prompt(self.tokenizer, self.text_encoder, [""] * rows, torch.device("cpu"))
         else:  # cached: the frozen encoders' output dtype (SDXL: cast to the second encoder's, as sdxl does)
             emb = torch.randn((rows, *self.emb_shape))
             pooled = torch.randn((rows, self.pooled)) if self.sdxl else None
