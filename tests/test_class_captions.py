@@ -89,3 +89,13 @@ def test_place_class_prompts_cover_every_place_of_the_world():
 
     assert place_class_prompts() == [f"a star {p}" for p in PLACES]
     assert "a star in space" in place_class_prompts()
+
+
+def test_demo_class_image_kinds():
+    from trainer.demo import class_image_prompts
+
+    assert class_image_prompts(None) is None  # all from --class_prompt "a star"
+    assert class_image_prompts("places+plain")[-1] == "a star" and len(class_image_prompts("places+plain")) == 7
+    assert "a star" not in class_image_prompts("places")
+    with pytest.raises(ValueError):
+        class_image_prompts("space")

@@ -28,7 +28,8 @@ from .world import scenes
 def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")
 
 
 def markdown(rows: list[dict], seeds: list[int]) -> str:
@@ -37,8 +38,8 @@ def markdown(rows: list[dict], seeds: list[int]) -> str:
     head = ["| model | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
     lines = list(head)
     for r in rows:
-        lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(fmt(r[k], r['intervals'][k]) for k in METRICS)
-                     + " |")
+        lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | "
+                     + " | ".join(fmt(r[k], r['intervals'][k]) for k in METRICS) + " |")
     means = list(head)
     for name in ("base", "with prior preservation", "without prior preservation"):
         sel = [r for r in rows if r["model"] == name]
@@ -51,7 +52,7 @@ def markdown(rows: list[dict], seeds: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .metrics import METRICS, Scorer
+    from .metrics import Scorer
     from .parsers import EVAL_IMAGES, EVAL_SEED
     from .world.tiny import MODEL_DIR
 
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=demo.STEPS)
     p.add_argument("--learning_rate", type=float, default=demo.LEARNING_RATE)
     p.add_argument("--eval_images", type=int, default=EVAL_IMAGES)
-    p.add_argument("--out", default="bench/results/ablation/prior-ablation", help="prefix of the .jsonl and .md written")
-    p.add_argument("--work", default="ablation-runs", help="folder for the trained models: new, or a stopped ablation's (its finished models are reused)")
+    p.add_argument("--out", default="bench/results/ablation/prior-ablation",
+                   help="prefix of the .jsonl and .md written")
+    p.add_argument("--work", default="ablation-runs",
+                   help="folder for the trained models: new, or a stopped ablation's (its finished models are reused)")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -83,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             if demo._trained(out / "model"):
                 trained = out / "model"
             else:
-                trained = demo.dreambooth(MODEL_DIR, subject, out, prior=prior, steps=a.steps, lr=a.learning_rate,
-                                          num_class_images=demo.NUM_CLASS_IMAGES, seed=seed, device=a.device,
-                                          resume=(out / "model").exists(), **demo.recipe_extras())
+                kw_train = dict(prior=prior, steps=a.steps, lr=a.learning_rate, num_class_images=demo.NUM_CLASS_IMAGES,
+                                seed=seed, device=a.device, **demo.recipe_extras())
+                if prior and demo.DEMO_CLASS_IMAGES:  # the demo's captioned class images, drawn as the demo does
+                    demo.draw_class_images(demo.train_args(MODEL_DIR, subject, out, **kw_train), a.device)
+                trained = demo.dreambooth(MODEL_DIR, subject, out, resume=(out / "model").exists(), **kw_train)
             ev = demo.score_model(trained, scorer, real, device, **kw)
             rows.append({"model": name, "seed": seed, **ev.metrics, "intervals": ev.intervals,
                          "place_by_prompt": ev.place_by_prompt})

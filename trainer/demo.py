@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .world import scenes
 from .config import UserError
-from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, EVAL_SEED, GUIDANCE, LEARNING_RATE, NUM_CLASS_IMAGES,  # noqa: F401
-                      SAMPLE_STEPS, STEPS, DEMO_EXTRA_FLAGS, demo_parser)
+from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, EVAL_SEED, GUIDANCE, LEARNING_RATE,  # noqa: F401
+                      NUM_CLASS_IMAGES, SAMPLE_STEPS, STEPS, DEMO_CLASS_IMAGES, DEMO_EXTRA_FLAGS, demo_parser)
 
 IDENTIFIER = "sks"
 RECORD = ".dbtrain-demo.json"
@@ -83,6 +83,25 @@ def place_class_prompts(plain: bool = False) -> list[str]:
     return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + ([f"a {scenes.SUBJECT_CLASS}"] if plain else [])
 
 
+def class_image_prompts(kind: str | None) -> list[str] | None:
+    """The prompts the class images are drawn from (parsers.DEMO_CLASS_IMAGES): None = --class_prompt."""
+    if kind not in (None, "places", "places+plain"):
+        raise ValueError(f"class images {kind!r}: None, 'places' or 'places+plain'")
+    return place_class_prompts(plain=kind == "places+plain") if kind else None
+
+
+def draw_class_images(args: list[str], device, kind: str | None = DEMO_CLASS_IMAGES) -> int:
+    """The class images of a demo `dbtrain train` command line `args`, drawn by the base model before training
+    (the missing ones; with `kind`, each with its caption file); returns how many were drawn."""
+    import torch
+
+    from . import config
+    from .prior import generate_class_images
+
+    return generate_class_images(config.parse(args), torch.device(device or "cpu"), torch.float32,
+                                 prompts=class_image_prompts(kind))
+
+
 def recipe_extras() -> dict:
     """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS)."""
     return {"extra": tuple(DEMO_EXTRA_FLAGS)}
@@ -106,7 +125,8 @@ def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: 
             "--lr_warmup_steps", "0", "--checkpointing_steps", str(steps), "--log_every", "50", "--seed", str(seed)]
     if prior:
         args += ["--with_prior_preservation", "--class_prompt", f"a {scenes.SUBJECT_CLASS}",
-                 "--class_data_dir", str(class_dir or out / "class-images"), "--num_class_images", str(num_class_images),
+                 "--class_data_dir", str(class_dir or out / "class-images"),
+                 "--num_class_images", str(num_class_images),
                  "--class_inference_steps", str(sample_steps), "--sample_batch_size", "25"]
     args += list(extra)
     if device:
@@ -236,15 +256,14 @@ def run(argv: list[str]) -> dict:
     out = Path(a.out)
     recipe = {"model": str(model.resolve()), "steps": a.steps, "learning_rate": a.learning_rate,
               "num_class_images": a.num_class_images, "prior_preservation": not a.no_prior_preservation,
-              "eval_images": a.eval_images, "sample_steps": a.sample_steps, "seed": a.seed}
+              "eval_images": a.eval_images, "sample_steps": a.sample_steps, "seed": a.seed,
+              "class_images": DEMO_CLASS_IMAGES, "train_flags": list(DEMO_EXTRA_FLAGS)}
     resuming = open_out(out, recipe)
 
     import torch
 
-    from . import config
     from .evaluate import generate, load_pipeline, subject_prompts
     from .metrics import Scorer, markdown_table, score
-    from .prior import generate_class_images
 
     t_start, times = time.time(), {}
     out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +290,7 @@ def run(argv: list[str]) -> dict:
     args = train_args(model, subject, out, **recipe_kw)
     with phase(2, "class images", times):
         if prior:
-            made = generate_class_images(config.parse(args), device, torch.float32)
+            made = draw_class_images(args, device)
             print(f"{made} class image(s) drawn by the base model, {a.num_class_images - made} already there",
                   flush=True)
     with phase(3, "training", times):
@@ -303,7 +322,8 @@ def run(argv: list[str]) -> dict:
     (out / "metrics.json").write_text(json.dumps({
         "before": m_before, "after": m_after, "before_intervals": ci_before, "after_intervals": ci_after,
         "before_prompts": base_prompts, "after_prompts": prompts, "steps": a.steps, "learning_rate": a.learning_rate,
-        "prior_preservation": prior, "seed": a.seed, "sample_seed": sample_kw["seed"], "eval_images": a.eval_images,
+        "prior_preservation": prior, "class_images": DEMO_CLASS_IMAGES, "train_flags": list(DEMO_EXTRA_FLAGS),
+        "seed": a.seed, "sample_seed": sample_kw["seed"], "eval_images": a.eval_images,
         "sample_steps": a.sample_steps, "guidance": GUIDANCE, "phase_seconds": times}, indent=1))
     (out / RECORD).write_text(json.dumps({"recipe": recipe, "finished": True}, indent=1))
     print(table)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ class Evaluation:
     intervals: dict        # {metric: [lo, hi]}, 95% bootstrap over images
     samples: dict          # {prompt: images}
     place_by_prompt: dict  # {prompt: PLACE of its images}
+    by_prompt: dict = field(default_factory=dict)  # {"DINO"/"CLIP-I": {prompt: mean of its images}}
 
 
 def recorded_subject(model: Path) -> dict:
@@ -88,7 +89,8 @@ def evaluate(pipe, scorer, real, identifier, class_noun, templates=DEFAULT_PROMP
     samples = generate(pipe, list(pairs) + [class_prompt], num_images, steps, guidance, seed)
     v = per_image(scorer, real, {p: samples[p] for p in pairs}, samples[class_prompt], pairs, class_noun)
     by_prompt = {p: (None if np.isnan(row).all() else float(row.mean())) for p, row in zip(pairs, v["PLACE"])}
-    return Evaluation(point_estimates(v), bootstrap(v), samples, by_prompt)
+    per = {k: {p: float(row.mean()) for p, row in zip(pairs, v[k])} for k in ("DINO", "CLIP-I")}
+    return Evaluation(point_estimates(v), bootstrap(v), samples, by_prompt, per)
 
 
 def run(argv: list[str]) -> dict:

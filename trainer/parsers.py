@@ -19,6 +19,10 @@ LEARNING_RATE = 1e-4
 NUM_CLASS_IMAGES = 50
 # more `dbtrain train` flags of the demo recipe: per-image captions naming each picture's place
 DEMO_EXTRA_FLAGS: tuple[str, ...] = ("--caption_extension", ".txt")
+# the demo's class images: None = all drawn from the class prompt "a star"; "places" = the base model's
+# "a star <place>" for every place of the world, each with its caption file (read back by --caption_extension
+# once the training loop reads class captions); "places+plain" = those and "a star"
+DEMO_CLASS_IMAGES: str | None = None
 DEMO_OUT = "dbtrain-demo"  # git-ignored, so a demo run inside the repository leaves no untracked files
 
 # One set of sampler defaults for `dbtrain sample`, `eval` and `demo` (issue 15), and the fixed seeds

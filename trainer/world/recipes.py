@@ -55,31 +55,31 @@ RECIPES = {
     "captions-te-lr7e-5": ("captions + text encoder, lr 7e-5", {"lr": 7e-5},
                            ("--caption_extension", ".txt", "--train_text_encoder"), True),
     # class images: the base model's "a star <place>" for all 6 places (in space too), each with its caption
-    "places-lr1e-4": ("captions, place-captioned class images, lr 1e-4", {"lr": 1e-4, "class_places": True},
+    "places-lr1e-4": ("captions, place-captioned class images, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
                       ("--caption_extension", ".txt"), True),
     "places-te-lr1e-4": ("captions + text encoder, place-captioned class images, lr 1e-4",
-                         {"lr": 1e-4, "class_places": True}, ("--caption_extension", ".txt", "--train_text_encoder"),
+                         {"lr": 1e-4, "class_places": "places"}, ("--caption_extension", ".txt", "--train_text_encoder"),
                          True),
-    "places-lr2e-4": ("captions, place-captioned class images, lr 2e-4", {"lr": 2e-4, "class_places": True},
+    "places-lr2e-4": ("captions, place-captioned class images, lr 2e-4", {"lr": 2e-4, "class_places": "places"},
                       ("--caption_extension", ".txt"), True),
     "places-te-lr2e-4": ("captions + text encoder, place-captioned class images, lr 2e-4",
-                         {"lr": 2e-4, "class_places": True}, ("--caption_extension", ".txt", "--train_text_encoder"),
+                         {"lr": 2e-4, "class_places": "places"}, ("--caption_extension", ".txt", "--train_text_encoder"),
                          True),
     "places-te-lr1e-4-400": ("captions + text encoder, place-captioned class images, lr 1e-4, 400 steps",
-                             {"lr": 1e-4, "steps": 400, "class_places": True},
+                             {"lr": 1e-4, "steps": 400, "class_places": "places"},
                              ("--caption_extension", ".txt", "--train_text_encoder"), True),
     "places+plain-te-lr1e-4": ("captions + text encoder, class images of the 6 places and plain 'a star', lr 1e-4",
-                               {"lr": 1e-4, "class_places": "plain"},
+                               {"lr": 1e-4, "class_places": "places+plain"},
                                ("--caption_extension", ".txt", "--train_text_encoder"), True),
     "places+plain-te-lr2e-4": ("captions + text encoder, class images of the 6 places and plain 'a star', lr 2e-4",
-                               {"lr": 2e-4, "class_places": "plain"},
+                               {"lr": 2e-4, "class_places": "places+plain"},
                                ("--caption_extension", ".txt", "--train_text_encoder"), True),
     "places-te-lr1e-4-prior2-400": ("captions + text encoder, place-captioned class images, lr 1e-4, prior weight 2, "
-                                    "400 steps", {"lr": 1e-4, "steps": 400, "class_places": True},
+                                    "400 steps", {"lr": 1e-4, "steps": 400, "class_places": "places"},
                                     ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "2"),
                                     True),
     "places-te-lr1e-4-prior05": ("captions + text encoder, place-captioned class images, lr 1e-4, prior weight 0.5",
-                                 {"lr": 1e-4, "class_places": True},
+                                 {"lr": 1e-4, "class_places": "places"},
                                  ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "0.5"),
                                  True),
 }
@@ -138,20 +138,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _space(r: dict) -> float:
-    return next((v for k, v in r["place_by_prompt"].items() if k.endswith(" in space")), float("nan"))
+def _space(r: dict, key: str = "place_by_prompt") -> float:
+    return next((v for k, v in (r.get(key) or {}).items() if k.endswith(" in space")), float("nan"))
 
 
 def targets_table(rows: list[dict]) -> str:
     """Issue 15's targets per row, against the base row: DINO and CLIP-I gains in half-widths of the row's
     own 95% interval (target >= 5), PLACE and PLACE in space minus the base model's (target >= -0.10),
-    PRES inside the base model's interval."""
-    base = next((r for r in rows if r["recipe"] == "base"), None)
+    PRES inside the base model's interval; and DINO of the "in space" samples alone (is the subject drawn
+    there, or the class's plain star?), where the row has it."""
+    base = next((r for r in rows[::-1] if r["recipe"] == "base"), None)
     if base is None:
         return ""
     bm, bci = base["metrics"], base["intervals"]
     lines = ["| recipe | DINO gain / half-width | CLIP-I gain / half-width | PLACE - base | PLACE in space - base | "
-             "PRES in base interval | (a)+(b) met |", "|---|---:|---:|---:|---:|---|---|"]
+             "PRES in base interval | (a)+(b) met | DINO in space |", "|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         if r is base:
             continue
@@ -161,7 +162,8 @@ def targets_table(rows: list[dict]) -> str:
         pres = bci["PRES"][0] <= m["PRES"] <= bci["PRES"][1]
         met = min(x.values()) >= 5 and dp >= -0.1 - 1e-9 and ds >= -0.1 - 1e-9
         lines.append(f"| {r['recipe']} (seed {r['seed']}) | {x['DINO']:.1f} | {x['CLIP-I']:.1f} | {dp:+.3f} | "
-                     f"{ds:+.2f} | {'yes' if pres else 'no'} | {'yes' if met else 'no'} |")
+                     f"{ds:+.2f} | {'yes' if pres else 'no'} | {'yes' if met else 'no'} | "
+                     f"{_space(r, 'dino_by_prompt'):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,17 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             what, rkw, extra, captions = RECIPES[name]
             rkw = {"prior": True, "steps": demo.STEPS, "lr": demo.LEARNING_RATE,
                    "num_class_images": demo.NUM_CLASS_IMAGES, "seed": a.seed, "device": "cpu", **rkw}
-            places = rkw.pop("class_places", False)
+            places = rkw.pop("class_places", None)  # "places": the base model's "a star <place>", captioned
             run_dir = work / f"{name}-s{a.seed}"
-            class_dir = work / f"class-{'places-' if places else ''}{'plain-' if places == 'plain' else ''}" \
-                               f"{rkw['num_class_images']}"
-            if places:  # the base model's "a star <place>" for every place, each with its caption file
-                from .. import config
-                from ..prior import generate_class_images
-
-                args = demo.train_args(MODEL_DIR, subject, run_dir, class_dir=class_dir, extra=extra, **rkw)
-                generate_class_images(config.parse(args), torch.device("cpu"), torch.float32,
-                                      prompts=demo.place_class_prompts(plain=places == "plain"))
+            class_dir = work / f"class-{places + '-' if places else ''}{rkw['num_class_images']}"
+            if places:
+                demo.draw_class_images(demo.train_args(MODEL_DIR, subject, run_dir, class_dir=class_dir, extra=extra,
+                                                       **rkw), "cpu", places)
             with class_captions() if places else contextlib.nullcontext():
                 trained = demo.dreambooth(MODEL_DIR, subject if captions else plain, run_dir, class_dir=class_dir,
                                           extra=extra, **rkw)
@@ -264,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
         grid([(name, ev.samples)]).save(work / f"{name}-s{a.seed}.png")
         row = {"recipe": name, "what": what, "seed": a.seed, "metrics": ev.metrics, "intervals": ev.intervals,
-               "place_by_prompt": ev.place_by_prompt, "train_s": round(train_s, 1),
+               "place_by_prompt": ev.place_by_prompt, "dino_by_prompt": ev.by_prompt.get("DINO"),
+               "clipi_by_prompt": ev.by_prompt.get("CLIP-I"), "train_s": round(train_s, 1),
                "total_s": round(time.time() - t0, 1),
                "eval_images": a.eval_images, "eval_seed": a.eval_seed, "device": platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__,
