@@ -3,7 +3,8 @@
     python -m trainer.world.recipes --recipes demo-default captions ... --out bench/results/demo/recipes
 
 Each recipe is the demo's `dbtrain train` run with some levers changed (learning rate, steps,
-prior weight, class-image count, text-encoder training, per-image captions). Each trained model
+prior weight, class-image count, text-encoder training, per-image captions, class images of every place with
+their captions). Each trained model
 and the base model are scored on "[V] star <place>" for every place of the world (the base model
 on "a star <place>"), and on "a star", with 95% bootstrap intervals over images. One JSONL row
 per recipe (appended, so runs in parallel processes add up) and a markdown table of all rows.
@@ -11,7 +12,6 @@ per recipe (appended, so runs in parallel processes add up) and a markdown table
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -92,40 +92,6 @@ RECIPES = {
 
 
 TEMPLATES = tuple(f"a {{V}} {{C}} {p}" for p in PLACES)
-
-
-@contextlib.contextmanager
-def class_captions():
-    """Class images read with their caption files (data.class_prompts) in `dbtrain train`'s loop.
-
-    A stand-in for the loop change asked for in issue 15 (Batches taking the class images' prompts), so
-    the recipe can be measured before that lands; a no-op once loop.Batches takes `cls_prompts` itself."""
-    import inspect
-
-    from .. import data, loop
-
-    base = loop.Batches
-    if "cls_prompts" in inspect.signature(base.__init__).parameters:
-        yield
-        return
-
-    class Captioned(base):
-        def __init__(self, cfg, comps, inst, cls, prompts, *a, **kw):
-            self.cls_prompts = ([] if cls is None else
-                                data.class_prompts(cls.files, getattr(cfg, "caption_extension", None), prompts["cls"]))
-            super().__init__(cfg, comps, inst, cls, prompts, *a, **kw)
-
-        def distinct_prompts(self):
-            return list(dict.fromkeys(super().distinct_prompts() + self.cls_prompts))
-
-        def prompt(self, which, i):
-            return self.cls_prompts[i] if which == "cls" else super().prompt(which, i)
-
-    loop.Batches = Captioned
-    try:
-        yield
-    finally:
-        loop.Batches = base
 
 
 def table(rows: list[dict]) -> str:
@@ -256,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             if places:
                 demo.draw_class_images(demo.train_args(MODEL_DIR, subject, run_dir, class_dir=class_dir, extra=extra,
                                                        **rkw), "cpu", places)
-            with class_captions() if places else contextlib.nullcontext():
-                trained = demo.dreambooth(MODEL_DIR, subject if captions else plain, run_dir, class_dir=class_dir,
-                                          extra=extra, **rkw)
+            trained = demo.dreambooth(MODEL_DIR, subject if captions else plain, run_dir, class_dir=class_dir,
+                                      extra=extra, **rkw)
             train_s = time.time() - t0
             pipe, base = load_pipeline(trained, "cpu"), False
         ev = evaluate(pipe, scorer, real, demo.IDENTIFIER, scenes.SUBJECT_CLASS, templates=TEMPLATES,
