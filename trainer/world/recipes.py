@@ -179,6 +179,26 @@ def write_table(prefix: Path) -> str:
     return text
 
 
+def space_reference(scorer, n: int = 24, seed: int = 0) -> dict[str, dict[str, float]]:
+    """What DINO / CLIP-I against the subject pictures would be for ideal samples of one place: rendered
+    scenes of the subject itself in that place, and of the base world's plain stars there."""
+    import random
+
+    rng = random.Random(seed)
+    r = scorer.images(scenes.subject_images(5))
+    out = {}
+    for place in ("in space", "on the beach"):
+        for name, color, texture in (("the subject", "orange", "striped"), ("plain stars", None, None)):
+            ims = [scenes.render(scenes.Scene(scenes.SUBJECT_CLASS, color or rng.choice(sorted(scenes.COLORS)),
+                                              "big", place, rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55),
+                                              rng.uniform(-15, 15), texture), seed=rng.randrange(1 << 30))
+                   for _ in range(n)]
+            e = scorer.images(ims)
+            out[f"{name} {place}"] = {"DINO": float((e["dino"] @ r["dino"].T).mean()),
+                                      "CLIP-I": float((e["clip"] @ r["clip"].T).mean())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from .. import demo
     from ..evaluate import evaluate, load_pipeline
@@ -194,9 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/demo/recipes", help="prefix of the .jsonl and .md")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table_only", action="store_true", help="only rewrite the .md from the .jsonl")
+    p.add_argument("--reference", metavar="MD", help="only write DINO / CLIP-I of rendered scenes of the subject "
+                   "and of plain stars, in space and on the beach, to this markdown file")
     a = p.parse_args(argv)
     if a.table_only:
         print(write_table(Path(a.out)))
+        return 0
+    if a.reference:
+        ref = space_reference(Scorer())
+        text = ("DINO / CLIP-I against the 5 subject pictures (the recipe table's per-prompt 'DINO in space') of "
+                "rendered scenes, 24 each (big stars, random position, angle and background; plain stars of random "
+                "colours): what a sample that shows the subject there, or a plain star there, scores. Written by "
+                "`python -m trainer.world.recipes " + " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n"
+                "| rendered | DINO | CLIP-I |\n|---|---:|---:|\n" +
+                "".join(f"| {k} | {v['DINO']:.3f} | {v['CLIP-I']:.3f} |\n" for k, v in ref.items()))
+        Path(a.reference).write_text(text)
+        print(text)
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
