@@ -338,7 +338,7 @@ def report(a) -> str:
         lines += quality_table(q, "similarity_dino") + [""]
         lines += ["### Best image of each round, CLIP-like embedding", ""]
         lines += quality_table(q, "similarity_clip", stat="max") + [""]
-        lines += [f"`rounds.png`: user 0, the target, then one row per round: no feedback | FABRIC.", "",
+        lines += ["`rounds.png`: user 0, the target, then one row per round: no feedback | FABRIC.", "",
                   f"Run: {s['time']}, git {s['git']}, torch {s['torch']}, CPU, {s['threads']} thread(s), "
                   f"1-min load average at the start {s['load_avg_1min']:.1f} (other jobs share this machine).", ""]
     if c:

@@ -147,8 +147,8 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     scaler = None
     if cfg.mixed_precision == "fp16":  # --shard: every rank must agree on inf/NaN, each seeing its own gradients
         scaler = shard.scaler(device) if sharded is not None else torch.amp.GradScaler(device.type)
-    if sharded is not None:  # each gradient goes to its owner in a hook that runs before step_in_backward's
-        sharded.reduce_hooks()
+    if sharded is not None:  # gradients go to their owners from hooks that run before step_in_backward's
+        sharded.reduce_hooks(each=bool(cfg.step_in_backward))
     hook = None
     if cfg.step_in_backward:
         if scaler is not None:
@@ -232,7 +232,8 @@ def train_step(run: Run, step: int) -> StepResult:
             if run.shard is not None:  # gradients go to their owners once, in the last micro-step's backward
                 run.shard.reduce_now = micro == cfg.gradient_accumulation_steps - 1
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-    if run.shard is not None:  # global mean loss (the gradients were reduced to their owners in backward)
+    if run.shard is not None:  # global mean loss; the gradients went to their owners in backward (and the rest now)
+        run.shard.flush()
         total, finite = distributed.reduce_loss(total, finite)
     elif distributed.world() > 1:  # global mean loss; gradients averaged over the ranks (when all were finite)
         total, finite = distributed.reduce_step(run.params, total, finite)

@@ -1,9 +1,10 @@
 """--shard under torchrun: the optimizer state and the gradients split over the ranks (ZeRO stage 2).
 
 Every trainable parameter is owned by one rank (whole tensors, the largest first onto the least loaded rank,
-so every rank computes the same split). Each gradient is reduced to its owner as soon as it is complete (a
-post-accumulate-grad hook, on the last micro-step of a step); the other ranks drop their copy at once, so a
-rank holds about 1/N of the gradients. Only the owner has the parameter's optimizer state and updates it;
+so every rank computes the same split). Completed gradients (post-accumulate-grad hooks, on the last
+micro-step of a step) are collected in buckets of distributed.BUCKET_ELEMS elements, and each full bucket is
+reduced to the owners, one message per owner; the other ranks drop their copies then, so a rank holds about
+1/N of the gradients plus one bucket. Only the owner has the parameter's optimizer state and updates it;
 then the owner broadcasts the new values, and every rank again holds the whole model (the weights are not
 sharded: the forward needs them, and gathering them layer by layer, ZeRO-3 / FSDP, is not built).
 
@@ -66,21 +67,45 @@ class Sharding:
         return sum(p.numel() * p.element_size() for p, k in zip(self.params, self.owner) if k == r)
 
     # ---------------------------------------------------------------- gradients
-    def reduce_hooks(self) -> None:
-        """Registered before step_in_backward's hooks, so each update sees the averaged gradient."""
-        comm = distributed.comm()
+    def reduce_hooks(self, each: bool = False) -> None:
+        """Each completed gradient joins a bucket; a full bucket (BUCKET_ELEMS) goes to the owners, one message
+        per owner and dtype, and the rest at flush() after backward. each=True (step_in_backward, whose update
+        runs in the next hook): every gradient at once. Registered before step_in_backward's hooks."""
 
         def reduce(p):
             if not self.reduce_now or p.grad is None:
                 return
-            k = self.owner_of[p]
-            comm.reduce(p.grad, dst=k)
-            if k == self.rank:
-                p.grad.div_(self.n)
-            else:
-                p.grad = None  # another rank's: the memory goes back now
+            self._pending.append(p)
+            self._pending_elems += p.numel()
+            if each or self._pending_elems >= distributed.BUCKET_ELEMS:
+                self.flush()
 
+        self._pending: list = []
+        self._pending_elems = 0
         self._hooks += [p.register_post_accumulate_grad_hook(reduce) for p in self.params]
+
+    def flush(self) -> None:
+        """Reduce the bucketed gradients to their owners (mean); the other ranks drop theirs. Every rank has
+        the same bucket (the same graph completes its gradients in the same order everywhere)."""
+        groups: dict = {}
+        for p in self._pending:
+            groups.setdefault((self.owner_of[p], p.grad.dtype, p.grad.device), []).append(p)
+        self._pending, self._pending_elems = [], 0
+        comm = distributed.comm()
+        for (k, _dtype, _dev), ps in groups.items():
+            grads = [p.grad for p in ps]
+            flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
+            comm.reduce(flat, dst=k)
+            if k != self.rank:
+                for p in ps:
+                    p.grad = None  # another rank's: the memory goes back now
+                continue
+            flat.div_(self.n)
+            if len(grads) > 1:
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                    offset += g.numel()
 
     def broadcast_hooks(self) -> None:
         """--step_in_backward: registered after its hooks; the owner's fresh values go to every rank."""
