@@ -126,7 +126,7 @@ def targets_table(rows: list[dict]) -> str:
     lines = ["| recipe | DINO gain / half-width | CLIP-I gain / half-width | PLACE - base | PLACE in space - base | "
              "PRES in base interval | (a)+(b) met | DINO in space |", "|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
-        if r is base:
+        if r["recipe"] == "base":
             continue
         m, ci = r["metrics"], r["intervals"]
         x = {k: (m[k] - bm[k]) / max((ci[k][1] - ci[k][0]) / 2, 1e-9) for k in ("DINO", "CLIP-I")}
@@ -136,7 +136,8 @@ def targets_table(rows: list[dict]) -> str:
         lines.append(f"| {r['recipe']} (seed {r['seed']}) | {x['DINO']:.1f} | {x['CLIP-I']:.1f} | {dp:+.3f} | "
                      f"{ds:+.2f} | {'yes' if pres else 'no'} | {'yes' if met else 'no'} | "
                      f"{_space(r, 'dino_by_prompt'):.3f} |")
-    return "\n".join(lines) + "\n"
+    return (f"Base model: DINO of its 'a star in space' samples {_space(base, 'dino_by_prompt'):.3f}.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def seeds_table(rows: list[dict]) -> str:
