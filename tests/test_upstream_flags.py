@@ -136,9 +136,8 @@ def test_contradictions_are_one_line_errors(capsys, monkeypatch):
         config.parse(BASE + ["--use_8bit_adam", "--optimizer", "adamw"])
     with pytest.raises(UserError, match="--pre_compute_text_embeddings"):
         config.parse(BASE + ["--pre_compute_text_embeddings", "--train_text_encoder"])
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data parallel (issue 20), but no sharding yet
-    with pytest.raises(UserError, match="--shard .* not yet"):
-        config.parse(BASE + ["--shard"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data parallel, --shard splits the state (issue 20)
+    assert config.parse(BASE + ["--shard"]).shard
     monkeypatch.delenv("WORLD_SIZE")
     for bad, msg in ((["--lora_rank", "0"], "--lora_rank must be >= 1"), (["--rank", "4", "--lora_dropout", "1"],
                      "--lora_dropout"), (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
@@ -331,7 +330,7 @@ def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder(tiny77):
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer.loop import encode_prompt
+    from trainer.batches import encode_prompt
 
     tok = CLIPTokenizer.from_pretrained(tiny77 / "tokenizer")
     te = CLIPTextModel.from_pretrained(tiny77 / "text_encoder").eval()
