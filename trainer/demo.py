@@ -20,10 +20,12 @@ from pathlib import Path
 
 from .world import scenes
 from .config import UserError
-from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, EVAL_SEED, GUIDANCE, LEARNING_RATE,  # noqa: F401
+from .parsers import (BUILTIN_MODEL, DEFAULT_PROMPTS, EVAL_SEED, GUIDANCE, LEARNING_RATE,
                       NUM_CLASS_IMAGES, SAMPLE_STEPS, STEPS, DEMO_CLASS_IMAGES, DEMO_EXTRA_FLAGS, demo_parser)
 
 IDENTIFIER = "sks"
+# the recipe's defaults (parsers.py), also read as demo.STEPS etc. by the ablation and the recipe search
+RECIPE_DEFAULTS = {"steps": STEPS, "lr": LEARNING_RATE, "num_class_images": NUM_CLASS_IMAGES}
 RECORD = ".dbtrain-demo.json"
 PHASES = 5
 
@@ -291,8 +293,10 @@ def run(argv: list[str]) -> dict:
     with phase(2, "class images", times):
         if prior:
             made = draw_class_images(args, device)
-            print(f"{made} class image(s) drawn by the base model, {a.num_class_images - made} already there",
-                  flush=True)
+            source = (f"from {' / '.join(repr(p) for p in class_image_prompts(DEMO_CLASS_IMAGES))} in turn, each "
+                      f"with its caption file" if DEMO_CLASS_IMAGES else f"from 'a {scenes.SUBJECT_CLASS}'")
+            print(f"{made} class image(s) drawn by the base model {source}; {a.num_class_images - made} already "
+                  f"there", flush=True)
     with phase(3, "training", times):
         if _trained(out / "model"):
             print(f"{out / 'model'} is trained already", flush=True)
