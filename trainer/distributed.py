@@ -228,16 +228,10 @@ def reduce_step(params: list, loss: float, finite: bool) -> tuple[float, bool]:
     loss, finite = reduce_loss(loss, finite)
     if not finite:
         return loss, False
+    dist = comm()
     grads = [p.grad for p in params if p.grad is not None]  # the same parameters have gradients on every rank
-    bucket: list[torch.Tensor] = []
-    for g in grads:
-        if bucket and (g.dtype != bucket[0].dtype or g.device != bucket[0].device
-                       or sum(x.numel() for x in bucket) + g.numel() > BUCKET_ELEMS):
-            _all_reduce_mean(bucket, n)
-            bucket = []
-        bucket.append(g)
-    if bucket:
-        _all_reduce_mean(bucket, n)
+    for bucket in buckets(grads):
+        on_flat(bucket, lambda flat: (dist.all_reduce(flat), flat.div_(n)))
     return loss, True
 
 
@@ -272,19 +266,34 @@ def average_in_backward(params: list) -> None:
         p.register_post_accumulate_grad_hook(average)
 
 
-def _all_reduce_mean(grads: list[torch.Tensor], n: int) -> None:
-    dist = comm()
-    if len(grads) == 1:
-        dist.all_reduce(grads[0])
-        grads[0].div_(n)
+def buckets(tensors: list):
+    """Runs of consecutive tensors of one dtype and device, at most BUCKET_ELEMS elements each (unless one tensor
+    is larger): one collective per run, with bounded extra memory."""
+    bucket: list = []
+    size = 0
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or size + t.numel() > BUCKET_ELEMS):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
+
+
+def on_flat(tensors: list, op, copy_back: bool = True) -> None:
+    """op(flat) on the tensors as one flat tensor (the tensor itself when there is one, in place), then the
+    result written back into them unless copy_back is False."""
+    if len(tensors) == 1:
+        op(tensors[0])
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(n)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    op(flat)
+    if copy_back:
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def comm_device():

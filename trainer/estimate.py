@@ -162,7 +162,7 @@ def estimate(cfg, comps=None, *, fake: bool = True) -> dict:
 
     t0 = time.perf_counter()
     # torchrun: one rank's step (dbtrain train's preflight: this run's ranks), collectives left out
-    world = getattr(cfg, "world_size", None) or distributed.world()
+    world = world_size(cfg)
     with distributed.simulated(world, shard=bool(getattr(cfg, "shard", False))):
         if comps is None:
             confs = model_configs(cfg.pretrained_model_name_or_path, getattr(cfg, "arch", None))
@@ -198,17 +198,19 @@ def options_of(cfg) -> dict:
             "gradient_accumulation_steps", "shard")
     out = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
     out["model"] = getattr(cfg, "arch", None) or str(cfg.pretrained_model_name_or_path)
-    world = getattr(cfg, "world_size", None)
-    if world is None:  # dbtrain train's preflight: the ranks of this run
-        from . import distributed
-
-        world = distributed.world()
-    out["world_size"] = world
+    out["world_size"] = world_size(cfg)
     if getattr(cfg, "lora_rank", None):
         out["lora_rank"] = cfg.lora_rank
     if getattr(cfg, "stock_recipe", False):
         out["stock_recipe"] = True
     return out
+
+
+def world_size(cfg) -> int:
+    """The ranks estimated for: --world_size, or in dbtrain train's preflight this run's own."""
+    from . import distributed
+
+    return getattr(cfg, "world_size", None) or distributed.world()
 
 
 def _gb(n: int) -> str:

@@ -62,10 +62,6 @@ class Sharding:
     def mine(self, p) -> bool:
         return self.owner_of[p] == self.rank
 
-    def owned_bytes(self, rank: int | None = None) -> int:
-        r = self.rank if rank is None else rank
-        return sum(p.numel() * p.element_size() for p, k in zip(self.params, self.owner) if k == r)
-
     # ---------------------------------------------------------------- gradients
     def reduce_hooks(self, each: bool = False) -> None:
         """Each completed gradient joins a bucket; a full bucket (BUCKET_ELEMS) goes to the owners, one message
@@ -93,19 +89,13 @@ class Sharding:
         self._pending, self._pending_elems = [], 0
         comm = distributed.comm()
         for (k, _dtype, _dev), ps in groups.items():
-            grads = [p.grad for p in ps]
-            flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
-            comm.reduce(flat, dst=k)
-            if k != self.rank:
+            mine = k == self.rank
+            distributed.on_flat([p.grad for p in ps], lambda flat: (comm.reduce(flat, dst=k),
+                                                                    flat.div_(self.n) if mine else None),
+                                copy_back=mine)
+            if not mine:
                 for p in ps:
                     p.grad = None  # another rank's: the memory goes back now
-                continue
-            flat.div_(self.n)
-            if len(grads) > 1:
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                    offset += g.numel()
 
     def broadcast_hooks(self) -> None:
         """--step_in_backward: registered after its hooks; the owner's fresh values go to every rank."""
@@ -149,15 +139,8 @@ class Sharding:
         and bucket of distributed.BUCKET_ELEMS elements)."""
         comm = distributed.comm()
         for k in range(self.n):
-            bucket: list = []
-            for p in (p for p, o in zip(self.params, self.owner) if o == k):
-                if bucket and (p.dtype != bucket[0].dtype or p.device != bucket[0].device or
-                               sum(x.numel() for x in bucket) + p.numel() > distributed.BUCKET_ELEMS):
-                    _broadcast(comm, bucket, k)
-                    bucket = []
-                bucket.append(p)
-            if bucket:
-                _broadcast(comm, bucket, k)
+            for bucket in distributed.buckets([p.data for p, o in zip(self.params, self.owner) if o == k]):
+                distributed.on_flat(bucket, lambda flat: comm.broadcast(flat, src=k), copy_back=k != self.rank)
 
     # ---------------------------------------------------------------- checkpoints
     def own_state(self, state_dict: dict) -> dict:
@@ -208,18 +191,6 @@ class Sharding:
 
 def _fake(t) -> bool:
     return isinstance(t, torch._subclasses.FakeTensor)
-
-
-def _broadcast(comm, bucket: list, src: int) -> None:
-    if len(bucket) == 1:
-        comm.broadcast(bucket[0].data, src=src)
-        return
-    flat = torch.cat([p.data.reshape(-1) for p in bucket])
-    comm.broadcast(flat, src=src)
-    offset = 0
-    for p in bucket:
-        p.data.copy_(flat[offset: offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 def scaler(device: torch.device):
