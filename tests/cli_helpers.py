@@ -63,3 +63,17 @@ def train_until_interrupt(monkeypatch, train_argv, at_step: int = 3) -> None:
     with pytest.raises(KeyboardInterrupt):
         loop.train(config.parse(train_argv))
     monkeypatch.setattr(loop, "train_step", real_step)
+
+
+def add_random_lora(unet, encoders, ucfg, tcfg) -> None:
+    """peft LoRA adapters on the UNet (ucfg) and each text encoder (tcfg; peft's injection, as transformers'
+    add_adapter wants peft >= 0.22), with random B (it starts at zero: make the LoRA do something)."""
+    from peft import inject_adapter_in_model
+
+    unet.add_adapter(ucfg)
+    for te in encoders:
+        inject_adapter_in_model(tcfg, te)
+    for m in (unet, *encoders):
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.05)

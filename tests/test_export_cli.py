@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import add_random_lora, one_line_error, run_cli
 from trainer.formats import kohya_lora as kl
 from trainer.formats import single_file as sf
 from trainer.tiny_sd import build_tiny_sd
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     """A tiny model and a diffusers-format LoRA for it (UNet + text encoder, alpha != rank)."""
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft import LoraConfig, get_peft_model_state_dict
 
     root = tmp_path_factory.mktemp("export")
     folder = build_tiny_sd(root / "model")
@@ -29,12 +29,7 @@ def setup(tmp_path_factory):
     ucfg = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                       init_lora_weights="gaussian")
     tcfg = LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
-    pipe.unet.add_adapter(ucfg)
-    inject_adapter_in_model(tcfg, pipe.text_encoder)
-    for m in (pipe.unet, pipe.text_encoder):
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.05)
+    add_random_lora(pipe.unet, [pipe.text_encoder], ucfg, tcfg)
     lora_dir = root / "lora"
     StableDiffusionPipeline.save_lora_weights(
         lora_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
@@ -147,7 +142,7 @@ def test_lora_of_another_architecture(setup, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def setup_xl(tmp_path_factory):
     """A tiny SDXL folder and a diffusers-format LoRA on its UNet and both text encoders (alpha != rank)."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft import LoraConfig, get_peft_model_state_dict
 
     from diffusers import StableDiffusionXLPipeline
     from trainer.sdxl import load_sdxl_components
@@ -160,13 +155,7 @@ def setup_xl(tmp_path_factory):
     ucfg = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                       init_lora_weights="gaussian")
     tcfg = LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
-    c.unet.add_adapter(ucfg)
-    for te in (c.text_encoder, c.text_encoder_2):
-        inject_adapter_in_model(tcfg, te)
-    for m in (c.unet, c.text_encoder, c.text_encoder_2):
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.05)
+    add_random_lora(c.unet, [c.text_encoder, c.text_encoder_2], ucfg, tcfg)
     lora_dir = root / "lora"
     StableDiffusionXLPipeline.save_lora_weights(
         lora_dir, unet_lora_layers=get_peft_model_state_dict(c.unet),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.cli_helpers import add_random_lora
 from trainer.config import UserError
 from trainer.formats import kohya_lora as kl
 from trainer.tiny_sd import build_tiny_sd
@@ -28,7 +29,7 @@ def _pipe(folder):
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     """A tiny SD folder, peft adapters on its UNet and text encoder (random B), their state dicts and configs."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft import LoraConfig, get_peft_model_state_dict
 
     root = tmp_path_factory.mktemp("kohya")
     folder = build_tiny_sd(root / "model")
@@ -36,12 +37,7 @@ def lora(tmp_path_factory):
     torch.manual_seed(0)
     ucfg = LoraConfig(r=UNET_R, lora_alpha=UNET_ALPHA, target_modules=UNET_TARGETS, init_lora_weights="gaussian")
     tcfg = LoraConfig(r=TE_R, lora_alpha=TE_ALPHA, target_modules=TE_TARGETS, init_lora_weights="gaussian")
-    pipe.unet.add_adapter(ucfg)
-    inject_adapter_in_model(tcfg, pipe.text_encoder)  # transformers' add_adapter wants peft >= 0.22
-    for m in (pipe.unet, pipe.text_encoder):
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.05)  # B starts at zero: make the LoRA do something
+    add_random_lora(pipe.unet, [pipe.text_encoder], ucfg, tcfg)
     usd, tsd = get_peft_model_state_dict(pipe.unet), get_peft_model_state_dict(pipe.text_encoder)
     alphas = {**{f"unet.{m}": UNET_ALPHA for m in kl.peft_pairs(usd)},
               **{f"text_encoder.{m}": TE_ALPHA for m in kl.peft_pairs(tsd)}}
