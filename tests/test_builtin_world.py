@@ -174,6 +174,31 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
     assert (out / "metrics.md").read_text() == before
 
 
+def test_textured_base_world_holds_out_the_subjects_pattern_on_its_class():
+    """The base model's textured stage: patterns on every shape and in every place, stars with the other
+    patterns, but never a striped star (the subject's own pairing); the judge's data keeps them."""
+    drawn = scenes.scenes(3000, seed=5, p_texture=0.3, hold_out=True)
+    textured = [s for s in drawn if s.texture]
+    assert 0.25 < len(textured) / len(drawn) < 0.35
+    assert scenes.HELD_OUT == (scenes.SUBJECT_CLASS, "striped")
+    assert not [s for s in textured if (s.shape, s.texture) == scenes.HELD_OUT]
+    assert {s.texture for s in textured if s.shape == scenes.SUBJECT_CLASS} == {"dotted", "checked"}
+    assert {s.shape for s in textured if s.texture == "striped"} == set(scenes.SHAPES) - {scenes.SUBJECT_CLASS}
+    assert {s.context for s in textured if s.texture == "striped"} == set(scenes.CONTEXTS)
+    assert "striped" in {s.texture for s in scenes.scenes(3000, seed=5, p_texture=0.3) if s.shape == "star"}
+
+
+def test_judge_load_and_pretrain_from_model_bad_folders_say_what_to_do(tmp_path, capsys):
+    from trainer.config import UserError
+    from trainer.world import tiny
+    from trainer.world.judge import Judge
+
+    with pytest.raises(UserError, match="pretrain makes one"):
+        Judge.load(tmp_path)
+    assert tiny.main(["pretrain", "--work", str(tmp_path / "w"), "--from_model", str(tmp_path)]) == 2
+    assert "no vae/config.json" in capsys.readouterr().err
+
+
 def test_pretrain_script_end_to_end_in_miniature(tmp_path):
     """`python -m trainer.world.tiny pretrain` with a handful of steps: every stage runs and the result
     is a folder StableDiffusionPipeline loads and a judge that loads."""
@@ -184,10 +209,16 @@ def test_pretrain_script_end_to_end_in_miniature(tmp_path):
 
     model, judge = tmp_path / "model", tmp_path / "judge"
     assert tiny.main(["pretrain", "--work", str(tmp_path / "work"), "--vae_steps", "2", "--unet_steps", "2",
-                      "--unet2_steps", "2", "--unet3_steps", "2", "--judge_steps", "2", "--images", "64",
+                      "--unet2_steps", "2", "--unet3_steps", "2", "--unet4_steps", "2", "--judge_steps", "2", "--images", "64",
                       "--scenes", "64", "--dest", str(model), "--judge_dest", str(judge)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(model)
     image = pipe("a red circle in the snow", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (scenes.SIZE, scenes.SIZE, 3)
     assert Judge.load(judge).text_embeddings(["a red circle"]).shape == (1, 64)
     assert JUDGE_DIR != judge  # the shipped judge is untouched
+    # the patterned stage alone, on top of a finished model folder
+    work2 = tmp_path / "work2"
+    assert tiny.main(["pretrain", "--work", str(work2), "--from_model", str(model), "--stages", "unet4",
+                      "--unet4_steps", "2", "--scenes", "64"]) == 0
+    assert (work2 / "unet4" / "unet" / "config.json").is_file() and (work2 / "unet3" / "text_encoder").is_dir()
+    assert tiny.assemble(work2, tmp_path / "model2").is_dir()

@@ -103,7 +103,7 @@ class Judge(nn.Module):
 
         folder = Path(folder or JUDGE_DIR)
         if not (folder / "judge.safetensors").is_file():
-            from .config import UserError
+            from ..config import UserError
 
             raise UserError(f"no judge at {folder} (expected judge.safetensors, config.json, tokenizer/); "
                             f"python -m trainer.world.tiny pretrain makes one")

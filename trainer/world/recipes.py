@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="recipe-runs")
     p.add_argument("--out", default="bench/results/demo/recipes", help="prefix of the .jsonl and .md")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", default=None, help="base model folder (default: the shipped tiny model)")
     p.add_argument("--table_only", action="store_true", help="only rewrite the .md from the .jsonl")
     p.add_argument("--reference", metavar="MD", help="only write DINO / CLIP-I of rendered scenes of the subject "
                    "and of plain stars, in space and on the beach, to this markdown file")
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
+    model = Path(a.model) if a.model else MODEL_DIR
     work = Path(a.work)
     subject = demo.write_subject(work / "subject", captions=True)
     plain = demo.write_subject(work / "subject-plain", captions=False)
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.recipes:
         t0 = time.time()
         if name == "base":
-            pipe, base, what, train_s = load_pipeline(MODEL_DIR, "cpu"), True, "the base model, prompts without [V]", 0
+            pipe, base, what, train_s = load_pipeline(model, "cpu"), True, "the base model, prompts without [V]", 0
         else:
             what, rkw, extra, captions = RECIPES[name]
             rkw = {"prior": True, "steps": demo.STEPS, "lr": demo.LEARNING_RATE,
@@ -254,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = work / f"{name}-s{a.seed}"
             class_dir = work / f"class-{places + '-' if places else ''}{rkw['num_class_images']}"
             if places:
-                demo.draw_class_images(demo.train_args(MODEL_DIR, subject, run_dir, class_dir=class_dir, extra=extra,
+                demo.draw_class_images(demo.train_args(model, subject, run_dir, class_dir=class_dir, extra=extra,
                                                        **rkw), "cpu", places)
-            trained = demo.dreambooth(MODEL_DIR, subject if captions else plain, run_dir, class_dir=class_dir,
+            trained = demo.dreambooth(model, subject if captions else plain, run_dir, class_dir=class_dir,
                                       extra=extra, **rkw)
             train_s = time.time() - t0
             pipe, base = load_pipeline(trained, "cpu"), False

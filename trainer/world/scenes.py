@@ -23,6 +23,10 @@ CONTEXTS = ("on the beach", "in the snow", "on a red table", "in the grass", "in
 # Surface patterns. The base world (what the text-to-image model learns) has none; the VAE and the
 # judge see them, as SD's VAE and CLIP have seen far more than any one fine-tuning subject.
 TEXTURES = ("striped", "dotted", "checked")
+SUBJECT_CLASS = "star"
+# The subject's own pairing of class and pattern: the textured stage of the base world draws patterns on
+# every shape and stars with every other pattern, never a striped star (`scenes(..., hold_out=True)`).
+HELD_OUT = (SUBJECT_CLASS, "striped")
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,18 @@ class Scene:
         return " ".join(words)
 
 
-def sample_scene(rng: random.Random, p_texture: float = 0.0) -> Scene:
-    """A random scene; with probability p_texture its object gets a random pattern."""
+def sample_scene(rng: random.Random, p_texture: float = 0.0, hold_out: bool = False) -> Scene:
+    """A random scene; with probability p_texture its object gets a random pattern (hold_out: never
+    the HELD_OUT shape with the HELD_OUT pattern; that pattern goes to the next one)."""
     scene = Scene(shape=rng.choice(SHAPES), color=rng.choice(sorted(COLORS)), size=rng.choice(sorted(SIZES)),
                   context=rng.choice(CONTEXTS), x=rng.uniform(0.35, 0.65), y=rng.uniform(0.4, 0.6),
                   angle=rng.uniform(-20, 20))
     if p_texture and rng.random() < p_texture:
         second = rng.choice([c for c in sorted(COLORS) if c != scene.color])
-        scene = Scene(**{**scene.__dict__, "texture": rng.choice(TEXTURES), "texture_color": second})
+        texture = rng.choice(TEXTURES)
+        if hold_out and (scene.shape, texture) == HELD_OUT:
+            texture = TEXTURES[(TEXTURES.index(texture) + 1) % len(TEXTURES)]
+        scene = Scene(**{**scene.__dict__, "texture": texture, "texture_color": second})
     return scene
 
 
@@ -172,9 +180,9 @@ def render(scene: Scene, seed: int = 0) -> Image.Image:
     return img
 
 
-def scenes(count: int, seed: int = 0, p_texture: float = 0.0) -> list[Scene]:
+def scenes(count: int, seed: int = 0, p_texture: float = 0.0, hold_out: bool = False) -> list[Scene]:
     rng = random.Random(seed)
-    return [sample_scene(rng, p_texture) for _ in range(count)]
+    return [sample_scene(rng, p_texture, hold_out) for _ in range(count)]
 
 
 def render_seed(seed: int, k: int) -> int:
@@ -188,7 +196,6 @@ def dataset(count: int, seed: int = 0, p_texture: float = 0.0) -> list[tuple[Ima
             for k, s in enumerate(scenes(count, seed, p_texture))]
 
 
-SUBJECT_CLASS = "star"
 SUBJECT_CONTEXTS = ("on the beach", "in the grass", "on the water", "in the snow", "on a red table")
 
 

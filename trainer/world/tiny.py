@@ -7,7 +7,8 @@ trains, from scratch and from nothing but `trainer.world.scenes`:
             (random 32x32 crops: it is convolutional, and a crop costs a quarter);
   2. unet   a UNet2DConditionModel with cross-attention and a CLIPTextModel (own BPE vocabulary,
             rare words kept for identifiers), jointly, on the pattern-free base world only;
-  2b. unet2 the same, going on from stage 2 with a shorter weight average (EMA);
+  2b. unet2 the same, going on from stage 2 with a shorter weight average (EMA); unet3 longer;
+  2c. unet4 (--unet4_steps, off by default) patterned objects too, never a striped star (scenes.HELD_OUT);
   3. judge  the CLIP-style judge of `trainer.world.judge`;
 then writes the diffusers folder `trainer/world/assets/tiny-world-sd` (StableDiffusionPipeline loads it)
 and `trainer/world/assets/tiny-world-judge`. Each stage keeps its result in --work, so a stopped run
@@ -158,10 +159,10 @@ def train_vae(work: Path, device, steps: int, seed: int, n: int = 20000) -> Path
     return out
 
 
-def _encode_base_world(vae, n: int, seed: int, device):
+def _encode_base_world(vae, n: int, seed: int, device, p_texture: float = 0.0):
     import torch
 
-    drawn = scenes.scenes(n, seed=seed)
+    drawn = scenes.scenes(n, seed=seed, p_texture=p_texture, hold_out=True)
     means, stds = [], []
     with torch.no_grad():
         for k in range(0, n, 500):
@@ -174,9 +175,11 @@ def _encode_base_world(vae, n: int, seed: int, device):
 
 
 def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch: int = 64, *, lr: float = 5e-4,
-               init: str | None = None, name: str = "unet", ema_max: float = 0.999, salt: int = 0) -> Path:
+               init: str | None = None, name: str = "unet", ema_max: float = 0.999, salt: int = 0,
+               p_texture: float = 0.0) -> Path:
     """UNet + text encoder on the base world. init: a previous stage's result to go on from
-    (then the text encoder is averaged too, so the exported pair stays matched)."""
+    (then the text encoder is averaged too, so the exported pair stays matched). p_texture: the share
+    of patterned objects (never a striped star: scenes.HELD_OUT)."""
     import copy
 
     import torch
@@ -188,8 +191,8 @@ def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch:
         return out
     vae = AutoencoderKL.from_pretrained(work / "vae").to(device).eval()
     sf = vae.config.scaling_factor
-    print(f"[unet] rendering and encoding {n} scenes of the base world", flush=True)
-    drawn, means, stds = _encode_base_world(vae, n, seed + 2, device)
+    print(f"[{name}] rendering and encoding {n} scenes of the base world", flush=True)
+    drawn, means, stds = _encode_base_world(vae, n, seed + 2 + (salt if p_texture else 0), device, p_texture)
     del vae
     tok = make_tokenizer(work / "tokenizer")
     if init:
@@ -254,7 +257,7 @@ def assemble(work: Path, dest: Path) -> Path:
     from transformers import CLIPTextModel
 
     tok = make_tokenizer(work / "tokenizer")
-    last = next(work / n for n in ("unet3", "unet2", "unet") if (work / n / "unet").is_dir())
+    last = next(work / n for n in ("unet4", "unet3", "unet2", "unet") if (work / n / "unet").is_dir())
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(last / "text_encoder"), tokenizer=tok,
@@ -273,6 +276,18 @@ def assemble(work: Path, dest: Path) -> Path:
     return dest
 
 
+def seed_work(model: Path, work: Path) -> None:
+    """A model folder's parts as finished stages (vae, unet3) of `work`; stages already there are kept."""
+    for src, dst in (("vae", "vae"), ("unet", "unet3/unet"), ("text_encoder", "unet3/text_encoder")):
+        if not (model / src / "config.json").is_file():
+            from ..config import UserError
+
+            raise UserError(f"--from_model {model}: no {src}/config.json (expected a diffusers Stable Diffusion "
+                            f"folder such as {MODEL_DIR})")
+        if not (work / dst).exists():
+            shutil.copytree(model / src, work / dst)
+
+
 def pretrain(argv: list[str]) -> int:
     import torch
 
@@ -287,10 +302,16 @@ def pretrain(argv: list[str]) -> int:
                    help="second UNet stage: goes on from the first with a short EMA (0: skip)")
     p.add_argument("--unet3_steps", type=int, default=5500,
                    help="third UNet stage: goes on from the second at a lower rate, longer EMA (0: skip)")
+    p.add_argument("--unet4_steps", type=int, default=0,
+                   help="fourth UNet stage, not in the shipped model: patterns (30%% of objects; never a striped "
+                        "star) on every shape and in every place, going on from the third (0: skip; 1500 tried)")
     p.add_argument("--judge_steps", type=int, default=600)
     p.add_argument("--images", type=int, default=20000, help="VAE and judge training images")
     p.add_argument("--scenes", type=int, default=40000, help="base-world scenes for the UNet")
-    p.add_argument("--stages", default="vae,unet,unet2,unet3,judge,export")
+    p.add_argument("--stages", default="vae,unet,unet2,unet3,unet4,judge,export")
+    p.add_argument("--from_model", metavar="DIR", help="start the work folder from this model folder's VAE, UNet "
+                   "and text encoder as the finished stages vae and unet3 (e.g. the shipped model, to run unet4 "
+                   "alone)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dest", default=str(MODEL_DIR), help="where the model folder goes")
     p.add_argument("--judge_dest", default=str(JUDGE_DIR), help="where the judge folder goes")
@@ -299,6 +320,8 @@ def pretrain(argv: list[str]) -> int:
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.from_model:
+        seed_work(Path(a.from_model), work)
     stages = a.stages.split(",")
     if "vae" in stages:
         train_vae(work, device, a.vae_steps, a.seed, a.images)
@@ -312,6 +335,10 @@ def pretrain(argv: list[str]) -> int:
         prev = "unet2" if a.unet2_steps else "unet"
         train_unet(work, device, a.unet3_steps, a.seed, a.scenes, lr=4e-4, init=prev, name="unet3", ema_max=0.999,
                    salt=11)
+    if "unet4" in stages and a.unet4_steps:
+        prev = next(n for n, k in (("unet3", a.unet3_steps), ("unet2", a.unet2_steps), ("unet", 1)) if k)
+        train_unet(work, device, a.unet4_steps, a.seed, a.scenes, lr=3e-4, init=prev, name="unet4", ema_max=0.998,
+                   salt=13, p_texture=0.3)
     if "judge" in stages:
         from .judge import train_judge
 
@@ -332,7 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "pretrain":
         print("usage: python -m trainer.world.tiny pretrain [--help]")
         return 2
-    return pretrain(argv[1:])
+    from ..config import UserError
+
+    try:
+        return pretrain(argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
