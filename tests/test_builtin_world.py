@@ -209,8 +209,8 @@ def test_pretrain_script_end_to_end_in_miniature(tmp_path):
 
     model, judge = tmp_path / "model", tmp_path / "judge"
     assert tiny.main(["pretrain", "--work", str(tmp_path / "work"), "--vae_steps", "2", "--unet_steps", "2",
-                      "--unet2_steps", "2", "--unet3_steps", "2", "--unet4_steps", "2", "--judge_steps", "2", "--images", "64",
-                      "--scenes", "64", "--dest", str(model), "--judge_dest", str(judge)]) == 0
+                      "--unet2_steps", "2", "--unet3_steps", "2", "--unet4_steps", "2", "--judge_steps", "2",
+                      "--images", "64", "--scenes", "64", "--dest", str(model), "--judge_dest", str(judge)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(model)
     image = pipe("a red circle in the snow", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (scenes.SIZE, scenes.SIZE, 3)
