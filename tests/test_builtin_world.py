@@ -150,6 +150,8 @@ def test_eval_command_bad_input(tmp_path, capsys):
 
 
 def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, capsys):
+    from trainer import demo as demo_mod
+
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--out", str(out), "--steps", "4", "--num_class_images", "4", "--eval_images", "2"])
     assert rc == 0
@@ -162,7 +164,11 @@ def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, cap
     assert rec_prompts[-1] == "a star" and any("in space" in p for p in rec_prompts)
     rec = json.loads((out / "metrics.json").read_text())
     assert set(rec["before"]) == set(rec["after"]) == {"DINO", "CLIP-I", "CLIP-T", "PLACE", "PRES", "DIV"}
-    assert rec["before_prompts"] == [p.replace("sks ", "") for p in rec["after_prompts"]]  # base: without [V]
+    word = demo_mod.prompt_word()  # "<sks>": the demo's pivotal tuning makes a new token of the identifier
+    assert all(word in p for p in rec["after_prompts"][:-1])
+    assert rec["before_prompts"] == [p.replace(word + " ", "") for p in rec["after_prompts"]]  # base: without [V]
+    if "--train_text_embedding" in rec["train_flags"]:
+        assert (out / "model" / "learned_embeds.safetensors").is_file()
     assert set(rec["after_intervals"]) == set(rec["after"])
     assert rec["prior_preservation"] is True
     assert len(list((out / "class-images").glob("*.png"))) == 4

@@ -104,6 +104,12 @@ def draw_class_images(args: list[str], device, kind: str | None = DEMO_CLASS_IMA
                                  prompts=class_image_prompts(kind))
 
 
+def prompt_word(extra: tuple = DEMO_EXTRA_FLAGS) -> str:
+    """The word that names the subject in prompts: the identifier, or with pivotal tuning
+    (`--train_text_embedding`) the new token it makes of it, <identifier>."""
+    return f"<{IDENTIFIER}>" if "--train_text_embedding" in extra else IDENTIFIER
+
+
 def recipe_extras() -> dict:
     """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS)."""
     return {"extra": tuple(DEMO_EXTRA_FLAGS)}
@@ -152,7 +158,7 @@ def score_model(model, scorer, real, device, **kw):
     """trainer.evaluate.Evaluation of a model on the demo subject's prompts."""
     from .evaluate import evaluate, load_pipeline
 
-    return evaluate(load_pipeline(model, device), scorer, real, IDENTIFIER, scenes.SUBJECT_CLASS, **kw)
+    return evaluate(load_pipeline(model, device), scorer, real, prompt_word(), scenes.SUBJECT_CLASS, **kw)
 
 
 CELL = 128  # pixels per sample in the pictures (the 64 px samples upscaled, nearest: no invented detail)
@@ -208,7 +214,7 @@ def before_after_grid(before: dict, after: dict, per_row: int = 4, cell: int = C
     right: after DreamBooth with it (same seeds)."""
     labels = {r: row_label(p) for r, p in enumerate(after)}
     return grid([(f'before: base model, "a {scenes.SUBJECT_CLASS} <place>"', before),
-                 (f'after DreamBooth: "a {IDENTIFIER} {scenes.SUBJECT_CLASS} <place>"', after)],
+                 (f'after DreamBooth: "a {prompt_word()} {scenes.SUBJECT_CLASS} <place>"', after)],
                 per_row, cell, labels)
 
 
@@ -273,7 +279,8 @@ def run(argv: list[str]) -> dict:
     print(f"{'continuing the demo in' if resuming else 'demo in'} {out}", flush=True)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     subject = write_subject(out / "subject", captions=True)
-    pairs, class_prompt = subject_prompts(DEFAULT_PROMPTS, IDENTIFIER, scenes.SUBJECT_CLASS)
+    word = prompt_word()
+    pairs, class_prompt = subject_prompts(DEFAULT_PROMPTS, word, scenes.SUBJECT_CLASS)
     # the base model is the reference on the prompts without the identifier ("a star in space")
     base_prompts, prompts = list(pairs.values()) + [class_prompt], list(pairs) + [class_prompt]
     sample_kw = {"n": a.eval_images, "steps": a.sample_steps, "guidance": GUIDANCE, "seed": EVAL_SEED + a.seed}
@@ -316,7 +323,7 @@ def run(argv: list[str]) -> dict:
                                     scenes.SUBJECT_CLASS, intervals=True)
         m_after, ci_after = score(scorer, real, {p: after[p] for p in pairs}, after[class_prompt], pairs,
                                   scenes.SUBJECT_CLASS, intervals=True)
-    names = (f'base model ("a {scenes.SUBJECT_CLASS} <place>")', f'after DreamBooth ("a {IDENTIFIER} '
+    names = (f'base model ("a {scenes.SUBJECT_CLASS} <place>")', f'after DreamBooth ("a {word} '
              f'{scenes.SUBJECT_CLASS} <place>")')
     table = markdown_table(dict(zip(names, (m_before, m_after))), intervals=dict(zip(names, (ci_before, ci_after))))
     note = (f"mean [95% bootstrap interval over images]; {a.eval_images} images per prompt, image k from seed "
@@ -333,7 +340,7 @@ def run(argv: list[str]) -> dict:
     print(table)
     print(note)
     print(f"DINO/CLIP-I: subject fidelity (higher is better); CLIP-T: prompt fidelity; PLACE: samples showing the "
-          f"place their prompt named (the base model's, without {IDENTIFIER}, is the reference); PRES: 'a "
+          f"place their prompt named (the base model's, without {word}, is the reference); PRES: 'a "
           f"{scenes.SUBJECT_CLASS}' samples that look like the subject (lower is better); DIV: diversity")
     print(f"wrote {out / 'before_after.png'}, {out / 'metrics.md'} and the model {trained} "
           f"in {time.time() - t_start:.0f} s")

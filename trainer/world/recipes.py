@@ -88,6 +88,20 @@ RECIPES = {
                                  {"lr": 1e-4, "class_places": "places"},
                                  ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "0.5"),
                                  True),
+    # pivotal tuning: [V] is a new token <sks>, started from the word "orange" (the base model draws orange stars in
+    # every place), trained with the UNet for the first half of the steps; the text encoder is otherwise frozen
+    "pivotal-orange-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, place-captioned class images, "
+                              "lr 1e-4", {"lr": 1e-4, "class_places": "places"},
+                              ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
+                               "orange"), True),
+    "pivotal-orange-plain-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, class images of the 6 "
+                                    "places and plain 'a star', lr 1e-4", {"lr": 1e-4, "class_places": "places+plain"},
+                                    ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
+                                     "orange"), True),
+    "pivotal-orange-prior2-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, place-captioned class "
+                                     "images, prior weight 2, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
+                                     ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
+                                      "orange", "--prior_loss_weight", "2"), True),
 }
 
 
@@ -262,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                                       extra=extra, **rkw)
             train_s = time.time() - t0
             pipe, base = load_pipeline(trained, "cpu"), False
-        ev = evaluate(pipe, scorer, real, demo.IDENTIFIER, scenes.SUBJECT_CLASS, templates=TEMPLATES,
+        word = demo.IDENTIFIER if base else demo.prompt_word(extra)
+        ev = evaluate(pipe, scorer, real, word, scenes.SUBJECT_CLASS, templates=TEMPLATES,
                       with_identifier=not base, **kw)
         from ..demo import grid
 
