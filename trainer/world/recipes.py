@@ -98,6 +98,11 @@ RECIPES = {
                                     "places and plain 'a star', lr 1e-4", {"lr": 1e-4, "class_places": "places+plain"},
                                     ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
                                      "orange"), True),
+    "pivotal-orange-plain-prior1.5-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, class images of "
+                                             "the 6 places and plain 'a star', prior weight 1.5, lr 1e-4",
+                                             {"lr": 1e-4, "class_places": "places+plain"},
+                                             ("--caption_extension", ".txt", "--train_text_embedding",
+                                              "--initializer_token", "orange", "--prior_loss_weight", "1.5"), True),
     "pivotal-orange-prior2-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, place-captioned class "
                                      "images, prior weight 2, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
                                      ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
@@ -214,6 +219,23 @@ def space_reference(scorer, n: int = 24, seed: int = 0) -> dict[str, dict[str, f
     return out
 
 
+DRIFT_PROMPTS = ("a orange star on the beach", "a orange star in space", "a orange circle in the grass")
+
+
+def word_drift(scorer, models: dict, n: int = 16, seed: int = 10_000) -> dict[str, dict[str, float]]:
+    """DINO against the subject pictures of prompts that use the initializer word ("orange") without the
+    identifier, for each model: has the word itself drifted toward the subject?"""
+    from ..evaluate import generate, load_pipeline
+    from ..parsers import GUIDANCE, SAMPLE_STEPS
+
+    real = scorer.images(scenes.subject_images(5))["dino"]
+    out = {}
+    for name, model in models.items():
+        samples = generate(load_pipeline(model, "cpu"), list(DRIFT_PROMPTS), n, SAMPLE_STEPS, GUIDANCE, seed)
+        out[name] = {p: float((scorer.images(samples[p])["dino"] @ real.T).mean()) for p in DRIFT_PROMPTS}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from .. import demo
     from ..evaluate import evaluate, load_pipeline
@@ -232,7 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table_only", action="store_true", help="only rewrite the .md from the .jsonl")
     p.add_argument("--reference", metavar="MD", help="only write DINO / CLIP-I of rendered scenes of the subject "
                    "and of plain stars, in space and on the beach, to this markdown file")
+    p.add_argument("--word_drift", metavar="MODEL", help="only write DINO of 'a orange star ...' samples (no "
+                   "identifier) of the base model and of MODEL (a pivotal run from 'orange') to --reference's file")
     a = p.parse_args(argv)
+    if a.word_drift:
+        d = word_drift(Scorer(), {"base model": Path(a.model) if a.model else MODEL_DIR, "fine-tuned": a.word_drift})
+        text = ("DINO against the 5 subject pictures of 16 samples (seeds 10000 + k, 20 steps, guidance 5) of prompts "
+                "with the initializer word and no identifier. Written by `python -m trainer.world.recipes " +
+                " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n| prompt | " + " | ".join(d) + " |\n|---|" +
+                "---:|" * len(d) + "\n" + "".join(f"| {q} | " + " | ".join(f"{d[m][q]:.3f}" for m in d) + " |\n"
+                                                 for q in DRIFT_PROMPTS))
+        Path(a.reference or "word-drift.md").write_text(text)
+        print(text)
+        return 0
     if a.table_only:
         print(write_table(Path(a.out)))
         return 0
