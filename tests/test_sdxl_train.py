@@ -251,9 +251,12 @@ def test_our_kernels_at_sdxl_head_dim_64(inst, tmp_path_factory, monkeypatch, ba
         unets[kernels] = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert logs["on"] == pytest.approx(logs["off"], rel=1e-4, abs=1e-6)
     # Adam's first steps move every weight by about lr (1e-3) whatever its gradient's size, so a float-rounding
-    # difference in a near-zero gradient shows up as up to ~1e-4 in a few weights (3 of 147456 here)
+    # difference in a near-zero gradient shows up as up to ~1e-4 in a few weights (3 of 147456 here; 1.1e-4 in
+    # one weight in a CI run): a few such weights pass, a wrong kernel moves many
     for k in unets["off"]:
-        torch.testing.assert_close(unets["on"][k], unets["off"][k], rtol=1e-3, atol=1e-4)
+        a, b = unets["on"][k].float(), unets["off"][k].float()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4)
+        assert ((a - b).abs() > 1e-4 + 1e-3 * b.abs()).sum() <= max(3, a.numel() // 10_000), k
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -110,9 +110,22 @@ def prompt_word(extra: tuple = DEMO_EXTRA_FLAGS) -> str:
     return f"<{IDENTIFIER}>" if "--train_text_embedding" in extra else IDENTIFIER
 
 
-def recipe_extras() -> dict:
-    """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS)."""
-    return {"extra": tuple(DEMO_EXTRA_FLAGS)}
+def recipe_extras(model=None) -> dict:
+    """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS). With `model`
+    (a --model whose tokenizer splits the initializer word into pieces): without --initializer_token, so
+    the new token starts from the identifier's embedding, and a note says so."""
+    extra = tuple(DEMO_EXTRA_FLAGS)
+    if model is not None and "--initializer_token" in extra:
+        i = extra.index("--initializer_token")
+        word = extra[i + 1]
+        from transformers import CLIPTokenizer
+
+        pieces = CLIPTokenizer.from_pretrained(Path(model) / "tokenizer").tokenize(word)
+        if len(pieces) != 1:
+            print(f"note: {model}'s tokenizer splits {word!r} into {len(pieces)} tokens; the new token starts from "
+                  f"{IDENTIFIER!r} instead", flush=True)
+            extra = extra[:i] + extra[i + 2:]
+    return {"extra": extra}
 
 
 def _on_gpu(device) -> bool:
@@ -295,7 +308,7 @@ def run(argv: list[str]) -> dict:
              row_labels={r: f'"{p}"' for r, p in enumerate(before)}).save(out / "before.png")
         print(f"wrote {out / 'before.png'}", flush=True)
     recipe_kw = dict(prior=prior, steps=a.steps, lr=a.learning_rate, num_class_images=a.num_class_images,
-                     seed=a.seed, device=a.device, sample_steps=a.sample_steps, **recipe_extras())
+                     seed=a.seed, device=a.device, sample_steps=a.sample_steps, **recipe_extras(model))
     args = train_args(model, subject, out, **recipe_kw)
     with phase(2, "class images", times):
         if prior:
@@ -333,7 +346,7 @@ def run(argv: list[str]) -> dict:
     (out / "metrics.json").write_text(json.dumps({
         "before": m_before, "after": m_after, "before_intervals": ci_before, "after_intervals": ci_after,
         "before_prompts": base_prompts, "after_prompts": prompts, "steps": a.steps, "learning_rate": a.learning_rate,
-        "prior_preservation": prior, "class_images": DEMO_CLASS_IMAGES, "train_flags": list(DEMO_EXTRA_FLAGS),
+        "prior_preservation": prior, "class_images": DEMO_CLASS_IMAGES, "train_flags": list(recipe_kw["extra"]),
         "seed": a.seed, "sample_seed": sample_kw["seed"], "eval_images": a.eval_images,
         "sample_steps": a.sample_steps, "guidance": GUIDANCE, "phase_seconds": times}, indent=1))
     (out / RECORD).write_text(json.dumps({"recipe": recipe, "finished": True}, indent=1))
