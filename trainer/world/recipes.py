@@ -23,6 +23,8 @@ import torch
 from . import scenes
 from .place import PLACES
 
+# captions + pivotal tuning from "orange" (the demo's flags since issue 15, written out: the demo's may change)
+PIVOTAL = ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token", "orange")
 # name -> (what changes, demo.train_args keywords, extra dbtrain train flags, caption files?)
 RECIPES = {
     "demo-default": ("the demo until now: lr 2e-4, 300 steps, prior weight 1, 50 class images", {}, (), False),
@@ -88,25 +90,22 @@ RECIPES = {
                                  {"lr": 1e-4, "class_places": "places"},
                                  ("--caption_extension", ".txt", "--train_text_encoder", "--prior_loss_weight", "0.5"),
                                  True),
-    # pivotal tuning: [V] is a new token <sks>, started from the word "orange" (the base model draws orange stars in
-    # every place), trained with the UNet for the first half of the steps; the text encoder is otherwise frozen
+    # pivotal tuning (PIVOTAL): [V] is a new token <sks>, started from the word "orange" (the base model draws
+    # orange stars in every place), trained with the UNet for the first half of the steps; the text encoder is
+    # otherwise frozen
     "pivotal-orange-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, place-captioned class images, "
                               "lr 1e-4", {"lr": 1e-4, "class_places": "places"},
-                              ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
-                               "orange"), True),
+                              PIVOTAL, True),
     "pivotal-orange-plain-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, class images of the 6 "
                                     "places and plain 'a star', lr 1e-4", {"lr": 1e-4, "class_places": "places+plain"},
-                                    ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
-                                     "orange"), True),
+                                    PIVOTAL, True),
     "pivotal-orange-plain-prior1.5-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, class images of "
                                              "the 6 places and plain 'a star', prior weight 1.5, lr 1e-4",
                                              {"lr": 1e-4, "class_places": "places+plain"},
-                                             ("--caption_extension", ".txt", "--train_text_embedding",
-                                              "--initializer_token", "orange", "--prior_loss_weight", "1.5"), True),
+                                             PIVOTAL + ("--prior_loss_weight", "1.5"), True),
     "pivotal-orange-prior2-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, place-captioned class "
                                      "images, prior weight 2, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
-                                     ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token",
-                                      "orange", "--prior_loss_weight", "2"), True),
+                                     PIVOTAL + ("--prior_loss_weight", "2"), True),
 }
 
 
