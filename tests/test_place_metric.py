@@ -129,3 +129,14 @@ def test_ablation_and_recipe_tables_carry_every_metric_with_its_interval():
             "place_by_prompt": {f"a sks star {p}": 0.25 for p in PLACES}}]
     line = table(rec).splitlines()[-1]
     assert line.count("[0.250, 0.750]") == len(METRICS) and "| 0.25 |" in line  # PLACE of the unseen place
+
+
+def test_recipe_search_refuses_a_missing_model_before_writing(tmp_path):
+    from trainer.config import UserError
+    from trainer.world import recipes
+
+    for flag in ("--model", "--word_drift"):
+        with pytest.raises(UserError, match="does not exist"):
+            recipes.main([flag, str(tmp_path / "nope"), "--recipes", "base", "--work", str(tmp_path / "w"),
+                          "--out", str(tmp_path / "r")])
+    assert list(tmp_path.iterdir()) == []

@@ -256,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--word_drift", metavar="MODEL", help="only write DINO of 'a orange star ...' samples (no "
                    "identifier) of the base model and of MODEL (a pivotal run from 'orange') to --reference's file")
     a = p.parse_args(argv)
+    if a.model or a.word_drift:  # before anything is written or drawn
+        from ..models import check_model_folder
+
+        for folder in filter(None, (a.model, a.word_drift)):
+            check_model_folder(Path(folder))
     if a.word_drift:
         d = word_drift(Scorer(), {"base model": Path(a.model) if a.model else MODEL_DIR, "fine-tuned": a.word_drift})
         text = ("DINO against the 5 subject pictures of 16 samples (seeds 10000 + k, 20 steps, guidance 5) of prompts "
@@ -330,4 +335,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ..config import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as e:  # one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
