@@ -191,6 +191,31 @@ def test_pivotal_tuning_trains_the_rows_for_the_first_fraction_then_freezes_them
     assert all(torch.equal(base[k], mine[k]) for k in base)
 
 
+def test_text_embedding_lr_is_the_rows_own_rate_and_leaves_the_unet_alone(tiny_model, inst, tmp_path, capsys):
+    """One step of pivotal tuning twice, the rows' rate 100x the UNet's the second time: the UNet takes the
+    same step bit for bit, the new row moves 100x as far (Adam's first step and the decay both scale with lr)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def one_step(out, *extra):
+        code, _, err = run_cli(["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir",
+                                str(inst), "--instance_prompt", "a photo of [V] toy", "--output_dir", str(out),
+                                "--resolution", "32", "--max_train_steps", "1", "--learning_rate", "1e-4",
+                                "--lr_warmup_steps", "0", "--train_text_embedding", "--optimizer", "adamw",
+                                "--kernels", "off", "--seed", "2", *extra], capsys)
+        assert code == 0, err
+        return (load_file(out / "learned_embeds.safetensors")["<sks>"].float(),
+                load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    row_same, unet_same = one_step(tmp_path / "same")
+    row_own, unet_own = one_step(tmp_path / "own", "--text_embedding_lr", "1e-2")
+    tok = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    start = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder").get_input_embeddings().weight[
+        tok.convert_tokens_to_ids("sks</w>")].detach()
+    assert all(torch.equal(unet_same[k], unet_own[k]) for k in unet_same)
+    ratio = (row_own - start).norm() / (row_same - start).norm()
+    assert 95 < ratio < 105, ratio
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tiny_model, inst, tmp_path, capsys):
     out = tmp_path / "out"
     cases = [
@@ -209,6 +234,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, inst, tmp_path, ca
                             str(inst), "--instance_prompt", "a [V] toy", "--output_dir", str(out),
                             "--train_text_embedding", "--text_embedding_frac", "1.5"], capsys)
     one_line_error(code, err, "--text_embedding_frac must be > 0 and <= 1")
+    code, _, err = run_cli(["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir",
+                            str(inst), "--instance_prompt", "a [V] toy", "--output_dir", str(out),
+                            "--train_text_embedding", "--text_embedding_lr", "0"], capsys)
+    one_line_error(code, err, "--text_embedding_lr must be > 0")
+    assert not out.exists()
 
 
 def test_methods_bench_estimates_and_intervals():

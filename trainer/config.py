@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="pivotal tuning: [V] becomes new token(s) whose embeddings train with the UNet for the first "
            "--text_embedding_frac of the steps, then freeze; learned_embeds.safetensors is written beside the model")
     g("--text_embedding_frac", type=float, default=0.5, help="fraction of the steps that train the new embeddings")
+    g("--text_embedding_lr", type=float, default=None, metavar="LR",
+      help="learning rate of the new embeddings (not given: --learning_rate); Textual Inversion uses ~5e-3")
     g("--placeholder_token", default=None, metavar="TOKEN",
       help="the new token of --train_text_embedding (not given: <identifier>, e.g. <sks>)")
     g("--initializer_token", default=None, metavar="WORD",
@@ -289,7 +291,7 @@ _RANGES = (("learning_rate", 0, True, None, False), ("prior_loss_weight", 0, Tru
            ("adam_beta1", 0, True, 1, False), ("adam_beta2", 0, True, 1, False),
            ("adam_weight_decay", 0, True, None, False), ("adam_epsilon", 0, False, None, False),
            ("max_grad_norm", 0, True, None, False), ("offset_noise", 0, True, None, False),
-           ("snr_gamma", 0, False, None, False))
+           ("snr_gamma", 0, False, None, False), ("text_embedding_lr", 0, False, None, False))
 
 
 def _check_numbers(cfg) -> None:

@@ -41,6 +41,7 @@ def _fake(t) -> bool:
 
 
 def make_optimizer(cfg, params):
+    """params: a list of tensors, or of param groups (dicts; a group's own "lr" overrides --learning_rate)."""
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     if cfg.optimizer == "adamw8bit":
@@ -53,7 +54,8 @@ def make_optimizer(cfg, params):
         except ImportError as e:
             raise UserError("--optimizer bnb8bit needs bitsandbytes (pip install bitsandbytes)") from e
         return bnb.optim.AdamW8bit(params, **kw)
-    fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    fused = all(p.is_cuda and p.dtype == torch.float32 for p in flat)
     return torch.optim.AdamW(params, fused=fused or None, **kw)
 
 
@@ -139,7 +141,14 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
 
     from diffusers.optimization import get_scheduler
 
-    optimizer = make_optimizer(cfg, params)
+    groups = params
+    lr_rows = getattr(cfg, "text_embedding_lr", None)
+    if lr_rows is not None and new is not None and not use_lora:  # the new rows learn at their own rate
+        rows = {id(m.rows) for k, m in models.items() if k.startswith("text_embedding")}
+        groups = [{"params": [p for p in params if id(p) not in rows]},
+                  {"params": [p for p in params if id(p) in rows], "lr": lr_rows}]
+        groups = [g for g in groups if g["params"]]
+    optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps,
                                  num_cycles=getattr(cfg, "lr_num_cycles", 1), power=getattr(cfg, "lr_power", 1.0))

@@ -106,6 +106,19 @@ RECIPES = {
     "pivotal-orange-prior2-lr1e-4": ("pivotal tuning (new token from 'orange'), captions, place-captioned class "
                                      "images, prior weight 2, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
                                      PIVOTAL + ("--prior_loss_weight", "2"), True),
+    # issue 15, third round: the new token's own learning rate (--text_embedding_lr); Textual Inversion's is ~5e-3
+    "pivotal-plain-telr1e-3": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr 1e-3",
+                               {"lr": 1e-4, "class_places": "places+plain"},
+                               PIVOTAL + ("--text_embedding_lr", "1e-3"), True),
+    "pivotal-plain-telr5e-3": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr 5e-3",
+                               {"lr": 1e-4, "class_places": "places+plain"},
+                               PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
+    "pivotal-plain-telr5e-3-lr5e-5": ("pivotal from 'orange', places+plain class images, lr 5e-5, the token's lr "
+                                      "5e-3", {"lr": 5e-5, "class_places": "places+plain"},
+                                      PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
+    "pivotal-plain-telr5e-3-frac1": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr "
+                                     "5e-3 for all the steps", {"lr": 1e-4, "class_places": "places+plain"},
+                                     PIVOTAL + ("--text_embedding_lr", "5e-3", "--text_embedding_frac", "1"), True),
 }
 
 
