@@ -94,5 +94,7 @@ def test_demo_class_image_kinds():
     assert class_image_prompts(None) is None  # all from --class_prompt "a star"
     assert class_image_prompts("places+plain")[-1] == "a star" and len(class_image_prompts("places+plain")) == 7
     assert "a star" not in class_image_prompts("places")
+    half = class_image_prompts("places+halfplain")  # half the cycle plain "a star", half the 6 places
+    assert half.count("a star") == 6 and len(half) == 12 and half[:6] == class_image_prompts("places")
     with pytest.raises(ValueError):
         class_image_prompts("space")

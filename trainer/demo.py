@@ -77,19 +77,29 @@ def write_subject(folder: Path, seed: int = 0, captions: bool = False) -> Path:
     return folder
 
 
-def place_class_prompts(plain: bool = False) -> list[str]:
+def place_class_prompts(plain: int = 0) -> list[str]:
     """The place-diverse class prompts: "a star <place>" for every place of the world (the unseen one too),
-    so the class term keeps "a star in space" itself, not only "a star"; plain=True: "a star" too."""
+    so the class term keeps "a star in space" itself, not only "a star"; then `plain` times "a star"."""
     from .world.place import PLACES
 
-    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + ([f"a {scenes.SUBJECT_CLASS}"] if plain else [])
+    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + [f"a {scenes.SUBJECT_CLASS}"] * int(plain)
+
+
+# parsers.DEMO_CLASS_IMAGES' kinds -> how many "a star" prompts follow the 6 places' (prompt i % len draws image i)
+CLASS_KINDS = {"places": 0, "places+plain": 1, "places+halfplain": 6}
 
 
 def class_image_prompts(kind: str | None) -> list[str] | None:
     """The prompts the class images are drawn from (parsers.DEMO_CLASS_IMAGES): None = --class_prompt."""
-    if kind not in (None, "places", "places+plain"):
-        raise ValueError(f"class images {kind!r}: None, 'places' or 'places+plain'")
-    return place_class_prompts(plain=kind == "places+plain") if kind else None
+    if kind is not None and kind not in CLASS_KINDS:
+        raise ValueError(f"class images {kind!r}: None or one of {', '.join(CLASS_KINDS)}")
+    return place_class_prompts(CLASS_KINDS[kind]) if kind else None
+
+
+def _in_turn(prompts: list[str]) -> str:
+    """'a star on the beach' / ... / 'a star' (x6): each prompt once, with how often it comes in the cycle."""
+    return " / ".join(repr(p) + (f" (x{prompts.count(p)})" if prompts.count(p) > 1 else "")
+                      for p in dict.fromkeys(prompts))
 
 
 def draw_class_images(args: list[str], device, kind: str | None = DEMO_CLASS_IMAGES) -> int:
@@ -313,8 +323,8 @@ def run(argv: list[str]) -> dict:
     with phase(2, "class images", times):
         if prior:
             made = draw_class_images(args, device)
-            source = (f"from {' / '.join(repr(p) for p in class_image_prompts(DEMO_CLASS_IMAGES))} in turn, each "
-                      f"with its caption file" if DEMO_CLASS_IMAGES else f"from 'a {scenes.SUBJECT_CLASS}'")
+            source = (f"from {_in_turn(class_image_prompts(DEMO_CLASS_IMAGES))} in turn, each with its caption "
+                      f"file" if DEMO_CLASS_IMAGES else f"from 'a {scenes.SUBJECT_CLASS}'")
             print(f"{made} class image(s) drawn by the base model {source}; {a.num_class_images - made} already "
                   f"there", flush=True)
     with phase(3, "training", times):

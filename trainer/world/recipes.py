@@ -119,6 +119,15 @@ RECIPES = {
     "pivotal-plain-telr5e-3-frac1": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr "
                                      "5e-3 for all the steps", {"lr": 1e-4, "class_places": "places+plain"},
                                      PIVOTAL + ("--text_embedding_lr", "5e-3", "--text_embedding_frac", "1"), True),
+    "pivotal-plain-telr1e-2-lr5e-5": ("pivotal from 'orange', places+plain class images, lr 5e-5, the token's lr "
+                                      "1e-2", {"lr": 5e-5, "class_places": "places+plain"},
+                                      PIVOTAL + ("--text_embedding_lr", "1e-2"), True),
+    "pivotal-plain-telr5e-3-lr7e-5": ("pivotal from 'orange', places+plain class images, lr 7e-5, the token's lr "
+                                      "5e-3", {"lr": 7e-5, "class_places": "places+plain"},
+                                      PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
+    "pivotal-halfplain-telr5e-3": ("pivotal from 'orange', class images half of the 6 places, half plain 'a star', "
+                                   "lr 1e-4, the token's lr 5e-3", {"lr": 1e-4, "class_places": "places+halfplain"},
+                                   PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
 }
 
 
