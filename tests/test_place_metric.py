@@ -140,3 +140,22 @@ def test_recipe_search_refuses_a_missing_model_before_writing(tmp_path):
             recipes.main([flag, str(tmp_path / "nope"), "--recipes", "base", "--work", str(tmp_path / "w"),
                           "--out", str(tmp_path / "r")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_learned_row_reports_where_the_token_went(tmp_path):
+    """A row equal to "orange"'s: cosine 1, moved 0; mostly "black": that is the nearest row, cosine below 1."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainer.world.recipes import learned_row
+    from trainer.world.tiny import MODEL_DIR
+
+    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    table = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder").get_input_embeddings().weight.detach()
+    orange, black = (table[tok.convert_tokens_to_ids(w + "</w>")] for w in ("orange", "black"))
+    save_file({"<sks>": orange[None].clone()}, tmp_path / "learned_embeds.safetensors")
+    line = learned_row(tmp_path, MODEL_DIR)
+    assert "cosine 1.000 to 'orange', moved 0.00x" in line and "nearest rows: 'orange' 1.00" in line
+    save_file({"<sks>": (0.2 * orange + black)[None].clone()}, tmp_path / "learned_embeds.safetensors")
+    line = learned_row(tmp_path, MODEL_DIR)
+    assert "cosine 1.000" not in line and "nearest rows: 'black'" in line

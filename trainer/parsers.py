@@ -19,13 +19,15 @@ LEARNING_RATE = 1e-4
 NUM_CLASS_IMAGES = 50
 # more `dbtrain train` flags of the demo recipe: per-image captions naming each picture's place (read for the
 # class images too), and pivotal tuning: [V] is a new token <sks> started from the word "orange" (which the base
-# model draws in every place, "in space" too), trained with the UNet for the first half of the steps. Training
-# the whole text encoder instead never drew the subject in space (README, "How the recipe was found").
+# model draws in every place, "in space" too), trained with the UNet for the first half of the steps at its own
+# lr 5e-3 (at the UNet's 1e-4 it hardly left "orange", and "a star" drifted more: recipes.md,
+# pivotal-plain-telr5e-3). Training the whole text encoder instead never drew the subject in space (README,
+# "How the recipe was found").
 DEMO_EXTRA_FLAGS: tuple[str, ...] = ("--caption_extension", ".txt", "--train_text_embedding",
-                                     "--initializer_token", "orange")
+                                     "--initializer_token", "orange", "--text_embedding_lr", "5e-3")
 # the demo's class images: None = all drawn from the class prompt "a star"; "places" = the base model's
 # "a star <place>" for every place of the world, each with its caption file (read back by --caption_extension),
-# so the class term keeps "a star in space" itself; "places+plain" = those and "a star"
+# so the class term keeps "a star in space" itself; "places+plain" = those and "a star" (demo.CLASS_KINDS)
 DEMO_CLASS_IMAGES: str | None = "places+plain"
 DEMO_OUT = "dbtrain-demo"  # git-ignored, so a demo run inside the repository leaves no untracked files
 
@@ -34,7 +36,7 @@ DEMO_OUT = "dbtrain-demo"  # git-ignored, so a demo run inside the repository le
 SAMPLE_STEPS = 20
 GUIDANCE = 5.0
 EVAL_SEED = 10_000
-EVAL_IMAGES = 16
+EVAL_IMAGES = 20  # the demo's 95% intervals at most a third of its effects (README, the targets table)
 
 # `dbtrain eval` prompt templates: {V} the identifier, {C} the class noun. The contexts are the built-in world's.
 DEFAULT_PROMPTS = ("a {V} {C} on the beach", "a {V} {C} in the snow", "a {V} {C} in space")

@@ -257,6 +257,25 @@ def word_drift(scorer, models: dict, n: int = 16, seed: int = 10_000) -> dict[st
     return out
 
 
+def learned_row(model, base, word: str = "orange", top: int = 3) -> str:
+    """Where the fine-tuned model's learned token row went: its cosine to `word`'s row in the base text
+    encoder, how far it moved (in `word`'s norms), and the vocabulary's nearest rows."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..embeddings import DIFFUSERS_FILE
+
+    tok = CLIPTokenizer.from_pretrained(Path(base) / "tokenizer")
+    table = CLIPTextModel.from_pretrained(Path(base) / "text_encoder").get_input_embeddings().weight.detach()
+    (name, row), = load_file(Path(model) / DIFFUSERS_FILE).items()
+    row, start = row.float().flatten(), table[tok.convert_tokens_to_ids(word + "</w>")]
+    sims = torch.nn.functional.cosine_similarity(table, row[None], dim=1).topk(top)
+    near = ", ".join(f"{tok.convert_ids_to_tokens(int(i)).removesuffix('</w>')!r} {float(v):.2f}"
+                     for v, i in zip(sims.values, sims.indices))
+    return (f"The learned row {name}: cosine {float(torch.nn.functional.cosine_similarity(row, start, dim=0)):.3f} "
+            f"to {word!r}, moved {float((row - start).norm() / start.norm()):.2f}x its norm; nearest rows: {near}.")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .. import demo
     from ..evaluate import evaluate, load_pipeline
@@ -290,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n| prompt | " + " | ".join(d) + " |\n|---|" +
                 "---:|" * len(d) + "\n" + "".join(f"| {q} | " + " | ".join(f"{d[m][q]:.3f}" for m in d) + " |\n"
                                                  for q in DRIFT_PROMPTS))
+        if (Path(a.word_drift) / "learned_embeds.safetensors").is_file():
+            text += "\n" + learned_row(a.word_drift, Path(a.model) if a.model else MODEL_DIR) + "\n"
         Path(a.reference or "word-drift.md").write_text(text)
         print(text)
         return 0
