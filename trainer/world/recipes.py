@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,20 @@ from .place import PLACES
 
 # captions + pivotal tuning from "orange" (the demo's flags since issue 15, written out: the demo's may change)
 PIVOTAL = ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token", "orange")
+def _token_lr(lr: float, token_lr: str, classes: str = "places+plain", frac1: bool = False,
+              num_class_images: int | None = None) -> tuple:
+    """A RECIPES entry: pivotal from "orange" (PIVOTAL) with the token at its own learning rate."""
+    what = {"places+plain": "places+plain class images", "places+halfplain": "class images half of the 6 places, "
+            "half plain 'a star'"}[classes]
+    if num_class_images:
+        what = f"{num_class_images} {what}"
+    what = f"pivotal from 'orange', {what}, lr {lr:.0e}, the token's lr {token_lr}" + (" for all the steps"
+                                                                                      if frac1 else "")
+    kw = {"lr": lr, "class_places": classes, **({"num_class_images": num_class_images} if num_class_images else {})}
+    return re.sub(r"e-0(\d)", r"e-\1", what), kw, PIVOTAL + ("--text_embedding_lr", token_lr) + (
+        ("--text_embedding_frac", "1") if frac1 else ()), True
+
+
 # name -> (what changes, demo.train_args keywords, extra dbtrain train flags, caption files?)
 RECIPES = {
     "demo-default": ("the demo until now: lr 2e-4, 300 steps, prior weight 1, 50 class images", {}, (), False),
@@ -107,27 +122,14 @@ RECIPES = {
                                      "images, prior weight 2, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
                                      PIVOTAL + ("--prior_loss_weight", "2"), True),
     # issue 15, third round: the new token's own learning rate (--text_embedding_lr); Textual Inversion's is ~5e-3
-    "pivotal-plain-telr1e-3": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr 1e-3",
-                               {"lr": 1e-4, "class_places": "places+plain"},
-                               PIVOTAL + ("--text_embedding_lr", "1e-3"), True),
-    "pivotal-plain-telr5e-3": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr 5e-3",
-                               {"lr": 1e-4, "class_places": "places+plain"},
-                               PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
-    "pivotal-plain-telr5e-3-lr5e-5": ("pivotal from 'orange', places+plain class images, lr 5e-5, the token's lr "
-                                      "5e-3", {"lr": 5e-5, "class_places": "places+plain"},
-                                      PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
-    "pivotal-plain-telr5e-3-frac1": ("pivotal from 'orange', places+plain class images, lr 1e-4, the token's lr "
-                                     "5e-3 for all the steps", {"lr": 1e-4, "class_places": "places+plain"},
-                                     PIVOTAL + ("--text_embedding_lr", "5e-3", "--text_embedding_frac", "1"), True),
-    "pivotal-plain-telr1e-2-lr5e-5": ("pivotal from 'orange', places+plain class images, lr 5e-5, the token's lr "
-                                      "1e-2", {"lr": 5e-5, "class_places": "places+plain"},
-                                      PIVOTAL + ("--text_embedding_lr", "1e-2"), True),
-    "pivotal-plain-telr5e-3-lr7e-5": ("pivotal from 'orange', places+plain class images, lr 7e-5, the token's lr "
-                                      "5e-3", {"lr": 7e-5, "class_places": "places+plain"},
-                                      PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
-    "pivotal-halfplain-telr5e-3": ("pivotal from 'orange', class images half of the 6 places, half plain 'a star', "
-                                   "lr 1e-4, the token's lr 5e-3", {"lr": 1e-4, "class_places": "places+halfplain"},
-                                   PIVOTAL + ("--text_embedding_lr", "5e-3"), True),
+    "pivotal-plain-telr1e-3": _token_lr(1e-4, "1e-3"),
+    "pivotal-plain-telr5e-3": _token_lr(1e-4, "5e-3"),
+    "pivotal-plain-telr5e-3-lr5e-5": _token_lr(5e-5, "5e-3"),
+    "pivotal-plain-telr5e-3-frac1": _token_lr(1e-4, "5e-3", frac1=True),
+    "pivotal-plain-telr1e-2-lr5e-5": _token_lr(5e-5, "1e-2"),
+    "pivotal-plain-telr5e-3-lr7e-5": _token_lr(7e-5, "5e-3"),
+    "pivotal-halfplain-telr5e-3": _token_lr(1e-4, "5e-3", classes="places+halfplain"),
+    "pivotal-plain-telr5e-3-class100": _token_lr(1e-4, "5e-3", num_class_images=100),
 }
 
 
