@@ -311,3 +311,25 @@ def test_shard_in_one_process_is_a_note(world, capsys):
     base, model = world
     config.parse(argv(base, model, base / "x", 1, "--shard")[1:])
     assert "--shard: one process, nothing to split" in capsys.readouterr().err
+
+
+def test_shard_with_the_token_rows_own_lr_equals_unsharded(world):
+    """Pivotal tuning with --text_embedding_lr puts the new rows in a second param group: --shard (whose
+    checkpoint state maps parameters by position across the groups) gives the same losses, UNet and rows as
+    unsharded data parallel, bit for bit, and the checkpoint keeps both groups' rates."""
+    from safetensors.torch import load_file
+
+    base, model = world
+    extra = ["--train_text_embedding", "--text_embedding_lr", "1e-2", "--max_train_steps", "3",
+             "--text_embedding_frac", "1"]
+    two, split = base / "rows-two", base / "rows-shard"
+    for out, more in ((two, []), (split, ["--shard"])):
+        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
+            assert code == 0, err[-3000:]
+    assert [r["loss"] for r in log(split)] == [r["loss"] for r in log(two)]
+    a, b = unet(two), unet(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [load_file(d / "learned_embeds.safetensors")["<sks>"] for d in (two, split)]
+    assert torch.equal(*rows)
+    groups = torch.load(split / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-2]
