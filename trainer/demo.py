@@ -82,7 +82,7 @@ def place_class_prompts(plain: int = 0) -> list[str]:
     so the class term keeps "a star in space" itself, not only "a star"; then `plain` times "a star"."""
     from .world.place import PLACES
 
-    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + [f"a {scenes.SUBJECT_CLASS}"] * int(plain)
+    return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + [f"a {scenes.SUBJECT_CLASS}"] * plain
 
 
 # parsers.DEMO_CLASS_IMAGES' kinds -> how many "a star" prompts follow the 6 places' (prompt i % len draws image i)

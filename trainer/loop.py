@@ -144,7 +144,7 @@ def setup(cfg, comps, batches: Batches, device) -> Run:
     groups = params
     lr_rows = getattr(cfg, "text_embedding_lr", None)
     if lr_rows is not None and new is not None and not use_lora:  # the new rows learn at their own rate
-        rows = {id(m.rows) for k, m in models.items() if k.startswith("text_embedding")}
+        rows = {id(m.rows) for m in (new, new2) if m is not None}
         groups = [{"params": [p for p in params if id(p) not in rows]},
                   {"params": [p for p in params if id(p) in rows], "lr": lr_rows}]
         groups = [g for g in groups if g["params"]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,18 +25,21 @@ from .place import PLACES
 
 # captions + pivotal tuning from "orange" (the demo's flags since issue 15, written out: the demo's may change)
 PIVOTAL = ("--caption_extension", ".txt", "--train_text_embedding", "--initializer_token", "orange")
-def _token_lr(lr: float, token_lr: str, classes: str = "places+plain", frac1: bool = False,
+
+
+def _token_lr(lr: str, token_lr: str, classes: str = "places+plain", frac1: bool = False,
               num_class_images: int | None = None) -> tuple:
     """A RECIPES entry: pivotal from "orange" (PIVOTAL) with the token at its own learning rate."""
     what = {"places+plain": "places+plain class images", "places+halfplain": "class images half of the 6 places, "
             "half plain 'a star'"}[classes]
     if num_class_images:
         what = f"{num_class_images} {what}"
-    what = f"pivotal from 'orange', {what}, lr {lr:.0e}, the token's lr {token_lr}" + (" for all the steps"
-                                                                                      if frac1 else "")
-    kw = {"lr": lr, "class_places": classes, **({"num_class_images": num_class_images} if num_class_images else {})}
-    return re.sub(r"e-0(\d)", r"e-\1", what), kw, PIVOTAL + ("--text_embedding_lr", token_lr) + (
-        ("--text_embedding_frac", "1") if frac1 else ()), True
+    what = f"pivotal from 'orange', {what}, lr {lr}, the token's lr {token_lr}" + (" for all the steps" if frac1
+                                                                                  else "")
+    kw = {"lr": float(lr), "class_places": classes, **({"num_class_images": num_class_images} if num_class_images
+                                                        else {})}
+    flags = PIVOTAL + ("--text_embedding_lr", token_lr) + (("--text_embedding_frac", "1") if frac1 else ())
+    return what, kw, flags, True
 
 
 # name -> (what changes, demo.train_args keywords, extra dbtrain train flags, caption files?)
@@ -122,14 +124,14 @@ RECIPES = {
                                      "images, prior weight 2, lr 1e-4", {"lr": 1e-4, "class_places": "places"},
                                      PIVOTAL + ("--prior_loss_weight", "2"), True),
     # issue 15, third round: the new token's own learning rate (--text_embedding_lr); Textual Inversion's is ~5e-3
-    "pivotal-plain-telr1e-3": _token_lr(1e-4, "1e-3"),
-    "pivotal-plain-telr5e-3": _token_lr(1e-4, "5e-3"),
-    "pivotal-plain-telr5e-3-lr5e-5": _token_lr(5e-5, "5e-3"),
-    "pivotal-plain-telr5e-3-frac1": _token_lr(1e-4, "5e-3", frac1=True),
-    "pivotal-plain-telr1e-2-lr5e-5": _token_lr(5e-5, "1e-2"),
-    "pivotal-plain-telr5e-3-lr7e-5": _token_lr(7e-5, "5e-3"),
-    "pivotal-halfplain-telr5e-3": _token_lr(1e-4, "5e-3", classes="places+halfplain"),
-    "pivotal-plain-telr5e-3-class100": _token_lr(1e-4, "5e-3", num_class_images=100),
+    "pivotal-plain-telr1e-3": _token_lr("1e-4", "1e-3"),
+    "pivotal-plain-telr5e-3": _token_lr("1e-4", "5e-3"),
+    "pivotal-plain-telr5e-3-lr5e-5": _token_lr("5e-5", "5e-3"),
+    "pivotal-plain-telr5e-3-frac1": _token_lr("1e-4", "5e-3", frac1=True),
+    "pivotal-plain-telr1e-2-lr5e-5": _token_lr("5e-5", "1e-2"),
+    "pivotal-plain-telr5e-3-lr7e-5": _token_lr("7e-5", "5e-3"),
+    "pivotal-halfplain-telr5e-3": _token_lr("1e-4", "5e-3", classes="places+halfplain"),
+    "pivotal-plain-telr5e-3-class100": _token_lr("1e-4", "5e-3", num_class_images=100),
 }
 
 
@@ -311,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                 " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n| prompt | " + " | ".join(d) + " |\n|---|" +
                 "---:|" * len(d) + "\n" + "".join(f"| {q} | " + " | ".join(f"{d[m][q]:.3f}" for m in d) + " |\n"
                                                  for q in DRIFT_PROMPTS))
-        if (Path(a.word_drift) / "learned_embeds.safetensors").is_file():
+        from ..embeddings import DIFFUSERS_FILE
+
+        if (Path(a.word_drift) / DIFFUSERS_FILE).is_file():
             text += "\n" + learned_row(a.word_drift, Path(a.model) if a.model else MODEL_DIR) + "\n"
         Path(a.reference or "word-drift.md").write_text(text)
         print(text)
