@@ -239,6 +239,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, inst, tmp_path, ca
                             "--train_text_embedding", "--text_embedding_lr", "0"], capsys)
     one_line_error(code, err, "--text_embedding_lr must be > 0")
     assert not out.exists()
+    code, _, err = run_cli(["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir",
+                            str(inst), "--instance_prompt", "a [V] toy", "--output_dir", str(out),
+                            "--text_embedding_lr", "5e-3"], capsys)  # would be ignored: nothing to apply it to
+    one_line_error(code, err, "--text_embedding_lr is the learning rate of --train_text_embedding's")
+    assert not out.exists()
 
 
 def test_methods_bench_estimates_and_intervals():

@@ -269,6 +269,9 @@ def check(cfg: argparse.Namespace) -> None:
                             "backward); use --gradient_accumulation_steps 1")
         if cfg.mixed_precision == "fp16":
             raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+    if getattr(cfg, "text_embedding_lr", None) is not None and not getattr(cfg, "train_text_embedding", False):
+        raise UserError("--text_embedding_lr is the learning rate of --train_text_embedding's new token rows; add "
+                        "--train_text_embedding, or leave it out")
     if getattr(cfg, "train_text_embedding", False):
         if cfg.train_text_encoder and getattr(cfg, "train_unet", True):
             raise UserError("--train_text_embedding trains new token rows of a frozen text encoder; it cannot be "
