@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 from diffusers import UNet2DConditionModel
-from trainer import distributed
+from trainer.distributed import data_parallel as distributed
 
 torch.set_num_threads(1)
 distributed.init(SimpleNamespace(device="cpu", ddp_timeout=60, train_batch_size=1))

@@ -113,7 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg(arch: str, flags: list[str], stock: bool):
-    from trainer import estimate
+    from trainer.memory import estimate
 
     argv = ["--arch", arch, "--resolution", str(ARCH_RES[arch]), "--with_prior_preservation",
             "--train_batch_size", "1", *flags]
@@ -123,7 +123,7 @@ def _cfg(arch: str, flags: list[str], stock: bool):
 
 
 def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> dict:
-    from trainer import estimate
+    from trainer.memory import estimate
 
     target_key = "unet+te" if cfg.train_text_encoder else "unet"
     if getattr(cfg, "lora_rank", None) and arch == "sdxl":  # issue 19's target is for the full UNet
@@ -198,7 +198,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run_all(opts) -> int:
-    from trainer import estimate
+    from trainer.memory import estimate
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ TRAIN_SETTINGS = {
 def calibrate(opts) -> int:
     """Each `bench train` row measured on a GPU beside the estimate of the same setting: how far off the
     estimate is, so every GPU run calibrates it."""
-    from trainer import estimate
+    from trainer.memory import estimate
 
     rows = [json.loads(x) for x in Path(opts.calibrate).read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("op") == "train" and r.get("device_type") == "cuda" and r.get("peak_bytes")]

@@ -81,17 +81,17 @@ def build_sdxl_components(quick: bool, device: torch.device, tmp: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from trainer import sdxl
-    from trainer.tiny_sd import write_tokenizer_files
+    from trainer.families import sdxl
+    from trainer.world.tiny_sd import write_tokenizer_files
 
     if quick:
-        from trainer.tiny_sdxl import build_tiny_sdxl
+        from trainer.world.tiny_sdxl import build_tiny_sdxl
 
         comps = sdxl.load_sdxl_components(build_tiny_sdxl(tmp / "tiny-sdxl"))
         for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
             m.to(device)
         return comps
-    confs = json.loads((Path(sdxl.__file__).parent / "arch_configs" / "sdxl.json").read_text())
+    confs = json.loads((Path(__file__).resolve().parents[1] / "trainer" / "memory" / "arch_configs" / "sdxl.json").read_text())
     write_tokenizer_files(tmp / "tok")  # ids stay small; the encoders' cost does not depend on them
     toks = [CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77)
             for _ in range(2)]
@@ -111,8 +111,8 @@ def build_components(quick: bool, device: torch.device, tmp: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from trainer.models import Components
-    from trainer.tiny_sd import write_tokenizer_files
+    from trainer.families.sd import Components
+    from trainer.world.tiny_sd import write_tokenizer_files
 
     write_tokenizer_files(tmp / "tok")  # ids stay small; the text encoder's cost does not depend on them
     tokenizer = CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77)
@@ -140,7 +140,7 @@ def write_images(folder: Path, n: int, res: int, seed: int) -> Path:
 
 def trainer_config(setting: str, train_te: bool, res: int, device: torch.device, data: Path):
     """The dbtrain options of one setting (the parser's defaults otherwise)."""
-    from trainer.config import build_parser
+    from trainer.options.train import build_parser
 
     cuda = device.type == "cuda"
     argv = ["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(data / "inst"),
@@ -159,8 +159,8 @@ def trainer_config(setting: str, train_te: bool, res: int, device: torch.device,
 
 
 def ours_step(setting, train_te, comps, res, device, data):
-    from trainer.data import ImageSet, list_images
-    from trainer.loop import Batches, setup, train_step
+    from trainer.core.images import ImageSet, list_images
+    from trainer.core.loop import Batches, setup, train_step
 
     cfg = trainer_config(setting, train_te, res, device, data)
     half = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
@@ -199,7 +199,7 @@ def stock_step(setting, train_te, comps, res, device, data):
     """diffusers examples/dreambooth/train_dreambooth.py, one step, as that script does it."""
     import torch.nn.functional as F
 
-    from trainer.data import list_images, open_rgb, to_tensor
+    from trainer.core.images import list_images, open_rgb, to_tensor
 
     cuda = device.type == "cuda"
     weight_dtype = torch.float16 if cuda else torch.float32
@@ -253,7 +253,7 @@ def stock_lora_step(setting, train_te, comps, res, device, data):
     import torch.nn.functional as F
     from peft import LoraConfig
 
-    from trainer.data import list_images, open_rgb, to_tensor
+    from trainer.core.images import list_images, open_rgb, to_tensor
 
     cuda = device.type == "cuda"
     weight_dtype = torch.float16 if cuda else torch.float32
@@ -269,7 +269,7 @@ def stock_lora_step(setting, train_te, comps, res, device, data):
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     if train_te:
-        from trainer.lora import _inject
+        from trainer.methods.lora import _inject
 
         for enc in encoders:
             _inject(enc, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
@@ -292,7 +292,7 @@ def stock_lora_step(setting, train_te, comps, res, device, data):
     def text():
         if not xl:
             return te(ids)[0], {}
-        from trainer.sdxl import encode_prompt_sdxl
+        from trainer.families.sdxl import encode_prompt_sdxl
 
         emb, pooled = encode_prompt_sdxl([comps.tokenizer, comps.tokenizer_2], encoders, prompts, device)
         time_ids = torch.tensor([[res, res, 0, 0, res, res]] * 2, device=device, dtype=emb.dtype)

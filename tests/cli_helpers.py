@@ -50,7 +50,8 @@ def train_until_interrupt(monkeypatch, train_argv, at_step: int = 3) -> None:
     """`dbtrain train ARGV` in this process, stopped by a KeyboardInterrupt as step `at_step` begins."""
     import pytest
 
-    from trainer import config, loop
+    from trainer.options import train as config
+    from trainer.core import loop
 
     real_step = loop.train_step
 

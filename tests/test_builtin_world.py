@@ -26,14 +26,14 @@ def folder_mb(path: Path) -> float:
 
 @pytest.fixture(scope="module")
 def scorer():
-    from trainer.metrics import Scorer
+    from trainer.world.metrics import Scorer
 
     return Scorer()
 
 
 @pytest.fixture(scope="module")
 def base_pipe():
-    from trainer.evaluate import load_pipeline
+    from trainer.world.evaluate import load_pipeline
 
     return load_pipeline(MODEL_DIR, "cpu")
 
@@ -52,7 +52,7 @@ def test_builtin_model_is_small_and_a_diffusers_folder():
 def test_builtin_model_draws_the_prompt(base_pipe, scorer):
     """'a red circle in the snow' gives red round things on snow, and the judge agrees it is that
     caption rather than other shape/colour/place combinations."""
-    from trainer.evaluate import generate
+    from trainer.world.evaluate import generate
 
     prompts = ["a red circle in the snow", "a blue square on the beach", "a yellow triangle in space"]
     samples = generate(base_pipe, prompts, 4, 20, 5.0, seed=0)
@@ -86,8 +86,8 @@ def test_judge_sees_the_subject_pattern(scorer):
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory, base_pipe, scorer):
     """Two short DreamBooth runs, with and without prior preservation, and the metrics."""
-    from trainer import demo
-    from trainer.evaluate import evaluate, load_pipeline
+    from trainer.world import demo
+    from trainer.world.evaluate import evaluate, load_pipeline
 
     root = tmp_path_factory.mktemp("dreambooth")
     subject = demo.write_subject(root / "subject")
@@ -118,7 +118,7 @@ def test_prior_preservation_keeps_the_class_prior(short_runs):
 def test_eval_command_with_local_clip_and_dino_folders(tmp_path, capsys):
     subject = tmp_path / "subject"
     clip_dir, dino_dir = write_tiny_judge(tmp_path, MODEL_DIR / "tokenizer", 16)
-    from trainer.demo import write_subject
+    from trainer.world.demo import write_subject
 
     write_subject(subject)
     out = tmp_path / "eval"
@@ -137,7 +137,7 @@ def test_eval_command_with_local_clip_and_dino_folders(tmp_path, capsys):
 
 def test_eval_command_bad_input(tmp_path, capsys):
     subject = tmp_path / "subject"
-    from trainer.demo import write_subject
+    from trainer.world.demo import write_subject
 
     write_subject(subject)
     base = ["eval", "--model", str(MODEL_DIR), "--instance_data_dir", str(subject), "--num_images", "2"]
@@ -150,7 +150,7 @@ def test_eval_command_bad_input(tmp_path, capsys):
 
 
 def test_demo_command_writes_grid_and_metrics_and_never_overwrites(tmp_path, capsys):
-    from trainer import demo as demo_mod
+    from trainer.world import demo as demo_mod
 
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--out", str(out), "--steps", "4", "--num_class_images", "4", "--eval_images", "2"])
@@ -195,7 +195,7 @@ def test_textured_base_world_holds_out_the_subjects_pattern_on_its_class():
 
 
 def test_judge_load_and_pretrain_from_model_bad_folders_say_what_to_do(tmp_path, capsys):
-    from trainer.config import UserError
+    from trainer.errors import UserError
     from trainer.world import tiny
     from trainer.world.judge import Judge
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trainer import cli
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def _images(folder, n, size=32):
 
 
 def test_class_prompts_read_caption_files_and_fall_back_to_the_class_prompt(tmp_path, capsys):
-    from trainer import data
+    from trainer.core import images as data
 
     files = _images(tmp_path / "cls", 3)
     (tmp_path / "cls" / "img0.txt").write_text("a star in space\n")
@@ -41,7 +41,7 @@ def test_generated_class_images_carry_their_prompt_as_caption(tiny_model, tmp_pa
     counted as images only (no 'not images' warning), so a second call makes nothing."""
     from types import SimpleNamespace
 
-    from trainer.prior import generate_class_images
+    from trainer.core.class_images import generate_class_images
 
     cfg = SimpleNamespace(class_data_dir=str(tmp_path / "cls"), num_class_images=5, seed=0, resolution=32,
                           class_prompt="a toy", class_inference_steps=2, sample_batch_size=4,
@@ -58,7 +58,7 @@ def test_generated_class_images_carry_their_prompt_as_caption(tiny_model, tmp_pa
 def test_training_uses_each_class_images_caption(tiny_model, tmp_path, capsys, monkeypatch):
     """Through `dbtrain train`: the class rows' prompts are the class images' captions (one cached embedding
     per distinct prompt), --class_prompt where none."""
-    from trainer import loop
+    from trainer.core import loop
 
     _images(tmp_path / "inst", 2)
     _images(tmp_path / "cls", 3)
@@ -81,7 +81,7 @@ def test_training_uses_each_class_images_caption(tiny_model, tmp_path, capsys, m
 
 
 def test_place_class_prompts_cover_every_place_of_the_world():
-    from trainer.demo import place_class_prompts
+    from trainer.world.demo import place_class_prompts
     from trainer.world.place import PLACES
 
     assert place_class_prompts() == [f"a star {p}" for p in PLACES]
@@ -89,7 +89,7 @@ def test_place_class_prompts_cover_every_place_of_the_world():
 
 
 def test_demo_class_image_kinds():
-    from trainer.demo import class_image_prompts
+    from trainer.world.demo import class_image_prompts
 
     assert class_image_prompts(None) is None  # all from --class_prompt "a star"
     assert class_image_prompts("places+plain")[-1] == "a star" and len(class_image_prompts("places+plain")) == 7

@@ -22,14 +22,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from cli_helpers import one_line_error, run_cli
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 FAST = ["--optimizer", "adamw", "--kernels", "off"]
 HEAVY = re.compile(r"\|\s+(torch|diffusers|transformers)(\.|$)", re.M)
 # `dbtrain ARGS` in a new process, each training step `delay` s longer so that a signal lands mid-run
-SLOW = ("import sys, time; from trainer import cli, loop; real = loop.train_step; "
+SLOW = ("import sys, time; from trainer import cli; from trainer.core import loop; real = loop.train_step; "
         "loop.train_step = lambda run, step: (time.sleep({delay}), real(run, step))[1]; "
         "sys.exit(cli.main(sys.argv[1:]))")
 
@@ -118,9 +118,9 @@ def test_help_loads_no_torch_and_shows_groups_and_defaults(cmd):
 
 
 def test_every_flag_is_explained():
-    from trainer.config import build_parser
-    from trainer.parsers import demo_parser, eval_parser, sample_parser
-    from trainer.ti_config import build_ti_parser
+    from trainer.options.train import build_parser
+    from trainer.options.sampling import demo_parser, eval_parser, sample_parser
+    from trainer.options.textual_inversion import build_ti_parser
 
     for parser in (build_parser(), build_ti_parser(), sample_parser(), eval_parser(), demo_parser()):
         bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not (a.help or "").strip()]
@@ -211,9 +211,9 @@ def test_export_replaces_only_what_an_earlier_export_of_the_run_wrote(tiny_model
 
     from diffusers import UNet2DConditionModel
 
-    from trainer import outdir
-    from trainer.config import UserError
-    from trainer.export import export
+    from trainer.formats import outdir
+    from trainer.errors import UserError
+    from trainer.core.export import export
 
     cfg = Namespace(pretrained_model_name_or_path=str(tiny_model))
     model = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
@@ -274,7 +274,7 @@ def test_sigint_before_the_first_checkpoint_saves_one_and_the_printed_command_re
 def test_a_run_stopped_hard_before_any_checkpoint_continues_with_the_printed_command(tiny_model, inst, tmp_path,
                                                                                     capsys, monkeypatch):
     """A run killed before its first checkpoint left logs/, and then 'latest' was refused."""
-    from trainer import loop
+    from trainer.core import loop
 
     real, calls = loop.train_step, []
 
@@ -329,7 +329,7 @@ def test_demo_stopped_by_sigterm_continues_with_the_same_command(tiny_model_64, 
 
 
 def test_demo_default_folder_is_git_ignored():
-    from trainer.parsers import demo_parser
+    from trainer.options.sampling import demo_parser
 
     default = demo_parser().get_default("out")
     assert not Path(default).is_absolute()
@@ -368,7 +368,7 @@ def test_no_space_at_a_checkpoint_keeps_the_last_good_one(tiny_model, inst, tmp_
     one_line_error(code, err, f"could not write checkpoint-4 in {out}: No space left on device", "needs about",
                    f"kept the last good checkpoint {out / 'checkpoint-2'}", "resume with: dbtrain train")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".tmp", "checkpoint"))) == ["checkpoint-2"]
-    from trainer.checkpoint import verify
+    from trainer.core.checkpoint import verify
 
     assert verify(out / "checkpoint-2") is None
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from trainer import cli
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -55,7 +55,8 @@ import safetensors.torch as st
 real_save = st.save_file
 st.save_file = lambda t, f, *x, **k: (note(f), real_save(t, f, *x, **k))[1]
 
-from trainer import cli, loop
+from trainer import cli
+from trainer.core import loop
 die_at = int(os.environ.get("DBT_DIE_AT", "-1"))
 real_step = loop.train_step
 
@@ -306,7 +307,7 @@ def test_shard_rank_1_writes_nothing(world, sharded):
 
 
 def test_shard_in_one_process_is_a_note(world, capsys):
-    from trainer import config
+    from trainer.options import train as config
 
     base, model = world
     config.parse(argv(base, model, base / "x", 1, "--shard")[1:])

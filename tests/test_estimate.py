@@ -7,12 +7,12 @@ import json
 import pytest
 
 from tests.cli_helpers import one_line_error, run_cli
-from trainer import estimate
+from trainer.memory import estimate
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from trainer.tiny_sd import build_tiny_sd
+    from trainer.world.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("estimate") / "tiny")
 
@@ -27,7 +27,7 @@ _runs: dict = {}
 
 def _run(tiny, *flags, fake=True):
     """The estimate (fake) or the tracked real step, once per option set."""
-    from trainer.models import load_components
+    from trainer.families.sd import load_components
 
     key = (str(tiny), flags, fake)
     if key not in _runs:
@@ -64,7 +64,7 @@ def test_categories_add_up(tiny):
 
 def test_each_option_saves_what_it_should(tiny):
     from dbkernels.optim.quant import num_blocks
-    from trainer.models import load_components
+    from trainer.families.sd import load_components
 
     adamw, eight = _run(tiny, "--optimizer", "adamw"), _run(tiny)
     sizes = [p.numel() for p in load_components(tiny).unet.parameters()]
@@ -116,8 +116,8 @@ def test_preflight_names_options_that_fit(tiny, monkeypatch):
 def test_world_size_and_shard(tiny, monkeypatch):
     """--world_size N: one rank's step (its rows of the global batch, a whole optimizer state and gradient set);
     with --shard the rank holding the most: its parameters' states only, other gradients dropped in backward."""
-    from trainer import shard
-    from trainer.models import load_components
+    from trainer.distributed import shard
+    from trainer.families.sd import load_components
 
     one, two = _run(tiny, "--optimizer", "adamw"), _run(tiny, "--optimizer", "adamw", "--world_size", "2")
     assert two["by_category"]["optimizer_state"] == one["by_category"]["optimizer_state"]
@@ -134,8 +134,8 @@ def test_world_size_and_shard(tiny, monkeypatch):
     assert real["by_category"]["optimizer_state"] == split["by_category"]["optimizer_state"]
     assert _close(real["tracked_peak_bytes"], split["tracked_peak_bytes"])
     # the other ranks' gradients live until their bucket is reduced: at most one bucket (here 1/8 of the model)
-    from trainer import distributed
-    from trainer.models import load_components as load
+    from trainer.distributed import data_parallel as distributed
+    from trainer.families.sd import load_components as load
 
     bucket = n // 8
     monkeypatch.setattr(distributed, "BUCKET_ELEMS", bucket)
@@ -184,7 +184,7 @@ def test_config_file_as_for_train(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_xl(tmp_path_factory):
-    from trainer.tiny_sdxl import build_tiny_sdxl
+    from trainer.world.tiny_sdxl import build_tiny_sdxl
 
     root = tmp_path_factory.mktemp("estimate_xl")
     return {"base": build_tiny_sdxl(root / "xl"), "refiner": build_tiny_sdxl(root / "refiner", refiner=True)}
@@ -198,7 +198,7 @@ def test_sdxl_fake_step_matches_the_real_step(tiny_xl):
     for phase in ("forward", "backward", "optimizer"):
         assert _close(fake["phases"][phase]["peak_bytes"], real["phases"][phase]["peak_bytes"]), phase
     assert _close(fake["tracked_peak_bytes"], real["tracked_peak_bytes"])
-    from trainer.models import load_components
+    from trainer.families.sd import load_components
 
     comps = load_components(tiny_xl["base"])
     n = sum(p.numel() for m in (comps.unet, comps.text_encoder, comps.text_encoder_2) for p in m.parameters())
@@ -239,7 +239,7 @@ def test_run_log_puts_the_estimate_beside_the_measured_peak(tmp_path, monkeypatc
 
     import torch
 
-    from trainer import runlog
+    from trainer.core import runlog
 
     cfg = types.SimpleNamespace(logging_dir="logs", report_to="none")
     log = runlog.RunLog(tmp_path, cfg)

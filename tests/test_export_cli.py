@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from cli_helpers import add_random_lora, one_line_error, run_cli
 from trainer.formats import kohya_lora as kl
 from trainer.formats import single_file as sf
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_kohya_then_merge(setup, capsys, tmp_path):
 
 
 def test_parse_is_torch_free(setup):
-    code = ("import sys; from trainer import export_cli; "
+    code = ("import sys; from trainer.commands import export as export_cli; "
             f"export_cli.parse(['--model', {str(setup['model'])!r}, '--single_file', 'x.safetensors']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -145,8 +145,8 @@ def setup_xl(tmp_path_factory):
     from peft import LoraConfig, get_peft_model_state_dict
 
     from diffusers import StableDiffusionXLPipeline
-    from trainer.sdxl import load_sdxl_components
-    from trainer.tiny_sdxl import build_tiny_sdxl
+    from trainer.families.sdxl import load_sdxl_components
+    from trainer.world.tiny_sdxl import build_tiny_sdxl
 
     root = tmp_path_factory.mktemp("export_xl")
     folder = build_tiny_sdxl(root / "model")
@@ -170,7 +170,7 @@ def test_sdxl_kohya_then_merge(setup_xl, capsys, tmp_path):
     """--kohya writes lora_unet_/lora_te1_/lora_te2_; --merge of that file (single file and folder) equals
     trainer.sdxl.merge_lora_sdxl of the diffusers file, on all four parts."""
     from trainer.formats.single_file_sdxl import diffusers_state_dicts_sdxl, load_components_sdxl
-    from trainer.sdxl import merge_lora_sdxl
+    from trainer.families.sdxl import merge_lora_sdxl
 
     model = str(setup_xl["model"])
     kohya = tmp_path / "subject.safetensors"

@@ -27,11 +27,10 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
 import dbkernels  # noqa: E402
-from trainer import fabric  # noqa: E402
-from trainer.world import scenes  # noqa: E402
-from trainer.config import UserError  # noqa: E402
-from trainer.fabric_attention import (FabricAttnProcessor, FabricController, Group, fabric_attention,  # noqa: E402
-                                      install, self_attention_layers)
+from trainer.fabric import sampling as fabric
+from trainer.world import scenes
+from trainer.errors import UserError
+from trainer.fabric.attention import FabricAttnProcessor, FabricController, Group, fabric_attention, install, self_attention_layers
 
 MODEL = fabric.BUILTIN_MODEL
 REPO = Path(__file__).resolve().parents[1]
@@ -264,7 +263,7 @@ def test_sampler_with_each_scheduler(pipe, target, name):
 
 def test_feedback_pulls_toward_the_liked_image(pipe, target):
     """A strong liked reference makes the images more like it (judge embeddings) on the built-in model."""
-    from trainer.metrics import Scorer
+    from trainer.world.metrics import Scorer
 
     scorer = Scorer()
     kw = dict(seeds=list(range(4)), steps=10, guidance_scale=5.0)
@@ -360,7 +359,7 @@ def test_cli_bad_input_is_one_line(target, tmp_path):
 
 
 def test_help_is_light():
-    code = "import sys, trainer.fabric; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, trainer.fabric.sampling; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["False", "False"]
     assert "--neg_scale" in fabric.build_parser().format_help()

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import data
-from trainer.config import UserError
+from trainer.core import images as data
+from trainer.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from tests.cli_helpers import add_random_lora
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.formats import kohya_lora as kl
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 from cli_helpers import one_line_error, run_cli, train_until_interrupt
 from test_trainer import make_images
-from trainer import cli, config, loop
-from trainer.tiny_sd import build_tiny_sd
+from trainer import cli
+from trainer.options import train as config
+from trainer.core import loop
+from trainer.world.tiny_sd import build_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_sample_takes_a_lora_folder_or_file(tiny_model, lora_run, capsys):
 
 
 def test_fused_lora_equals_the_adapters(tiny_model, lora_run):
-    from trainer.evaluate import load_pipeline
+    from trainer.world.evaluate import load_pipeline
 
     tmp, seen = lora_run
     pipe = load_pipeline(tmp / "out", "cpu")  # a LoRA output folder: base model + its LoRA, fused
@@ -186,7 +188,7 @@ def test_older_diffusers_lora_names_merge_the_same(tiny_model, lora_run, tmp_pat
     '.lora_linear_layer.up.weight') merge like peft-named ones."""
     from safetensors.torch import save_file
 
-    from trainer.evaluate import load_pipeline
+    from trainer.world.evaluate import load_pipeline
 
     tmp, seen = lora_run
     sd = load_file(tmp / "out" / "pytorch_lora_weights.safetensors")

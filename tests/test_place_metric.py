@@ -10,7 +10,7 @@ from trainer.world.place import PLACES, place_of, validate
 
 @pytest.fixture(scope="module")
 def scorer():
-    from trainer.metrics import Scorer
+    from trainer.world.metrics import Scorer
 
     return Scorer()
 
@@ -36,7 +36,7 @@ def _scene_images(place, n, seed=0, subject=True):
 
 
 def test_place_metric_is_one_for_the_right_place_and_zero_for_another(scorer):
-    from trainer.metrics import score
+    from trainer.world.metrics import score
 
     real = scenes.subject_images(5)
     pairs = {"a sks star in space": "a star in space", "a sks star in the snow": "a star in the snow"}
@@ -61,7 +61,7 @@ def _synthetic(rng, prompts=3, n=32):
 
 
 def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_images():
-    from trainer.metrics import METRICS, bootstrap, point_estimates
+    from trainer.world.metrics import METRICS, bootstrap, point_estimates
 
     rng = np.random.default_rng(0)
     small, big = _synthetic(rng, n=16), _synthetic(rng, n=64)
@@ -77,7 +77,7 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_images():
 
 
 def test_bootstrap_div_never_counts_an_image_against_itself():
-    from trainer.metrics import bootstrap
+    from trainer.world.metrics import bootstrap
 
     v = _synthetic(np.random.default_rng(1), n=8)
     lo, hi = bootstrap(v)["DIV"]
@@ -85,7 +85,7 @@ def test_bootstrap_div_never_counts_an_image_against_itself():
 
 
 def test_one_set_of_sampler_defaults_for_sample_eval_and_demo():
-    from trainer.parsers import EVAL_SEED, GUIDANCE, SAMPLE_STEPS, demo_parser, eval_parser, sample_parser
+    from trainer.options.sampling import EVAL_SEED, GUIDANCE, SAMPLE_STEPS, demo_parser, eval_parser, sample_parser
 
     s, e, d = sample_parser(), eval_parser(), demo_parser()
     assert s.get_default("steps") == e.get_default("steps") == d.get_default("sample_steps") == SAMPLE_STEPS
@@ -96,7 +96,7 @@ def test_one_set_of_sampler_defaults_for_sample_eval_and_demo():
 def test_before_after_picture_has_big_cells_and_rows_for_seen_and_unseen_places():
     from PIL import Image
 
-    from trainer import demo
+    from trainer.world import demo
 
     prompts = ["a sks star on the beach", "a sks star in space", "a star"]
     after = {p: [Image.new("RGB", (64, 64), (k * 40, 0, 0)) for k in range(4)] for p in prompts}
@@ -114,9 +114,9 @@ def test_before_after_picture_has_big_cells_and_rows_for_seen_and_unseen_places(
 
 
 def test_ablation_and_recipe_tables_carry_every_metric_with_its_interval():
-    from trainer.ablation import markdown
-    from trainer.metrics import METRICS
-    from trainer.world.recipes import table
+    from bench.ablation import markdown
+    from trainer.world.metrics import METRICS
+    from bench.recipes import table
 
     m = {k: 0.5 for k in METRICS}
     ci = {k: [0.25, 0.75] for k in METRICS}
@@ -132,8 +132,8 @@ def test_ablation_and_recipe_tables_carry_every_metric_with_its_interval():
 
 
 def test_recipe_search_refuses_a_missing_model_before_writing(tmp_path):
-    from trainer.config import UserError
-    from trainer.world import recipes
+    from trainer.errors import UserError
+    from bench import recipes
 
     for flag in ("--model", "--word_drift"):
         with pytest.raises(UserError, match="does not exist"):
@@ -147,7 +147,7 @@ def test_learned_row_reports_where_the_token_went(tmp_path):
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer.world.recipes import learned_row
+    from bench.recipes import learned_row
     from trainer.world.tiny import MODEL_DIR
 
     tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import checkpoint, cli, safe_load
-from trainer.config import UserError
+from trainer.core import checkpoint
+from trainer import cli
+from trainer.formats import safe_load
+from trainer.errors import UserError
 
 
 class _Payload:
@@ -47,7 +49,7 @@ def test_load_tensors_refuses_code_in_one_line_and_runs_nothing(tmp_path):
     assert "\n" not in msg and str(path) in msg and "refused" in msg and "exec" in msg
     assert not marker.exists()
     # the embedding reader too (A1111 .pt files are pickles)
-    from trainer.embeddings import read_embedding
+    from trainer.methods.embeddings import read_embedding
 
     with pytest.raises(UserError, match="refused"):
         read_embedding(path)
@@ -84,7 +86,7 @@ def test_rng_state_round_trips_and_old_numpy_files_still_load(tmp_path):
 def test_resume_refuses_a_checkpoint_file_that_would_run_code(tmp_path, capsys):
     from PIL import Image
 
-    from trainer.tiny_sd import build_tiny_sd
+    from trainer.world.tiny_sd import build_tiny_sd
 
     model = build_tiny_sd(tmp_path / "m")
     inst = tmp_path / "inst"

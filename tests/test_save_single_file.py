@@ -19,8 +19,8 @@ def _from_single_file(path, config):
 def test_full_and_lora_runs_write_a_single_file_diffusers_reads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.evaluate import load_pipeline
-    from trainer.tiny_sd import build_tiny_sd
+    from trainer.world.evaluate import load_pipeline
+    from trainer.world.tiny_sd import build_tiny_sd
 
     model = build_tiny_sd(tmp_path / "tiny-sd")
     inst = make_images(tmp_path / "inst")

@@ -14,12 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cli_helpers import one_line_error, run_cli
-from trainer import sdxl
-from trainer.config import UserError
-from trainer.data import ImageSet, to_tensor
+from trainer.families import sdxl
+from trainer.errors import UserError
+from trainer.core.images import ImageSet, to_tensor
 from trainer.formats import single_file as sf
 from trainer.formats import single_file_sdxl as sx
-from trainer.tiny_sdxl import build_tiny_sdxl
+from trainer.world.tiny_sdxl import build_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_is_sdxl_and_bad_folders(folders, tmp_path):
 
 
 def test_checks_are_torch_free(folders):
-    code = ("import sys; from trainer import sdxl, export_cli; "
+    code = ("import sys; from trainer.families import sdxl; from trainer.commands import export as export_cli; "
             f"sdxl.check_sdxl_folder({str(folders['base'])!r}); "
             f"export_cli.parse(['--model', {str(folders['base'])!r}, '--single_file', 'x.safetensors']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -283,7 +283,7 @@ def test_real_sdxl_layout_against_diffusers_converters():
     from diffusers.loaders import single_file_utils as su
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = json.loads((ROOT / "trainer/arch_configs/sdxl.json").read_text())
+    cfg = json.loads((ROOT / "trainer/memory/arch_configs/sdxl.json").read_text())
     te = [CLIPTextConfig(**{k: v for k, v in c.items() if k != "architectures"}) for c in cfg["text_encoder"]]
     with init_empty_weights():
         models = (UNet2DConditionModel.from_config(cfg["unet"]), AutoencoderKL.from_config(cfg["vae"]),

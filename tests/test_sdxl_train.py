@@ -13,8 +13,11 @@ from safetensors.torch import load_file
 
 from cli_helpers import one_line_error, run_cli, train_until_interrupt, write_tiny_judge
 from test_trainer import make_images
-from trainer import cli, config, loop, sdxl
-from trainer.tiny_sdxl import build_tiny_sdxl
+from trainer import cli
+from trainer.options import train as config
+from trainer.core import loop
+from trainer.families import sdxl
+from trainer.world.tiny_sdxl import build_tiny_sdxl
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,7 +136,7 @@ def test_time_ids_follow_each_images_size_and_crop(full_run, model, inst):
     # every (step, micro) draw, replayed on the loop's Batches: two images of different sizes -> different ids
     cfg = config.parse(train_args(model, inst, "unused")[1:])
     comps = loop.load_components(model, cfg)
-    from trainer.data import ImageSet, list_images
+    from trainer.core.images import ImageSet, list_images
 
     images = ImageSet(list_images(inst, "instance image"), 32, center_crop=False, random_flip=True)
     batches = loop.Batches(cfg, comps, images, None, {"inst": "a photo of sks toy"}, torch.device("cpu"),
@@ -173,7 +176,7 @@ def test_lora_with_prior_preservation(model, inst, full_run, own_vae, tmp_path, 
     lora_te2_ names."""
     from diffusers import StableDiffusionXLPipeline
 
-    from trainer.evaluate import load_pipeline
+    from trainer.world.evaluate import load_pipeline
 
     tmp, _ = full_run
     out = tmp_path / "lora"
@@ -327,7 +330,7 @@ def test_textual_inversion_clip_l_and_clip_g(model, inst, tmp_path, monkeypatch,
     killed at step 3 and resumed gives the same rows."""
     from diffusers import StableDiffusionXLPipeline
 
-    from trainer.embeddings import NewTokenEmbedding
+    from trainer.methods.embeddings import NewTokenEmbedding
 
     whole = tmp_path / "whole"
     assert cli.main(ti_args(model, inst, whole)) == 0
@@ -368,7 +371,7 @@ def test_textual_inversion_clip_l_and_clip_g(model, inst, tmp_path, monkeypatch,
 
 
 def config_ti(argv):
-    from trainer import ti_config
+    from trainer.options import textual_inversion as ti_config
 
     return ti_config.parse(argv)
 

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.formats import single_file as sf
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 KINDS = {"sd1": {}, "sd2v": {"sd2_style": True, "prediction_type": "v_prediction"}}
 

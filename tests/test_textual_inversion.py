@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from cli_helpers import one_line_error, run_cli
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 TOKEN = "<toy-x>"
 
@@ -47,7 +47,7 @@ def ti_args(model, inst, out, *extra, steps=4):
 def watch_steps(monkeypatch):
     """Wrap loop.train_step: before the first step, snapshot every frozen tensor; after each step,
     record whether each still equals the snapshot bit for bit, and the trained rows."""
-    from trainer import loop
+    from trainer.core import loop
 
     real, seen = loop.train_step, {"frozen_equal": [], "rows": []}
 
@@ -99,7 +99,7 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
     # diffusers' own loader takes the file, and the placeholder changes what the model draws
     from diffusers import StableDiffusionPipeline
 
-    from trainer.embeddings import load_embedding_into
+    from trainer.methods.embeddings import load_embedding_into
 
     def draw(pipe, prompt):
         g = torch.Generator().manual_seed(0)
@@ -113,7 +113,7 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), learned[TOKEN])
     assert not torch.equal(draw(pipe, f"a photo of {TOKEN}"), plain)
     # what dbtrain sample/eval --model OUT would load: the base model plus the embedding
-    from trainer.embeddings import model_and_embeddings
+    from trainer.methods.embeddings import model_and_embeddings
 
     assert model_and_embeddings(out) == (Path(tiny_model).resolve(), [out / "learned_embeds.safetensors"])
     # our safe loader: the A1111 files give the same rows, named by file
@@ -137,7 +137,7 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
 
 
 def test_textual_inversion_resumes_bitwise_after_a_hard_stop(tiny_model, inst, tmp_path, capsys, monkeypatch):
-    from trainer import loop
+    from trainer.core import loop
 
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     code, _, err = run_cli(ti_args(tiny_model, inst, full, "--checkpointing_steps", "2", steps=5), capsys)
@@ -182,7 +182,7 @@ def test_pivotal_tuning_trains_the_rows_for_the_first_fraction_then_freezes_them
     assert not any(k.startswith("te.") for changed in seen["frozen_equal"] for k in changed)  # the table does not
     assert (out / "model_index.json").is_file() and (out / "learned_embeds.safetensors").is_file()
     assert torch.equal(load_file(out / "learned_embeds.safetensors")["<sks>"], rows[-1].float())
-    from trainer.embeddings import model_and_embeddings
+    from trainer.methods.embeddings import model_and_embeddings
 
     assert model_and_embeddings(out) == (out, [out / "learned_embeds.safetensors"])
     # the exported text encoder is the base one (no new rows in it)
@@ -251,7 +251,7 @@ def test_methods_bench_estimates_and_intervals():
     down); intervals that hold the mean and narrow with more images."""
     import numpy as np
 
-    from trainer.methods_bench import bootstrap, estimates
+    from bench.methods import bootstrap, estimates
 
     rng = np.random.default_rng(0)
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from trainer import cli
-from trainer.tiny_sd import build_tiny_sd
+from trainer.world.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,7 +214,8 @@ def test_out_of_memory_names_the_options(tiny_model, tmp_path, capsys, monkeypat
 
 
 def test_config_file_and_flag_override(tiny_model, tmp_path):
-    from trainer import config
+    from trainer.options import train as config
+    from trainer.errors import UserError
 
     toml = tmp_path / "run.toml"
     toml.write_text('learning_rate = 3e-6\nmax_train_steps = 7\ninstance_prompt = "a [V] dog"\n')
@@ -222,14 +223,14 @@ def test_config_file_and_flag_override(tiny_model, tmp_path):
                         "--max_train_steps", "9"])
     assert cfg.learning_rate == 3e-6 and cfg.max_train_steps == 9 and cfg.instance_prompt == "a [V] dog"
     toml.write_text("learning_rte = 1\n")
-    with pytest.raises(config.UserError, match="unknown option"):
+    with pytest.raises(UserError, match="unknown option"):
         config.parse(["--config", str(toml)])
 
 
 def test_identifier_auto_picks_a_rare_single_token(tiny_model):
     from transformers import CLIPTokenizer
 
-    from trainer.models import pick_identifier
+    from trainer.families.sd import pick_identifier
 
     tok = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
     word = pick_identifier(tok, "toy", seed=0)
@@ -322,13 +323,13 @@ def test_caption_files_are_per_image_instance_prompts(tiny_model, tmp_path, caps
     """--caption_extension .txt: img0.txt is img0.png's prompt ([V] substituted), the others fall back to
     --instance_prompt; one cached embedding per distinct prompt. Before, every image got the instance
     prompt and the .txt files were skipped as 'not images'."""
-    from trainer import loop
+    from trainer.core import loop
 
     make_images(tmp_path / "inst")
     (tmp_path / "inst" / "img0.txt").write_text("\n  a [V] toy on the beach  \nsecond line ignored\n")
     (tmp_path / "inst" / "img1.txt").write_text("a [V] toy in the snow")
     encoded = []
-    from trainer import batches
+    from trainer.core import batches
 
     real = batches.encode_prompt
     monkeypatch.setattr(batches, "encode_prompt", lambda tok, te, prompts, dev, *rest: (

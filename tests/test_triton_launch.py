@@ -228,7 +228,7 @@ def test_gpu_tensors_on_another_device_than_the_current_one():
 def test_trainer_reports_first_step_compile_time(monkeypatch):
     # the trainer's one line after step 1: only when a launch compiled or autotuned
     from dbkernels import _triton
-    from trainer import loop
+    from trainer.core import loop
 
     lines = []
 

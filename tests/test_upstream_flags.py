@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer import config, flag_notes, ti_config
-from trainer.config import UserError
-from trainer.tiny_sd import build_tiny_sd
+from trainer.options import train as config, diffusers_flags as flag_notes, textual_inversion as ti_config
+from trainer.core import inputs
+from trainer.errors import UserError
+from trainer.world.tiny_sd import build_tiny_sd
 
 from cli_helpers import one_line_error, run_cli
 
@@ -224,7 +225,7 @@ def test_readme_command_parses_and_checks(where, args, tiny77, tmp_path, capsys,
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     argv = _substitute(args, tiny77, tmp_path)
     cfg = config.parse(argv)
-    config.check_paths(cfg)
+    inputs.check_paths(cfg)
     assert cfg.max_train_steps == 2, where
     err = capsys.readouterr().err
     if "--push_to_hub" in argv:
@@ -330,7 +331,7 @@ def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder(tiny77):
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer.batches import encode_prompt
+    from trainer.core.batches import encode_prompt
 
     tok = CLIPTokenizer.from_pretrained(tiny77 / "tokenizer")
     te = CLIPTextModel.from_pretrained(tiny77 / "text_encoder").eval()
@@ -349,7 +350,7 @@ def test_image_interpolation_mode_is_the_resize_filter(tmp_path):
     import numpy as np
     import torch
 
-    from trainer.data import ImageSet
+    from trainer.core.images import ImageSet
 
     rng = np.random.default_rng(0)
     f = tmp_path / "noise.png"

@@ -13,8 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import interrupts, outdir
-from .config import Resumable, UserError
+from trainer.core import interrupts
+from trainer.formats import outdir
+from trainer.errors import Resumable, UserError
 
 USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny model and subject, before/after
        dbtrain train [options]     DreamBooth fine-tuning (dbtrain train --help)
@@ -25,19 +26,19 @@ USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny mo
        dbtrain export [options]    a model folder as one .safetensors file (A1111/ComfyUI), LoRA formats
        dbtrain estimate [options]  peak GPU memory of a training step, computed on the CPU"""
 # Commands whose module owns its flags: parse(argv) checks them before torch loads, run(args) does the work.
-MODULE_COMMANDS = {"export": "export_cli", "estimate": "estimate"}
+MODULE_COMMANDS = {"export": "trainer.commands.export", "estimate": "trainer.memory.estimate"}
 COMMANDS = ("train", "textual-inversion", "sample", "eval", "demo", "fabric", *MODULE_COMMANDS)
 
 
 def sample_parser():
-    from .parsers import sample_parser as make
+    from trainer.options.sampling import sample_parser as make
 
     return make()
 
 
 def check_sample_args(args) -> None:
-    from .lora import lora_files_of
-    from .models import check_model_folder, model_and_embeddings
+    from trainer.methods.lora import lora_files_of
+    from trainer.families.sd import check_model_folder, model_and_embeddings
 
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num_images and --steps must be >= 1")
@@ -57,11 +58,11 @@ def sample(argv: list[str]) -> Path:
     check_sample_args(args)
     import torch
 
-    from .data import make_grid
+    from trainer.core.images import make_grid
 
-    from .lora import apply_loras, lora_files_of
-    from .models import model_and_embeddings
-    from .sdxl import load_embedding, load_pipeline
+    from trainer.methods.lora import apply_loras, lora_files_of
+    from trainer.families.sd import model_and_embeddings
+    from trainer.families.sdxl import load_embedding, load_pipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, files = model_and_embeddings(args.model, args.embedding)
@@ -127,26 +128,28 @@ def _run(cmd: str, rest: list[str]) -> None:
     if cmd in MODULE_COMMANDS:
         import importlib
 
-        mod = importlib.import_module(f".{MODULE_COMMANDS[cmd]}", __package__)
+        mod = importlib.import_module(MODULE_COMMANDS[cmd])
         args = mod.parse(rest)  # flags and paths, before torch
         _quiet_libraries()
         mod.run(args)
     elif cmd == "train":
-        from . import config
+        from trainer.options import train as config
+        from trainer.core import inputs
 
         cfg = config.parse(rest)
-        config.check_paths(cfg)
+        inputs.check_paths(cfg)
         _quiet_libraries()
-        from . import loop
+        from trainer.core import loop
 
         loop.train(cfg)
     elif cmd == "textual-inversion":
-        from . import config, ti_config
+        from trainer.core import inputs
+        from trainer.options import textual_inversion as ti_config
 
         cfg = ti_config.parse(rest)  # flags, before torch
-        config.check_paths(cfg)
+        inputs.check_paths(cfg)
         _quiet_libraries()
-        from . import loop
+        from trainer.core import loop
 
         loop.train(cfg)
     elif cmd == "sample":
@@ -154,25 +157,25 @@ def _run(cmd: str, rest: list[str]) -> None:
         _quiet_libraries()
         sample(rest)
     elif cmd == "demo":
-        from .parsers import demo_parser
+        from trainer.options.sampling import demo_parser
 
         demo_parser().parse_args(rest)  # --help and flag errors before torch loads
         _quiet_libraries()
-        from . import demo
+        from trainer.world import demo
 
         demo.run(rest)
     elif cmd == "fabric":
-        from . import fabric
+        from trainer.fabric import sampling as fabric
 
         fabric.check_args(fabric.build_parser().parse_args(rest))  # before torch and the model load
         _quiet_libraries()
         fabric.main(rest)
     else:
-        from .parsers import eval_parser
+        from trainer.options.sampling import eval_parser
 
         eval_parser().parse_args(rest)
         _quiet_libraries()
-        from . import evaluate
+        from trainer.world import evaluate
 
         evaluate.run(rest)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import UserError
+from trainer.errors import UserError
 
 
 def check_new_file(path, what: str = "output file") -> Path:

@@ -21,7 +21,7 @@ import math
 import re
 from pathlib import Path
 
-from ..config import UserError
+from trainer.errors import UserError
 
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
@@ -271,7 +271,7 @@ def merge_lora(model, lora_file, scale: float = 1.0) -> dict:
     which are changed in place.
     """
     if isinstance(model, (str, Path)):
-        from .single_file import check_model_folder, load_components
+        from trainer.formats.single_file import check_model_folder, load_components
 
         unet, vae, te = load_components(check_model_folder(model))
         modules = {"unet": unet, "vae": vae, "text_encoder": te}
@@ -290,7 +290,7 @@ def save_kohya_lora(path, state: dict, metadata: dict | None = None) -> Path:
     ss_base_model_version, ss_sd_model_name, ss_max_train_steps, ss_output_name,
     ss_tag_frequency, ...); values become strings, dicts JSON.
     """
-    from .io import write_new_safetensors
+    from trainer.formats.io import write_new_safetensors
 
     meta = {"ss_network_module": "networks.lora"}
     for k, v in (metadata or {}).items():

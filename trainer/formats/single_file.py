@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import UserError
+from trainer.errors import UserError
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -294,7 +294,7 @@ def check_model_folder(model_dir) -> Path:
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"--model {d} is not a folder")
-    from ..sdxl import check_sdxl_folder, is_sdxl
+    from trainer.families.sdxl import check_sdxl_folder, is_sdxl
 
     if is_sdxl(d):  # written by single_file_sdxl (save_single_file routes there)
         return check_sdxl_folder(d, "--model")
@@ -407,11 +407,11 @@ def save_single_file(model_dir, out_path, *, half: bool = False, metadata: dict 
     (e.g. a merged LoRA); the folder still gives the scheduler's prediction type. An SDXL folder is
     written by single_file_sdxl.save_single_file_sdxl (components: unet, vae, text_encoder, text_encoder_2).
     """
-    from ..sdxl import is_sdxl
-    from .io import check_new_file, write_new_safetensors
+    from trainer.families.sdxl import is_sdxl
+    from trainer.formats.io import check_new_file, write_new_safetensors
 
     if is_sdxl(model_dir):
-        from .single_file_sdxl import save_single_file_sdxl
+        from trainer.formats.single_file_sdxl import save_single_file_sdxl
 
         return save_single_file_sdxl(model_dir, out_path, half=half, metadata=metadata, components=components)
     check_model_folder(model_dir)

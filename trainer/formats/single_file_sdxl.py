@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import UserError
-from . import single_file as sf
+from trainer.errors import UserError
+from trainer.formats import single_file as sf
 
 CLIP_L = "conditioner.embedders.0.transformer."
 CLIP_G = "conditioner.embedders.1.model."
@@ -120,8 +120,8 @@ def save_single_file_sdxl(model_dir, out, *, half: bool = False, metadata: dict 
     `components` = (unet, vae, text_encoder, text_encoder_2) to write instead of the folder's own weights
     (e.g. the trained models); the folder gives the configs and the scheduler's prediction type.
     """
-    from ..sdxl import check_sdxl_folder
-    from .io import check_new_file, write_new_safetensors
+    from trainer.families.sdxl import check_sdxl_folder
+    from trainer.formats.io import check_new_file, write_new_safetensors
 
     check_sdxl_folder(model_dir, "--model")
     check_new_file(out)

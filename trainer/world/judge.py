@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scenes
+from trainer.world import scenes
 
 MAX_TOKENS = 16
 
@@ -99,11 +99,11 @@ class Judge(nn.Module):
         from safetensors.torch import load_file
         from transformers import CLIPTokenizer
 
-        from .tiny import JUDGE_DIR
+        from trainer.world.tiny import JUDGE_DIR
 
         folder = Path(folder or JUDGE_DIR)
         if not (folder / "judge.safetensors").is_file():
-            from ..config import UserError
+            from trainer.errors import UserError
 
             raise UserError(f"no judge at {folder} (expected judge.safetensors, config.json, tokenizer/); "
                             f"python -m trainer.world.tiny pretrain makes one")
@@ -125,7 +125,7 @@ def _augment(x: torch.Tensor, g: torch.Generator, shift: int = 6) -> torch.Tenso
 
 
 def train_judge(work: Path, device, steps: int, seed: int, n: int = 20000, batch: int = 96) -> Path:
-    from .tiny import images_to_tensor, make_tokenizer, _log, _lr
+    from trainer.world.tiny import images_to_tensor, make_tokenizer, _log, _lr
 
     out = work / "judge"
     if (out / "judge.safetensors").is_file():

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from . import scenes
+from trainer.world import scenes
 
 PLACES = scenes.CONTEXTS
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import platform
     from pathlib import Path
 
-    from ..metrics import Scorer
+    from trainer.world.metrics import Scorer
 
     p = argparse.ArgumentParser(prog="python -m trainer.world.place")
     p.add_argument("--per_place", type=int, default=100)

@@ -26,8 +26,8 @@ import shutil
 import time
 from pathlib import Path
 
-from . import scenes
-from ..tiny_sd import write_tokenizer_files
+from trainer.world import scenes
+from trainer.world.tiny_sd import write_tokenizer_files
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "tiny-world-sd"
@@ -280,7 +280,7 @@ def seed_work(model: Path, work: Path) -> None:
     """A model folder's parts as finished stages (vae, unet3) of `work`; stages already there are kept."""
     for src, dst in (("vae", "vae"), ("unet", "unet3/unet"), ("text_encoder", "unet3/text_encoder")):
         if not (model / src / "config.json").is_file():
-            from ..config import UserError
+            from trainer.errors import UserError
 
             raise UserError(f"--from_model {model}: no {src}/config.json (expected a diffusers Stable Diffusion "
                             f"folder such as {MODEL_DIR})")
@@ -340,12 +340,12 @@ def pretrain(argv: list[str]) -> int:
         train_unet(work, device, a.unet4_steps, a.seed, a.scenes, lr=3e-4, init=prev, name="unet4", ema_max=0.998,
                    salt=13, p_texture=0.3)
     if "judge" in stages:
-        from .judge import train_judge
+        from trainer.world.judge import train_judge
 
         train_judge(work, device, a.judge_steps, a.seed, a.images)
     if "export" in stages:
         print(f"wrote {assemble(work, Path(a.dest))}")
-        from .judge import Judge
+        from trainer.world.judge import Judge
 
         Judge.load(work / "judge").save(Path(a.judge_dest))
         print(f"wrote {a.judge_dest}")
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "pretrain":
         print("usage: python -m trainer.world.tiny pretrain [--help]")
         return 2
-    from ..config import UserError
+    from trainer.errors import UserError
 
     try:
         return pretrain(argv[1:])

@@ -1,0 +1,279 @@
+"""Training images: finding them, refusing bad ones clearly, and turning them into tensors.
+
+Images are read as an image viewer shows them: EXIF orientation applied, an embedded ICC
+profile converted to sRGB, 16-bit and float images scaled to 8 bits (not clipped), CMYK,
+palette and grayscale images as RGB, and transparent areas composited on white. What
+changes the input is said in one line per folder on stderr: images with transparency,
+images below half the training resolution (they are upscaled), files skipped (not
+images, broken links). Errors are one-line UserErrors.
+
+Preprocessing is diffusers' DreamBooth recipe: resize the short side to `resolution`
+(bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1].
+"""
+from __future__ import annotations
+
+import io
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from trainer.options.train import IMAGE_SUFFIXES
+from trainer.errors import UserError
+
+_ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
+_said: set[str] = set()
+
+
+def _say(kind: str, message: str) -> None:
+    """One line on stderr ("dbtrain: note: ..." / "dbtrain: warning: ..."), once per process."""
+    line = f"dbtrain: {kind}: {message}"
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def list_images(folder, what: str, *, allow_empty: bool = False, captions: str | None = None) -> list[Path]:
+    """Image files in `folder`, sorted. Other files and broken links are skipped and named
+    in a warning line (caption files with the suffix `captions` are expected, not named);
+    no image at all is a UserError."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"{what} folder {path} does not exist")
+    files, skipped, broken = [], [], []
+    for f in sorted(path.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.is_symlink() and not f.exists():
+            broken.append(f)
+        elif f.is_file():
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+            elif not (captions and f.name.endswith(captions)):
+                skipped.append(f)
+    why = []
+    if skipped:
+        why.append(f"{len(skipped)} file(s) that are not images: {_names([f.name for f in skipped])}")
+    if broken:
+        why.append(f"{len(broken)} broken link(s): {_names([f'{f.name} -> {_link_target(f)}' for f in broken])}")
+    if not files and not allow_empty:   # one line: the error says what was skipped
+        skips = f"; skipped {'; '.join(why)}" if why else ""
+        raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){skips}")
+    for w in why:
+        _say("warning", f"{what} folder {path}: skipping {w}")
+    return files
+
+
+def caption_suffix(ext: str) -> str:
+    """".txt" for "txt" or ".txt" (kohya writes the dot; users often leave it out)."""
+    ext = str(ext).strip()
+    return ext if ext.startswith(".") else "." + ext
+
+
+def read_captions(files: list[Path], ext: str, fallback: str = "the instance prompt") -> list[str | None]:
+    """Per image, the first non-empty line of `<stem><ext>` beside it (kohya's convention), or None
+    where there is no caption file or it is empty (`fallback` is used there: the instance prompt, or for
+    class images the class prompt); one note line says how many were captioned."""
+    ext = caption_suffix(ext)
+    out, empty = [], []
+    for f in files:
+        path = f.with_name(f.stem + ext)
+        if not path.is_file():
+            out.append(None)
+            continue
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"caption file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except OSError as e:
+            raise UserError(f"cannot read caption file {path}: {e.strerror or e}") from e
+        line = next((x.strip() for x in text.splitlines() if x.strip()), None)
+        if line is None:
+            empty.append(path.name)
+        out.append(line)
+    found = sum(c is not None for c in out)
+    where = _folder_of(files)
+    missing = [f.name for f, c in zip(files, out) if c is None]
+    _say("note", f"{where}: {found} of {len(files)} image(s) captioned by their {ext} file"
+                 + (f"; {fallback} for {_names(missing)}" if missing else "")
+                 + (f" ({len(empty)} empty caption file(s): {_names(empty)})" if empty else ""))
+    return out
+
+
+def class_prompts(files: list[Path], ext: str | None, class_prompt: str) -> list[str]:
+    """The prompt of each class image: its caption file's (`x.txt` beside `x.png`, --caption_extension;
+    the kohya convention for regularisation images too, used as written), else --class_prompt."""
+    if not ext:
+        return [class_prompt] * len(files)
+    return [c or class_prompt for c in read_captions(files, ext, fallback="the class prompt")]
+
+
+def _link_target(f: Path) -> str:
+    try:
+        return str(f.readlink())
+    except OSError:
+        return "?"
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Integer (16-bit) and float single-channel images as 8-bit "L", scaled, not clipped."""
+    a = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+        # 16-bit range (PNG, TIFF, PGM): 65535 -> 255
+        a = np.clip(a.astype(np.float64), 0, 65535) / 257.0
+    elif im.mode == "F":
+        a = a.astype(np.float64)
+        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a   # [0, 1] floats, else already 0..255
+    a = np.nan_to_num(np.clip(np.rint(a), 0, 255)).astype(np.uint8)
+    return Image.fromarray(a)   # 2-D uint8: mode "L"
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    """Convert the colour channels with the embedded ICC profile to sRGB (alpha kept);
+    the image unchanged when there is no profile or it cannot be used."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
+        return im
+    try:
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
+        base = im.convert({"RGBA": "RGB", "LA": "L"}.get(im.mode, im.mode))
+        out = ImageCms.profileToProfile(base, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception:  # a broken or unusable profile: the pixels as they are, as most viewers do
+        return im
+    if out is None:
+        return im
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+def load_image(path: Path) -> tuple[Image.Image, bool]:
+    """(8-bit RGB image as a viewer shows it, whether transparent areas were composited on white)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # unreadable EXIF: keep the stored orientation
+                pass
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                im = _to_8bit(im)
+            if im.mode == "P" or (im.mode in ("RGB", "L") and "transparency" in im.info):
+                im = im.convert("RGBA" if "transparency" in im.info or im.palette.mode == "RGBA" else "RGB")
+            if im.mode in ("RGBa", "La", "PA"):
+                im = im.convert("RGBA")
+            im = _to_srgb(im)
+            composited = False
+            if im.mode in _ALPHA_MODES:
+                rgba = im.convert("RGBA")
+                if rgba.getchannel("A").getextrema()[0] < 255:
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    rgba = Image.alpha_composite(white, rgba)
+                    composited = True
+                im = rgba
+            return im.convert("RGB"), composited
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e} (remove or replace the file)") from e
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The image as 8-bit RGB, as a viewer shows it (see load_image)."""
+    return load_image(path)[0]
+
+
+# --image_interpolation_mode (train_dreambooth_lora.py's names, torchvision's, which resize PIL images with these)
+RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "nearest_exact": Image.NEAREST,
+            "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+
+
+def to_tensor(img: Image.Image, resolution: int, *, crop_xy: tuple[float, float] | None, flip: bool,
+              resample=Image.BILINEAR) -> torch.Tensor:
+    """(3, res, res) float in [-1, 1]. crop_xy None = center crop, else the crop's relative position."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), resample)
+    fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
+    left, top = int(round((nw - resolution) * fx)), int(round((nh - resolution) * fy))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class ImageSet:
+    """The images of one folder, with the augmentation of the run.
+
+    `deterministic` says whether an image always gives the same tensor (center crop or
+    square after resize, no flip); then its latents can be cached once. With random
+    flip each image has two variants and both are cached; with a random crop of a
+    non-square image there are too many variants, and that image is not cached.
+    """
+
+    def __init__(self, files: list[Path], resolution: int, *, center_crop: bool, random_flip: bool,
+                 interpolation: str | None = None):
+        self.files = files
+        self.resample = RESAMPLE[interpolation or "bilinear"]
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        loaded = [load_image(f) for f in files]  # opened once: bad files fail before training
+        self.images = [im for im, _ in loaded]
+        self.square = [im.size[0] == im.size[1] for im in self.images]
+        where = _folder_of(files)
+        alpha = [f.name for f, (_, a) in zip(files, loaded) if a]
+        if alpha:
+            _say("note", f"{where}: {len(alpha)} image(s) with transparent areas, composited on white: "
+                         f"{_names(alpha)}")
+        small = [f"{f.name} ({im.size[0]}x{im.size[1]})" for f, im in zip(files, self.images)
+                 if min(im.size) * 2 < resolution]
+        if small:
+            _say("warning", f"{where}: {len(small)} image(s) smaller than half the training resolution "
+                            f"{resolution} (short side < {resolution / 2:g}), upscaled: {_names(small)}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def cacheable(self, i: int) -> bool:
+        return self.center_crop or self.square[i]
+
+    def variants(self, i: int) -> list[bool]:
+        return [False, True] if self.random_flip else [False]
+
+    def fixed_view(self, i: int, flip: bool) -> torch.Tensor:
+        """The pixels of a cacheable image i (center crop), flipped or not."""
+        return to_tensor(self.images[i], self.resolution, crop_xy=None, flip=flip, resample=self.resample)
+
+    def tensor(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+        """A training view of image i drawn with `gen`: (pixels, flipped)."""
+        flip = bool(torch.randint(0, 2, (), generator=gen)) if self.random_flip else False
+        if self.cacheable(i):
+            return self.fixed_view(i, flip), flip
+        crop = (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)))
+        return to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip, resample=self.resample), flip
+
+
+def _folder_of(files: list[Path]) -> str:
+    parents = {str(f.parent) for f in files}
+    return parents.pop() if len(parents) == 1 else "images"
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    return grid
