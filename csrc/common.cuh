@@ -26,7 +26,7 @@
     if (dbk_err_ != cudaSuccess) return dbk_err_; \
   } while (0)
 
-// Kernel launch. A macro only so that the CPU emulation in tests/test_csrc_compile.py can
+// Kernel launch. A macro only so that the CPU emulation in tests/test_csrc_compile_emulated.py can
 // run the kernels on host threads; CUDA builds always use the <<<>>> form.
 #ifndef DBK_LAUNCH
 #define DBK_LAUNCH(kernel, grid, block, smem, stream, ...) \

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import common, report  # noqa: E402
-from bench import diffusion_loss as bench_loss  # noqa: E402
+from bench import loss_providers as bench_loss  # noqa: E402
 
 from dbkernels.ops.diffusion_loss import reference  # noqa: E402
 
