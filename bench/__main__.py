@@ -4,6 +4,7 @@
                             [--providers a,b,...] [suite options]
     python -m bench report [--results DIR] [--include-cpu] [--no-plots]
     python -m bench memory [--arch sd15,sd21] [--only NAME,...]   (estimates on the CPU, no GPU)
+    python -m bench methods|fabric|ablation|recipes|place|export ...   experiments on the built-in world (CPU)
     python -m bench list
 
 Suites append JSON rows to <out>/<op>.jsonl (default bench/results/; CPU smoke rows
@@ -29,11 +30,23 @@ SUITES: dict[str, str] = {
 }
 
 
+# experiments with their own command lines: name -> module under bench/ with main(argv) (`--help` for each)
+EXPERIMENTS: dict[str, str] = {
+    "methods": "bench.methods",     # the paper's Table 1 in miniature: DreamBooth, LoRA, TI, pivotal tuning
+    "fabric": "bench.fabric",       # FABRIC's simulated-user experiment and its cost
+    "ablation": "bench.ablation",   # prior preservation on / off
+    "recipes": "bench.recipes",     # the demo recipe search
+    "place": "bench.place",         # the PLACE classifier's own accuracy
+    "export": "bench.export",       # single-file export of SD1.5 / SD2.1-sized models
+}
+
+
 def _usage() -> str:
     names = ", ".join(sorted(SUITES))
     return (f"usage: python -m bench <suite> [options]   suites: {names}\n"
             f"       python -m bench report [--results DIR] [--include-cpu]\n"
             f"       python -m bench memory [--arch sd15,sd21]   peak-memory estimates (CPU)\n"
+            f"       python -m bench {'|'.join(EXPERIMENTS)} ...   experiments (CPU)\n"
             f"       python -m bench <suite> --help   for a suite's options")
 
 
@@ -93,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import memory
 
         return memory.main(rest)
+    if cmd in EXPERIMENTS:
+        return importlib.import_module(EXPERIMENTS[cmd]).main(rest)
     if cmd == "list":
-        for name, mod in sorted(SUITES.items()):
+        for name, mod in sorted({**SUITES, **EXPERIMENTS}.items()):
             print(f"{name:16s} {mod}")
         return 0
     if cmd not in SUITES:

@@ -1,6 +1,6 @@
 """The paper's prior-preservation ablation, in miniature, on the built-in world.
 
-    python -m trainer.ablation --seeds 0 1 2 --out bench/results/ablation/prior-ablation
+    python -m bench ablation --seeds 0 1 2 --out bench/results/ablation/prior-ablation
 
 For each training seed: the demo's DreamBooth run with and without prior preservation (same
 recipe and seed; only the class term differs), scored on the demo's prompts with the same
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.options.sampling import EVAL_IMAGES, EVAL_SEED
     from trainer.world.tiny import MODEL_DIR
 
-    p = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench ablation", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--steps", type=int, default=demo.STEPS)
     p.add_argument("--learning_rate", type=float, default=demo.LEARNING_RATE)
@@ -106,7 +106,7 @@ def write(a, rows: list[dict], device, t0: float, argv) -> None:
     meta = {"steps": a.steps, "learning_rate": a.learning_rate, "eval_images": a.eval_images, "eval_seed": EVAL_SEED,
             "metrics": list(METRICS), "device": _device_name(device), "torch": torch.__version__,
             "seconds": round(time.time() - t0),
-            "command": "python -m trainer.ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "command": "python -m bench ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".jsonl"), "w") as f:

@@ -1,4 +1,4 @@
-"""Time trainer.distributed.reduce_step (the per-step gradient all-reduce) on the built-in model's UNet
+"""Time trainer.distributed.data_parallel.reduce_step (the per-step gradient all-reduce) on the built-in model's UNet
 gradients, 2 gloo ranks on this CPU, 1 thread each. Run from the repository root:
     OMP_NUM_THREADS=1 PYTHONPATH=. torchrun --nproc_per_node 2 bench/allreduce_time.py"""
 import statistics

@@ -1,8 +1,8 @@
 """Single-file export at the real SD1.5 / SD2.1 sizes, without downloading them.
 
-    python -m trainer.formats.bench_export OUT_DIR [--arch sd15 sd21]
+    python -m bench export OUT_DIR [--arch sd15 sd21]
 
-Builds each architecture from trainer/arch_configs/<arch>.json (the public folders' configs)
+Builds each architecture from trainer/memory/arch_configs/<arch>.json (the public folders' configs)
 with random float16 weights, runs `dbtrain export --model DIR --single_file F --half`, and
 loads F back with diffusers' StableDiffusionPipeline.from_single_file(F, config=DIR,
 local_files_only=True): prints the export time, the file size, the tensor count per
@@ -47,6 +47,7 @@ def measure(arch: str, out: Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from trainer import cli
+    from trainer.families import SD
     from trainer.formats import single_file as sf
 
     folder = build(arch, out / arch)
@@ -63,7 +64,7 @@ def measure(arch: str, out: Path) -> dict:
     pipe = StableDiffusionPipeline.from_single_file(str(target), config=str(folder), local_files_only=True,
                                                     torch_dtype=torch.float16, safety_checker=None,
                                                     requires_safety_checker=False)
-    unet, vae, te = sf.load_components(folder, dtype=torch.float16)
+    unet, vae, te = SD.load_models(folder, dtype=torch.float16)
     same = {}
     for name, a, b in (("unet", unet, pipe.unet), ("vae", vae, pipe.vae), ("text_encoder", te, pipe.text_encoder)):
         x, y = a.state_dict(), b.state_dict()
@@ -76,7 +77,7 @@ def measure(arch: str, out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.formats.bench_export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench export", description=__doc__.split("\n")[0])
     p.add_argument("out", help="a new folder for the models and files (several GB)")
     p.add_argument("--arch", nargs="+", default=["sd15", "sd21"], choices=["sd15", "sd21"])
     a = p.parse_args(argv)

@@ -3,7 +3,7 @@
     python -m bench memory [--out DIR] [--arch sd15,sd21,sdxl] [--only NAME,...]
     python -m bench memory --calibrate RESULTS/train.jsonl   # each GPU-measured peak beside its estimate
 
-Every row is an estimate, not a measurement: trainer.estimate runs the trainer's own step
+Every row is an estimate, not a measurement: trainer.memory.estimate runs the trainer's own step
 on fake tensors (device "estimate (fake tensors, CPU)"), adds its stated allowance, and
 compares the predicted peak with the project's targets: SD1.5 full DreamBooth at 512 with
 prior preservation, batch 1+1, UNet only <= 6 GB, with text-encoder training <= 8 GB;
@@ -113,11 +113,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg(arch: str, flags: list[str], stock: bool):
-    from trainer.memory import estimate
+    from trainer.options.estimate import parse
 
     argv = ["--arch", arch, "--resolution", str(ARCH_RES[arch]), "--with_prior_preservation",
             "--train_batch_size", "1", *flags]
-    cfg = estimate.parse(argv)
+    cfg = parse(argv)
     cfg.stock_recipe = stock
     return cfg, argv
 
@@ -125,12 +125,13 @@ def _cfg(arch: str, flags: list[str], stock: bool):
 def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> dict:
     from trainer.memory import estimate
 
-    target_key = "unet+te" if cfg.train_text_encoder else "unet"
-    if getattr(cfg, "lora_rank", None) and arch == "sdxl":  # issue 19's target is for the full UNet
+    train = cfg.train
+    target_key = "unet+te" if train.training.train_text_encoder else "unet"
+    if train.uses_lora and arch == "sdxl":  # issue 19's target is for the full UNet
         target_key = None
     target = TARGETS.get(arch, {}).get(target_key)
     over = r["peak_bytes"] - target if target is not None else None
-    extras = {"estimate": True, "arch": arch, "resolution": cfg.resolution, "rows_per_step": 2,
+    extras = {"estimate": True, "arch": arch, "resolution": train.data.resolution, "rows_per_step": 2,
               "what": what, "flags": argv, "stock_recipe": cfg.stock_recipe,
               "tracked_peak_bytes": r["tracked_peak_bytes"], "peak_phase": r["peak_phase"],
               "by_category": r["by_category"], "phases": {k: v["peak_bytes"] for k, v in r["phases"].items()},
@@ -140,11 +141,12 @@ def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> 
               "meets_target": (over <= 0) if over is not None else None,
               "over_target_bytes": max(0, over) if over is not None else None,
               "estimate_seconds": r["seconds"], "world_size": r.get("world_size", 1), "rank": r.get("rank", 0),
-              "shard": bool(getattr(cfg, "shard", False))}
+              "shard": train.distributed.shard}
     if over is not None and over > 0:  # what would close the gap, from the breakdown
-        extras["would_help"] = [{"flag": f, "saves_bytes": b} for f, b in estimate.savings(r, cfg) if b > 0]
-    return {"op": OP, "provider": name, "shape": [2, 4, cfg.resolution // 8, cfg.resolution // 8],
-            "dtype": cfg.mixed_precision, "mode": "train_step", "variant": arch,
+        extras["would_help"] = [{"flag": f, "saves_bytes": b} for f, b in estimate.savings(r, train) if b > 0]
+    res = train.data.resolution
+    return {"op": OP, "provider": name, "shape": [2, 4, res // 8, res // 8],
+            "dtype": train.memory.mixed_precision, "mode": "train_step", "variant": arch,
             "ms_p20": None, "ms_p50": None, "ms_p80": None, "gbps": None, "frac_peak_bw": None,
             "tflops": None, "frac_peak_flops": None, "peak_bytes": r["peak_bytes"], "launches": None,
             "device": r["device"], "device_type": "estimate", "torch": _torch_version(), "triton": None,
@@ -171,7 +173,7 @@ def _git_sha() -> str | None:
 def table(rows: list[dict]) -> str:
     lines = ["# Peak GPU memory of one DreamBooth step (estimates)", "",
              "Estimated on the CPU with `dbtrain estimate` (the trainer's own step on fake tensors, plus the "
-             "allowance in trainer/estimate.py); not measured on a GPU. Prior preservation, batch 1+1. "
+             "allowance in trainer/memory/estimate.py); not measured on a GPU. Prior preservation, batch 1+1. "
              "Targets: SD1.5 at 512, UNet only <= 6 GB, with text-encoder training <= 8 GB; SDXL at 1024, full "
              "UNet <= 16 GB (issue 19; GB = 10^9 B). Regenerate: `python -m bench memory`.", "",
              "| model | setting | predicted peak | GB | weights | grads | opt. state | activations | temp. "
@@ -247,6 +249,7 @@ def calibrate(opts) -> int:
     """Each `bench train` row measured on a GPU beside the estimate of the same setting: how far off the
     estimate is, so every GPU run calibrates it."""
     from trainer.memory import estimate
+    from trainer.options.estimate import parse
 
     rows = [json.loads(x) for x in Path(opts.calibrate).read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("op") == "train" and r.get("device_type") == "cuda" and r.get("peak_bytes")]
@@ -271,7 +274,7 @@ def calibrate(opts) -> int:
         argv = ["--arch", e.get("arch", "sd15"), "--resolution", str(e.get("resolution", 512)),
                 "--with_prior_preservation", "--train_batch_size", "1", *flags]
         argv += ["--train_text_encoder"] if e.get("train_text_encoder") else []
-        cfg = estimate.parse(argv)
+        cfg = parse(argv)
         cfg.stock_recipe = stock
         est = estimate.estimate(cfg)
         allocated = est["tracked_peak_bytes"] + est["allowance_bytes"]["allocator_rounding"]

@@ -1,9 +1,9 @@
 """The DreamBooth paper's Table 1 in miniature, on the built-in world: base model, Textual Inversion,
 DreamBooth (with prior preservation) and pivotal tuning, same subject, seeds and sampling.
 
-    python -m trainer.methods_bench quality --seeds 0 1 2     # train, sample, score; rows + table
-    python -m trainer.methods_bench cost --steps 30           # time and peak RSS per training step (CPU)
-    python -m trainer.methods_bench report                    # the markdown from the rows
+    python -m bench methods quality --seeds 0 1 2     # train, sample, score; rows + table
+    python -m bench methods cost --steps 30           # time and peak RSS per training step (CPU)
+    python -m bench methods report                    # the markdown from the rows
 
 Every method runs through the one training loop (`dbtrain train` / `dbtrain textual-inversion`);
 only what is trainable differs. Metrics are the paper's DINO, CLIP-I, CLIP-T, PRES, DIV on the
@@ -49,7 +49,7 @@ def _common(model, subject, out, seed, steps, device) -> list[str]:
     args = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--resolution",
             str(scenes.SIZE), "--random_flip", "--train_batch_size", "2", "--max_train_steps", str(steps),
             "--lr_warmup_steps", "0", "--checkpointing_steps", str(steps), "--log_every", "50", "--seed", str(seed),
-            "--optimizer", "adamw"]  # on a CPU (see trainer.demo); the same for every method
+            "--optimizer", "adamw"]  # on a CPU (see trainer.world.demo); the same for every method
     return args + (["--device", str(device)] if device else [])
 
 
@@ -80,8 +80,9 @@ def train_args(method: str, model, subject: Path, out: Path, class_dir: Path, se
 
 def train(method, model, subject, out, class_dir, seed, steps=STEPS, device=None, num_class=NUM_CLASS,
           lora_lr=LORA_LR) -> Path:
-    from trainer.options import train as config, textual_inversion as ti_config
     from trainer.core import loop
+    from trainer.options import textual_inversion as ti_config
+    from trainer.options import train as config
 
     cmd, args = train_args(method, model, subject, out, class_dir, seed, steps=steps, device=device,
                            num_class=num_class, lora_lr=lora_lr)
@@ -91,8 +92,8 @@ def train(method, model, subject, out, class_dir, seed, steps=STEPS, device=None
 
 def pipeline_of(method: str, model_dir: Path, base, device):
     """The pipeline that samples a method's result, and the word for [V] in its prompts."""
-    from trainer.methods.embeddings import load_embedding_into
-    from trainer.world.evaluate import load_pipeline
+    from trainer.formats.embedding_files import load_into as load_embedding_into
+    from trainer.methods.outputs import load_pipeline
 
     if method == "base":
         return load_pipeline(base, device), IDENTIFIER
@@ -178,7 +179,7 @@ def quality(a) -> int:
     rows_file = out.with_suffix(".jsonl")
     meta = {"steps": a.steps, "num_class_images": a.num_class_images, "dreambooth_lr": DB_LR, "textual_inversion_lr": TI_LR, "lora_lr": a.lora_lr, "eval_images": a.eval_images,
             "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "device": _device_name(device),
-            "torch": torch.__version__, "command": "python -m trainer.methods_bench " + " ".join(a.argv)}
+            "torch": torch.__version__, "command": "python -m bench methods " + " ".join(a.argv)}
     with open(rows_file, "w") as f:
         for seed in a.seeds:
             t0 = time.time()
@@ -234,7 +235,7 @@ def report(rows_file: Path, md: Path) -> str:
             f"training seed; device {meta['device']}, torch {meta['torch']}.\n"
             f"Mean over images and seeds [95% bootstrap interval over images].\n"
             f"Regenerate: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
-            + " (then concatenate the .jsonl rows; the table alone: `python -m trainer.methods_bench report`).\n\n"
+            + " (then concatenate the .jsonl rows; the table alone: `python -m bench methods report`).\n\n"
             + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     Path(md).write_text(text)
     return text
@@ -246,7 +247,9 @@ def report(rows_file: Path, md: Path) -> str:
 # first step (/proc/self/clear_refs 5) and read after every step, so model loading and export do not count.
 COST_SCRIPT = """
 import json, sys
-from trainer import config, loop, ti_config
+from trainer.core import loop
+from trainer.options import textual_inversion as ti_config
+from trainer.options import train as config
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -317,7 +320,7 @@ def cost(a) -> int:
                          "output_mib": round(size / 2**20, 4),
                          "batch": "2 instance" + (" + 2 class" if "--with_prior_preservation" in args else ""),
                          "device": _device_name(torch.device("cpu")), "torch": torch.__version__,
-                         "command": "python -m trainer.methods_bench " + " ".join(a.argv)})
+                         "command": "python -m bench methods " + " ".join(a.argv)})
             print(json.dumps(rows[-1]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,10 +361,10 @@ def _device_name(device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.world.evaluate import DEFAULT_PROMPTS
+    from trainer.options.sampling import DEFAULT_PROMPTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m trainer.methods_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench methods", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     q = sub.add_parser("quality", help="train every method, sample, score")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

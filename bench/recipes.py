@@ -1,6 +1,6 @@
 """The recipe search of issue 15: which demo recipe shows DreamBooth's point on the built-in world.
 
-    python -m trainer.world.recipes --recipes demo-default captions ... --out bench/results/demo/recipes
+    python -m bench recipes --recipes demo-default captions ... --out bench/results/demo/recipes
 
 Each recipe is the demo's `dbtrain train` run with some levers changed (learning rate, steps,
 prior weight, class-image count, text-encoder training, per-image captions, class images of every place with
@@ -211,7 +211,7 @@ def write_table(prefix: Path) -> str:
             f"'a star'; {n} images per prompt, image k from seed {rows[0]['eval_seed']} + k, 20 steps, guidance 5; "
             f"mean [95% bootstrap interval over images]. The training seed is in each row. Device: the 2-core CPU, "
             f"shared with other jobs (train s is wall time under that load, 1 torch thread; it includes drawing "
-            f"the class images). Written by `python -m trainer.world.recipes --recipes NAME ... [--seed S] --out "
+            f"the class images). Written by `python -m bench recipes --recipes NAME ... [--seed S] --out "
             f"{prefix}` (appends a row per recipe; each row's command is in the .jsonl).\n\n" + table(rows))
     targets, seeds = targets_table(rows), seeds_table(rows)
     if targets:
@@ -250,7 +250,8 @@ DRIFT_PROMPTS = ("a orange star on the beach", "a orange star in space", "a oran
 def word_drift(scorer, models: dict, n: int = 16, seed: int = 10_000) -> dict[str, dict[str, float]]:
     """DINO against the subject pictures of prompts that use the initializer word ("orange") without the
     identifier, for each model: has the word itself drifted toward the subject?"""
-    from trainer.world.evaluate import generate, load_pipeline
+    from trainer.methods.outputs import load_pipeline
+    from trainer.world.evaluate import generate
     from trainer.options.sampling import GUIDANCE, SAMPLE_STEPS
 
     real = scorer.images(scenes.subject_images(5))["dino"]
@@ -267,7 +268,7 @@ def learned_row(model, base, word: str = "orange", top: int = 3) -> str:
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer.methods.embeddings import DIFFUSERS_FILE
+    from trainer.formats.embedding_files import DIFFUSERS_FILE
 
     tok = CLIPTokenizer.from_pretrained(Path(base) / "tokenizer")
     table = CLIPTextModel.from_pretrained(Path(base) / "text_encoder").get_input_embeddings().weight.detach()
@@ -282,11 +283,12 @@ def learned_row(model, base, word: str = "orange", top: int = 3) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.world import demo
-    from trainer.world.evaluate import evaluate, load_pipeline
+    from trainer.methods.outputs import load_pipeline
+    from trainer.world.evaluate import evaluate
     from trainer.world.metrics import Scorer
     from trainer.world.tiny import MODEL_DIR
 
-    p = argparse.ArgumentParser(prog="python -m trainer.world.recipes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench recipes", description=__doc__.split("\n")[0])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES) + ["base"])
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--eval_images", type=int, default=24)
@@ -302,18 +304,18 @@ def main(argv: list[str] | None = None) -> int:
                    "identifier) of the base model and of MODEL (a pivotal run from 'orange') to --reference's file")
     a = p.parse_args(argv)
     if a.model or a.word_drift:  # before anything is written or drawn
-        from trainer.families.sd import check_model_folder
+        from trainer.families import check_model_folder
 
         for folder in filter(None, (a.model, a.word_drift)):
             check_model_folder(Path(folder))
     if a.word_drift:
         d = word_drift(Scorer(), {"base model": Path(a.model) if a.model else MODEL_DIR, "fine-tuned": a.word_drift})
         text = ("DINO against the 5 subject pictures of 16 samples (seeds 10000 + k, 20 steps, guidance 5) of prompts "
-                "with the initializer word and no identifier. Written by `python -m trainer.world.recipes " +
+                "with the initializer word and no identifier. Written by `python -m bench recipes " +
                 " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n| prompt | " + " | ".join(d) + " |\n|---|" +
                 "---:|" * len(d) + "\n" + "".join(f"| {q} | " + " | ".join(f"{d[m][q]:.3f}" for m in d) + " |\n"
                                                  for q in DRIFT_PROMPTS))
-        from trainer.methods.embeddings import DIFFUSERS_FILE
+        from trainer.formats.embedding_files import DIFFUSERS_FILE
 
         if (Path(a.word_drift) / DIFFUSERS_FILE).is_file():
             text += "\n" + learned_row(a.word_drift, Path(a.model) if a.model else MODEL_DIR) + "\n"
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         text = ("DINO / CLIP-I against the 5 subject pictures (the recipe table's per-prompt 'DINO in space') of "
                 "rendered scenes, 24 each (big stars, random position, angle and background; plain stars of random "
                 "colours): what a sample that shows the subject there, or a plain star there, scores. Written by "
-                "`python -m trainer.world.recipes " + " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n"
+                "`python -m bench recipes " + " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n"
                 "| rendered | DINO | CLIP-I |\n|---|---:|---:|\n" +
                 "".join(f"| {k} | {v['DINO']:.3f} | {v['CLIP-I']:.3f} |\n" for k, v in ref.items()))
         Path(a.reference).write_text(text)
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                "total_s": round(time.time() - t0, 1),
                "eval_images": a.eval_images, "eval_seed": a.eval_seed, "device": platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "command": "python -m trainer.world.recipes " + " ".join(sys.argv[1:] if argv is None else argv)}
+               "command": "python -m bench recipes " + " ".join(sys.argv[1:] if argv is None else argv)}
         with open(out.with_suffix(".jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

@@ -4,7 +4,7 @@ Both run on the real SD1.5 architecture (UNet, VAE, CLIP ViT-L text encoder buil
 from their configs with random weights: timing does not depend on weights) at
 512x512, batch 1 instance + 1 class image:
 
-* ours-fast     our trainer's train_step (trainer/loop.py, the code `dbtrain` runs):
+* ours-fast     our trainer's train_step (trainer/core/step.py, the code `dbtrain` runs):
                 kernels on, adamw8bit, bf16 autocast over fp32 master weights,
                 cached latents and prompt embeddings
 * ours-lowmem   the same with pure-bf16 weights, --step_in_backward and gradient
@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from . import common
+
+ARCH_DIR = Path(__file__).resolve().parents[1] / "trainer" / "memory" / "arch_configs"
 
 OP = "train"
 SETTINGS = ("ours-fast", "ours-lowmem", "stock-fast", "stock-lowmem", "ours-lora", "ours-lora-lowmem", "stock-lora")
@@ -70,28 +72,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-cap-gb", type=float, default=24.0, help="emulate a card of this size (CUDA)")
     p.add_argument("--resolution", type=int, default=None, help="default 512, sdxl 1024 (--quick 32)")
     p.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"],
-                   help="sd15; sdxl: SDXL 1.0's architecture (trainer/arch_configs/sdxl.json), settings "
+                   help="sd15; sdxl: SDXL 1.0's architecture (trainer/memory/arch_configs/sdxl.json), settings "
                         f"{','.join(SDXL_SETTINGS)} by default (the full stock recipes need > 24 GB there)")
 
 
 def build_sdxl_components(quick: bool, device: torch.device, tmp: Path):
-    """trainer.sdxl.SDXLComponents with random weights: SDXL 1.0's configs (--quick: the tiny SDXL folder)."""
+    """trainer.families.base.Components of SDXL with random weights: SDXL 1.0's configs (--quick: the tiny SDXL
+    folder)."""
     import json
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from trainer.families import sdxl
+    from trainer.families import SDXL
+    from trainer.families.base import Components
     from trainer.world.tiny_sd import write_tokenizer_files
 
     if quick:
         from trainer.world.tiny_sdxl import build_tiny_sdxl
 
-        comps = sdxl.load_sdxl_components(build_tiny_sdxl(tmp / "tiny-sdxl"))
+        comps = SDXL.load_components(build_tiny_sdxl(tmp / "tiny-sdxl"))
         for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
             m.to(device)
         return comps
-    confs = json.loads((Path(__file__).resolve().parents[1] / "trainer" / "memory" / "arch_configs" / "sdxl.json").read_text())
+    confs = json.loads((ARCH_DIR / "sdxl.json").read_text())
     write_tokenizer_files(tmp / "tok")  # ids stay small; the encoders' cost does not depend on them
     toks = [CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77)
             for _ in range(2)]
@@ -101,17 +105,17 @@ def build_sdxl_components(quick: bool, device: torch.device, tmp: Path):
         unet = UNet2DConditionModel.from_config(confs["unet"])
         vae = AutoencoderKL.from_config(confs["vae"])
         te, te2 = CLIPTextModel(CLIPTextConfig(**kws[0])), CLIPTextModelWithProjection(CLIPTextConfig(**kws[1]))
-    return sdxl.SDXLComponents(unet=unet, vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=toks[0],
+    return Components(unet=unet, vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=toks[0],
                                tokenizer_2=toks[1], noise_scheduler=DDPMScheduler.from_config(confs["scheduler"]),
                                prediction_type="epsilon")
 
 
 def build_components(quick: bool, device: torch.device, tmp: Path):
-    """trainer.models.Components with random weights (built straight on the device)."""
+    """trainer.families.base.Components of SD 1.5 with random weights (built straight on the device)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from trainer.families.sd import Components
+    from trainer.families.base import Components
     from trainer.world.tiny_sd import write_tokenizer_files
 
     write_tokenizer_files(tmp / "tok")  # ids stay small; the text encoder's cost does not depend on them
@@ -140,7 +144,7 @@ def write_images(folder: Path, n: int, res: int, seed: int) -> Path:
 
 def trainer_config(setting: str, train_te: bool, res: int, device: torch.device, data: Path):
     """The dbtrain options of one setting (the parser's defaults otherwise)."""
-    from trainer.options.train import build_parser
+    from trainer.options.train import TrainOptions, build_parser
 
     cuda = device.type == "cuda"
     argv = ["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(data / "inst"),
@@ -155,29 +159,34 @@ def trainer_config(setting: str, train_te: bool, res: int, device: torch.device,
             argv += ["--step_in_backward", "--gradient_checkpointing"]
     if train_te:
         argv += ["--train_text_encoder"]
-    return build_parser().parse_args(argv)
+    return TrainOptions.from_flags(vars(build_parser().parse_args(argv)))
 
 
 def ours_step(setting, train_te, comps, res, device, data):
+    from trainer.core.batches import Batches
     from trainer.core.images import ImageSet, list_images
-    from trainer.core.loop import Batches, setup, train_step
+    from trainer.core.step import setup, train_step
+    from trainer.families import FAMILIES
+    from trainer.methods import method_for
 
     cfg = trainer_config(setting, train_te, res, device, data)
-    half = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    family = next(f for f in FAMILIES if len(f.text_encoder_names) == len(comps.text_encoders))
+    half = torch.bfloat16 if cfg.memory.mixed_precision == "bf16" else None
     inst = ImageSet(list_images(data / "inst", "instance image"), res, center_crop=True, random_flip=False)
     cls = ImageSet(list_images(data / "cls", "class image"), res, center_crop=True, random_flip=False)
-    batches = Batches(cfg, comps, inst, cls, {"inst": cfg.instance_prompt, "cls": cfg.class_prompt}, device,
-                      half or torch.float32)
-    run = setup(cfg, comps, batches, device)
+    batches = Batches(cfg, family, comps, inst, cls, {"inst": cfg.data.instance_prompt, "cls": cfg.prior.class_prompt},
+                      device, half or torch.float32)
+    run = setup(cfg, method_for(cfg), comps, batches, device)
     state = {"step": 0}
 
     def step():
         train_step(run, state["step"])
         state["step"] += 1
 
-    return step, {"optimizer": cfg.optimizer, "weights_dtype": cfg.weights_dtype, "lora_rank": cfg.lora_rank,
-                  "frozen_dtype": str(run.weights_dtype) if cfg.lora_rank else None,
-                  "gradient_checkpointing": cfg.gradient_checkpointing, "step_in_backward": cfg.step_in_backward}
+    memory, rank = cfg.memory, cfg.lora.lora_rank
+    return step, {"optimizer": cfg.optim.optimizer, "weights_dtype": memory.weights_dtype, "lora_rank": rank,
+                  "frozen_dtype": str(run.weights_dtype) if rank else None,
+                  "gradient_checkpointing": memory.gradient_checkpointing, "step_in_backward": memory.step_in_backward}
 
 
 def _stock_update(loss, scaler, optimizer, params) -> None:
@@ -364,7 +373,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     res = opts.resolution or (32 if opts.quick else 1024 if opts.arch == "sdxl" else 512)
     steps = opts.steps or (2 if opts.quick else 10)
     env = common.environment(device)
-    from trainer.cli import _quiet_libraries
+    from trainer.commands import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
     if device.type == "cuda" and opts.memory_cap_gb:

@@ -33,7 +33,7 @@ def scorer():
 
 @pytest.fixture(scope="module")
 def base_pipe():
-    from trainer.world.evaluate import load_pipeline
+    from trainer.methods.outputs import load_pipeline
 
     return load_pipeline(MODEL_DIR, "cpu")
 
@@ -87,7 +87,8 @@ def test_judge_sees_the_subject_pattern(scorer):
 def short_runs(tmp_path_factory, base_pipe, scorer):
     """Two short DreamBooth runs, with and without prior preservation, and the metrics."""
     from trainer.world import demo
-    from trainer.world.evaluate import evaluate, load_pipeline
+    from trainer.methods.outputs import load_pipeline
+    from trainer.world.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("dreambooth")
     subject = demo.write_subject(root / "subject")

@@ -39,13 +39,14 @@ def test_class_prompts_read_caption_files_and_fall_back_to_the_class_prompt(tmp_
 def test_generated_class_images_carry_their_prompt_as_caption(tiny_model, tmp_path, capsys):
     """prompts=[...]: image i drawn from prompts[i % len], its caption written beside it; the files are
     counted as images only (no 'not images' warning), so a second call makes nothing."""
-    from types import SimpleNamespace
-
     from trainer.core.class_images import generate_class_images
+    from trainer.options.train import TrainOptions
 
-    cfg = SimpleNamespace(class_data_dir=str(tmp_path / "cls"), num_class_images=5, seed=0, resolution=32,
-                          class_prompt="a toy", class_inference_steps=2, sample_batch_size=4,
-                          pretrained_model_name_or_path=str(tiny_model), caption_extension=".txt")
+    cfg = TrainOptions()
+    cfg.prior.class_data_dir, cfg.prior.num_class_images, cfg.prior.class_prompt = str(tmp_path / "cls"), 5, "a toy"
+    cfg.prior.class_inference_steps, cfg.prior.sample_batch_size = 2, 4
+    cfg.training.seed, cfg.data.resolution, cfg.data.caption_extension = 0, 32, ".txt"
+    cfg.model.pretrained_model_name_or_path = str(tiny_model)
     prompts = ["a toy on the beach", "a toy in space"]
     assert generate_class_images(cfg, torch.device("cpu"), torch.float32, prompts=prompts) == 5
     captions = [(tmp_path / "cls" / f"class-{i:05d}.txt").read_text().strip() for i in range(5)]

@@ -207,28 +207,28 @@ def test_a_folder_of_the_users_files_is_refused_before_loading_and_untouched(tin
 
 
 def test_export_replaces_only_what_an_earlier_export_of_the_run_wrote(tiny_model, tmp_path):
-    from argparse import Namespace
-
     from diffusers import UNet2DConditionModel
 
-    from trainer.formats import outdir
     from trainer.errors import UserError
-    from trainer.core.export import export
+    from trainer.formats import outdir
+    from trainer.methods.full import export
+    from trainer.options.train import TrainOptions
 
-    cfg = Namespace(pretrained_model_name_or_path=str(tiny_model))
+    cfg = TrainOptions()
+    cfg.model.pretrained_model_name_or_path = str(tiny_model)
     model = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     out = tmp_path / "run"
     outdir.claim(out, {})
-    export(cfg, model, None, out)  # first export: writes unet/, vae/, ... and records them
+    export(cfg, model, {}, out)  # first export: writes unet/, vae/, ... and records them
     assert "unet" in outdir.read_marker(out)["exported"]
-    export(cfg, model, None, out)  # the next one may replace them
+    export(cfg, model, {}, out)  # the next one may replace them
     shutil.rmtree(out / "vae")
     (out / "vae").mkdir()
     (out / "vae" / "mine.txt").write_text("mine")
     rec = outdir.read_marker(out)
     outdir.write_marker(out, exported=[n for n in rec["exported"] if n != "vae"])  # not written by us
     with pytest.raises(UserError, match="holds vae, which dbtrain did not write"):
-        export(cfg, model, None, out)
+        export(cfg, model, {}, out)
     assert (out / "vae" / "mine.txt").read_text() == "mine"
     assert not (out / ".tmp-export").exists()
 

@@ -8,6 +8,7 @@ import pytest
 
 from tests.cli_helpers import one_line_error, run_cli
 from trainer.memory import estimate
+from trainer.options.estimate import parse as parse_estimate
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(tiny, *flags):
-    return estimate.parse(["--pretrained_model_name_or_path", str(tiny), "--resolution", "32",
+    return parse_estimate(["--pretrained_model_name_or_path", str(tiny), "--resolution", "32",
                            "--with_prior_preservation", *flags])
 
 
@@ -27,7 +28,7 @@ _runs: dict = {}
 
 def _run(tiny, *flags, fake=True):
     """The estimate (fake) or the tracked real step, once per option set."""
-    from trainer.families.sd import load_components
+    from trainer.families import load_components
 
     key = (str(tiny), flags, fake)
     if key not in _runs:
@@ -64,7 +65,7 @@ def test_categories_add_up(tiny):
 
 def test_each_option_saves_what_it_should(tiny):
     from dbkernels.optim.quant import num_blocks
-    from trainer.families.sd import load_components
+    from trainer.families import load_components
 
     adamw, eight = _run(tiny, "--optimizer", "adamw"), _run(tiny)
     sizes = [p.numel() for p in load_components(tiny).unet.parameters()]
@@ -117,7 +118,7 @@ def test_world_size_and_shard(tiny, monkeypatch):
     """--world_size N: one rank's step (its rows of the global batch, a whole optimizer state and gradient set);
     with --shard the rank holding the most: its parameters' states only, other gradients dropped in backward."""
     from trainer.distributed import shard
-    from trainer.families.sd import load_components
+    from trainer.families import load_components
 
     one, two = _run(tiny, "--optimizer", "adamw"), _run(tiny, "--optimizer", "adamw", "--world_size", "2")
     assert two["by_category"]["optimizer_state"] == one["by_category"]["optimizer_state"]
@@ -135,7 +136,7 @@ def test_world_size_and_shard(tiny, monkeypatch):
     assert _close(real["tracked_peak_bytes"], split["tracked_peak_bytes"])
     # the other ranks' gradients live until their bucket is reduced: at most one bucket (here 1/8 of the model)
     from trainer.distributed import data_parallel as distributed
-    from trainer.families.sd import load_components as load
+    from trainer.families import load_components as load
 
     bucket = n // 8
     monkeypatch.setattr(distributed, "BUCKET_ELEMS", bucket)
@@ -173,11 +174,12 @@ def test_lora_trains_only_the_adapters(tiny):
 def test_config_file_as_for_train(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('mixed_precision = "bf16"\ngradient_checkpointing = true\nresolution = 768\n')
-    cfg = estimate.parse(["--arch", "sd21", "--config", str(f), "--resolution", "512"])
-    assert (cfg.mixed_precision, cfg.gradient_checkpointing, cfg.resolution) == ("bf16", True, 512)
+    cfg = parse_estimate(["--arch", "sd21", "--config", str(f), "--resolution", "512"])
+    t = cfg.train
+    assert (t.memory.mixed_precision, t.memory.gradient_checkpointing, t.data.resolution) == ("bf16", True, 512)
     f.write_text("no_such_option = 1\n")
     with pytest.raises(estimate.UserError, match="unknown option"):
-        estimate.parse(["--arch", "sd15", "--config", str(f)])
+        parse_estimate(["--arch", "sd15", "--config", str(f)])
 
 
 # ---------------------------------------------------------------- SDXL (issue 19's memory target)
@@ -198,7 +200,7 @@ def test_sdxl_fake_step_matches_the_real_step(tiny_xl):
     for phase in ("forward", "backward", "optimizer"):
         assert _close(fake["phases"][phase]["peak_bytes"], real["phases"][phase]["peak_bytes"]), phase
     assert _close(fake["tracked_peak_bytes"], real["tracked_peak_bytes"])
-    from trainer.families.sd import load_components
+    from trainer.families import load_components
 
     comps = load_components(tiny_xl["base"])
     n = sum(p.numel() for m in (comps.unet, comps.text_encoder, comps.text_encoder_2) for p in m.parameters())
@@ -217,8 +219,8 @@ def test_sdxl_lora_on_both_encoders(tiny_xl):
 
 
 def test_sdxl_arch_parses_and_refiner_refused(tiny_xl, capsys):
-    cfg = estimate.parse(["--arch", "sdxl", "--resolution", "1024", "--train_text_encoder"])
-    assert cfg.pretrained_model_name_or_path is None and cfg.arch == "sdxl"
+    cfg = parse_estimate(["--arch", "sdxl", "--resolution", "1024", "--train_text_encoder"])
+    assert cfg.train.model.pretrained_model_name_or_path is None and cfg.arch == "sdxl"
     confs = estimate.model_configs(arch="sdxl")
     assert len(confs["text_encoder"]) == 2 and confs["unet"]["addition_embed_type"] == "text_time"
     assert len(estimate.model_configs(tiny_xl["base"])["text_encoder"]) == 2
@@ -241,7 +243,7 @@ def test_run_log_puts_the_estimate_beside_the_measured_peak(tmp_path, monkeypatc
 
     from trainer.core import runlog
 
-    cfg = types.SimpleNamespace(logging_dir="logs", report_to="none")
+    cfg = types.SimpleNamespace(logging=types.SimpleNamespace(logging_dir="logs", report_to="none"))
     log = runlog.RunLog(tmp_path, cfg)
     log.estimate = {"estimated_allocated_gb": 4.2, "estimated_peak_gb": 5.0}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 4 * 2**30)

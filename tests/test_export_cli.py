@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import add_random_lora, one_line_error, run_cli
+from trainer.families import SD, SDXL
 from trainer.formats import kohya_lora as kl
 from trainer.formats import single_file as sf
 from trainer.world.tiny_sd import build_tiny_sd
@@ -43,7 +44,7 @@ def test_single_file(setup, capsys):
     code, stdout, err = run_cli(["export", "--model", str(setup["model"]), "--single_file", str(out)], capsys)
     assert code == 0, err
     assert "wrote" in stdout and out.is_file()
-    unet = sf.load_components(setup["model"])[0]
+    unet = SD.load_models(setup["model"])[0]
     sd = load_file(str(out))
     assert torch.equal(sd["model.diffusion_model.input_blocks.0.0.weight"], unet.conv_in.weight)
 
@@ -64,16 +65,17 @@ def test_kohya_then_merge(setup, capsys, tmp_path):
                                  "--lora_scale", "0.5", "--single_file", str(single), "--output_dir", str(folder)],
                                 capsys)
     assert code == 0, err
-    want = kl.merge_lora(setup["model"], setup["lora"], scale=0.5)  # from the diffusers file: the same LoRA
+    want = dict(zip(("unet", "vae", "text_encoder"),  # from the diffusers file: the same LoRA
+                    SD.merge_lora(setup["model"], setup["lora"], scale=0.5)))
     got_single = sf.diffusers_state_dicts(load_file(str(single)), want["unet"].config, want["vae"].config)
-    got_folder = sf.load_components(folder)
+    got_folder = SD.load_models(folder)
     for i, name in enumerate(("unet", "vae", "text_encoder")):
         ref = want[name].state_dict()
         for got in (got_single[name], got_folder[i].state_dict()):
             assert set(got) == set(ref)
             for k in ref:
                 torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
-    base = sf.load_components(setup["model"])[0].state_dict()
+    base = SD.load_models(setup["model"])[0].state_dict()
     k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert not torch.allclose(got_folder[0].state_dict()[k], base[k])
 
@@ -145,12 +147,11 @@ def setup_xl(tmp_path_factory):
     from peft import LoraConfig, get_peft_model_state_dict
 
     from diffusers import StableDiffusionXLPipeline
-    from trainer.families.sdxl import load_sdxl_components
     from trainer.world.tiny_sdxl import build_tiny_sdxl
 
     root = tmp_path_factory.mktemp("export_xl")
     folder = build_tiny_sdxl(root / "model")
-    c = load_sdxl_components(folder)
+    c = SDXL.load_components(folder)
     torch.manual_seed(0)
     ucfg = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                       init_lora_weights="gaussian")
@@ -168,9 +169,10 @@ def setup_xl(tmp_path_factory):
 
 def test_sdxl_kohya_then_merge(setup_xl, capsys, tmp_path):
     """--kohya writes lora_unet_/lora_te1_/lora_te2_; --merge of that file (single file and folder) equals
-    trainer.sdxl.merge_lora_sdxl of the diffusers file, on all four parts."""
-    from trainer.formats.single_file_sdxl import diffusers_state_dicts_sdxl, load_components_sdxl
-    from trainer.families.sdxl import merge_lora_sdxl
+    the SDXL family's merge of the diffusers file, on all four parts."""
+    from trainer.formats.single_file_sdxl import diffusers_state_dicts_sdxl
+
+    merge_lora_sdxl, load_components_sdxl = SDXL.merge_lora, SDXL.load_models
 
     model = str(setup_xl["model"])
     kohya = tmp_path / "subject.safetensors"

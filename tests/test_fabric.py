@@ -1,4 +1,4 @@
-"""FABRIC (trainer.fabric, trainer.fabric_attention) on CPU with the built-in tiny model.
+"""FABRIC (trainer.fabric.sampling, trainer.fabric.attention) on CPU with the built-in tiny model.
 
 - the attention equals a dense implementation of the paper's formula (P*w / sum(P*w) over
   cat(own, reference) keys), liked references in the conditional half, disliked in the
@@ -27,12 +27,16 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
 import dbkernels  # noqa: E402
+from trainer.commands import fabric as fabric_command
 from trainer.fabric import sampling as fabric
+from trainer.options import fabric as fabric_options
+from trainer.options.sampling import BUILTIN_MODEL
 from trainer.world import scenes
 from trainer.errors import UserError
-from trainer.fabric.attention import FabricAttnProcessor, FabricController, Group, fabric_attention, install, self_attention_layers
+from trainer.fabric.attention import (FabricAttnProcessor, FabricController, Group, fabric_attention, install,
+                                      self_attention_layers)
 
-MODEL = fabric.BUILTIN_MODEL
+MODEL = BUILTIN_MODEL
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -323,7 +327,7 @@ def test_resized_image_and_sdpa_head_dim_notes(pipe, target, tmp_path):
 
 def test_cli_writes_images_grid_and_settings(target, tmp_path):
     out = tmp_path / "out"
-    assert fabric.main(["--prompt", "a star", "--liked", str(target), "--disliked", str(target),
+    assert fabric_command.run(["--prompt", "a star", "--liked", str(target), "--disliked", str(target),
                         "--num_images", "2", "--steps", "3", "--guidance_scale", "5", "--out", str(out),
                         "--scheduler", "DDIMScheduler", "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [".dbtrain-run.json", "000.png", "001.png", "fabric.json", "grid.png"]
@@ -334,7 +338,7 @@ def test_cli_writes_images_grid_and_settings(target, tmp_path):
 
 def test_cli_rounds_with_the_simulated_user(target, tmp_path):
     out = tmp_path / "rounds"
-    fabric.main(["--prompt", "a star", "--rounds", "2", "--auto_feedback", str(target), "--num_images", "2",
+    fabric_command.run(["--prompt", "a star", "--rounds", "2", "--auto_feedback", str(target), "--num_images", "2",
                  "--steps", "2", "--guidance_scale", "5", "--out", str(out), "--device", "cpu"])
     rec = json.loads((out / "fabric.json").read_text())
     r0, r1 = rec["rounds"]
@@ -354,12 +358,13 @@ def test_cli_bad_input_is_one_line(target, tmp_path):
     ]
     for extra, word in cases:
         with pytest.raises(UserError) as e:
-            fabric.main(["--prompt", "a star", "--out", str(tmp_path / "o")] + extra)
+            fabric_command.run(["--prompt", "a star", "--out", str(tmp_path / "o")] + extra)
         assert word in one_line(e)
 
 
 def test_help_is_light():
-    code = "import sys, trainer.fabric.sampling; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = ("import sys, trainer.fabric, trainer.commands.fabric; "
+            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["False", "False"]
-    assert "--neg_scale" in fabric.build_parser().format_help()
+    assert "--neg_scale" in fabric_options.build_parser().format_help()

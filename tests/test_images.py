@@ -1,4 +1,4 @@
-"""trainer.data reads photos as an image viewer shows them (issue 12).
+"""trainer.core.images reads photos as an image viewer shows them (issue 12).
 
 Each case builds its image with PIL in tmp_path: EXIF-rotated JPEGs, 16-bit PNGs,
 transparency (RGBA, LA, palette), a tiny image, broken links, CMYK, palette, grayscale,

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from tests.cli_helpers import add_random_lora
 from trainer.errors import UserError
+from trainer.families import SD
 from trainer.formats import kohya_lora as kl
 from trainer.world.tiny_sd import build_tiny_sd
 
@@ -47,6 +48,11 @@ def lora(tmp_path_factory):
                                                 identifier="sks", name="subject", conv_rank=UNET_R))
     return {"root": root, "folder": folder, "peft_pipe": pipe, "usd": usd, "tsd": tsd, "state": state,
             "path": path, "ucfg": ucfg, "tcfg": tcfg}
+
+
+def merge_lora(folder, lora_file, scale: float = 1.0) -> dict:
+    """A LoRA file merged into an SD folder's models: {unet, vae, text_encoder} (the SD family's merge)."""
+    return dict(zip(("unet", "vae", "text_encoder"), SD.merge_lora(folder, lora_file, scale=scale)))
 
 
 def _probe(pipe_or_modules):
@@ -114,7 +120,7 @@ def test_diffusers_loader_matches_our_merge(lora):
     loaded.load_lora_weights(str(lora["path"]))
     want = _probe(lora["peft_pipe"])
     got_diffusers = _probe(loaded)
-    got_ours = _probe(kl.merge_lora(lora["folder"], lora["path"]))
+    got_ours = _probe(merge_lora(lora["folder"], lora["path"]))
     for w, d, o, b in zip(want, got_diffusers, got_ours, base):
         assert (w - b).abs().max() > 1e-3  # the LoRA changes the outputs
         torch.testing.assert_close(d, w, rtol=1e-4, atol=1e-5)
@@ -123,8 +129,8 @@ def test_diffusers_loader_matches_our_merge(lora):
 
 def test_merge_scale(lora):
     base = _probe(_pipe(lora["folder"]))[1]
-    full = _probe(kl.merge_lora(lora["folder"], lora["path"], scale=1.0))[1]
-    none = _probe(kl.merge_lora(lora["folder"], lora["path"], scale=0.0))[1]
+    full = _probe(merge_lora(lora["folder"], lora["path"], scale=1.0))[1]
+    none = _probe(merge_lora(lora["folder"], lora["path"], scale=0.0))[1]
     torch.testing.assert_close(none, base)
     assert not torch.allclose(full, base)
 
@@ -142,7 +148,7 @@ def test_diffusers_format_file(lora, tmp_path):
     assert set(conv) == set(lora["state"])
     assert all(torch.equal(conv[k].float(), lora["state"][k].float()) for k in conv)
     want = _probe(lora["peft_pipe"])
-    for got in (_probe(kl.merge_lora(lora["folder"], f)), ):
+    for got in (_probe(merge_lora(lora["folder"], f)), ):
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     loaded = _pipe(lora["folder"])
@@ -160,14 +166,14 @@ def test_lora_for_another_architecture(lora, tmp_path):
     bad = tmp_path / "other.safetensors"
     save_file(state, str(bad))
     with pytest.raises(UserError, match="another architecture"):
-        kl.merge_lora(lora["folder"], bad)
+        merge_lora(lora["folder"], bad)
     extra = dict(lora["state"])
     extra["lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)
     extra["lora_unet_down_blocks_3_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 4)
     bad2 = tmp_path / "deeper.safetensors"
     save_file(extra, str(bad2))
     with pytest.raises(UserError, match="does not have"):
-        kl.merge_lora(lora["folder"], bad2)
+        merge_lora(lora["folder"], bad2)
 
 
 def test_sdxl_text_encoder_names_match_diffusers():

@@ -49,7 +49,7 @@ def lora_run(tiny_model, tmp_path_factory):
 
     def keep(run, out, step):
         seen["run"] = run
-        seen["probe"] = _probe(run.unet.float(), run.te.float(), run.batches.tokenizer)
+        seen["probe"] = _probe(run.unet.float(), run.text_encoders["text_encoder"].float(), run.batches.tokenizers[0])
         real_save(run, out, step)
 
     mp = pytest.MonkeyPatch()
@@ -123,7 +123,7 @@ def test_sample_takes_a_lora_folder_or_file(tiny_model, lora_run, capsys):
 
 
 def test_fused_lora_equals_the_adapters(tiny_model, lora_run):
-    from trainer.world.evaluate import load_pipeline
+    from trainer.methods.outputs import load_pipeline
 
     tmp, seen = lora_run
     pipe = load_pipeline(tmp / "out", "cpu")  # a LoRA output folder: base model + its LoRA, fused
@@ -188,7 +188,7 @@ def test_older_diffusers_lora_names_merge_the_same(tiny_model, lora_run, tmp_pat
     '.lora_linear_layer.up.weight') merge like peft-named ones."""
     from safetensors.torch import save_file
 
-    from trainer.world.evaluate import load_pipeline
+    from trainer.methods.outputs import load_pipeline
 
     tmp, seen = lora_run
     sd = load_file(tmp / "out" / "pytorch_lora_weights.safetensors")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from trainer.world import scenes
-from trainer.world.place import PLACES, place_of, validate
+from bench.place import validate
+from trainer.world.place import PLACES, place_of
 
 
 @pytest.fixture(scope="module")

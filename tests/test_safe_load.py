@@ -49,7 +49,7 @@ def test_load_tensors_refuses_code_in_one_line_and_runs_nothing(tmp_path):
     assert "\n" not in msg and str(path) in msg and "refused" in msg and "exec" in msg
     assert not marker.exists()
     # the embedding reader too (A1111 .pt files are pickles)
-    from trainer.methods.embeddings import read_embedding
+    from trainer.formats.embedding_files import read_embedding
 
     with pytest.raises(UserError, match="refused"):
         read_embedding(path)

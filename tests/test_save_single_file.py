@@ -19,7 +19,7 @@ def _from_single_file(path, config):
 def test_full_and_lora_runs_write_a_single_file_diffusers_reads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.world.evaluate import load_pipeline
+    from trainer.methods.outputs import load_pipeline
     from trainer.world.tiny_sd import build_tiny_sd
 
     model = build_tiny_sd(tmp_path / "tiny-sd")

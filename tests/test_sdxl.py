@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from cli_helpers import one_line_error, run_cli
 from trainer.families import sdxl
 from trainer.errors import UserError
-from trainer.core.images import ImageSet, to_tensor
+from trainer.core.images import ImageSet, crop_geometry, resized_size, to_tensor
+from trainer.families import family_of
 from trainer.formats import single_file as sf
 from trainer.formats import single_file_sdxl as sx
 from trainer.world.tiny_sdxl import build_tiny_sdxl
@@ -36,7 +37,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def comps(folders):
-    return sdxl.load_sdxl_components(folders["base"])
+    return sdxl.SDXL.load_components(folders["base"])
 
 
 def _pipe(folder, c=None):
@@ -127,11 +128,11 @@ def test_crop_geometry_matches_to_tensor(width, height):
     res = 1024
     g = torch.Generator().manual_seed(width + height)
     img = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
-    nw, nh = sdxl.resized_size(width, height, res)
+    nw, nh = resized_size(width, height, res)
     resized = img.resize((nw, nh), Image.BILINEAR)
     for crop_xy in (None, (0.0, 1.0), (float(torch.rand((), generator=g)), float(torch.rand((), generator=g)))):
         for flip in (False, True):
-            orig, (top, left) = sdxl.crop_geometry(width, height, res, crop_xy, flip=flip)
+            orig, (top, left) = crop_geometry(width, height, res, crop_xy, flip=flip)
             assert orig == (height, width)
             source = resized.transpose(Image.FLIP_LEFT_RIGHT) if flip else resized
             want = _pixels(source.crop((left, top, left + res, top + res)))
@@ -144,10 +145,10 @@ def test_view_geometry_of_an_image_set(tmp_path):
     Image.new("RGB", (40, 40), "blue").save(tmp_path / "square.png")
     files = sorted(tmp_path.glob("*.png"))
     images = ImageSet(files, 32, center_crop=False, random_flip=False)
-    assert sdxl.view_geometry(images, 0, None) == ((40, 40), (0, 0))  # square.png: cached center view
-    assert sdxl.view_geometry(images, 1, (1.0, 0.0)) == ((40, 48), (0, 6))  # 48x40 -> 38x32, right edge
+    assert images.geometry(0, None) == ((40, 40), (0, 0))  # square.png: cached center view
+    assert images.geometry(1, (1.0, 0.0)) == ((40, 48), (0, 6))  # 48x40 -> 38x32, right edge
     centered = ImageSet(files, 32, center_crop=True, random_flip=False)
-    assert sdxl.view_geometry(centered, 1, (1.0, 0.0)) == ((40, 48), (0, 3))
+    assert centered.geometry(1, (1.0, 0.0)) == ((40, 48), (0, 3))
 
 
 def test_draw_view_is_image_set_tensor_with_geometry(tmp_path):
@@ -161,10 +162,10 @@ def test_draw_view_is_image_set_tensor_with_geometry(tmp_path):
         for step in range(6):
             i = step % len(files)
             want, want_flip = images.tensor(i, g1)
-            got, got_flip, (orig, crop) = sdxl.draw_view(images, i, g2)
+            got, got_flip, (orig, crop) = images.view(i, g2)
             assert torch.equal(got, want) and got_flip == want_flip
             assert orig == images.images[i].size[::-1]
-            nw, nh = sdxl.resized_size(*images.images[i].size, 32)
+            nw, nh = resized_size(*images.images[i].size, 32)
             assert 0 <= crop[0] <= nh - 32 and 0 <= crop[1] <= nw - 32
         assert torch.equal(g1.get_state(), g2.get_state())
     ids = sdxl.time_ids_batch([((40, 48), (0, 6)), ((40, 40), (0, 0))], 32)
@@ -172,17 +173,17 @@ def test_draw_view_is_image_set_tensor_with_geometry(tmp_path):
 
 
 def test_vae_dtype_and_own_vae(folders, comps, tmp_path):
-    assert sdxl.vae_dtype(comps.vae, torch.float16) == torch.float32
-    assert sdxl.vae_dtype(comps.vae, torch.bfloat16) == torch.bfloat16
-    assert sdxl.vae_dtype(comps.vae, torch.float32) == torch.float32
+    assert sdxl.SDXL.vae_dtype(comps.vae, torch.float16) == torch.float32
+    assert sdxl.SDXL.vae_dtype(comps.vae, torch.bfloat16) == torch.bfloat16
+    assert sdxl.SDXL.vae_dtype(comps.vae, torch.float32) == torch.float32
     from diffusers import AutoencoderKL
 
     safe = AutoencoderKL.from_config({**comps.vae.config, "force_upcast": False})
     safe.save_pretrained(tmp_path / "fp16_vae")
-    c = sdxl.load_sdxl_components(folders["base"], vae_path=tmp_path / "fp16_vae")
-    assert sdxl.vae_dtype(c.vae, torch.float16) == torch.float16
+    c = sdxl.SDXL.load_components(folders["base"], vae=tmp_path / "fp16_vae")
+    assert sdxl.SDXL.vae_dtype(c.vae, torch.float16) == torch.float16
     with pytest.raises(UserError, match="not a diffusers AutoencoderKL folder"):
-        sdxl.load_sdxl_components(folders["base"], vae_path=tmp_path)
+        sdxl.SDXL.load_components(folders["base"], vae=tmp_path)
 
 
 def _changed(comps):
@@ -251,7 +252,7 @@ def test_export_cli(folders, capsys, tmp_path):
     assert code == 0, err
     assert "wrote" in stdout
     sd = load_file(str(out))
-    unet = sx.load_components_sdxl(folders["base"])[0]
+    unet = sdxl.SDXL.load_models(folders["base"])[0]
     assert sd["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.float16
     assert torch.equal(sd["model.diffusion_model.input_blocks.0.0.weight"], unet.conv_in.weight.half())
     # v-prediction: ComfyUI's marker and the header
@@ -259,7 +260,7 @@ def test_export_cli(folders, capsys, tmp_path):
     shutil.copytree(folders["base"], vfolder)
     cfg_path = vfolder / "scheduler/scheduler_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "prediction_type": "v_prediction"}))
-    vout = sf.save_single_file(vfolder, tmp_path / "v.safetensors")  # routed to single_file_sdxl
+    vout = family_of(vfolder).save_single_file(vfolder, tmp_path / "v.safetensors")  # the SDXL family's
     with safe_open(str(vout), "pt") as f:
         assert sf.V_PRED_KEY in f.keys() and f.metadata()["modelspec.prediction_type"] == "v"
     lora = tmp_path / "l.safetensors"

@@ -135,19 +135,21 @@ def test_time_ids_follow_each_images_size_and_crop(full_run, model, inst):
         assert ids[1].tolist() == [32, 32, 0, 0, 32, 32]  # class image: generated at the resolution
     # every (step, micro) draw, replayed on the loop's Batches: two images of different sizes -> different ids
     cfg = config.parse(train_args(model, inst, "unused")[1:])
-    comps = loop.load_components(model, cfg)
+    from trainer.core.batches import step_seed
     from trainer.core.images import ImageSet, list_images
+    from trainer.families import load_components
 
+    comps = load_components(model)
     images = ImageSet(list_images(inst, "instance image"), 32, center_crop=False, random_flip=True)
-    batches = loop.Batches(cfg, comps, images, None, {"inst": "a photo of sks toy"}, torch.device("cpu"),
+    batches = loop.Batches(cfg, sdxl.SDXL, comps, images, None, {"inst": "a photo of sks toy"}, torch.device("cpu"),
                            torch.float16)  # (what a GPU run in fp16 asks for)
     assert batches.vae_dtype == torch.float32  # SDXL's VAE (force_upcast) is kept in float32
     by_image = {}
     for step in range(12):
         batch = batches.make(step, 0)
-        gen = torch.Generator().manual_seed(loop.step_seed(cfg.seed, step, 0))
+        gen = torch.Generator().manual_seed(step_seed(cfg.training.seed, step, 0))
         i = int(torch.randint(0, len(images), (), generator=gen))
-        _, flip, view = sdxl.draw_view(images, i, gen)
+        _, flip, view = images.view(i, gen)
         assert batch[3]["time_ids"][0].tolist() == sdxl.add_time_ids(*view, (32, 32)).tolist()
         by_image.setdefault(images.files[i].name, set()).add(tuple(batch[3]["time_ids"][0].tolist()))
     assert by_image["img0.png"] == {(50.0, 50.0, 0.0, 0.0, 32.0, 32.0)}  # square: resized, nothing cropped
@@ -176,7 +178,7 @@ def test_lora_with_prior_preservation(model, inst, full_run, own_vae, tmp_path, 
     lora_te2_ names."""
     from diffusers import StableDiffusionXLPipeline
 
-    from trainer.world.evaluate import load_pipeline
+    from trainer.methods.outputs import load_pipeline
 
     tmp, _ = full_run
     out = tmp_path / "lora"

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer.errors import UserError
+from trainer.families import SD
 from trainer.formats import single_file as sf
 from trainer.world.tiny_sd import build_tiny_sd
 
@@ -22,7 +23,7 @@ def models(tmp_path_factory):
     out = {}
     for kind, kw in KINDS.items():
         d = build_tiny_sd(root / kind, **kw)
-        f = sf.save_single_file(d, root / f"{kind}.safetensors")
+        f = SD.save_single_file(d, root / f"{kind}.safetensors")
         out[kind] = (d, f)
     return out
 
@@ -49,7 +50,7 @@ def _outputs(unet, vae, te):
 def test_round_trip_with_diffusers_loader(models, kind):
     folder, path = models[kind]
     pipe = _load_single(path, folder)
-    unet, vae, te = sf.load_components(folder)
+    unet, vae, te = SD.load_models(folder)
     for name, ours, theirs in (("unet", unet, pipe.unet), ("vae", vae, pipe.vae), ("te", te, pipe.text_encoder)):
         a, b = ours.state_dict(), theirs.state_dict()
         assert set(a) == set(b), name
@@ -106,7 +107,7 @@ def test_v_prediction_config_never_overwritten(models, tmp_path):
     folder, _ = models["sd2v"]
     (tmp_path / "v.yaml").write_text("mine")
     with pytest.raises(UserError, match="already exists"):
-        sf.save_single_file(folder, tmp_path / "v.safetensors")
+        SD.save_single_file(folder, tmp_path / "v.safetensors")
     assert (tmp_path / "v.yaml").read_text() == "mine" and not (tmp_path / "v.safetensors").exists()
 
 
@@ -125,13 +126,13 @@ def test_reverse_table_matches_diffusers_converters(models, kind):
     if kind == "sd1":
         te = convert_ldm_clip_checkpoint(sd)
     else:
-        te = convert_open_clip_checkpoint(sf.load_components(folder)[2], sd)
+        te = convert_open_clip_checkpoint(SD.load_models(folder)[2], sd)
     theirs["text_encoder"] = {k.removeprefix("text_model."): v for k, v in te.items()}
     for part in ours:
         assert set(ours[part]) == set(theirs[part]), part
         assert all(torch.equal(ours[part][k], theirs[part][k]) for k in ours[part]), part
     # and forward(reverse(file)) is the file again
-    unet, vae, te_model = sf.load_components(folder)
+    unet, vae, te_model = SD.load_models(folder)
     again = sf.single_file_state_dict((ours["unet"], ucfg), (ours["vae"], vcfg),
                                       (ours["text_encoder"], te_model.config.to_dict()),
                                       v_prediction="v_pred" in sd)
@@ -140,11 +141,11 @@ def test_reverse_table_matches_diffusers_converters(models, kind):
 
 def test_half_precision(models, tmp_path):
     folder, _ = models["sd1"]
-    out = sf.save_single_file(folder, tmp_path / "half.safetensors", half=True)
+    out = SD.save_single_file(folder, tmp_path / "half.safetensors", half=True)
     sd = load_file(str(out))
     assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}
     pipe = _load_single(out, folder)
-    unet = sf.load_components(folder)[0]
+    unet = SD.load_models(folder)[0]
     ref = unet.state_dict()
     got = pipe.unet.state_dict()
     assert all(torch.equal(got[k].float(), ref[k].half().float()) for k in ref)
@@ -155,7 +156,7 @@ def test_never_overwrites(models, tmp_path):
     mine = tmp_path / "mine.safetensors"
     mine.write_bytes(b"a file the user made")
     with pytest.raises(UserError, match="already exists"):
-        sf.save_single_file(folder, mine)
+        SD.save_single_file(folder, mine)
     assert mine.read_bytes() == b"a file the user made"
     assert [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]  # no temporary left
 
@@ -191,6 +192,6 @@ def test_sd2_full_openclip_keys_for_strict_loaders():
 
 def test_not_an_sd_folder(tmp_path):
     with pytest.raises(UserError, match="not a diffusers Stable Diffusion folder"):
-        sf.check_model_folder(tmp_path)
+        sf.check_source_folder(tmp_path)
     with pytest.raises(UserError, match="not a folder"):
-        sf.check_model_folder(tmp_path / "missing")
+        sf.check_source_folder(tmp_path / "missing")

@@ -53,7 +53,8 @@ def watch_steps(monkeypatch):
 
     def frozen(run):
         state = {f"unet.{k}": v for k, v in run.unet.state_dict().items()}
-        state.update({f"te.{k}": v for k, v in run.te.state_dict().items() if not k.endswith("rows")})
+        te = run.text_encoders["text_encoder"]
+        state.update({f"te.{k}": v for k, v in te.state_dict().items() if not k.endswith("rows")})
         return state
 
     def step(run, i):
@@ -62,7 +63,7 @@ def watch_steps(monkeypatch):
         res = real(run, i)
         now = frozen(run)
         seen["frozen_equal"].append([k for k, v in seen["snapshot"].items() if not torch.equal(v, now[k])])
-        seen["rows"].append(run.new_tokens.rows.detach().clone())
+        seen["rows"].append(run.trainable.new_tokens[0].rows.detach().clone())
         return res
 
     monkeypatch.setattr(loop, "train_step", step)
@@ -99,7 +100,7 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
     # diffusers' own loader takes the file, and the placeholder changes what the model draws
     from diffusers import StableDiffusionPipeline
 
-    from trainer.methods.embeddings import load_embedding_into
+    from trainer.formats.embedding_files import load_into as load_embedding_into
 
     def draw(pipe, prompt):
         g = torch.Generator().manual_seed(0)
@@ -113,7 +114,7 @@ def test_textual_inversion_trains_only_the_placeholder_rows_and_writes_files_eve
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), learned[TOKEN])
     assert not torch.equal(draw(pipe, f"a photo of {TOKEN}"), plain)
     # what dbtrain sample/eval --model OUT would load: the base model plus the embedding
-    from trainer.methods.embeddings import model_and_embeddings
+    from trainer.methods.outputs import model_and_embeddings
 
     assert model_and_embeddings(out) == (Path(tiny_model).resolve(), [out / "learned_embeds.safetensors"])
     # our safe loader: the A1111 files give the same rows, named by file
@@ -182,7 +183,7 @@ def test_pivotal_tuning_trains_the_rows_for_the_first_fraction_then_freezes_them
     assert not any(k.startswith("te.") for changed in seen["frozen_equal"] for k in changed)  # the table does not
     assert (out / "model_index.json").is_file() and (out / "learned_embeds.safetensors").is_file()
     assert torch.equal(load_file(out / "learned_embeds.safetensors")["<sks>"], rows[-1].float())
-    from trainer.methods.embeddings import model_and_embeddings
+    from trainer.methods.outputs import model_and_embeddings
 
     assert model_and_embeddings(out) == (out, [out / "learned_embeds.safetensors"])
     # the exported text encoder is the base one (no new rows in it)

@@ -221,7 +221,8 @@ def test_config_file_and_flag_override(tiny_model, tmp_path):
     toml.write_text('learning_rate = 3e-6\nmax_train_steps = 7\ninstance_prompt = "a [V] dog"\n')
     cfg = config.parse(["--config", str(toml), "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                         "--max_train_steps", "9"])
-    assert cfg.learning_rate == 3e-6 and cfg.max_train_steps == 9 and cfg.instance_prompt == "a [V] dog"
+    assert (cfg.optim.learning_rate == 3e-6 and cfg.training.max_train_steps == 9
+            and cfg.data.instance_prompt == "a [V] dog")
     toml.write_text("learning_rte = 1\n")
     with pytest.raises(UserError, match="unknown option"):
         config.parse(["--config", str(toml)])
@@ -230,7 +231,7 @@ def test_config_file_and_flag_override(tiny_model, tmp_path):
 def test_identifier_auto_picks_a_rare_single_token(tiny_model):
     from transformers import CLIPTokenizer
 
-    from trainer.families.sd import pick_identifier
+    from trainer.core.prompts import pick_identifier
 
     tok = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
     word = pick_identifier(tok, "toy", seed=0)
@@ -329,10 +330,10 @@ def test_caption_files_are_per_image_instance_prompts(tiny_model, tmp_path, caps
     (tmp_path / "inst" / "img0.txt").write_text("\n  a [V] toy on the beach  \nsecond line ignored\n")
     (tmp_path / "inst" / "img1.txt").write_text("a [V] toy in the snow")
     encoded = []
-    from trainer.core import batches
+    from trainer.families import sd
 
-    real = batches.encode_prompt
-    monkeypatch.setattr(batches, "encode_prompt", lambda tok, te, prompts, dev, *rest: (
+    real = sd.encode_prompt
+    monkeypatch.setattr(sd, "encode_prompt", lambda tok, te, prompts, dev, *rest: (
         encoded.extend(prompts), real(tok, te, prompts, dev, *rest))[1])
     seen = []
     real_make = loop.Batches.make

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.options import train as config, diffusers_flags as flag_notes, textual_inversion as ti_config
+from trainer.options import diffusers_flags as flag_notes
+from trainer.options import textual_inversion as ti_config
+from trainer.options import train as config
+from trainer.options.checks import DEFAULT_STEPS
 from trainer.core import inputs
 from trainer.errors import UserError
 from trainer.world.tiny_sd import build_tiny_sd
@@ -77,7 +80,7 @@ def test_each_upstream_flag_parses_and_checks(script, capsys, monkeypatch):
         extra = {"--with_prior_preservation": ["--class_prompt", "a dog", "--class_data_dir", "c"],
                  "--lora_dropout": ["--rank", "4"]}.get(name, [])  # (what each needs beside it)
         cfg = config.parse(BASE + extra + [name, *value_for(acts[name])])
-        assert cfg.max_train_steps is not None or cfg.num_train_epochs == 8, name
+        assert cfg.training.max_train_steps is not None or cfg.training.num_train_epochs == 8, name
     capsys.readouterr()
 
 
@@ -96,10 +99,10 @@ def test_ti_flags_parse(tmp_path, capsys):
 
 
 def test_offset_noise_switch_or_number(capsys):
-    assert config.parse(BASE + ["--offset_noise"]).offset_noise == 0.1  # diffusers' switch
-    assert config.parse(BASE + ["--offset_noise", "--seed", "1"]).offset_noise == 0.1
-    assert config.parse(BASE + ["--offset_noise", "0.05"]).offset_noise == 0.05  # ours
-    assert config.parse(BASE).offset_noise == 0.0
+    assert config.parse(BASE + ["--offset_noise"]).training.offset_noise == 0.1  # diffusers' switch
+    assert config.parse(BASE + ["--offset_noise", "--seed", "1"]).training.offset_noise == 0.1
+    assert config.parse(BASE + ["--offset_noise", "0.05"]).training.offset_noise == 0.05  # ours
+    assert config.parse(BASE).training.offset_noise == 0.0
 
 
 def test_config_file_takes_diffusers_keys(tmp_path, capsys):
@@ -109,7 +112,8 @@ def test_config_file_takes_diffusers_keys(tmp_path, capsys):
         config.parse(["--config", str(toml), *BASE])
     toml.write_text("offset_noise = true\nnum_train_epochs = 2\nuse_8bit_adam = true\nlora_rank = 4\n")
     cfg = config.parse(["--config", str(toml), *BASE])
-    assert (cfg.offset_noise, cfg.num_train_epochs, cfg.max_train_steps, cfg.lora_rank) == (0.1, 2, None, 4)
+    assert (cfg.training.offset_noise, cfg.training.num_train_epochs, cfg.training.max_train_steps,
+            cfg.lora.lora_rank) == (0.1, 2, None, 4)
     assert "note: --use_8bit_adam" in capsys.readouterr().err
 
 
@@ -121,8 +125,8 @@ def test_mapped_flags_say_so_and_keep_no_token(capsys, monkeypatch):
                                "--dataloader_num_workers", "4", "--local_rank", "0", "--revision", "main",
                                "--validation_images", "a.png"])
     err = capsys.readouterr().err
-    assert cfg.optimizer == "adamw8bit" and cfg.hub_token is None  # the token is never kept (nor saved)
-    assert "secret" not in json.dumps(vars(cfg))
+    assert cfg.optim.optimizer == "adamw8bit" and cfg.logging.hub_token is None  # the token is never kept (nor saved)
+    assert "secret" not in json.dumps(cfg.to_dict())  # (what checkpoints and the marker record)
     notes = [x for x in err.splitlines() if x.startswith("dbtrain: note: ")]
     for flag in ("--use_8bit_adam", "--enable_xformers_memory_efficient_attention", "--set_grads_to_none",
                  "--pre_compute_text_embeddings", "--report_to wandb", "--push_to_hub", "--dataloader_num_workers",
@@ -138,7 +142,7 @@ def test_contradictions_are_one_line_errors(capsys, monkeypatch):
     with pytest.raises(UserError, match="--pre_compute_text_embeddings"):
         config.parse(BASE + ["--pre_compute_text_embeddings", "--train_text_encoder"])
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data parallel, --shard splits the state (issue 20)
-    assert config.parse(BASE + ["--shard"]).shard
+    assert config.parse(BASE + ["--shard"]).distributed.shard
     monkeypatch.delenv("WORLD_SIZE")
     for bad, msg in ((["--lora_rank", "0"], "--lora_rank must be >= 1"), (["--rank", "4", "--lora_dropout", "1"],
                      "--lora_dropout"), (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
@@ -150,8 +154,9 @@ def test_contradictions_are_one_line_errors(capsys, monkeypatch):
         with pytest.raises(UserError, match=msg):
             config.parse(BASE + bad)
     cfg = config.parse(BASE + ["--rank", "8", "--lora_alpha", "16", "--lora_conv", "--lora_conv_rank", "4"])
-    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_conv_rank, cfg.lora_dropout) == (8, 16.0, 4, 0.0)
-    assert config.parse(BASE).lora_rank is None
+    lo = cfg.lora
+    assert (lo.lora_rank, lo.lora_alpha, lo.lora_conv_rank, lo.lora_dropout) == (8, 16.0, 4, 0.0)
+    assert config.parse(BASE).lora.lora_rank is None
 
 
 def _images(folder: Path, n: int, size=32) -> Path:
@@ -168,9 +173,9 @@ def test_num_train_epochs_as_diffusers_counts(tmp_path, capsys):
     def steps(*extra):
         cfg = config.parse(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(inst),
                             "--instance_prompt", "a [V] dog", "--output_dir", str(tmp_path / "o"), *extra])
-        flag_notes.resolve_counts(cfg, UserError)  # (check_paths' step, without the model folder)
-        flag_notes.resolve_counts(cfg, UserError)  # twice: idempotent
-        return cfg.max_train_steps
+        flag_notes.resolve_counts(cfg)  # (check_paths' step, without the model folder)
+        flag_notes.resolve_counts(cfg)  # twice: idempotent
+        return cfg.training.max_train_steps
 
     # len(dataloader) = ceil(5 / 2) = 3; per epoch ceil(3 / 2) = 2 updates
     assert steps("--num_train_epochs", "3", "--train_batch_size", "2", "--gradient_accumulation_steps", "2") == 6
@@ -178,7 +183,7 @@ def test_num_train_epochs_as_diffusers_counts(tmp_path, capsys):
     assert steps("--num_train_epochs", "2", "--train_batch_size", "4", "--with_prior_preservation",
                  "--class_prompt", "a dog", "--class_data_dir", str(tmp_path / "c"), "--num_class_images", "20") == 10
     assert steps("--num_train_epochs", "2", "--max_train_steps", "7") == 7  # a given max_train_steps wins
-    assert steps() == flag_notes.DEFAULT_STEPS
+    assert steps() == DEFAULT_STEPS
     err = capsys.readouterr().err
     assert "--num_train_epochs 3: 6 steps" in err and "ignored, --max_train_steps 7" in err
 
@@ -186,12 +191,12 @@ def test_num_train_epochs_as_diffusers_counts(tmp_path, capsys):
 def test_scale_lr_and_validation_epochs(tmp_path, capsys):
     cfg = config.parse(BASE + ["--scale_lr", "--train_batch_size", "3", "--gradient_accumulation_steps", "2",
                                "--learning_rate", "1e-6"])
-    assert cfg.learning_rate == pytest.approx(6e-6)
+    assert cfg.optim.learning_rate == pytest.approx(6e-6)
     inst = _images(tmp_path / "inst", 4)
     cfg = config.parse(["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(inst), "--instance_prompt",
                         "a [V] dog", "--validation_epochs", "3", "--train_batch_size", "2", "--max_train_steps", "9"])
-    flag_notes.resolve_counts(cfg, UserError)
-    assert cfg.validation_steps == 6 and cfg.max_train_steps == 9  # 2 steps per epoch
+    flag_notes.resolve_counts(cfg)
+    assert cfg.logging.validation_steps == 6 and cfg.training.max_train_steps == 9  # 2 steps per epoch
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +231,7 @@ def test_readme_command_parses_and_checks(where, args, tiny77, tmp_path, capsys,
     argv = _substitute(args, tiny77, tmp_path)
     cfg = config.parse(argv)
     inputs.check_paths(cfg)
-    assert cfg.max_train_steps == 2, where
+    assert cfg.training.max_train_steps == 2, where
     err = capsys.readouterr().err
     if "--push_to_hub" in argv:
         assert "note: --push_to_hub: nothing is uploaded" in err
@@ -326,20 +331,17 @@ def test_implemented_flags_end_to_end(fp16_only, tmp_path, capsys, monkeypatch):
 
 
 def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder(tiny77):
-    import argparse as ap
-
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer.core.batches import encode_prompt
+    from trainer.families.sd import encode_prompt
 
     tok = CLIPTokenizer.from_pretrained(tiny77 / "tokenizer")
     te = CLIPTextModel.from_pretrained(tiny77 / "text_encoder").eval()
     with torch.no_grad():
         plain = encode_prompt(tok, te, ["a dog"], "cpu")
-        short = encode_prompt(tok, te, ["a dog"], "cpu", ap.Namespace(tokenizer_max_length=12))
-        masked = encode_prompt(tok, te, ["a dog"], "cpu", ap.Namespace(tokenizer_max_length=12,
-                                                                      text_encoder_use_attention_mask=True))
+        short = encode_prompt(tok, te, ["a dog"], "cpu", max_length=12)
+        masked = encode_prompt(tok, te, ["a dog"], "cpu", max_length=12, attention_mask=True)
     assert plain.shape[1] == tok.model_max_length and short.shape[1] == 12
     n = len(tok("a dog").input_ids)  # bos, words, eos: the padding after them is what the mask hides
     assert torch.allclose(short[:, :n], masked[:, :n], atol=1e-5)  # causal: real tokens never see the padding

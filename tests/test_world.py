@@ -40,7 +40,7 @@ def test_subject_texture_is_new_to_the_world():
 
 def test_tiny_sd_command_writes_model_and_subject_and_never_overwrites(tmp_path, capsys):
     from trainer.world import tiny_sd
-    from trainer.families.sd import check_model_folder
+    from trainer.families import check_model_folder
 
     out, subject = tmp_path / "tiny-sd", tmp_path / "subject"
     assert tiny_sd.main([str(out), "--subject", str(subject)]) == 0

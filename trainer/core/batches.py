@@ -1,4 +1,5 @@
-"""The batches of a training step: [instance rows; class rows] latents and prompt embeddings.
+"""The batches of a training step: [instance rows; class rows] latents, prompt embeddings and the UNet's
+extra conditions (SDXL's pooled embeddings and time ids; none for SD 1.x/2.x).
 
 Every draw (which images, flips, crops, VAE samples) comes from a generator seeded by (seed, step,
 micro-step), so a resumed run continues exactly as the uninterrupted one; under torchrun every rank makes
@@ -6,52 +7,49 @@ the draws of the whole global batch and keeps its own rows.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from trainer.distributed import data_parallel as distributed
-from trainer.families import sdxl
 from trainer.core.images import ImageSet
+from trainer.distributed import data_parallel as distributed
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro) % (1 << 62)
 
 
-def encode_prompt(tokenizer, text_encoder, prompts: list[str], device, cfg=None) -> torch.Tensor:
-    # diffusers' --tokenizer_max_length and --text_encoder_use_attention_mask
-    tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
-                    max_length=getattr(cfg, "tokenizer_max_length", None) or tokenizer.model_max_length)
-    mask = tok.attention_mask.to(device) if getattr(cfg, "text_encoder_use_attention_mask", False) else None
-    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+class Batch(NamedTuple):
+    latents: torch.Tensor
+    embeds: torch.Tensor  # prompt embeddings [B, L, D]
+    gen: torch.Generator  # the step's generator, after the batch's draws
+    conditions: dict  # the family's extra UNet inputs ({} for SD 1.x/2.x)
 
 
 class Batches:
-    """Makes each step's batch: [instance rows; class rows] latents and prompt embeddings (SDXL: also the
-    UNet's added_cond_kwargs, pooled embeddings and each row's size/crop time ids; trainer.sdxl).
+    """Makes each step's batch.
 
     Latents of images whose preprocessing is deterministic are encoded once and kept as
     the VAE's (mean, std); a step samples mean + std * noise from them. Other images
-    (random crops of non-square images) are encoded when drawn.
+    (random crops of non-square images) are encoded when drawn. With a frozen text side the
+    prompt embeddings are encoded once too (one per distinct prompt).
     """
 
-    def __init__(self, cfg, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype,
+    def __init__(self, opts, family, comps, inst: ImageSet, cls: ImageSet | None, prompts: dict, device, vae_dtype,
                  inst_prompts: list[str] | None = None, templates: list[str] | None = None, word: str = "",
                  cls_prompts: list[str] | None = None):
-        self.cfg, self.inst, self.cls, self.device = cfg, inst, cls, device
+        self.opts, self.family, self.inst, self.cls, self.device = opts, family, inst, cls, device
         # the prompt of each instance / class image: its caption file's, or the instance / class prompt
         self.inst_prompts = list(inst_prompts) if inst_prompts is not None else [prompts["inst"]] * len(inst)
         self.cls_prompts = (list(cls_prompts) if cls_prompts is not None
                             else [prompts.get("cls")] * (len(cls) if cls is not None else 0))
-        self.tokenizers, self.text_encoders = sdxl.text_side(comps)
-        self.sdxl = len(self.text_encoders) == 2
-        if self.sdxl:  # SDXL's own VAE overflows in float16: float32 unless the VAE is fp16-safe
-            vae_dtype = sdxl.vae_dtype(comps.vae, vae_dtype)
+        self.tokenizers, self.text_encoders = comps.tokenizers, comps.text_encoders
+        vae_dtype = family.vae_dtype(comps.vae, vae_dtype)  # SDXL's own VAE overflows in float16
         self.vae = comps.vae.to(device, dtype=vae_dtype).eval().requires_grad_(False)
         self.vae_dtype = vae_dtype
         self.scale = comps.vae.config.scaling_factor
-        self.tokenizer, self.text_encoder = comps.tokenizer, comps.text_encoder
         # new token rows are trained: prompt embeddings change every step, the text encoder stays here
-        self.train_te = cfg.train_text_encoder or getattr(cfg, "train_text_embedding", False)
+        self.train_te = opts.training.train_text_encoder or opts.embedding.train_text_embedding
         self.templates, self.word = templates, word  # Textual Inversion: a template drawn per image and step
         self.prompts = prompts
         self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -69,7 +67,7 @@ class Batches:
             self.cache_prompt_embeddings(move_off=True)
 
     def can_cache(self) -> bool:
-        return not self.templates and not self.cfg.train_text_encoder
+        return not self.templates and not self.opts.training.train_text_encoder
 
     def distinct_prompts(self) -> list[str]:
         texts = list(dict.fromkeys(self.inst_prompts))
@@ -87,11 +85,12 @@ class Batches:
             for te in self.text_encoders:
                 te.to("cpu")
 
-    def encode_text(self, prompts: list[str]):
-        """Prompt embeddings; SDXL: (prompt_embeds, pooled) of both text encoders."""
-        if self.sdxl:
-            return sdxl.encode_prompt_sdxl(self.tokenizers, self.text_encoders, prompts, self.device)
-        return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device, self.cfg)
+    def encode_text(self, prompts: list[str]) -> tuple:
+        """(prompt embeddings, pooled or None) of the family's text encoders."""
+        data = self.opts.data
+        return self.family.encode_prompt(self.tokenizers, self.text_encoders, prompts, self.device,
+                                         max_length=data.tokenizer_max_length,
+                                         attention_mask=data.text_encoder_use_attention_mask)
 
     def prompt(self, which: str, i: int) -> str:
         return self.inst_prompts[i] if which == "inst" else self.cls_prompts[i]
@@ -105,11 +104,11 @@ class Batches:
         dist = self.vae.encode(px.to(self.device, self.vae_dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def make(self, step: int, micro: int):
-        cfg = self.cfg
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro))
+    def make(self, step: int, micro: int) -> Batch:
+        training = self.opts.training
+        gen = torch.Generator().manual_seed(step_seed(training.seed, step, micro))
         rows, keys, views = [], [], []
-        b, n_ranks, rank = cfg.train_batch_size, distributed.world(), distributed.rank()
+        b, n_ranks, rank = training.train_batch_size, distributed.world(), distributed.rank()
         # torchrun: the draws of the whole global batch (N x b rows each); this rank keeps rows r*b..(r+1)*b-1
         for which, images, n in (("inst", self.inst, b * n_ranks),
                                  ("cls", self.cls, b * n_ranks if self.cls is not None else 0)):
@@ -119,9 +118,9 @@ class Batches:
                 if images.cacheable(i):
                     flip = bool(torch.randint(0, 2, (), generator=gen)) if images.random_flip else False
                     mean, std = self.cache[(which, i, flip)]
-                    view = sdxl.view_geometry(images, i, None, flip) if self.sdxl and mine else None
-                else:  # a random crop: encode this view now (SDXL: the same draw, plus its size and crop)
-                    px, _, view = sdxl.draw_view(images, i, gen) if self.sdxl else (*images.tensor(i, gen), None)
+                    view = images.geometry(i, None, flip)
+                else:  # a random crop: encode this view now (its size and crop: SDXL's time ids)
+                    px, _, view = images.view(i, gen)
                     mean, std = self._encode(px[None]) if mine else (self._latent_shape(px), None)
                 shape = mean if std is None else mean.shape  # (another rank's row: only its draws are made)
                 eps = torch.randn(shape, generator=gen)
@@ -134,8 +133,10 @@ class Batches:
                     views.append(view)
                     keys.append(key)
         latents = torch.cat(rows).to(self.device)
-        emb = sdxl.cat_embeddings([self.embeds[k] for k in keys]) if self.embeds is not None else self.encode_text(keys)
-        if not self.sdxl:
-            return latents, emb, gen
-        emb, pooled = emb
-        return latents, emb, gen, sdxl.added_cond(pooled, views, self.inst.resolution, self.device)
+        if self.embeds is not None:
+            picked = [self.embeds[k] for k in keys]
+            emb = torch.cat([e for e, _ in picked])
+            pooled = torch.cat([p for _, p in picked]) if picked[0][1] is not None else None
+        else:
+            emb, pooled = self.encode_text(keys)
+        return Batch(latents, emb, gen, self.family.unet_conditions(pooled, views, self.inst.resolution, self.device))

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.formats import outdir, safe_load
 from trainer.errors import UserError
+from trainer.formats import diffusers_folder, outdir, safe_load
+from trainer.formats.embedding_files import DIFFUSERS_FILE as EMBEDDING_FILE
 from trainer.formats.outdir import list_checkpoints
 
 _TMP_PREFIX = ".tmp-checkpoint-"
@@ -242,25 +243,22 @@ def load_state(path: Path) -> dict:
     return json.loads((path / "training_state.json").read_text())
 
 
-def prepare_output_dir(cfg) -> Path | None:
+def prepare_output_dir(opts) -> Path | None:
     """Check that output_dir may be written (a new, empty, or our own folder; see outdir) and
     return the checkpoint to resume from (None: start at step 0)."""
-    from trainer.methods import embeddings
-    from trainer.core.export import remove_temporaries
-
-    out = Path(cfg.output_dir)
-    state = outdir.check_output_dir(out, resume=bool(cfg.resume_from_checkpoint))
+    out, resume_from = Path(opts.checkpoints.output_dir), opts.checkpoints.resume_from_checkpoint
+    state = outdir.check_output_dir(out, resume=bool(resume_from))
     if state == "ours":
         remove_stale_temporaries(out)
-        remove_temporaries(out)
-    resume = resolve(out, cfg.resume_from_checkpoint)
+        diffusers_folder.remove_temporaries(out)
+    resume = resolve(out, resume_from)
     if resume is None and state == "ours":
-        if (out / "model_index.json").exists() or (out / embeddings.DIFFUSERS_FILE).exists():
+        if (out / "model_index.json").exists() or (out / EMBEDDING_FILE).exists():
             raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to continue from; choose "
                             f"a new --output_dir")
         print(f"{out} holds a run that stopped before its first checkpoint: starting it again at step 0",
               flush=True)
-    elif resume is None and cfg.resume_from_checkpoint:
+    elif resume is None and resume_from:
         print(f"{out} holds no checkpoint yet: starting at step 0", flush=True)
     return resume
 
@@ -268,7 +266,7 @@ def prepare_output_dir(cfg) -> Path | None:
 def load_weights(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
-    if hasattr(model, "load_pretrained"):  # new token rows (trainer.embeddings)
+    if hasattr(model, "load_pretrained"):  # LoRA adapters, new token rows (trainer.methods)
         model.load_pretrained(folder)
         return
     files = sorted(folder.glob("*.safetensors"))
@@ -286,14 +284,14 @@ def resume_run(run, folder: Path) -> int:
     torchrun: every rank loads the same checkpoint (rank 0's; the ranks' weights and optimizer states are
     identical copies in data parallel), so one saved on any number of ranks resumes on any other number;
     only the global batch (ranks x --train_batch_size) changes with it, and with it the later steps' draws.
-    --shard: the checkpoint holds the whole optimizer state (trainer.shard gathers it to rank 0), each rank
+    --shard: the checkpoint holds the whole optimizer state (trainer.distributed.shard gathers it to rank 0), each rank
     keeps its own parameters' part, so sharded and unsharded runs resume each other's checkpoints."""
     try:
         for name, model in run.models.items():
             load_weights(model, folder / name)
         # weights only: a checkpoint folder may come from elsewhere, and unpickling runs code
         state = load_pt(folder / "optimizer.pt")
-        if getattr(run, "shard", None) is not None:  # --shard: this rank keeps its own parameters' states
+        if run.shard is not None:  # --shard: this rank keeps its own parameters' states
             state = run.shard.own_state(state)
         run.optimizer.load_state_dict(state)
         run.lr_scheduler.load_state_dict(load_pt(folder / "scheduler.pt"))

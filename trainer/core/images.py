@@ -8,7 +8,8 @@ images below half the training resolution (they are upscaled), files skipped (no
 images, broken links). Errors are one-line UserErrors.
 
 Preprocessing is diffusers' DreamBooth recipe: resize the short side to `resolution`
-(bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1].
+(bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1]. Each
+view's geometry (the image's size and where the crop sits) is what SDXL conditions on (time ids).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trainer.options.train import IMAGE_SUFFIXES
 from trainer.errors import UserError
+from trainer.options.checks import IMAGE_SUFFIXES
 
 _ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
 _said: set[str] = set()
@@ -212,6 +213,27 @@ def to_tensor(img: Image.Image, resolution: int, *, crop_xy: tuple[float, float]
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after to_tensor's resize: the short side to `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def crop_geometry(width: int, height: int, resolution: int, crop_xy=None, *, flip: bool = False):
+    """((orig_h, orig_w), (crop_top, crop_left)) of to_tensor's view of a width x height image.
+
+    Same arithmetic as to_tensor: the short side resized to `resolution`, a resolution-square crop at the
+    relative position crop_xy (None: centered). With flip, the crop's left edge is given in the mirrored
+    resized image, as diffusers' train_dreambooth_lora_sdxl.py does (it flips before cropping).
+    """
+    nw, nh = resized_size(width, height, resolution)
+    fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
+    left, top = int(round((nw - resolution) * fx)), int(round((nh - resolution) * fy))
+    if flip:
+        left = nw - resolution - left
+    return (height, width), (top, left)
+
+
 class ImageSet:
     """The images of one folder, with the augmentation of the run.
 
@@ -257,11 +279,22 @@ class ImageSet:
 
     def tensor(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
         """A training view of image i drawn with `gen`: (pixels, flipped)."""
+        return self.view(i, gen)[:2]
+
+    def view(self, i: int, gen: torch.Generator):
+        """A training view of image i drawn with `gen` (the flip, then the crop's x and y):
+        (pixels, flipped, its geometry)."""
         flip = bool(torch.randint(0, 2, (), generator=gen)) if self.random_flip else False
         if self.cacheable(i):
-            return self.fixed_view(i, flip), flip
+            return self.fixed_view(i, flip), flip, self.geometry(i, None, flip)
         crop = (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)))
-        return to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip, resample=self.resample), flip
+        pixels = to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip, resample=self.resample)
+        return pixels, flip, self.geometry(i, crop, flip)
+
+    def geometry(self, i: int, crop_xy=None, flip: bool = False):
+        """crop_geometry of image i for the crop it drew (None for its cached center-cropped views)."""
+        w, h = self.images[i].size
+        return crop_geometry(w, h, self.resolution, None if self.cacheable(i) else crop_xy, flip=flip)
 
 
 def _folder_of(files: list[Path]) -> str:

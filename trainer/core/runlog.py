@@ -1,6 +1,6 @@
 """What a training run writes besides its weights: the step log (JSONL and TensorBoard), the
-subject record `dreambooth.json` that `dbtrain eval` reads, validation grids, and the advice
-printed when the GPU runs out of memory."""
+subject record `dreambooth.json` that `dbtrain eval` reads, and the advice printed when the GPU
+runs out of memory."""
 from __future__ import annotations
 
 import json
@@ -9,28 +9,27 @@ from pathlib import Path
 
 import torch
 
-from trainer.methods import embeddings
-from trainer.core.images import make_grid
-from trainer.core.export import pipeline
+from trainer.methods.outputs import SUBJECT_FILE
 
 
-def oom_advice(cfg) -> str:
+def oom_advice(opts) -> str:
+    memory, training = opts.memory, opts.training
     tips = []
-    if not cfg.gradient_checkpointing:
+    if not memory.gradient_checkpointing:
         tips.append("--gradient_checkpointing")
-    if cfg.mixed_precision == "no":
+    if memory.mixed_precision == "no":
         tips.append("--mixed_precision bf16")
-    if cfg.optimizer != "adamw8bit":
+    if opts.optim.optimizer != "adamw8bit":
         tips.append("--optimizer adamw8bit")
-    if not cfg.step_in_backward and cfg.gradient_accumulation_steps == 1:
+    if not memory.step_in_backward and training.gradient_accumulation_steps == 1:
         tips.append("--step_in_backward")
-    if cfg.weights_dtype == "fp32":
+    if memory.weights_dtype == "fp32":
         tips.append("--weights_dtype bf16")
-    if cfg.train_batch_size > 1:
+    if training.train_batch_size > 1:
         tips.append("--train_batch_size 1")
-    if cfg.train_text_encoder:
+    if training.train_text_encoder:
         tips.append("dropping --train_text_encoder")
-    tips.append(f"a lower --resolution than {cfg.resolution}")
+    tips.append(f"a lower --resolution than {opts.data.resolution}")
     return "out of GPU memory; options that would help: " + ", ".join(tips)
 
 
@@ -41,8 +40,8 @@ def loss_terms(run, res):
     pred, latents, noise, t, offset = res.last
     with torch.no_grad():
         rows = loss_reference.per_sample_loss(pred, latents, noise, t, run.alphas_cumprod,
-                                              prediction_type=run.prediction_type, snr_gamma=run.cfg.snr_gamma,
-                                              noise_offset=offset)
+                                              prediction_type=run.prediction_type,
+                                              snr_gamma=run.opts.training.snr_gamma, noise_offset=offset)
     n_inst = rows.shape[0] - run.n_prior
     inst = rows[:n_inst].mean().item()
     prior = rows[n_inst:].mean().item() if run.n_prior else None
@@ -57,24 +56,24 @@ def log_line(rec: dict) -> str:
             f"lr {rec['lr']:.2e}  {rec['ms_per_step']:.0f} ms/step  {rec['it_per_s']:.2f} it/s{vram}{skipped}")
 
 
-def logs_folder(out: Path, cfg) -> Path:
+def logs_folder(out: Path, opts) -> Path:
     """diffusers' --logging_dir: relative to output_dir (default logs); an absolute path as given."""
-    return Path(out) / getattr(cfg, "logging_dir", "logs")
+    return Path(out) / opts.logging.logging_dir
 
 
 class RunLog:
     """JSONL log (output_dir/logs/train_log.jsonl) and TensorBoard when installed (and --report_to asks for it:
     tensorboard, the default, or all)."""
 
-    def __init__(self, out: Path, cfg, files: bool = True):
+    def __init__(self, out: Path, opts, files: bool = True):
         self.f = self.tb = None
-        self.estimate = {}  # on a GPU: trainer.estimate's figures, logged beside the measured peak
+        self.estimate = {}  # on a GPU: trainer.memory's estimate, logged beside the measured peak
         if not files:  # torchrun: ranks other than 0 make the records (for their log lines) but write nothing
             return
-        logs = logs_folder(out, cfg)
+        logs = logs_folder(out, opts)
         logs.mkdir(parents=True, exist_ok=True)
         self.f = open(logs / "train_log.jsonl", "a")
-        if str(getattr(cfg, "report_to", "tensorboard") or "tensorboard") not in ("tensorboard", "all"):
+        if str(opts.logging.report_to or "tensorboard") not in ("tensorboard", "all"):
             return  # (the note printed at start says which trackers dbtrain does not have)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -107,50 +106,15 @@ class RunLog:
             self.tb.close()
 
 
-def record_subject(out: Path, identifier: str, class_word: str | None, instance_prompt: str, cfg=None,
-                    run=None) -> None:
-    """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically); with new
-    tokens also the embedding file and, for Textual Inversion, the base model it goes on."""
+def record_subject(out: Path, opts, run, identifier: str, prompts) -> None:
+    """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically), and what the
+    run's method says of its result (the embedding file and base model of new tokens, the LoRA file, ...)."""
+    instance_prompt, class_word = prompts.by_kind["inst"], prompts.class_word
     if class_word is None:  # no class prompt: the word after the identifier in the instance prompt
         words = instance_prompt.split()
         class_word = words[words.index(identifier) + 1] if identifier in words[:-1] else None
-    rec = {"identifier": identifier, "class_noun": class_word, "instance_prompt": instance_prompt}
-    if run is not None and run.new_tokens is not None:
-        rec.update(method=getattr(cfg, "method", "pivotal_tuning"), embedding=embeddings.DIFFUSERS_FILE,
-                   num_vectors=cfg.num_vectors)
-        if "unet" not in run.models:
-            rec["base_model"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
-    if run is not None and "unet_lora" in run.models:  # `dbtrain sample --model OUT` = base model + this LoRA
-        rec.update(method="lora", lora="pytorch_lora_weights.safetensors", lora_rank=cfg.lora_rank,
-                   base_model=str(Path(cfg.pretrained_model_name_or_path).resolve()))
-    tmp = out / ".dreambooth.json.tmp"
+    rec = {"identifier": identifier, "class_noun": class_word, "instance_prompt": instance_prompt,
+           **run.method.record(opts, run)}
+    tmp = out / f".{SUBJECT_FILE}.tmp"
     tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, out / "dreambooth.json")
-
-
-@torch.no_grad()
-def validate(cfg, unet, te, prompt, device, folder: Path, name: str, tokenizer=None, te2=None) -> Path:
-    """A grid of validation images from the model being trained (SDXL: StableDiffusionXLPipeline; te2 its
-    second text encoder, used when the text encoders train)."""
-    was_training = unet.training
-    unet.eval()
-    pipe = pipeline(cfg, unet, te if (cfg.train_text_encoder or tokenizer is not None) else None,
-                    tokenizer=tokenizer, te2=te2 if (cfg.train_text_encoder or tokenizer is not None) else None
-                    ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    sched = getattr(cfg, "validation_scheduler", None)
-    if sched:  # diffusers' --validation_scheduler; learned variances are not trained, so sample fixed ones
-        import diffusers
-
-        extra = {}
-        if pipe.scheduler.config.get("variance_type") in ("learned", "learned_range"):
-            extra["variance_type"] = "fixed_small"
-        pipe.scheduler = getattr(diffusers, sched).from_config(pipe.scheduler.config, **extra)
-    gens = [torch.Generator("cpu").manual_seed(cfg.seed + k) for k in range(cfg.num_validation_images)]
-    images = pipe([prompt] * cfg.num_validation_images, generator=gens, height=cfg.resolution,
-                  width=cfg.resolution, num_inference_steps=25).images
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    make_grid(images).save(path)
-    unet.train(was_training)
-    return path
+    os.replace(tmp, out / SUBJECT_FILE)

@@ -1,7 +1,7 @@
 """Data parallel training on torch.distributed (issue 20): `torchrun --nproc_per_node N -m trainer train ...`.
 
 One global batch is N x --train_batch_size rows. Every rank draws the whole global batch's random choices
-(images, flips, VAE samples, noise, timesteps: all seeded by (seed, step, micro-step) in trainer.loop) and
+(images, flips, VAE samples, noise, timesteps: all seeded by (seed, step, micro-step) in trainer.core) and
 keeps only its own rows r*b .. (r+1)*b-1 of the instance rows and of the class rows, so the union of the
 ranks' rows is exactly the batch one process at batch N*b trains on. After backward the gradients are
 averaged with all-reduce (in buckets, once per optimizer step); every rank then takes the same optimizer
@@ -27,7 +27,7 @@ from trainer.errors import Resumable, UserError
 
 
 class _NoComm:
-    """The collectives of a simulated rank (trainer.estimate: one rank's memory, no other processes)."""
+    """The collectives of a simulated rank (trainer.memory: one rank's memory, no other processes)."""
 
     def all_reduce(self, *a, **k):
         return None
@@ -47,7 +47,8 @@ def comm():
 @contextlib.contextmanager
 def simulated(n: int, shard: bool = False):
     """Within: this process is one of n ranks for the step's code (its rows of the global batch; with shard the
-    rank holding the most optimizer state, picked by trainer.shard), with no collectives (trainer.estimate)."""
+    rank holding the most optimizer state, picked by trainer.distributed.shard), with no collectives
+    (trainer.memory)."""
     saved = dict(_STATE)
     if n > 1:
         _STATE.update(rank=None if shard else 0, world=n, simulated=True)
@@ -83,7 +84,7 @@ def is_main() -> bool:
     return _STATE["rank"] == 0
 
 
-def init(cfg) -> torch.device | None:
+def init(opts) -> torch.device | None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this rank's device
     (None: one process, the caller picks the device as before)."""
     n = env_world()
@@ -92,7 +93,7 @@ def init(cfg) -> torch.device | None:
     import torch.distributed as dist
 
     rk, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = opts.distributed.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda"):
         if torch.cuda.device_count() <= local:
             raise UserError(f"rank {rk}: LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} "
@@ -102,14 +103,14 @@ def init(cfg) -> torch.device | None:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    timeout = int(getattr(cfg, "ddp_timeout", 1800))
+    timeout = int(opts.distributed.ddp_timeout)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                             **({"device_id": device} if backend == "nccl" else {}))
     _STATE.update(rank=dist.get_rank(), world=dist.get_world_size(), timeout=timeout)
     if rk != 0:  # one copy of the progress output: rank 0's (errors still reach stderr from every rank)
         _STATE["stdout"] = sys.stdout
         sys.stdout = open(os.devnull, "w")
-    print(f"data parallel: {n} ranks ({backend}), global batch {n} x {cfg.train_batch_size}", flush=True)
+    print(f"data parallel: {n} ranks ({backend}), global batch {n} x {opts.training.train_batch_size}", flush=True)
     return device
 
 

@@ -26,20 +26,14 @@ SD 1.x / 2.x folders; SDXL needs its pooled text embeddings and time ids in both
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.options.train import HelpFormatter, option_adder
 from trainer.errors import UserError
-
-# The reference implementation's defaults (the diffusers community pipeline uses 0.33/0.66/0.05/0.8/0.5).
-FEEDBACK_START, FEEDBACK_END, MIN_WEIGHT, MAX_WEIGHT, NEG_SCALE = 0.0, 0.8, 0.0, 0.8, 0.5
-BUILTIN_MODEL = Path(__file__).resolve().parents[1] / "world" / "assets" / "tiny-world-sd"
+from trainer.options.fabric import FEEDBACK_END, FEEDBACK_START, MAX_WEIGHT, MIN_WEIGHT, NEG_SCALE, check_settings
 
 
 # ------------------------------------------------------------------ schedule
@@ -61,17 +55,6 @@ def feedback_schedule(num_steps: int, feedback_start: float = FEEDBACK_START, fe
     return [max_weight if lo <= i < hi else min_weight for i in range(num_steps)]
 
 
-def check_settings(feedback_start, feedback_end, min_weight, max_weight, neg_scale) -> None:
-    for name, v in (("feedback_start", feedback_start), ("feedback_end", feedback_end)):
-        if not (0.0 <= v <= 1.0):
-            raise UserError(f"--{name} must be in [0, 1] (a fraction of the steps), got {v}")
-    if feedback_start > feedback_end:
-        raise UserError(f"--feedback_start {feedback_start} is after --feedback_end {feedback_end}")
-    for name, v in (("min_weight", min_weight), ("max_weight", max_weight), ("neg_scale", neg_scale)):
-        if not (math.isfinite(v) and v >= 0):
-            raise UserError(f"--{name} must be a finite number >= 0, got {v}")
-
-
 # ------------------------------------------------------------------ inputs
 
 def load_pipeline(model, device=None, dtype=None):
@@ -79,12 +62,11 @@ def load_pipeline(model, device=None, dtype=None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from trainer.families.sd import check_model_folder
+    from trainer.families import SD, check_model_folder, family_of
 
     root = check_model_folder(model)
-    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
-    if "XL" in str(index.get("_class_name", "")):
-        raise UserError(f"{root} is an SDXL model; dbtrain fabric supports SD 1.x / 2.x for now")
+    if family_of(root) is not SD:  # SDXL needs its pooled embeddings and time ids in both passes (_unet_kwargs)
+        raise UserError(f"{root} is an {family_of(root).label} model; dbtrain fabric supports SD 1.x / 2.x for now")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -382,129 +364,3 @@ def simulated_rounds(pipe, prompt: str, target, scorer, *, rounds: int = 3, num_
         liked += [res.images[k] for k in like]
         disliked += [res.images[k] for k in dislike]
     return out
-
-
-# ------------------------------------------------------------------ CLI
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dbtrain fabric", formatter_class=HelpFormatter,
-        description="FABRIC: images steered by liked / disliked images through the UNet's self-attention "
-                    "(no training). Writes the images, grid.png and fabric.json.")
-    a = option_adder(p.add_argument_group("model and prompt"))
-    a("--model", default=str(BUILTIN_MODEL), metavar="DIR", help="a local diffusers SD 1.x/2.x folder")
-    a("--prompt", required=True, metavar="TEXT", help="what to draw; required")
-    a("--negative_prompt", default=None, metavar="TEXT", help="what not to draw (not given: none)")
-    a = option_adder(p.add_argument_group("feedback"))
-    a("--liked", nargs="+", default=[], metavar="PNG", help="images to move toward")
-    a("--disliked", nargs="+", default=[], metavar="PNG", help="images to move away from")
-    a("--feedback_start", type=float, default=FEEDBACK_START, help="start of the feedback window (fraction of steps)")
-    a("--feedback_end", type=float, default=FEEDBACK_END, help="end of the feedback window (fraction of steps)")
-    a("--min_weight", type=float, default=MIN_WEIGHT, help="reference weight outside the window")
-    a("--max_weight", type=float, default=MAX_WEIGHT, help="reference weight inside the window")
-    a("--neg_scale", type=float, default=NEG_SCALE, help="disliked weight = weight * neg_scale")
-    a = option_adder(p.add_argument_group("sampling"))
-    a("--num_images", type=int, default=4, help="images (per round)")
-    a("--steps", type=int, default=20, help="denoising steps")
-    a("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
-    a("--seed", type=int, default=0, help="image k uses seed + k (round r: seed + r * num_images + k)")
-    a("--resolution", type=int, default=None, help="image size in pixels (not given: the model's)")
-    a("--scheduler", default=None, metavar="NAME",
-      help="a diffusers scheduler class, e.g. DDIMScheduler (not given: the model's own)")
-    a("--device", default=None, metavar="cuda|cpu", help="not given: cuda if available")
-    a("--attention", default="dbkernels", choices=("dbkernels", "sdpa"),
-      help="self-attention with references: dbkernels.attention + key bias, or torch SDPA + broadcast mask")
-    a = option_adder(p.add_argument_group("simulated user (measuring)"))
-    a("--rounds", type=int, default=1, help="rounds of feedback; > 1 needs --auto_feedback")
-    a("--auto_feedback", default=None, metavar="TARGET.png",
-      help="each round, like the images closest to this target and dislike the farthest (judge embeddings)")
-    a("--likes_per_round", type=int, default=1, help="images liked per round")
-    a("--dislikes_per_round", type=int, default=1, help="images disliked per round")
-    a("--judge", default=None, metavar="DIR",
-      help="judge folder (not given: trainer/world/assets/tiny-world-judge)")
-    a("--judge_embedding", default="clip", choices=("clip", "dino"), help="which judge embedding measures closeness")
-    a = option_adder(p.add_argument_group("output"))
-    a("--out", default="fabric-out", metavar="DIR", help="folder for the PNGs, grid.png and fabric.json")
-    return p
-
-
-def check_args(a) -> None:
-    check_settings(a.feedback_start, a.feedback_end, a.min_weight, a.max_weight, a.neg_scale)
-    if a.num_images < 1 or a.steps < 1 or a.rounds < 1:
-        raise UserError("--num_images, --steps and --rounds must be >= 1")
-    if a.resolution is not None and (a.resolution <= 0 or a.resolution % 8):
-        raise UserError(f"--resolution must be a positive multiple of 8, got {a.resolution}")
-    if not math.isfinite(a.guidance_scale):
-        raise UserError(f"--guidance_scale must be a finite number, got {a.guidance_scale}")
-    if a.rounds > 1 and not a.auto_feedback:
-        raise UserError("--rounds > 1 needs --auto_feedback TARGET.png (the simulated user); for your own picks "
-                        "run again with --liked / --disliked from the previous round's images")
-    if a.auto_feedback and a.likes_per_round + a.dislikes_per_round > a.num_images:
-        raise UserError("--likes_per_round + --dislikes_per_round must be <= --num_images")
-    for what, paths in (("--liked", a.liked), ("--disliked", a.disliked),
-                        ("--auto_feedback", [a.auto_feedback] if a.auto_feedback else [])):
-        for f in paths:
-            if not Path(f).is_file():
-                raise UserError(f"{what} image {f} does not exist")
-    from trainer.formats.outdir import check_images_out
-
-    check_images_out(a.out)
-    from trainer.families.sd import check_model_folder
-
-    check_model_folder(a.model)
-
-
-def main(argv=None) -> int:
-    """`dbtrain fabric ...`; returns 0, raises UserError for bad input."""
-    a = build_parser().parse_args(argv)
-    check_args(a)
-    from trainer.core.images import make_grid
-
-    liked, disliked = list(a.liked), list(a.disliked)
-    pipe = load_pipeline(a.model, a.device)
-    kw = dict(negative_prompt=a.negative_prompt, steps=a.steps, guidance_scale=a.guidance_scale,
-              feedback_start=a.feedback_start, feedback_end=a.feedback_end, min_weight=a.min_weight,
-              max_weight=a.max_weight, neg_scale=a.neg_scale, resolution=a.resolution,
-              scheduler=make_scheduler(pipe, a.scheduler), attention=a.attention)
-    from trainer.formats.outdir import claim_images_out
-
-    out = claim_images_out(a.out, "fabric")
-    settings = {k: v for k, v in vars(a).items()}
-    record = {"settings": settings, "scheduler": type(kw["scheduler"]).__name__}
-    if a.auto_feedback:
-        from trainer.world.metrics import Scorer
-
-        scorer = Scorer(a.judge, device=pipe._execution_device)
-        target = open_feedback_image(a.auto_feedback, "--auto_feedback")
-        rounds = simulated_rounds(pipe, a.prompt, target, scorer, rounds=a.rounds, num_images=a.num_images,
-                                  seed=a.seed, likes_per_round=a.likes_per_round,
-                                  dislikes_per_round=a.dislikes_per_round, liked=liked, disliked=disliked,
-                                  embedding=a.judge_embedding, **kw)
-        for r in rounds:
-            d = out / f"round-{r['round']}"
-            d.mkdir(exist_ok=True)
-            for k, im in enumerate(r["images"]):
-                im.save(d / f"{k:03d}.png")
-            print(f"round {r['round']}: {r['n_liked']} liked, {r['n_disliked']} disliked so far; similarity to "
-                  f"target mean {sum(r['similarity']) / len(r['similarity']):.3f}, best {max(r['similarity']):.3f}")
-        make_grid([im for r in rounds for im in r["images"]], cols=a.num_images).save(out / "grid.png")
-        record["rounds"] = [{k: v for k, v in r.items() if k != "images"} for r in rounds]
-        wrote = sum(len(r["images"]) for r in rounds)
-    else:
-        res = fabric_sample(pipe, a.prompt, liked, disliked, num_images=a.num_images, seed=a.seed, **kw)
-        for k, im in enumerate(res.images):
-            im.save(out / f"{k:03d}.png")
-        make_grid(res.images).save(out / "grid.png")
-        record.update(seeds=res.seeds, weights=res.weights, notes=res.notes, stats=res.stats)
-        wrote = len(res.images)
-    (out / "fabric.json").write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {wrote} image(s), grid.png and fabric.json to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

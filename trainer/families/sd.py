@@ -1,161 +1,175 @@
-"""Loading a local diffusers SD folder (1.x / 2.x, epsilon or v-prediction)."""
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, epsilon or v-prediction (a local diffusers folder).
+
+The default family: a folder no other family claims is read as this one.
+"""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.families.base import WEIGHT_FILES, Components, Family, read_json, variant_name
+from trainer.formats import embedding_files, single_file
+from trainer.formats.io import check_new_file
 
-EMBEDDING_FILE = "learned_embeds.safetensors"   # diffusers' Textual Inversion file (trainer.embeddings)
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
-                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
-                 "model.safetensors.index.json")
-
-
-def variant_name(file: str, variant: str | None) -> str:
-    """diffusers' file name of a weight variant: model.safetensors -> model.fp16.safetensors."""
-    if not variant:
-        return file
-    stem, dot, ext = file.partition(".")
-    return f"{stem}.{variant}.{ext}"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def check_model_folder(path, variant: str | None = None, what: str = "model folder") -> Path:
-    """The folder, or a UserError listing every missing component (with `variant`: its weight files).
-    An SDXL folder (model_index.json says so) is checked by trainer.sdxl: a refiner, or a folder without
-    text_encoder_2 / tokenizer_2, is refused there."""
-    from trainer.families.sdxl import check_sdxl_folder, is_sdxl
-
-    root = Path(path)
-    components = COMPONENTS
-    if root.is_dir() and is_sdxl(root):  # then the same file checks for all its parts (e.g. fp16-only downloads)
-        check_sdxl_folder(root, what)
-        components = COMPONENTS + ("text_encoder_2", "tokenizer_2")
-    if not root.is_dir():
-        raise UserError(f"model folder {root} does not exist (a local diffusers folder is required; "
-                        f"nothing is downloaded)")
-    missing = []
-    for comp in components:
-        d = root / comp
-        if not d.is_dir():
-            missing.append(comp)
-        elif comp.startswith("tokenizer"):
-            if not (d / "vocab.json").is_file() and not (d / "tokenizer.json").is_file():
-                missing.append(f"{comp} (vocab.json)")
-        elif comp == "scheduler":
-            if not (d / "scheduler_config.json").is_file():
-                missing.append("scheduler (scheduler_config.json)")
-        elif not (d / "config.json").is_file() or not any((d / variant_name(f, variant)).is_file()
-                                                            for f in _WEIGHT_FILES):
-            missing.append(f"{comp} (config.json + {variant + ' ' if variant else ''}weights)")
-    if missing:
-        hint = ""
-        if not variant:  # only variant files there (e.g. an fp16-only download): say which flag loads them
-            found = sorted({f.name.split(".")[1] for comp in ("unet", "vae", "text_encoder", "text_encoder_2")
-                            for f in (root / comp).glob("*.*.safetensors") if (root / comp).is_dir()})
-            hint = f"; it has {'/'.join(found)} variant weights: add --variant {found[0]}" if found else ""
-        raise UserError(f"model folder {root} is missing: {', '.join(missing)}{hint}")
-    return root
+def encode_prompt(tokenizer, text_encoder, prompts: list[str], device, max_length: int | None = None,
+                  attention_mask: bool = False):
+    """The text encoder's last hidden states of the prompts, padded to max_length (diffusers'
+    --tokenizer_max_length; not given: the tokenizer's) and with the padding mask when asked
+    (--text_encoder_use_attention_mask). Gradients flow."""
+    tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                    max_length=max_length or tokenizer.model_max_length)
+    mask = tok.attention_mask.to(device) if attention_mask else None
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
 
 
-@dataclass
-class Components:
-    unet: object
-    vae: object
-    text_encoder: object
-    tokenizer: object
-    noise_scheduler: object
-    prediction_type: str
-    text_encoder_2: object = None  # SDXL only (trainer.sdxl.SDXLComponents)
-    tokenizer_2: object = None
+def prediction_type(root: Path) -> str:
+    pred = read_json(root / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise UserError(f"{root}/scheduler: unsupported prediction_type {pred!r}")
+    return pred
 
 
-def load_components(path, cfg=None):
-    """The base model's parts; with cfg, its --variant weights (as fp32), --tokenizer_name folder and
-    --pretrained_vae_model_name_or_path VAE. An SDXL folder gives trainer.sdxl.SDXLComponents (both text
-    encoders and tokenizers)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+class StableDiffusion(Family):
+    name = "sd"
+    label = "SD 1.x/2.x"
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    pipeline_class = "StableDiffusionPipeline"
 
-    from trainer.families.sdxl import is_sdxl, load_sdxl_components
+    def matches(self, folder) -> bool:
+        return True  # the default: last in trainer.families.FAMILIES
 
-    variant = getattr(cfg, "variant", None)
-    vae_path = getattr(cfg, "pretrained_vae_model_name_or_path", None)
-    if is_sdxl(path):
-        return load_sdxl_components(path, vae_path=vae_path, variant=variant)
-    root = check_model_folder(path, variant=variant)
-    kw = {"variant": variant} if variant else {}
-    sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    # Training always uses the DDPM forward process of the model's own beta schedule.
-    noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    prediction_type = sched_cfg.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise UserError(f"{root}/scheduler: unsupported prediction_type {prediction_type!r}")
-    tok = getattr(cfg, "tokenizer_name", None)
-    comps = Components(
-        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
-        vae=(AutoencoderKL.from_pretrained(vae_path) if vae_path else
-             AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)),
-        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(tok) if tok else CLIPTokenizer.from_pretrained(root,
-                                                                                              subfolder="tokenizer"),
-        noise_scheduler=noise_scheduler,
-        prediction_type=prediction_type,
-    )
-    if variant:  # e.g. fp16 files: train from fp32 copies, as from the plain files (the loop picks its dtypes)
-        for m in (comps.unet, comps.vae, comps.text_encoder):
-            m.float()
-    return comps
+    # ------------------------------------------------------------------ folders
+    def components(self) -> tuple[str, ...]:
+        """The subfolders a complete folder has."""
+        return ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+    def check_folder(self, folder, *, variant: str | None = None, what: str = "model folder") -> Path:
+        root = Path(folder)
+        if not root.is_dir():
+            raise UserError(f"model folder {root} does not exist (a local diffusers folder is required; "
+                            f"nothing is downloaded)")
+        missing = []
+        for comp in self.components():
+            d = root / comp
+            if not d.is_dir():
+                missing.append(comp)
+            elif comp.startswith("tokenizer"):
+                if not (d / "vocab.json").is_file() and not (d / "tokenizer.json").is_file():
+                    missing.append(f"{comp} (vocab.json)")
+            elif comp == "scheduler":
+                if not (d / "scheduler_config.json").is_file():
+                    missing.append("scheduler (scheduler_config.json)")
+            elif not (d / "config.json").is_file() or not any((d / variant_name(f, variant)).is_file()
+                                                                for f in WEIGHT_FILES):
+                missing.append(f"{comp} (config.json + {variant + ' ' if variant else ''}weights)")
+        if missing:
+            hint = ""
+            if not variant:  # only variant files there (e.g. an fp16-only download): say which flag loads them
+                found = sorted({f.name.split(".")[1] for comp in ("unet", "vae", *self.text_encoder_names)
+                                for f in (root / comp).glob("*.*.safetensors") if (root / comp).is_dir()})
+                hint = f"; it has {'/'.join(found)} variant weights: add --variant {found[0]}" if found else ""
+            raise UserError(f"model folder {root} is missing: {', '.join(missing)}{hint}")
+        return root
+
+    def check_export_source(self, folder) -> Path:
+        """A folder `dbtrain export` can write as one file (torch-free)."""
+        return single_file.check_source_folder(folder)
+
+    # ------------------------------------------------------------------ loading
+    def load_components(self, folder, *, variant=None, vae=None, tokenizer=None) -> Components:
+        """The parts, on the CPU; --variant weights as float32. The noise scheduler is the DDPM forward process
+        of the model's own beta schedule, whatever sampler the folder ships, as diffusers' scripts train."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        root = self.check_folder(folder, variant=variant)
+        kw = {"variant": variant} if variant else {}
+        noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+        pred = prediction_type(root)
+        comps = Components(
+            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
+            vae=(AutoencoderKL.from_pretrained(vae) if vae else
+                 AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)),
+            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
+            tokenizer=(CLIPTokenizer.from_pretrained(tokenizer) if tokenizer else
+                       CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")),
+            noise_scheduler=noise_scheduler, prediction_type=pred)
+        if variant:  # e.g. fp16 files: train from fp32 copies, as from the plain files (the loop picks its dtypes)
+            for m in (comps.unet, comps.vae, comps.text_encoder):
+                m.float()
+        return comps
+
+    def load_models(self, folder, dtype=None) -> tuple:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        d = Path(folder)
+        kw = {"torch_dtype": dtype} if dtype is not None else {}
+        encoders = [cls.from_pretrained(d, subfolder=name, **({"dtype": dtype} if dtype is not None else {}))
+                    for cls, name in zip(self.text_encoder_classes(), self.text_encoder_names)]
+        return (UNet2DConditionModel.from_pretrained(d, subfolder="unet", **kw),
+                AutoencoderKL.from_pretrained(d, subfolder="vae", **kw), *encoders)
+
+    def text_encoder_classes(self) -> tuple:
+        from transformers import CLIPTextModel
+
+        return (CLIPTextModel,)
+
+    def load_pipeline(self, folder, *, vae_path=None, class_images: bool = False, **kw):
+        """StableDiffusionPipeline without the safety checker (vae_path: a VAE folder instead of the model's)."""
+        from diffusers import StableDiffusionPipeline
+
+        if vae_path and "vae" not in kw:
+            from diffusers import AutoencoderKL
+
+            kw["vae"] = AutoencoderKL.from_pretrained(vae_path)
+        return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                       **kw)
+
+    # ------------------------------------------------------------------ the training step
+    def encode_prompt(self, tokenizers, encoders, prompts, device, *, max_length=None, attention_mask=False):
+        return encode_prompt(tokenizers[0], encoders[0], prompts, device, max_length, attention_mask), None
+
+    # ------------------------------------------------------------------ files
+    def save_lora_weights(self, folder, parts: dict, modules: dict) -> None:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.training_utils import _collate_lora_metadata
+
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts.get("text_encoder"),
+            safe_serialization=True, **_collate_lora_metadata(modules))
+
+    def merge_lora(self, folder, lora_file, scale: float = 1.0) -> tuple:
+        from trainer.formats import kohya_lora
+
+        unet, vae, te = self.load_models(folder)
+        kohya_lora.merge_lora({"unet": unet, "vae": vae, "text_encoder": te}, lora_file, scale=scale)
+        return unet, vae, te
+
+    def save_single_file(self, folder, out, *, half: bool = False, metadata: dict | None = None,
+                         components=None) -> Path:
+        self.check_export_source(folder)
+        check_new_file(out)  # before the models load
+        return single_file.save_single_file(folder, out, half=half, metadata=metadata,
+                                            components=components or self.load_models(folder))
+
+    def embedding_files(self, rows: list, placeholder: str, step: int, *, stem: str, a1111: bool = True,
+                        checkpoint_name: str | None = None) -> dict:
+        """{file name: write(path)} of new token rows: diffusers' <stem>.safetensors, and with a1111 the A1111 /
+        ComfyUI <name>.safetensors (emb_params) and <name>.pt (string_to_param)."""
+        (t,) = rows
+        files = {f"{stem}.safetensors": lambda p: embedding_files.save_diffusers(p, placeholder, t)}
+        if a1111:
+            short = embedding_files.a1111_name(placeholder)
+            files[short + ".safetensors"] = lambda p: embedding_files.save_a1111_safetensors(p, t, short, step)
+            files[short + ".pt"] = lambda p: embedding_files.save_a1111_pt(p, t, short, step, checkpoint_name)
+        return files
+
+    def load_embedding(self, pipe, path) -> str:
+        return embedding_files.load_into(pipe, path)
 
 
-def pick_identifier(tokenizer, class_word: str | None, seed: int) -> str:
-    """A rare single-token word, as the paper picks its identifier.
-
-    Candidates: whole-word vocabulary entries of 2-3 lowercase letters that the tokenizer
-    maps back to exactly one token; the rarest quarter of them by merge rank (BPE adds
-    rarer merges later, so higher ids are rarer); then one chosen with `seed`.
-    """
-    import random
-
-    vocab = tokenizer.get_vocab()
-    cands = []
-    for tok, idx in vocab.items():
-        word = tok[:-4] if tok.endswith("</w>") else None
-        if word and 2 <= len(word) <= 3 and word.isalpha() and word.islower() and word != class_word:
-            if tokenizer.tokenize(word) == [tok]:
-                cands.append((idx, word))
-    if not cands:
-        raise UserError("--identifier auto: the tokenizer has no rare 2-3 letter single-token word; "
-                        "pass --identifier <word>")
-    cands.sort()
-    rare = cands[-max(1, len(cands) // 4):]
-    return random.Random(seed).choice(rare)[1]
-
-
-def model_and_embeddings(model, embedding_files=None) -> tuple[Path, list[Path]]:
-    """What `dbtrain sample|eval --model DIR [--embedding FILE ...]` should load: (diffusers folder, embedding
-    files). A Textual Inversion output folder (its dreambooth.json names the base model, no model_index.json)
-    means that base model plus its learned_embeds.safetensors; a pivotal-tuning folder means itself plus its
-    learned_embeds.safetensors; files given explicitly come after those."""
-    model = Path(model)
-    files = []
-    rec = {}
-    if (model / "dreambooth.json").is_file():
-        try:
-            rec = json.loads((model / "dreambooth.json").read_text())
-        except (OSError, ValueError):
-            rec = {}
-    if (model / EMBEDDING_FILE).is_file() and rec.get("embedding"):
-        files.append(model / EMBEDDING_FILE)
-    if not (model / "model_index.json").is_file() and rec.get("base_model"):
-        base = Path(rec["base_model"])
-        if not base.is_dir():
-            raise UserError(f"{model} is a Textual Inversion result for the base model {base}, which is not there")
-        model = base
-    files += [Path(f) for f in (embedding_files or [])]
-    for f in files:
-        if not f.is_file():
-            raise UserError(f"--embedding {f}: no such file")
-    return model, files
+SD = StableDiffusion()

@@ -264,19 +264,10 @@ def merge_into(modules: dict, updates, scale: float = 1.0) -> int:
     return n
 
 
-def merge_lora(model, lora_file, scale: float = 1.0) -> dict:
-    """A LoRA file (kohya or diffusers format) merged into a model; returns {'unet', 'vae', 'text_encoder'}.
-
-    model: a diffusers SD folder, or a dict of modules ({'unet': ..., 'text_encoder': ...}),
-    which are changed in place.
-    """
-    if isinstance(model, (str, Path)):
-        from trainer.formats.single_file import check_model_folder, load_components
-
-        unet, vae, te = load_components(check_model_folder(model))
-        modules = {"unet": unet, "vae": vae, "text_encoder": te}
-    else:
-        modules = dict(model)
+def merge_lora(modules: dict, lora_file, scale: float = 1.0) -> dict:
+    """A LoRA file (kohya or diffusers format) merged, in place, into {'unet': ..., 'text_encoder': ...}
+    (other entries, e.g. the VAE, are passed through); returns the modules."""
+    modules = dict(modules)
     sd, meta = read_lora(lora_file)
     targets = {k: v for k, v in modules.items() if k in PREFIXES}
     merge_into(targets, lora_updates(sd, meta, targets), scale)

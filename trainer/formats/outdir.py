@@ -206,17 +206,17 @@ def _component_numel(folder: Path) -> int:
     return total
 
 
-def run_bytes(cfg) -> int:
-    """About how much one checkpoint plus the exported model of this run take on disk."""
-    root = Path(cfg.pretrained_model_name_or_path)
+def run_bytes(opts) -> int:
+    """About how much one checkpoint plus the exported model of a run (its TrainOptions) take on disk."""
+    root = Path(opts.model.pretrained_model_name_or_path)
     n = {c: _component_numel(root / c) for c in ("unet", "vae", "text_encoder")}
-    wbytes = 2 if cfg.weights_dtype == "bf16" else 4
-    state = {"adamw": 2 * wbytes, "adamw8bit": 2.1, "bnb8bit": 2.1}[cfg.optimizer]
-    trained = n["unet"] + (n["text_encoder"] if cfg.train_text_encoder else 0)
+    wbytes = 2 if opts.memory.weights_dtype == "bf16" else 4
+    state = {"adamw": 2 * wbytes, "adamw8bit": 2.1, "bnb8bit": 2.1}[opts.optim.optimizer]
+    trained = n["unet"] + (n["text_encoder"] if opts.training.train_text_encoder else 0)
     small = sum(f.stat().st_size for c in ("tokenizer", "scheduler") for f in (root / c).glob("*") if f.is_file())
     return int(trained * (wbytes + state) + sum(n.values()) * wbytes + small)
 
 
-def check_space(cfg) -> None:
+def check_space(opts) -> None:
     """Before a model is loaded: room for at least one checkpoint and the final model."""
-    require_space(cfg.output_dir, run_bytes(cfg), "a checkpoint and the trained model")
+    require_space(opts.checkpoints.output_dir, run_bytes(opts), "a checkpoint and the trained model")

@@ -289,15 +289,12 @@ def diffusers_state_dicts(single_file_sd: dict, unet_config, vae_config, *, layo
             "text_encoder": text_from_original(single_file_sd, layout)}
 
 
-def check_model_folder(model_dir) -> Path:
-    """A diffusers SD folder (unet, vae, text_encoder, scheduler configs); torch-free, for the CLI."""
+def check_source_folder(model_dir) -> Path:
+    """A diffusers SD 1.x/2.x folder that can be written as one file (unet, vae, text_encoder, scheduler
+    configs); torch-free, for the CLI. SDXL folders are trainer.families.sdxl's."""
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"--model {d} is not a folder")
-    from trainer.families.sdxl import check_sdxl_folder, is_sdxl
-
-    if is_sdxl(d):  # written by single_file_sdxl (save_single_file routes there)
-        return check_sdxl_folder(d, "--model")
     missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                            "scheduler/scheduler_config.json") if not (d / p).is_file()]
     if missing and (d / "pytorch_lora_weights.safetensors").is_file():
@@ -314,19 +311,6 @@ def check_model_folder(model_dir) -> Path:
 def prediction_type(model_dir) -> str:
     return json.loads((Path(model_dir) / "scheduler/scheduler_config.json").read_text()).get(
         "prediction_type", "epsilon")
-
-
-def load_components(model_dir, dtype=None):
-    """(unet, vae, text_encoder) of a diffusers folder, on the CPU."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    d = Path(model_dir)
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
-    unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(d, subfolder="vae", **kw)
-    te = CLIPTextModel.from_pretrained(d, subfolder="text_encoder", **({"dtype": dtype} if dtype else {}))
-    return unet, vae, te
 
 
 def header(model_dir, *, half: bool, extra: dict | None = None) -> dict:
@@ -399,28 +383,18 @@ def yaml_path(out_path) -> Path:
     return Path(out_path).with_suffix(".yaml")
 
 
-def save_single_file(model_dir, out_path, *, half: bool = False, metadata: dict | None = None,
-                     components=None) -> Path:
-    """Write `model_dir` (a diffusers SD1.x/SD2.x folder) as one original-layout .safetensors file.
-
-    `components` = (unet, vae, text_encoder) to write instead of the folder's own weights
-    (e.g. a merged LoRA); the folder still gives the scheduler's prediction type. An SDXL folder is
-    written by single_file_sdxl.save_single_file_sdxl (components: unet, vae, text_encoder, text_encoder_2).
-    """
-    from trainer.families.sdxl import is_sdxl
+def save_single_file(model_dir, out_path, *, components, half: bool = False, metadata: dict | None = None) -> Path:
+    """Write `components` = (unet, vae, text_encoder) of the SD1.x/SD2.x folder `model_dir` (its own weights,
+    or e.g. trained or merged ones) as one original-layout .safetensors file; the folder gives the configs and
+    the scheduler's prediction type. A v-prediction model also gets `<name>.yaml` (see the module doc)."""
     from trainer.formats.io import check_new_file, write_new_safetensors
 
-    if is_sdxl(model_dir):
-        from trainer.formats.single_file_sdxl import save_single_file_sdxl
-
-        return save_single_file_sdxl(model_dir, out_path, half=half, metadata=metadata, components=components)
-    check_model_folder(model_dir)
     check_new_file(out_path)
     v_pred = prediction_type(model_dir) == "v_prediction"
     if v_pred and yaml_path(out_path).exists():
         raise UserError(f"{yaml_path(out_path)} already exists (a v-prediction checkpoint gets its config there); "
                         "choose another output name")
-    unet, vae, te = components or load_components(model_dir)
+    unet, vae, te = components
     sd = single_file_state_dict(unet, vae, te, v_prediction=v_pred)
     if half:
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}

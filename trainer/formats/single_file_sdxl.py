@@ -94,39 +94,20 @@ def diffusers_state_dicts_sdxl(single_file_sd: dict, unet_config, vae_config) ->
 
 # ------------------------------------------------------------------ whole checkpoints
 
-def load_components_sdxl(model_dir, dtype=None):
-    """(unet, vae, text_encoder, text_encoder_2) of an SDXL diffusers folder, on the CPU."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    d = Path(model_dir)
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
-    tkw = {"dtype": dtype} if dtype is not None else {}
-    return (UNet2DConditionModel.from_pretrained(d, subfolder="unet", **kw),
-            AutoencoderKL.from_pretrained(d, subfolder="vae", **kw),
-            CLIPTextModel.from_pretrained(d, subfolder="text_encoder", **tkw),
-            CLIPTextModelWithProjection.from_pretrained(d, subfolder="text_encoder_2", **tkw))
-
-
 def header_sdxl(model_dir, *, half: bool, extra: dict | None = None) -> dict:
     return sf.modelspec(model_dir, "stable-diffusion-xl-v1-base", sf.prediction_type(model_dir), half=half,
                         extra=extra)
 
 
-def save_single_file_sdxl(model_dir, out, *, half: bool = False, metadata: dict | None = None,
-                          components=None) -> Path:
-    """Write `model_dir` (a diffusers SDXL base folder) as one sgm-layout .safetensors file.
-
-    `components` = (unet, vae, text_encoder, text_encoder_2) to write instead of the folder's own weights
-    (e.g. the trained models); the folder gives the configs and the scheduler's prediction type.
-    """
-    from trainer.families.sdxl import check_sdxl_folder
+def save_single_file_sdxl(model_dir, out, *, components, half: bool = False, metadata: dict | None = None) -> Path:
+    """Write `components` = (unet, vae, text_encoder, text_encoder_2) of the SDXL base folder `model_dir` (its
+    own weights, or e.g. the trained models) as one sgm-layout .safetensors file; the folder gives the
+    configs and the scheduler's prediction type."""
     from trainer.formats.io import check_new_file, write_new_safetensors
 
-    check_sdxl_folder(model_dir, "--model")
     check_new_file(out)
     sched = json.loads((Path(model_dir) / "scheduler/scheduler_config.json").read_text())
-    models = components or load_components_sdxl(model_dir)
+    models = components
     if len(models) != 4:
         raise ValueError("save_single_file_sdxl: components = (unet, vae, text_encoder, text_encoder_2)")
     sd = single_file_state_dict_sdxl(*models, v_prediction=sched.get("prediction_type") == "v_prediction",

@@ -1,16 +1,15 @@
-"""New token embeddings: the trainable rows of Textual Inversion and pivotal tuning, and their files.
+"""New token embeddings: the trainable rows of Textual Inversion and pivotal tuning, and the two methods.
 
 The new tokens are added to the tokenizer; the text encoder's own embedding table is never
 resized or written. Its token-embedding layer is wrapped by `NewTokenEmbedding`, which looks
 every id up in the frozen table and puts the trainable rows in where a new token stands,
-so no other row can change (and none is stored in the optimizer).
+so no other row can change (and none is stored in the optimizer). SDXL: the same tokens in both
+text encoders, each with its own rows.
 
-Files, in the formats people load:
-- diffusers `learned_embeds.safetensors`: {placeholder: float32 [n, dim]}
-  (`StableDiffusionPipeline.load_textual_inversion` reads it; n > 1 expands the
-  placeholder into `placeholder placeholder_1 ...`, as diffusers' textual_inversion.py names them);
-- A1111 / ComfyUI: `<name>.safetensors` with `emb_params` [n, dim], and `<name>.pt` with
-  `string_to_param` {'*': [n, dim]}, `string_to_token`, `name`, `step` (both UIs read either).
+  TextualInversion  only the rows train (the UNet frozen); the result is the embedding files
+  PivotalTuning     the UNet and the rows train (the rows for the first --text_embedding_frac of the
+                    steps, at --text_embedding_lr); the result is the model folder and the embedding files
+The embedding files are those of trainer.formats.embedding_files, in the family's layout.
 """
 from __future__ import annotations
 
@@ -19,11 +18,11 @@ from pathlib import Path
 import torch
 
 from trainer.errors import UserError
-from trainer.families.sd import EMBEDDING_FILE as DIFFUSERS_FILE
-from trainer.families.sd import model_and_embeddings
-
-_A1111_STAR_TOKEN = 265  # CLIP's id of "*", what A1111 writes in string_to_token
-
+from trainer.families import family_of
+from trainer.formats import outdir
+from trainer.formats.embedding_files import DIFFUSERS_FILE, save_diffusers
+from trainer.methods.base import Method, Trainable, frozen_dtype
+from trainer.methods.full import FullModel
 
 def vector_tokens(placeholder: str, n: int) -> list[str]:
     """The tokens of an n-vector placeholder, named as diffusers names them (and expands prompts to)."""
@@ -80,7 +79,7 @@ class NewTokenEmbedding(torch.nn.Module):
             out = torch.where((input_ids == self.token_ids[k])[..., None], rows[k], out)
         return out
 
-    # checkpoint interface (trainer.checkpoint saves models with save_pretrained)
+    # checkpoint interface (trainer.core.checkpoint saves models with save_pretrained)
     def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,83 +139,131 @@ def add_new_tokens(tokenizer, text_encoder, placeholder: str, n: int, initialize
     return wrapped
 
 
-# ------------------------------------------------------------------ files
+# ------------------------------------------------------------------ the methods
 
-def _atomic(path: Path, write) -> Path:
-    import os
-
-    path = Path(path)
-    tmp = path.with_name("." + path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)  # (safetensors creates its file owner-only; these files are meant to be shared)
-    os.replace(tmp, path)
-    return path
-
-
-def save_diffusers(path, placeholder: str, rows: torch.Tensor) -> Path:
-    from safetensors.torch import save_file
-
-    t = rows.detach().float().cpu().contiguous()
-    return _atomic(Path(path), lambda p: save_file({placeholder: t}, str(p), metadata={"format": "pt"}))
+def add_placeholder(opts, comps, identifier: str) -> tuple[str, str]:
+    """[V] becomes new token(s) in every tokenizer/encoder pair: (the prompt word, the placeholder)."""
+    emb = opts.embedding
+    placeholder = emb.placeholder_token or f"<{identifier}>"
+    init = emb.initializer_token or (None if opts.data.identifier == placeholder else identifier)
+    seed = opts.training.seed
+    for k, (tok, enc) in enumerate(zip(comps.tokenizers, comps.text_encoders)):  # SDXL: the same tokens in both
+        add_new_tokens(tok, enc, placeholder, emb.num_vectors, init, seed=seed + k)
+    print(f"placeholder: {placeholder} ({emb.num_vectors} new token(s), initialised from "
+          f"{init if init else 'random rows'})")
+    return expand(placeholder, placeholder, emb.num_vectors), placeholder
 
 
-def save_a1111_safetensors(path, rows: torch.Tensor, name: str, step: int) -> Path:
-    from safetensors.torch import save_file
-
-    t = rows.detach().float().cpu().contiguous()
-    meta = {"name": name, "step": str(step), "vectors": str(t.shape[0])}
-    return _atomic(Path(path), lambda p: save_file({"emb_params": t}, str(p), metadata=meta))
-
-
-def save_a1111_pt(path, rows: torch.Tensor, name: str, step: int, checkpoint_name: str | None = None) -> Path:
-    t = rows.detach().float().cpu().contiguous()
-    data = {"string_to_token": {"*": _A1111_STAR_TOKEN}, "string_to_param": {"*": t}, "name": name, "step": step,
-            "sd_checkpoint": None, "sd_checkpoint_name": checkpoint_name}
-    return _atomic(Path(path), lambda p: torch.save(data, p))
-
-
-def read_embedding(path) -> tuple[str | None, torch.Tensor]:
-    """(token name the file carries or None, [n, dim] float tensor) from any of the three formats,
-    read safely (safetensors, or a weights-only pickle)."""
-    from trainer.formats.safe_load import load_tensors
-
-    path = Path(path)
-    data = load_tensors(path)
-    if isinstance(data, torch.Tensor):
-        return None, data.float().reshape(-1, data.shape[-1])
-    if not isinstance(data, dict) or not data:
-        raise UserError(f"{path} holds no embedding")
-    if "string_to_param" in data:  # A1111 .pt
-        params = data["string_to_param"]
-        if not isinstance(params, dict) or len(params) != 1:
-            raise UserError(f"{path}: string_to_param must hold exactly one tensor")
-        name = data.get("name") if isinstance(data.get("name"), str) else None
-        t = next(iter(params.values()))
-    elif "emb_params" in data:  # A1111 / kohya / ComfyUI .safetensors
-        name, t = None, data["emb_params"]
-    elif "clip_l" in data or "clip_g" in data:
-        raise UserError(f"{path} is an SDXL embedding (clip_l / clip_g); SDXL is not supported here")
-    elif len(data) == 1:  # diffusers
-        name, t = next(iter(data.items()))
-    else:
-        raise UserError(f"{path}: not an embedding file (keys {', '.join(list(data)[:5])})")
-    if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2):
-        raise UserError(f"{path}: the embedding must be a [n, dim] tensor")
-    return name, t.float().reshape(-1, t.shape[-1])
+def train_rows(opts, comps, device, weights_dtype, params: list, models: dict) -> list:
+    """The new rows of every text encoder become trainable (fp32 master copies on the device), the encoders
+    frozen in weights_dtype; the rows join `params` and `models` (text_embedding, text_embedding_2)."""
+    rows_of = []
+    for enc, key in zip(comps.text_encoders, ("text_embedding", "text_embedding_2")):
+        new = new_tokens_of(enc)
+        if new is None:
+            continue
+        rows = new.rows.detach().clone()
+        enc.requires_grad_(False)
+        enc.to(device, dtype=weights_dtype).train()
+        new.rows.data = rows.to(device)  # fp32 master copy, whatever the frozen dtype
+        new.rows.requires_grad_(True)
+        params.append(new.rows)
+        models[key] = new
+        rows_of.append(new)
+    return rows_of
 
 
-def load_embedding_into(pipe, path, token: str | None = None) -> str:
-    """Load an embedding file (any of the formats above, read safely) into a diffusers pipeline;
-    returns the token to write in prompts. Without `token`: the name the file carries, or the
-    file's stem in angle brackets for files that carry none (A1111 names embeddings by file)."""
-    path = Path(path)
-    name, rows = read_embedding(path)
-    token = token or name or f"<{path.stem}>"
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    if rows.shape[1] != dim:
-        raise UserError(f"{path}: embedding width {rows.shape[1]} does not fit this model's text encoder ({dim})")
-    try:
-        pipe.load_textual_inversion({token: rows}, token=token)
-    except ValueError as e:  # token already in the vocabulary, ...
-        raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
-    return token
+def row_groups(opts, params: list, rows_of: list):
+    """The optimizer's groups: with --text_embedding_lr the new rows learn at their own rate."""
+    lr_rows = opts.embedding.text_embedding_lr
+    if lr_rows is None:
+        return None
+    rows = {id(m.rows) for m in rows_of}
+    groups = [{"params": [p for p in params if id(p) not in rows]},
+              {"params": [p for p in params if id(p) in rows], "lr": lr_rows}]
+    return [g for g in groups if g["params"]]
+
+
+def export_embedding(out: Path, opts, new_tokens: list, step: int, *, name: str | None = None,
+                     a1111: bool = True) -> list[str]:
+    """The embedding files of the new rows into `out` (the family's: diffusers' learned_embeds.safetensors, and
+    with a1111 the A1111 / ComfyUI files), each written to a temporary name and renamed. A file there that this
+    run did not write is never replaced (UserError). Returns the names written."""
+    out = Path(out)
+    base = opts.model.pretrained_model_name_or_path
+    rows = [m.rows.detach().float().cpu() for m in new_tokens]
+    files = family_of(base).embedding_files(rows, new_tokens[0].placeholder, step,
+                                            stem=name or Path(DIFFUSERS_FILE).stem, a1111=a1111,
+                                            checkpoint_name=Path(base).name if a1111 else None)
+    ours = set((outdir.read_marker(out) or {}).get("exported", []))
+    foreign = [n for n in files if (out / n).exists() and n not in ours]
+    if foreign:
+        raise UserError(f"{out} holds {', '.join(foreign)}, which dbtrain did not write, so the embedding was not "
+                        f"saved over it; move it away")
+    size = sum(r.numel() for r in rows) * 4
+    outdir.require_space(out, size * len(files) + outdir.MB, "the embedding files")
+    outdir.write_marker(out, exported=sorted(ours | set(files)))
+    for n, write in files.items():
+        try:
+            write(out / n)  # (each writer goes through a temporary name and os.replace)
+        except OSError as e:
+            raise outdir.failed_write(out, n, e, size) from e
+    return list(files)
+
+
+class TextualInversion(Method):
+    name = "textual_inversion"
+    saved = "the embedding files"
+    trains_unet = False
+
+    def weights_dtype(self, opts, device):
+        return frozen_dtype(opts, device)  # nothing of the base trains: half precision where it can be
+
+    def prompt_word(self, opts, comps, identifier: str) -> tuple[str, str]:
+        return add_placeholder(opts, comps, identifier)
+
+    def prepare(self, opts, comps, device, weights_dtype) -> Trainable:
+        params, models = [], {}
+        rows_of = train_rows(opts, comps, device, weights_dtype, params, models)
+        return Trainable(params=params, models=models, groups=row_groups(opts, params, rows_of), new_tokens=rows_of,
+                         freeze_at=opts.training.max_train_steps)
+
+    def on_step(self, run, out: Path, step: int) -> None:
+        every = run.opts.checkpoints.save_steps
+        if every and step % every == 0:  # diffusers' --save_steps
+            export_embedding(out, run.opts, run.trainable.new_tokens, step, a1111=False,
+                             name=f"learned_embeds-steps-{step}")
+
+    def save(self, run, out: Path, step: int) -> None:  # the embedding files, never the extended text encoder
+        export_embedding(out, run.opts, run.trainable.new_tokens, step)
+
+    def record(self, opts, run) -> dict:
+        return {"method": self.name, "embedding": DIFFUSERS_FILE, "num_vectors": opts.embedding.num_vectors,
+                "base_model": str(Path(opts.model.pretrained_model_name_or_path).resolve())}
+
+
+class PivotalTuning(FullModel):
+    """The whole UNet and the new rows of [V] (the rows for the first --text_embedding_frac of the steps)."""
+
+    name = "pivotal_tuning"
+
+    def prompt_word(self, opts, comps, identifier: str) -> tuple[str, str]:
+        return add_placeholder(opts, comps, identifier)
+
+    def prepare(self, opts, comps, device, weights_dtype) -> Trainable:
+        params = [p for p in comps.unet.parameters() if p.requires_grad]
+        models = {"unet": comps.unet}
+        rows_of = train_rows(opts, comps, device, weights_dtype, params, models)
+        frac, steps = opts.embedding.text_embedding_frac, opts.training.max_train_steps
+        return Trainable(params=params, models=models, groups=row_groups(opts, params, rows_of), new_tokens=rows_of,
+                         freeze_at=steps if frac >= 1 else max(1, round(frac * steps)))
+
+    def on_step(self, run, out: Path, step: int) -> None:
+        TextualInversion.on_step(self, run, out, step)
+
+    def save(self, run, out: Path, step: int) -> None:
+        super().save(run, out, step)
+        export_embedding(out, run.opts, run.trainable.new_tokens, step)
+
+    def record(self, opts, run) -> dict:
+        return {"method": self.name, "embedding": DIFFUSERS_FILE, "num_vectors": opts.embedding.num_vectors}

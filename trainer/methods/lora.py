@@ -14,21 +14,66 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from trainer.errors import UserError
-from trainer.families.sdxl import is_sdxl
+from trainer.families import family_of
+from trainer.formats import diffusers_folder, kohya_lora, outdir
+from trainer.formats.embedding_files import file_stem
+from trainer.methods.base import Method, Trainable, frozen_dtype, train_mode_text_encoder, write_single_file
+from trainer.methods.outputs import LORA_FILE as DIFFUSERS_FILE
 
-if TYPE_CHECKING:
-    import torch
-
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' train_dreambooth_lora.py targets; add_k_proj/add_v_proj exist only in some UNets
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # kohya's conv_dim ("LoCon"): the 3x3 convs of the resnets and of the down/up-samplers
 CONV_PATTERN = r".*(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)"
+
+
+class Lora(Method):
+    name = "lora"
+    saved = "the LoRA weights"
+
+    def weights_dtype(self, opts, device):
+        """The frozen base in half precision where it can be (bf16 with --weights_dtype bf16)."""
+        return torch.bfloat16 if opts.memory.weights_dtype == "bf16" else frozen_dtype(opts, device)
+
+    def prepare(self, opts, comps, device, weights_dtype) -> Trainable:
+        """Freeze the base, add the adapters (with --train_text_encoder on every text encoder's q/k/v/out_proj)."""
+        train_te = opts.training.train_text_encoder
+        for enc in comps.text_encoders if train_te else []:
+            train_mode_text_encoder(opts, enc, device, weights_dtype)
+            if opts.memory.gradient_checkpointing:  # the frozen embeddings would cut the gradient to the adapters
+                enc.enable_input_require_grads()
+        unet = comps.unet
+        unet.requires_grad_(False)
+        encoders = comps.named_text_encoders
+        for enc in encoders.values():
+            enc.requires_grad_(False)
+        lo = opts.lora
+        conv = (lo.lora_conv_rank or lo.lora_rank) if lo.lora_conv else None
+        unet.add_adapter(lora_config(lo.lora_rank, lo.lora_alpha, lo.lora_dropout, UNET_TARGETS, conv))
+        params = _fp32_adapters(unet)
+        models = {"unet_lora": LoraWeights(unet)}
+        for name, enc in encoders.items() if train_te else ():
+            _inject(enc, lora_config(lo.lora_rank, lo.lora_alpha, lo.lora_dropout, TEXT_TARGETS))
+            params += _fp32_adapters(enc)
+            models[f"{name}_lora"] = LoraWeights(enc)
+        return Trainable(params=params, models=models)
+
+    def save(self, run, out: Path, step: int) -> None:
+        encoders = {n[: -len("_lora")]: m.module for n, m in run.trainable.models.items() if n != "unet_lora"}
+        export_lora(run.opts, run.unet, encoders, out, step, run.identifier)
+        if run.opts.checkpoints.save_single_file:
+            print(f"single file: {out / write_single_file(run.opts, out, out / DIFFUSERS_FILE)}")
+
+    def record(self, opts, run) -> dict:
+        """`dbtrain sample --model OUT` = the base model + this LoRA."""
+        return {"method": "lora", "lora": DIFFUSERS_FILE, "lora_rank": opts.lora.lora_rank,
+                "base_model": str(Path(opts.model.pretrained_model_name_or_path).resolve())}
 
 
 def _pattern(names) -> str:
@@ -101,135 +146,55 @@ def _inject(module, config) -> None:
     module.peft_config = {"default": config}  # what peft's state-dict helpers and diffusers' metadata read
 
 
-def add_adapters(cfg, unet, te, *, train_text_encoder: bool, te2=None) -> tuple[list, dict]:
-    """Freeze the base, add the adapters; (trainable fp32 parameters, checkpoint items). te2: SDXL's second
-    text encoder (adapters on both encoders' q/k/v/out_proj with --train_text_encoder)."""
-    unet.requires_grad_(False)
-    encoders = {"text_encoder": te, "text_encoder_2": te2}
-    for enc in encoders.values():
-        if enc is not None:
-            enc.requires_grad_(False)
-    conv = (cfg.lora_conv_rank or cfg.lora_rank) if cfg.lora_conv else None
-    unet.add_adapter(lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, UNET_TARGETS, conv))
-    params = _fp32_adapters(unet)
-    models = {"unet_lora": LoraWeights(unet)}
-    for name, enc in encoders.items() if train_text_encoder else ():
-        if enc is not None:
-            _inject(enc, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, TEXT_TARGETS))
-            params += _fp32_adapters(enc)
-            models[f"{name}_lora"] = LoraWeights(enc)
-    return params, models
-
-
 def peft_state(module: torch.nn.Module) -> dict:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
 
-def metadata(cfg, identifier: str | None, step: int, out: Path) -> dict:
+def metadata(opts, identifier: str | None, step: int, out: Path) -> dict:
     """The kohya file's small header: base model, rank, alpha, steps, identifier (kohya's ss_* names)."""
-    from trainer.formats.kohya_lora import kohya_metadata
-
-    base = Path(cfg.pretrained_model_name_or_path)
+    lo = opts.lora
+    base = Path(opts.model.pretrained_model_name_or_path)
     te_cfg = base / "text_encoder" / "config.json"
     v2 = te_cfg.is_file() and json.loads(te_cfg.read_text()).get("hidden_act") == "gelu"  # OpenCLIP's
     sched = base / "scheduler" / "scheduler_config.json"
     v_pred = sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
-    conv = (cfg.lora_conv_rank or cfg.lora_rank) if cfg.lora_conv else None
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-    meta = kohya_metadata(rank=cfg.lora_rank, alpha=alpha, base_model=base.resolve().name, v2=v2, v_pred=v_pred,
-                          steps=step, identifier=identifier, name=out.resolve().name, conv_rank=conv,
-                          conv_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else conv)
-    if is_sdxl(base):  # kohya's / modelspec's names for SDXL base LoRAs
-        meta.update(ss_base_model_version="sdxl_base_v1-0", ss_v2="False",
-                    **{"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    conv = (lo.lora_conv_rank or lo.lora_rank) if lo.lora_conv else None
+    alpha = lo.lora_alpha if lo.lora_alpha is not None else lo.lora_rank
+    meta = kohya_lora.kohya_metadata(rank=lo.lora_rank, alpha=alpha, base_model=base.resolve().name, v2=v2,
+                                     v_pred=v_pred, steps=step, identifier=identifier, name=out.resolve().name,
+                                     conv_rank=conv, conv_alpha=lo.lora_alpha if lo.lora_alpha is not None else conv)
+    meta = family_of(base).lora_header(meta)
     meta["dbtrain_base_model"] = str(base.resolve())
     return meta
 
 
 def kohya_name(out: Path) -> str:
-    from trainer.core.export import file_stem
-
     return f"{file_stem(out.resolve().name, 'lora')}.safetensors"
 
 
-def export_lora(cfg, unet, te, out: Path, step: int, identifier: str | None, te2=None) -> list[str]:
-    """Write both LoRA files into `out` (staged, then moved in; see export.install); returns their names.
+def export_lora(opts, unet, text_encoders: dict, out: Path, step: int, identifier: str | None) -> list[str]:
+    """Write both LoRA files into `out` (staged, then moved in; see diffusers_folder.install); returns their names.
+    text_encoders: {component name: encoder} of the encoders whose adapters trained.
 
     The diffusers file keeps peft's names (`unet.<module>.lora_A.weight`), which diffusers' loader reads
     as it reads its own scripts' files; the header holds each adapter's config (rank, alpha, patterns).
-    SDXL (te2: its second text encoder's adapters): StableDiffusionXLPipeline.save_lora_weights, and kohya's
-    lora_te1_ / lora_te2_ names."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.training_utils import _collate_lora_metadata
-
-    from trainer.formats import outdir
-    from trainer.core.export import install, staging
-    from trainer.formats import kohya_lora
-
-    parts = {"unet": peft_state(unet)}
-    if te is not None:
-        parts["text_encoder"] = peft_state(te)
-    if te2 is not None:
-        parts["text_encoder_2"] = peft_state(te2)
-    sdxl = is_sdxl(cfg.pretrained_model_name_or_path)
+    The kohya file has the family's names (SDXL: lora_te1_ / lora_te2_ and its base-model version)."""
+    family = family_of(opts.model.pretrained_model_name_or_path)
+    parts = {"unet": peft_state(unet), **{n: peft_state(e) for n, e in text_encoders.items()}}
     need = 2 * sum(t.numel() * 4 for sd in parts.values() for t in sd.values()) + outdir.MB
     outdir.require_space(out, need, "the LoRA weights")
-    tmp = staging(out)
+    tmp = diffusers_folder.staging(out)
     name = kohya_name(out)
     try:
         tmp.mkdir(parents=True)
-        kw = {"text_encoder_2_lora_layers": parts.get("text_encoder_2")} if sdxl else {}
-        modules = {"unet": unet, "text_encoder": te, **({"text_encoder_2": te2} if sdxl else {})}
-        (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
-            tmp, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts.get("text_encoder"),
-            safe_serialization=True, **kw, **_collate_lora_metadata(modules))
-        # (to_kohya names SDXL's encoders lora_te1_/lora_te2_ when text_encoder_2 is among the parts)
-        kparts = {**parts, "text_encoder_2": parts.get("text_encoder_2", {})} if sdxl else parts
-        kohya_lora.save_kohya_lora(tmp / name, kohya_lora.to_kohya(kparts, alpha=cfg.lora_alpha),
-                                   metadata(cfg, identifier, step, out))
+        modules = {"unet": unet, **dict.fromkeys(family.text_encoder_names), **text_encoders}
+        family.save_lora_weights(tmp, parts, modules)
+        state = family.kohya_names(kohya_lora.to_kohya(parts, alpha=opts.lora.lora_alpha))
+        kohya_lora.save_kohya_lora(tmp / name, state, metadata(opts, identifier, step, out))
     except OSError as e:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise outdir.failed_write(out, "the LoRA weights", e, need) from e
-    install(out, tmp)
+    diffusers_folder.install(out, tmp)
     return [DIFFUSERS_FILE, name]
-
-
-# --- using a LoRA: `dbtrain sample|eval --lora FILE [--lora_scale S]`, or a LoRA output folder as --model ---
-
-def lora_files_of(model, given=None) -> list[Path]:
-    """The LoRA files to apply: a LoRA output folder's own file first, then those given."""
-    files = []
-    own = Path(model) / DIFFUSERS_FILE
-    if own.is_file() and not (Path(model) / "model_index.json").is_file():
-        files.append(own)
-    for f in given or []:
-        f = Path(f)
-        if f.is_dir() and (f / DIFFUSERS_FILE).is_file():
-            f = f / DIFFUSERS_FILE
-        if not f.is_file():
-            raise UserError(f"--lora {f}: no such file (a .safetensors LoRA, or a dbtrain LoRA output folder)")
-        files.append(f)
-    return files
-
-
-def apply_loras(pipe, files, scale: float = 1.0, say=print) -> None:
-    """Merge each LoRA file (kohya or diffusers names) into the pipeline's weights at `scale` (our merge, the
-    same W += scale * alpha/rank * up @ down as diffusers' fuse_lora); a file made for another model is one
-    clear line."""
-    from trainer.formats import kohya_lora
-
-    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
-        modules["text_encoder_2"] = pipe.text_encoder_2
-    for f in files:
-        sd, meta = kohya_lora.read_lora(f)
-        try:  # (a failed merge ends the command: the half-merged pipeline is never used)
-            n = kohya_lora.merge_into(modules, kohya_lora.lora_updates(sd, meta, modules), scale)
-        except UserError as e:
-            raise UserError(f"--lora {f}: {e}") from None
-        say(f"LoRA {f}: {n} weights merged at scale {scale:g}")
-

@@ -1,296 +1,323 @@
-"""Training options: diffusers' train_dreambooth.py flag names plus ours, and a TOML file.
+"""The options of a training run, one dataclass per concern, and `dbtrain train`'s flags.
 
-`--config run.toml` supplies defaults with the same keys as the flags (without the
-dashes); flags given on the command line override it.
+Every field is a flag under diffusers' train_dreambooth.py name where it has one (dbtrain's own
+otherwise); `TRAIN_LAYOUT` groups them for --help. `parse(argv)` gives a checked TrainOptions
+with diffusers' flags mapped onto ours (each said in a note line). No torch here.
 """
 from __future__ import annotations
 
-import argparse
-import math
-import re
-import tomllib
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from trainer.options import diffusers_flags as flag_notes
-from trainer.errors import UserError
+from trainer.options import spec
+from trainer.options.spec import flag, on_off
 
-# the image suffixes trainer.data reads (kept here too: this module imports no torch / PIL)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Every option's default at the end of its help line (on/off for switches)."""
-
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=38)
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (action.default is argparse.SUPPRESS or action.required or "%(default)" in text
-                or not action.option_strings or action.dest == "help"):
-            return text
-        d = action.default
-        if d is None:
-            return text  # the help line says what "not given" means
-        shown = ("on" if d else "off") if isinstance(d, bool) else d
-        return f"{text} (default: {str(shown).replace('%', '%%')})"
+INTERPOLATIONS = ("bilinear", "nearest", "nearest_exact", "bicubic", "box", "hamming", "lanczos")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw8bit", "adamw", "bnb8bit")
+DEFAULT_STEPS = 800  # --max_train_steps when neither it nor --num_train_epochs is given
+METHODS = ("dreambooth", "textual_inversion")  # what trains: dbtrain train's, dbtrain textual-inversion's
 
 
-def _bool(text: str) -> bool:
-    low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+@dataclass
+class ModelOptions:
+    pretrained_model_name_or_path: str | None = flag(
+        None, "local diffusers folder of the base model (SD 1.x / 2.x); required, nothing is downloaded", metavar="DIR")
+    revision: str | None = flag(None, "hub revision of the base model: a local folder has none, so it is ignored "
+                                "with a note (check that revision out into a folder instead)", metavar="REV")
+    variant: str | None = flag(None, "load the base model's weight variant, e.g. fp16: the *.fp16.safetensors files "
+                               "of its folders (not given: the plain files)", metavar="NAME")
+    tokenizer_name: str | None = flag(None, "a local tokenizer folder to use instead of the base model's tokenizer/ "
+                                      "(not given: the model's)", metavar="DIR")
+    pretrained_vae_model_name_or_path: str | None = flag(
+        None, "a local VAE folder (AutoencoderKL) to use instead of the model's vae/, e.g. an fp16-safe SDXL VAE "
+        "(train_dreambooth_lora_sdxl.py's flag)", metavar="DIR")
 
 
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+@dataclass
+class DataOptions:
+    instance_data_dir: str | None = flag(None, "folder with the 3-5 subject images; required", metavar="DIR")
+    instance_prompt: str | None = flag(None, 'prompt of the subject images, e.g. "a photo of [V] dog" ([V] becomes '
+                                       "--identifier); required", metavar="TEXT")
+    caption_extension: str | None = flag(
+        None, "per-image captions (kohya's convention): photo.txt beside photo.png is that image's instance prompt "
+        "([V] substituted); images without one use --instance_prompt (not given: --instance_prompt for all)",
+        metavar="EXT")
+    identifier: str = flag("sks", 'the rare token that replaces [V], or "auto" to pick one from the tokenizer as the '
+                           "paper does", metavar="WORD")
+    resolution: int = flag(512, "training image size in pixels (a multiple of 8)", type=int)
+    center_crop: bool = flag(False, "crop non-square images at the center instead of at random")
+    random_flip: bool = flag(False, "random horizontal flip of the training images")
+    image_interpolation_mode: str | None = flag(
+        None, "resize filter of the training images (not given: bilinear, as train_dreambooth.py; "
+        "train_dreambooth_lora.py's is lanczos)", choices=INTERPOLATIONS)
+    tokenizer_max_length: int | None = flag(None, "tokens per prompt (not given: the tokenizer's model_max_length, "
+                                            "77 for CLIP)", type=int)
+    text_encoder_use_attention_mask: bool = flag(False, "pass the padding mask to the text encoder")
+    dataloader_num_workers: int = flag(0, "accepted: dbtrain has no DataLoader (images are decoded once, their "
+                                       "latents cached)", type=int)
+    # Textual Inversion (textual_inversion.py's flags; dbtrain train has none of them)
+    learnable_property: str = flag("object", "prompt templates of the original work: objects or styles",
+                                   choices=("object", "style"))
+    repeats: int = flag(100, "accepted for diffusers' command lines; dbtrain draws images at random every step, so "
+                        "steps (not epochs) count", type=int)
+    prompt_templates: list[str] | None = None  # Textual Inversion's templates, "{}" the placeholder (no flag)
 
 
-def option_adder(group):
-    """group.add_argument with short metavars: N for counts, X for numbers."""
-    def add(*names, **kw):
-        if "metavar" not in kw and not kw.get("choices") and kw.get("type") in (int, float):
-            kw["metavar"] = "N" if kw["type"] is int else "X"
-        return group.add_argument(*names, **kw)
-    return add
+@dataclass
+class PriorOptions:
+    with_prior_preservation: bool = flag(False, "also train on class images of the frozen model (keeps the class "
+                                         "prior)")
+    class_data_dir: str | None = flag(None, "folder of class images; missing ones are generated there", metavar="DIR")
+    class_prompt: str | None = flag(None, 'prompt of the class images, e.g. "a photo of dog"', metavar="TEXT")
+    num_class_images: int = flag(100, "class images to use (generated if fewer exist)", type=int)
+    prior_loss_weight: float = flag(1.0, "weight of the class term of the loss", type=float)
+    sample_batch_size: int = flag(4, "batch size when generating class images", type=int)
+    prior_generation_precision: str | None = flag(
+        None, "dtype of the pipeline that draws the class images (not given or no: the --mixed_precision dtype on a "
+        "GPU, fp32 on a CPU)", choices=("no", "fp32", "fp16", "bf16"))
+    class_inference_steps: int = flag(50, "denoising steps per generated class image", type=int)
 
 
-LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+@dataclass
+class TrainingOptions:
+    seed: int = flag(0, "seed of every random draw (same seed, same run)", type=int)
+    train_text_encoder: bool = flag(False, "fine-tune the text encoder too")
+    train_batch_size: int = flag(1, "instance images per step (as many class images)", type=int)
+    max_train_steps: int | None = flag(None, f"optimizer steps of the run; not given: from --num_train_epochs if "
+                                       f"that is given (default: {DEFAULT_STEPS})", type=int)
+    num_train_epochs: int | None = flag(None, "passes over the images; --max_train_steps = epochs x "
+                                        "ceil(ceil(images / batch) / accumulation), as diffusers (a given "
+                                        "--max_train_steps wins)", type=int)
+    gradient_accumulation_steps: int = flag(1, "forward/backward passes per optimizer step", type=int)
+    max_grad_norm: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", type=float)
+    snr_gamma: float | None = flag(None, "min-SNR loss weighting gamma, e.g. 5.0 (not given: off)", type=float)
+    offset_noise: float = flag(0.0, "offset-noise strength; alone it means diffusers' switch, 0.1 (0 = off)",
+                               type=float, nargs="?", const=0.1)
+    class_labels_conditioning: str | None = flag(None, "pass the timesteps as the UNet's class_labels (for UNets "
+                                                 "with a class embedding)", choices=("timesteps",))
+    kernels: bool = flag(True, "on: dbkernels loss and attention; off: PyTorch's", type=on_off, metavar="on|off")
+    log_every: int = flag(10, "a log line every this many steps", type=int)
 
 
-def add_adam_flags(g) -> None:
-    """diffusers' AdamW flags, shared by `dbtrain train` and `dbtrain textual-inversion`."""
-    g("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
-    g("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+@dataclass
+class OptimizerOptions:
+    optimizer: str = flag("adamw8bit", "adamw8bit: ours (8-bit states); adamw: torch.optim.AdamW; bnb8bit: "
+                          "bitsandbytes", choices=OPTIMIZERS)
+    learning_rate: float = flag(5e-6, "peak learning rate", type=float)
+    scale_lr: bool = flag(False, "multiply the learning rate by accumulation steps x batch size x processes (1)")
+    lr_scheduler: str = flag("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = flag(0, "steps of linear warm-up", type=int)
+    lr_num_cycles: int = flag(1, "cycles of cosine_with_restarts", type=int)
+    lr_power: float = flag(1.0, "power of the polynomial schedule", type=float)
+    adam_beta1: float = flag(0.9, "AdamW beta1", type=float)
+    adam_beta2: float = flag(0.999, "AdamW beta2", type=float)
+    adam_weight_decay: float = flag(1e-2, "AdamW decoupled weight decay", type=float)
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon", type=float)
+    use_8bit_adam: bool = flag(False, "diffusers' switch: our 8-bit AdamW (--optimizer adamw8bit, already the "
+                               "default)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dbtrain train", formatter_class=HelpFormatter,
-        description="DreamBooth fine-tuning on our kernels. The flags are those of diffusers' "
-                    "examples/dreambooth/train_dreambooth.py, plus dbtrain's own (last group).")
-    # "-1e-4", "-inf" are values, not flags (argparse alone only knows "-1" and "-.5"), so that
-    # `--learning_rate -1e-4` gets the range message instead of "expected one argument"
-    p._negative_number_matcher = _NEGATIVE_NUMBER
-    g = option_adder(p.add_argument_group("model and data"))
-    g("--pretrained_model_name_or_path", metavar="DIR",
-      help="local diffusers folder of the base model (SD 1.x / 2.x); required, nothing is downloaded")
-    g("--instance_data_dir", metavar="DIR", help="folder with the 3-5 subject images; required")
-    g("--instance_prompt", metavar="TEXT", help='prompt of the subject images, e.g. "a photo of [V] dog" '
-      "([V] becomes --identifier); required")
-    g("--caption_extension", default=None, metavar="EXT",
-      help="per-image captions (kohya's convention): photo.txt beside photo.png is that image's instance prompt "
-           "([V] substituted); images without one use --instance_prompt (not given: --instance_prompt for all)")
-    g("--output_dir", default="dreambooth-model", metavar="DIR",
-      help="where the model, checkpoints and logs go: a new folder, an empty one, or a previous dbtrain run "
-           "(then with --resume_from_checkpoint latest)")
-    g("--resolution", type=int, default=512, help="training image size in pixels (a multiple of 8)")
-    g("--center_crop", action="store_true", help="crop non-square images at the center instead of at random")
-    g("--seed", type=int, default=0, help="seed of every random draw (same seed, same run)")
-    flag_notes.add_flags(g, ("revision", "variant", "tokenizer_name", "image_interpolation_mode",
-                             "pretrained_vae_model_name_or_path"))
-    g = option_adder(p.add_argument_group("prior preservation"))
-    g("--with_prior_preservation", action="store_true",
-      help="also train on class images of the frozen model (keeps the class prior)")
-    g("--class_data_dir", metavar="DIR", help="folder of class images; missing ones are generated there")
-    g("--class_prompt", metavar="TEXT", help='prompt of the class images, e.g. "a photo of dog"')
-    g("--num_class_images", type=int, default=100, help="class images to use (generated if fewer exist)")
-    g("--prior_loss_weight", type=float, default=1.0, help="weight of the class term of the loss")
-    g("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
-    flag_notes.add_flags(g, ("prior_generation_precision",))
-    g = option_adder(p.add_argument_group("training"))
-    g("--train_text_encoder", action="store_true", help="fine-tune the text encoder too")
-    g("--train_batch_size", type=int, default=1, help="instance images per step (as many class images)")
-    g("--max_train_steps", type=int, default=None, help=f"optimizer steps of the run; not given: from "
-      f"--num_train_epochs if that is given (default: {flag_notes.DEFAULT_STEPS})")
-    flag_notes.add_flags(g, ("num_train_epochs",))
-    g("--gradient_accumulation_steps", type=int, default=1, help="forward/backward passes per optimizer step")
-    g("--learning_rate", type=float, default=5e-6, help="peak learning rate")
-    g("--lr_scheduler", default="constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
-    g("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up")
-    flag_notes.add_flags(g, ("lr_num_cycles", "lr_power", "scale_lr"))
-    add_adam_flags(g)
-    g("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
-    g("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, e.g. 5.0 (not given: off)")
-    g("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
-      help="offset-noise strength; alone it means diffusers' switch, 0.1 (0 = off)")
-    flag_notes.add_flags(g, ("tokenizer_max_length", "text_encoder_use_attention_mask", "class_labels_conditioning"))
-    g = option_adder(p.add_argument_group("memory and speed"))
-    g("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    g("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
-      help="autocast dtype; on a CPU fp16 runs 2-3x slower than no (bf16 about as fast as no)")
-    flag_notes.add_flags(g, ("allow_tf32",))
-    g = option_adder(p.add_argument_group("checkpoints and logging"))
-    g("--checkpointing_steps", type=int, default=500,
-      help="save output_dir/checkpoint-<step> every this many steps (and on Ctrl-C / SIGTERM)")
-    g("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints "
-      "(not given: keep all)")
-    g("--resume_from_checkpoint", default=None, metavar="PATH|latest",
-      help='continue from a checkpoint folder, or "latest" (the newest intact one; none yet: start at step 0)')
-    g("--validation_prompt", default=None, metavar="TEXT",
-      help="prompt of the validation grids in output_dir/validation (not given: no validation)")
-    g("--validation_steps", type=int, default=100, help="validation grid every this many steps")
-    g("--num_validation_images", type=int, default=4, help="images per validation grid")
-    flag_notes.add_flags(g, ("validation_scheduler", "validation_epochs", "validation_images", "logging_dir",
-                             "report_to", "skip_save_text_encoder"))
-    g = option_adder(p.add_argument_group("LoRA (train_dreambooth_lora.py's and kohya's names)"))
-    flag_notes.add_lora_flags(g)
-    g = option_adder(p.add_argument_group("diffusers' flags that dbtrain does its own way (each prints a note)"))
-    flag_notes.add_flags(g, ("use_8bit_adam", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
-                             "pre_compute_text_embeddings", "dataloader_num_workers", "local_rank", "push_to_hub",
-                             "hub_token", "hub_model_id"))
-    g = option_adder(p.add_argument_group("ours (dbtrain's own, not in diffusers' train_dreambooth.py)"))
-    g("--config", default=None, metavar="TOML", help="TOML file with any of these options, same keys without "
-      "the dashes (flags given here override it)")
-    g("--identifier", default="sks", metavar="WORD",
-      help='the rare token that replaces [V], or "auto" to pick one from the tokenizer as the paper does')
-    g("--random_flip", action="store_true", help="random horizontal flip of the training images")
-    g("--train_text_embedding", action="store_true",
-      help="pivotal tuning: [V] becomes new token(s) whose embeddings train with the UNet for the first "
-           "--text_embedding_frac of the steps, then freeze; learned_embeds.safetensors is written beside the model")
-    g("--text_embedding_frac", type=float, default=0.5, help="fraction of the steps that train the new embeddings")
-    g("--text_embedding_lr", type=float, default=None, metavar="LR",
-      help="learning rate of the new embeddings (not given: --learning_rate); Textual Inversion uses ~5e-3")
-    g("--placeholder_token", default=None, metavar="TOKEN",
-      help="the new token of --train_text_embedding (not given: <identifier>, e.g. <sks>)")
-    g("--initializer_token", default=None, metavar="WORD",
-      help="one-token word whose embedding starts the new rows (not given: the identifier)")
-    g("--num_vectors", type=int, default=1, help="embedding vectors (tokens) of --train_text_embedding")
-    g("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
-    g("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw", "bnb8bit"],
-      help="adamw8bit: ours (8-bit states); adamw: torch.optim.AdamW; bnb8bit: bitsandbytes")
-    g("--weights_dtype", default="fp32", choices=["fp32", "bf16"],
-      help="fp32 master weights, or pure bf16 weights (stochastic rounding with adamw8bit)")
-    g("--step_in_backward", action="store_true", help="optimizer step inside backward, gradients freed at once "
-      "(adamw8bit; less memory)")
-    g("--kernels", type=_bool, default="on", metavar="on|off",
-      help="on: dbkernels loss and attention; off: PyTorch's")
-    g("--log_every", type=int, default=10, help="a log line every this many steps")
-    g("--device", default=None, metavar="cuda|cpu", help="cuda or cpu (not given: cuda if available; under "
-      "torchrun each rank takes cuda:LOCAL_RANK)")
-    g("--ddp_timeout", type=int, default=1800, metavar="S", help="torchrun: seconds a rank waits for the others "
-      "(a rank that died or hangs ends the run with an error after this; rank 0's export must fit in it)")
-    g("--shard", action="store_true", help="torchrun: split the optimizer state and the gradients over the ranks "
-      "(ZeRO stage 2: each rank updates its share of the parameters; the weights stay whole on every rank)")
-    return p
+@dataclass
+class MemoryOptions:
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward (less memory)")
+    mixed_precision: str = flag("no", "autocast dtype; on a CPU fp16 runs 2-3x slower than no (bf16 about as fast "
+                                "as no)", choices=("no", "fp16", "bf16"))
+    allow_tf32: bool = flag(False, "TF32 matmuls and convolutions on Ampere+ GPUs")
+    weights_dtype: str = flag("fp32", "fp32 master weights, or pure bf16 weights (stochastic rounding with "
+                              "adamw8bit)", choices=("fp32", "bf16"))
+    step_in_backward: bool = flag(False, "optimizer step inside backward, gradients freed at once (adamw8bit; less "
+                                  "memory)")
+    enable_xformers_memory_efficient_attention: bool = flag(False, "diffusers' switch: our fused attention kernels "
+                                                            "(--kernels on) instead")
+    set_grads_to_none: bool = flag(False, "accepted: gradients are always set to None")
+    pre_compute_text_embeddings: bool = flag(False, "accepted: with a frozen text encoder the prompt embeddings are "
+                                             "always computed once")
 
 
-def config_file_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """--config run.toml: its keys become the parser's defaults, so flags given on the line override them."""
-    first, _ = parser.parse_known_args(argv)
-    if not first.config:
-        return
-    path = Path(first.config)
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"--config {path}: not valid TOML ({e})") from e
-    unknown = sorted(set(table) - {act.dest for act in parser._actions})
-    if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    parser.set_defaults(**table)
+@dataclass
+class CheckpointOptions:
+    output_dir: str = flag("dreambooth-model", "where the model, checkpoints and logs go: a new folder, an empty one, "
+                           "or a previous dbtrain run (then with --resume_from_checkpoint latest)", metavar="DIR")
+    checkpointing_steps: int = flag(500, "save output_dir/checkpoint-<step> every this many steps (and on Ctrl-C / "
+                                    "SIGTERM)", type=int)
+    checkpoints_total_limit: int | None = flag(None, "keep only the newest N checkpoints (not given: keep all)",
+                                               type=int)
+    resume_from_checkpoint: str | None = flag(None, 'continue from a checkpoint folder, or "latest" (the newest intact '
+                                              "one; none yet: start at step 0)", metavar="PATH|latest")
+    save_single_file: bool = flag(False, "also write the single-file .safetensors at the end")
+    single_file_half: bool = flag(False, "write that single file in fp16")
+    skip_save_text_encoder: bool = flag(False, "save the pipeline without its text_encoder/")
+    # Textual Inversion (textual_inversion.py's flags)
+    save_steps: int | None = flag(None, "write learned_embeds-steps-<N>.safetensors every N steps", type=int)
+    save_as_full_pipeline: bool = flag(False, "accepted: the output is the embedding files; dbtrain sample --model "
+                                       "OUTPUT_DIR loads them on the base model")
+    no_safe_serialization: bool = flag(False, "accepted: embeddings are always written as .safetensors (plus the "
+                                       "A1111 .pt)")
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
-    config_file_defaults(parser, argv)
-    cfg = parser.parse_args(argv)
-    check(cfg)
-    flag_notes.apply(cfg, UserError)
-    return cfg
+@dataclass
+class LoggingOptions:
+    logging_dir: str = flag("logs", "step log (train_log.jsonl) and TensorBoard folder, relative to output_dir",
+                            metavar="DIR")
+    report_to: str | None = flag(None, "tensorboard (event files when tensorboard is installed), wandb, comet_ml or "
+                                 "all; the JSONL step log is always written (not given: tensorboard, without a note "
+                                 "when it is not installed)", metavar="NAME")
+    validation_prompt: str | None = flag(None, "prompt of the validation grids in output_dir/validation (not given: "
+                                         "no validation)", metavar="TEXT")
+    validation_steps: int = flag(100, "validation grid every this many steps", type=int)
+    num_validation_images: int = flag(4, "images per validation grid", type=int)
+    validation_scheduler: str | None = flag(None, "sampler of the validation grids (not given: the model's own)",
+                                            choices=("DPMSolverMultistepScheduler", "DDPMScheduler"))
+    validation_epochs: int | None = flag(None, "validation every this many epochs (sets --validation_steps; not "
+                                         "given: --validation_steps)", type=int)
+    validation_images: list[str] | None = flag(None, "accepted: input images of image-conditioned pipelines; SD "
+                                               "text-to-image validation uses none", nargs="+", metavar="FILE")
+    push_to_hub: bool = flag(False, "accepted, nothing is uploaded (no network); upload output_dir afterwards with "
+                             "huggingface-cli upload")
+    hub_token: str | None = flag(None, "accepted, never used nor stored", metavar="TOKEN")
+    hub_model_id: str | None = flag(None, "accepted: the repo name shown in the upload hint", metavar="ID")
 
 
-def check(cfg: argparse.Namespace) -> None:
-    """Option errors that need no file access (run before anything is loaded)."""
-    for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
-        if not getattr(cfg, name):
-            raise UserError(f"--{name} is required")
-    ext = getattr(cfg, "caption_extension", None)
-    if ext is not None and (not str(ext).strip(".").strip() or "/" in str(ext) or str(ext).strip().lower().lstrip(".")
-                            in {s.lstrip(".") for s in IMAGE_SUFFIXES}):
-        raise UserError(f"--caption_extension must be a file suffix such as .txt or .caption, got {ext!r}")
-    if cfg.resolution <= 0 or cfg.resolution % 8:
-        raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
-                        f"got {cfg.resolution}")
-    if cfg.with_prior_preservation:
-        if not cfg.class_prompt:
-            raise UserError("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
-        if not cfg.class_data_dir:
-            raise UserError("--with_prior_preservation needs --class_data_dir (class images are generated "
-                            "there if it holds fewer than --num_class_images)")
-        if cfg.num_class_images < 1:
-            raise UserError(f"--num_class_images must be >= 1, got {cfg.num_class_images}")
-    if isinstance(cfg.offset_noise, bool):  # `offset_noise = true` in a --config file: diffusers' switch, 0.1
-        cfg.offset_noise = 0.1 if cfg.offset_noise else 0.0
-    if cfg.max_train_steps is None and getattr(cfg, "num_train_epochs", None) is None:
-        cfg.max_train_steps = flag_notes.DEFAULT_STEPS
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "sample_batch_size", "log_every", "validation_steps", "num_validation_images",
-                 "class_inference_steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
-        raise UserError(f"--max_train_steps must be >= 1, got {cfg.max_train_steps}")
-    flag_notes.check_numbers(cfg, UserError)
-    flag_notes.check_lora(cfg, UserError)
-    for name in ("num_class_images", "lr_warmup_steps", "seed"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise UserError(f"--checkpoints_total_limit must be >= 1 (or not given: keep all), "
-                        f"got {cfg.checkpoints_total_limit}")
-    _check_numbers(cfg)
-    if not str(cfg.identifier).strip() or len(str(cfg.identifier).split()) != 1:
-        raise UserError(f"--identifier must be one word (or auto), got {cfg.identifier!r}")
-    if cfg.step_in_backward:
-        if cfg.optimizer != "adamw8bit":
-            raise UserError("--step_in_backward needs --optimizer adamw8bit")
-        if cfg.gradient_accumulation_steps > 1:
-            raise UserError("--step_in_backward cannot accumulate gradients (each is applied and freed in "
-                            "backward); use --gradient_accumulation_steps 1")
-        if cfg.mixed_precision == "fp16":
-            raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
-    if getattr(cfg, "text_embedding_lr", None) is not None and not getattr(cfg, "train_text_embedding", False):
-        raise UserError("--text_embedding_lr is the learning rate of --train_text_embedding's new token rows; add "
-                        "--train_text_embedding, or leave it out")
-    if getattr(cfg, "train_text_embedding", False):
-        if cfg.train_text_encoder and getattr(cfg, "train_unet", True):
-            raise UserError("--train_text_embedding trains new token rows of a frozen text encoder; it cannot be "
-                            "combined with --train_text_encoder")
-        frac = cfg.text_embedding_frac
-        if not math.isfinite(frac) or not 0 < frac <= 1:
-            raise UserError(f"--text_embedding_frac must be > 0 and <= 1, got {frac}")
-        if cfg.num_vectors < 1:
-            raise UserError(f"--num_vectors must be >= 1, got {cfg.num_vectors}")
-        for name in ("placeholder_token", "initializer_token"):
-            v = getattr(cfg, name)
-            if v is not None and (not str(v).strip() or len(str(v).split()) != 1):
-                raise UserError(f"--{name} must be one word without spaces, got {v!r}")
-    if cfg.device is not None and str(cfg.device).split(":")[0] not in ("cuda", "cpu"):
-        raise UserError(f"--device must be cuda, cuda:N or cpu, got {cfg.device!r}")
+@dataclass
+class LoraOptions:
+    lora_rank: int | None = flag(None, "train LoRA adapters of this rank instead of the full UNet (not given: full "
+                                 "fine-tuning; train_dreambooth_lora.py's default is 4, so add --rank 4 to its "
+                                 "command lines that have none)", aliases=("--rank",), type=int)
+    lora_alpha: float | None = flag(None, "LoRA scale numerator: updates are scaled by alpha / rank (not given: = "
+                                    "rank, scale 1)", type=float)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA branch, in [0, 1)", type=float)
+    lora_conv: bool = flag(False, "also adapt the 3x3 resnet convolutions (kohya's conv_dim)")
+    lora_conv_rank: int | None = flag(None, "rank of the conv adapters (not given: --lora_rank)", type=int)
 
 
-# (flag, lowest allowed, lowest is allowed, highest or None, highest is allowed); every one must be finite
-_RANGES = (("learning_rate", 0, True, None, False), ("prior_loss_weight", 0, True, None, False),
-           ("adam_beta1", 0, True, 1, False), ("adam_beta2", 0, True, 1, False),
-           ("adam_weight_decay", 0, True, None, False), ("adam_epsilon", 0, False, None, False),
-           ("max_grad_norm", 0, True, None, False), ("offset_noise", 0, True, None, False),
-           ("snr_gamma", 0, False, None, False), ("text_embedding_lr", 0, False, None, False))
+@dataclass
+class EmbeddingOptions:
+    train_text_embedding: bool = flag(
+        False, "pivotal tuning: [V] becomes new token(s) whose embeddings train with the UNet for the first "
+        "--text_embedding_frac of the steps, then freeze; learned_embeds.safetensors is written beside the model")
+    text_embedding_frac: float = flag(0.5, "fraction of the steps that train the new embeddings", type=float)
+    text_embedding_lr: float | None = flag(None, "learning rate of the new embeddings (not given: --learning_rate); "
+                                           "Textual Inversion uses ~5e-3", type=float, metavar="LR")
+    placeholder_token: str | None = flag(None, "the new token of --train_text_embedding (not given: <identifier>, "
+                                         "e.g. <sks>)", metavar="TOKEN")
+    initializer_token: str | None = flag(None, "one-token word whose embedding starts the new rows (not given: the "
+                                         "identifier)", metavar="WORD")
+    num_vectors: int = flag(1, "embedding vectors (tokens) of --train_text_embedding", type=int)
 
 
-def _check_numbers(cfg) -> None:
-    for name, lo, lo_ok, hi, hi_ok in _RANGES:
-        v = getattr(cfg, name)
-        if v is None:
-            continue
-        if not math.isfinite(v):
-            raise UserError(f"--{name} must be a finite number, got {v}")
-        if v < lo or (v == lo and not lo_ok) or (hi is not None and (v > hi or (v == hi and not hi_ok))):
-            rng = (f"{'>=' if lo_ok else '>'} {lo}" + (f" and {'<=' if hi_ok else '<'} {hi}" if hi is not None
-                                                        else ""))
-            raise UserError(f"--{name} must be {rng}, got {v}")
+@dataclass
+class DistributedOptions:
+    device: str | None = flag(None, "cuda or cpu (not given: cuda if available; under torchrun each rank takes "
+                              "cuda:LOCAL_RANK)", metavar="cuda|cpu")
+    ddp_timeout: int = flag(1800, "torchrun: seconds a rank waits for the others (a rank that died or hangs ends the "
+                            "run with an error after this; rank 0's export must fit in it)", type=int, metavar="S")
+    shard: bool = flag(False, "torchrun: split the optimizer state and the gradients over the ranks (ZeRO stage 2: "
+                       "each rank updates its share of the parameters; the weights stay whole on every rank)")
+    local_rank: int = flag(-1, "accepted: under torchrun each rank's device comes from LOCAL_RANK (data parallel, see "
+                           "--ddp_timeout)", type=int)
+
+
+@dataclass
+class TrainOptions:
+    """Everything a training run is told, by concern (`opts.optim.learning_rate`, `opts.lora.lora_rank`, ...)."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    prior: PriorOptions = field(default_factory=PriorOptions)
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    optim: OptimizerOptions = field(default_factory=OptimizerOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    checkpoints: CheckpointOptions = field(default_factory=CheckpointOptions)
+    logging: LoggingOptions = field(default_factory=LoggingOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)
+    distributed: DistributedOptions = field(default_factory=DistributedOptions)
+    method: str = "dreambooth"  # one of METHODS (dbtrain textual-inversion sets textual_inversion)
+    config: str | None = flag(None, "TOML file with any of these options, same keys without the dashes (flags given "
+                              "here override it)", metavar="TOML")
+
+    CONCERNS: ClassVar[tuple[str, ...]] = ("model", "data", "prior", "training", "optim", "memory", "checkpoints",
+                                           "logging", "lora", "embedding", "distributed")
+
+    @property
+    def trains_unet(self) -> bool:
+        """Whether the UNet (or LoRA adapters on it) trains; Textual Inversion trains only new token rows."""
+        return self.method != "textual_inversion"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora.lora_rank is not None
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        """Every flag's field, by flag name (dest), across the concerns."""
+        out = spec.flag_fields(cls)
+        for name in cls.CONCERNS:
+            out.update(spec.flag_fields(cls.__dataclass_fields__[name].default_factory))
+        return out
+
+    @classmethod
+    def from_flags(cls, values: dict, **fixed) -> "TrainOptions":
+        """From parsed flags (dest -> value); flags a command lacks keep their defaults."""
+        kinds = {name: cls.__dataclass_fields__[name].default_factory for name in cls.CONCERNS}
+        top = {k: v for k, v in values.items() if k == "config"}
+        return cls(**{name: spec.pick(kind, values) for name, kind in kinds.items()}, **top, **fixed)
+
+    def to_dict(self) -> dict:
+        """Flat {flag name: value} (what checkpoints and the run's marker record)."""
+        out = {"method": self.method, "config": self.config}
+        for name in self.CONCERNS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+
+# `dbtrain train --help`: the groups and the order of their flags
+TRAIN_LAYOUT = (
+    ("model and data", ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "caption_extension",
+                        "output_dir", "resolution", "center_crop", "seed", "revision", "variant", "tokenizer_name",
+                        "image_interpolation_mode", "pretrained_vae_model_name_or_path")),
+    ("prior preservation", ("with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images",
+                            "prior_loss_weight", "sample_batch_size", "prior_generation_precision")),
+    ("training", ("train_text_encoder", "train_batch_size", "max_train_steps", "num_train_epochs",
+                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
+                  "lr_power", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                  "max_grad_norm", "snr_gamma", "offset_noise", "tokenizer_max_length",
+                  "text_encoder_use_attention_mask", "class_labels_conditioning")),
+    ("memory and speed", ("gradient_checkpointing", "mixed_precision", "allow_tf32")),
+    ("checkpoints and logging", ("checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+                                 "validation_prompt", "validation_steps", "num_validation_images",
+                                 "validation_scheduler", "validation_epochs", "validation_images", "logging_dir",
+                                 "report_to", "skip_save_text_encoder")),
+    ("LoRA (train_dreambooth_lora.py's and kohya's names)", ("lora_rank", "lora_alpha", "lora_dropout", "lora_conv",
+                                                             "lora_conv_rank", "save_single_file",
+                                                             "single_file_half")),
+    ("diffusers' flags that dbtrain does its own way (each prints a note)", (
+        "use_8bit_adam", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+        "pre_compute_text_embeddings", "dataloader_num_workers", "local_rank", "push_to_hub", "hub_token",
+        "hub_model_id")),
+    ("ours (dbtrain's own, not in diffusers' train_dreambooth.py)", (
+        "config", "identifier", "random_flip", "train_text_embedding", "text_embedding_frac", "text_embedding_lr",
+        "placeholder_token", "initializer_token", "num_vectors", "class_inference_steps", "optimizer",
+        "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard")),
+)
+TI_ONLY = ("learnable_property", "repeats", "save_steps", "save_as_full_pipeline", "no_safe_serialization")
+
+
+def build_parser(prog: str = "dbtrain train"):
+    p = spec.parser(prog, "DreamBooth fine-tuning on our kernels. The flags are those of diffusers' "
+                          "examples/dreambooth/train_dreambooth.py, plus dbtrain's own (last group).")
+    return spec.build(p, TRAIN_LAYOUT, TrainOptions.fields())
+
+
+def parse(argv: list[str]) -> TrainOptions:
+    """`dbtrain train`'s flags (and --config file) as checked options, diffusers' flags mapped (with notes)."""
+    from trainer.options import checks, diffusers_flags
+
+    p = build_parser()
+    spec.config_file_defaults(p, argv)
+    opts = TrainOptions.from_flags(vars(p.parse_args(argv)))
+    checks.check(opts)
+    diffusers_flags.apply(opts)
+    return opts

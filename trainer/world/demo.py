@@ -18,12 +18,13 @@ import math
 import time
 from pathlib import Path
 
-from trainer.world import scenes
 from trainer.errors import UserError
-from trainer.options.sampling import BUILTIN_MODEL, DEFAULT_PROMPTS, EVAL_SEED, GUIDANCE, LEARNING_RATE, NUM_CLASS_IMAGES, SAMPLE_STEPS, STEPS, DEMO_CLASS_IMAGES, DEMO_EXTRA_FLAGS, demo_parser
+from trainer.options.sampling import (BUILTIN_MODEL, DEFAULT_PROMPTS, DEMO_CLASS_IMAGES, DEMO_EXTRA_FLAGS, EVAL_SEED,
+                                      GUIDANCE, LEARNING_RATE, NUM_CLASS_IMAGES, SAMPLE_STEPS, STEPS)
+from trainer.world import scenes
 
 IDENTIFIER = "sks"
-# the recipe's defaults (parsers.py), also read as demo.STEPS etc. by the ablation and the recipe search
+# the recipe's defaults (trainer.options.sampling), also read as demo.STEPS etc. by the ablation and the recipe search
 RECIPE_DEFAULTS = {"steps": STEPS, "lr": LEARNING_RATE, "num_class_images": NUM_CLASS_IMAGES}
 RECORD = ".dbtrain-demo.json"
 PHASES = 5
@@ -84,12 +85,12 @@ def place_class_prompts(plain: int = 0) -> list[str]:
     return [f"a {scenes.SUBJECT_CLASS} {p}" for p in PLACES] + [f"a {scenes.SUBJECT_CLASS}"] * plain
 
 
-# parsers.DEMO_CLASS_IMAGES' kinds -> how many "a star" prompts follow the 6 places' (prompt i % len draws image i)
+# DEMO_CLASS_IMAGES' kinds -> how many "a star" prompts follow the 6 places' (prompt i % len draws image i)
 CLASS_KINDS = {"places": 0, "places+plain": 1, "places+halfplain": 6}
 
 
 def class_image_prompts(kind: str | None) -> list[str] | None:
-    """The prompts the class images are drawn from (parsers.DEMO_CLASS_IMAGES): None = --class_prompt."""
+    """The prompts the class images are drawn from (DEMO_CLASS_IMAGES): None = --class_prompt."""
     if kind is not None and kind not in CLASS_KINDS:
         raise ValueError(f"class images {kind!r}: None or one of {', '.join(CLASS_KINDS)}")
     return place_class_prompts(CLASS_KINDS[kind]) if kind else None
@@ -106,10 +107,10 @@ def draw_class_images(args: list[str], device, kind: str | None = DEMO_CLASS_IMA
     (the missing ones; with `kind`, each with its caption file); returns how many were drawn."""
     import torch
 
-    from trainer.options import train as config
     from trainer.core.class_images import generate_class_images
+    from trainer.options import train as train_options
 
-    return generate_class_images(config.parse(args), torch.device(device or "cpu"), torch.float32,
+    return generate_class_images(train_options.parse(args), torch.device(device or "cpu"), torch.float32,
                                  prompts=class_image_prompts(kind))
 
 
@@ -120,7 +121,7 @@ def prompt_word(extra: tuple = DEMO_EXTRA_FLAGS) -> str:
 
 
 def recipe_extras(model=None) -> dict:
-    """The demo recipe's `dbtrain train` flags beyond train_args' own (parsers.DEMO_EXTRA_FLAGS). With `model`
+    """The demo recipe's `dbtrain train` flags beyond train_args' own (DEMO_EXTRA_FLAGS). With `model`
     (a --model whose tokenizer splits the initializer word into pieces): without --initializer_token, so
     the new token starts from the identifier's embedding, and a note says so."""
     extra = tuple(DEMO_EXTRA_FLAGS)
@@ -169,17 +170,20 @@ def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: 
 
 
 def dreambooth(model, subject: Path, out: Path, *, resume: bool = False, **kw) -> Path:
-    from trainer.options import train as config
     from trainer.core import loop
+    from trainer.memory import estimate
+    from trainer.options import train as train_options
 
     args = train_args(model, subject, out, **kw) + (["--resume_from_checkpoint", "latest"] if resume else [])
     print("dbtrain train " + " ".join(a if " " not in a else repr(a) for a in args), flush=True)
-    return loop.train(config.parse(args))
+    return loop.train(train_options.parse(args), preflight=estimate.preflight_of_run,
+                      log_estimate=estimate.log_fields_of_run)
 
 
 def score_model(model, scorer, real, device, **kw):
-    """trainer.evaluate.Evaluation of a model on the demo subject's prompts."""
-    from trainer.world.evaluate import evaluate, load_pipeline
+    """trainer.world.evaluate.Evaluation of a model on the demo subject's prompts."""
+    from trainer.methods.outputs import load_pipeline
+    from trainer.world.evaluate import evaluate
 
     return evaluate(load_pipeline(model, device), scorer, real, prompt_word(), scenes.SUBJECT_CLASS, **kw)
 
@@ -274,13 +278,13 @@ def _trained(model_dir: Path) -> bool:
     return bool((read_marker(model_dir) or {}).get("finished")) and (model_dir / "model_index.json").is_file()
 
 
-def run(argv: list[str]) -> dict:
-    a = demo_parser().parse_args(argv)
+def run(a) -> dict:
+    """`dbtrain demo` of a DemoOptions (trainer.options.sampling)."""
     if a.steps < 1 or a.eval_images < 2 or a.num_class_images < 1 or a.sample_steps < 1:
         raise UserError("--steps, --num_class_images and --sample_steps must be >= 1 and --eval_images >= 2")
     if not math.isfinite(a.learning_rate) or a.learning_rate <= 0:
         raise UserError(f"--learning_rate must be a positive finite number, got {a.learning_rate}")
-    from trainer.families.sd import check_model_folder
+    from trainer.families import check_model_folder
 
     model = Path(a.model) if a.model else BUILTIN_MODEL
     check_model_folder(model)
@@ -293,7 +297,8 @@ def run(argv: list[str]) -> dict:
 
     import torch
 
-    from trainer.world.evaluate import generate, load_pipeline, subject_prompts
+    from trainer.methods.outputs import load_pipeline
+    from trainer.world.evaluate import generate, subject_prompts
     from trainer.world.metrics import Scorer, markdown_table, score
 
     t_start, times = time.time(), {}

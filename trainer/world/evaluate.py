@@ -1,4 +1,4 @@
-"""`dbtrain eval`: the paper's metrics for a model, on images it generates now.
+"""The paper's metrics for a model, on images it generates now (`dbtrain eval`, the demo, bench).
 
 Every prompt gets the same seeds (image k of every prompt, and of every model evaluated with
 the same --seed, starts from the same noise), so two models are compared image for image.
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.formats import outdir
 from trainer.errors import UserError
-from trainer.options.sampling import CLASS_PROMPT, DEFAULT_PROMPTS, EVAL_IMAGES, EVAL_SEED, GUIDANCE, SAMPLE_STEPS, eval_parser
+from trainer.formats import outdir
+from trainer.methods.outputs import load_pipeline, lora_files_of, recorded_subject
+from trainer.options.sampling import CLASS_PROMPT, DEFAULT_PROMPTS, EVAL_IMAGES, EVAL_SEED, GUIDANCE, SAMPLE_STEPS
 
 
 @dataclass
@@ -24,30 +25,6 @@ class Evaluation:
     samples: dict          # {prompt: images}
     place_by_prompt: dict  # {prompt: PLACE of its images}
     by_prompt: dict = field(default_factory=dict)  # {"DINO"/"CLIP-I": {prompt: mean of its images}}
-
-
-def recorded_subject(model: Path) -> dict:
-    path = Path(model) / "dreambooth.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def load_pipeline(model, device, embedding_files=None, lora_files=None, lora_scale: float = 1.0):
-    """The pipeline of a model folder; a Textual Inversion / pivotal-tuning / LoRA output folder, or
-    `embedding_files` / `lora_files`, add their embeddings (read safely) and fused LoRAs on top."""
-    from trainer.methods.lora import apply_loras, lora_files_of
-    from trainer.families.sd import check_model_folder, model_and_embeddings
-    from trainer.families.sdxl import load_embedding
-    from trainer.families.sdxl import load_pipeline as pipeline_of
-
-    loras = lora_files_of(model, lora_files)
-    model, files = model_and_embeddings(model, embedding_files)
-    check_model_folder(model)
-    pipe = pipeline_of(model)  # StableDiffusionXLPipeline for an SDXL folder
-    pipe.set_progress_bar_config(disable=True)
-    for f in files:
-        load_embedding(pipe, f)  # (SDXL: clip_l / clip_g files)
-    apply_loras(pipe, loras, lora_scale, say=lambda _: None)
-    return pipe.to(device)
 
 
 @torch.no_grad()
@@ -92,12 +69,8 @@ def evaluate(pipe, scorer, real, identifier, class_noun, templates=DEFAULT_PROMP
     return Evaluation(point_estimates(v), bootstrap(v), samples, by_prompt, per)
 
 
-def run(argv: list[str]) -> dict:
-    from trainer.core.images import list_images, open_rgb, make_grid
-    from trainer.methods.lora import lora_files_of
-    from trainer.world.metrics import Scorer, markdown_table
-
-    a = eval_parser().parse_args(argv)
+def check(a) -> None:
+    """An EvalOptions' bad input, found before a model loads (one line)."""
     if a.num_images < 2:
         raise UserError("--num_images must be >= 2 (DIV compares samples of one prompt)")
     if not math.isfinite(a.lora_scale):
@@ -105,6 +78,13 @@ def run(argv: list[str]) -> dict:
     if a.out:
         outdir.check_images_out(a.out)
     lora_files_of(a.model, a.lora)  # missing files: one line before any model loads
+
+
+def run(a) -> dict:
+    """`dbtrain eval` of a checked EvalOptions: sample, score, print (and with --out write) the metrics."""
+    from trainer.core.images import list_images, make_grid, open_rgb
+    from trainer.world.metrics import Scorer, markdown_table
+
     rec = recorded_subject(Path(a.model))
     identifier = a.identifier or rec.get("identifier")
     class_noun = a.class_noun or rec.get("class_noun")

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.world import scenes
+from trainer.world import JUDGE_DIR
 
 MAX_TOKENS = 16
 
@@ -99,8 +97,6 @@ class Judge(nn.Module):
         from safetensors.torch import load_file
         from transformers import CLIPTokenizer
 
-        from trainer.world.tiny import JUDGE_DIR
-
         folder = Path(folder or JUDGE_DIR)
         if not (folder / "judge.safetensors").is_file():
             from trainer.errors import UserError
@@ -122,50 +118,3 @@ def _augment(x: torch.Tensor, g: torch.Generator, shift: int = 6) -> torch.Tenso
     flip = torch.rand(n, generator=g).lt(0.5).tolist()
     out = torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
     return torch.where(torch.tensor(flip).view(n, 1, 1, 1), out.flip(-1), out)
-
-
-def train_judge(work: Path, device, steps: int, seed: int, n: int = 20000, batch: int = 96) -> Path:
-    from trainer.world.tiny import images_to_tensor, make_tokenizer, _log, _lr
-
-    out = work / "judge"
-    if (out / "judge.safetensors").is_file():
-        return out
-    drawn = scenes.scenes(n, seed=seed + 3, p_texture=0.5)
-    imgs = images_to_tensor(scenes.render(s, seed=scenes.render_seed(seed + 3, k)) for k, s in enumerate(drawn))
-    tok = make_tokenizer(work / "judge-tokenizer")
-    torch.manual_seed(seed + 3)
-    judge = Judge(len(tok)).to(device)
-    judge.tokenizer = tok
-    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, weight_decay=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    t0 = time.time()
-    for step in range(steps):
-        for grp in opt.param_groups:
-            grp["lr"] = _lr(step, steps, 1e-3)
-        idx = torch.randint(0, n, (batch,), generator=g)
-        x = imgs[idx]
-        caps = [drawn[i].partial_caption(rng, 0.3, 0.15, 0.15, 0.15) for i in idx.tolist()]
-        views = torch.cat([_augment(x, g), _augment(x, g)]).to(device)
-        pooled, _ = judge.image(views)
-        # CLIP: image <-> caption. Identical captions in a batch count as matches.
-        ci = F.normalize(judge.clip_image(pooled[:batch]), dim=-1)
-        ct = judge.text_embeddings(caps)
-        same = torch.tensor([[a == b for b in caps] for a in caps], device=device, dtype=torch.float32)
-        target = same / same.sum(1, keepdim=True)
-        logits = judge.logit_scale.exp().clamp(max=100) * ci @ ct.T
-        clip_loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        # SimCLR: two views of one image attract, all other images repel.
-        z = F.normalize(judge.ssl(pooled), dim=-1)
-        sim = z @ z.T / 0.1
-        sim.fill_diagonal_(float("-inf"))
-        pair = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(device)
-        ssl_loss = F.cross_entropy(sim, pair)
-        loss = clip_loss + ssl_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            _log("judge", step, steps, loss.item(), t0)
-    judge.cpu().save(out)
-    return out

@@ -26,12 +26,9 @@ import shutil
 import time
 from pathlib import Path
 
-from trainer.world import scenes
+from trainer.world import JUDGE_DIR, MODEL_DIR, scenes
 from trainer.world.tiny_sd import write_tokenizer_files
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-MODEL_DIR = ASSETS / "tiny-world-sd"
-JUDGE_DIR = ASSETS / "tiny-world-judge"
 
 # Rare words: in the vocabulary as whole tokens, never in a caption, so their embeddings are
 # untrained - what DreamBooth wants of an identifier.
@@ -251,6 +248,58 @@ def train_unet(work: Path, device, steps: int, seed: int, n: int = 40000, batch:
     return out
 
 
+def train_judge(work: Path, device, steps: int, seed: int, n: int = 20000, batch: int = 96) -> Path:
+    """Stage 3: the CLIP-style judge of trainer.world.judge, trained contrastively on captions and
+    SimCLR-style on two views of each image."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.world.judge import Judge, _augment
+
+    out = work / "judge"
+    if (out / "judge.safetensors").is_file():
+        return out
+    drawn = scenes.scenes(n, seed=seed + 3, p_texture=0.5)
+    imgs = images_to_tensor(scenes.render(s, seed=scenes.render_seed(seed + 3, k)) for k, s in enumerate(drawn))
+    tok = make_tokenizer(work / "judge-tokenizer")
+    torch.manual_seed(seed + 3)
+    judge = Judge(len(tok)).to(device)
+    judge.tokenizer = tok
+    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.time()
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(step, steps, 1e-3)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x = imgs[idx]
+        caps = [drawn[i].partial_caption(rng, 0.3, 0.15, 0.15, 0.15) for i in idx.tolist()]
+        views = torch.cat([_augment(x, g), _augment(x, g)]).to(device)
+        pooled, _ = judge.image(views)
+        # CLIP: image <-> caption. Identical captions in a batch count as matches.
+        ci = F.normalize(judge.clip_image(pooled[:batch]), dim=-1)
+        ct = judge.text_embeddings(caps)
+        same = torch.tensor([[a == b for b in caps] for a in caps], device=device, dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        logits = judge.logit_scale.exp().clamp(max=100) * ci @ ct.T
+        clip_loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        # SimCLR: two views of one image attract, all other images repel.
+        z = F.normalize(judge.ssl(pooled), dim=-1)
+        sim = z @ z.T / 0.1
+        sim.fill_diagonal_(float("-inf"))
+        pair = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(device)
+        ssl_loss = F.cross_entropy(sim, pair)
+        loss = clip_loss + ssl_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            _log("judge", step, steps, loss.item(), t0)
+    judge.cpu().save(out)
+    return out
+
+
 def assemble(work: Path, dest: Path) -> Path:
     """The diffusers folder of the built-in model, from the stage results in `work`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -340,8 +389,6 @@ def pretrain(argv: list[str]) -> int:
         train_unet(work, device, a.unet4_steps, a.seed, a.scenes, lr=3e-4, init=prev, name="unet4", ema_max=0.998,
                    salt=13, p_texture=0.3)
     if "judge" in stages:
-        from trainer.world.judge import train_judge
-
         train_judge(work, device, a.judge_steps, a.seed, a.images)
     if "export" in stages:
         print(f"wrote {assemble(work, Path(a.dest))}")

@@ -98,10 +98,10 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
 
 
 def main(argv=None) -> int:
-    """python -m trainer.tiny_sd OUT [--subject DIR]: the tiny model (and demo subject images)."""
+    """python -m trainer.world.tiny_sd OUT [--subject DIR]: the tiny model (and demo subject images)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m trainer.tiny_sd",
+    p = argparse.ArgumentParser(prog="python -m trainer.world.tiny_sd",
                                 description="Write a tiny random-weight SD model folder (no downloads).")
     p.add_argument("out", help="folder to write the model to")
     p.add_argument("--subject", default=None, help="also write the demo subject's images to this folder")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
     a = p.parse_args(argv)
     if Path(a.out).exists() and any(Path(a.out).iterdir()):
-        print(f"python -m trainer.tiny_sd: {a.out} exists and is not empty; choose another folder")
+        print(f"python -m trainer.world.tiny_sd: {a.out} exists and is not empty; choose another folder")
         return 2
     build_tiny_sd(a.out, seed=a.seed, prediction_type=a.prediction_type)
     print(f"wrote a tiny SD model to {a.out}")

@@ -1,4 +1,4 @@
-"""A tiny SDXL-format model folder, built locally (no downloads), like trainer/tiny_sd.py for SD1.
+"""A tiny SDXL-format model folder, built locally (no downloads), like trainer/world/tiny_sd.py for SD1.
 
 Random weights, the real component classes and the real SDXL wiring:
   text_encoder     CLIPTextModel (OpenAI CLIP-L style: quick-GELU), hidden 32
@@ -89,10 +89,10 @@ def build_tiny_sdxl(path, *, seed: int = 0, sample_size: int = 32, prediction_ty
 
 
 def main(argv=None) -> int:
-    """python -m trainer.tiny_sdxl OUT [--refiner]: the tiny SDXL model folder."""
+    """python -m trainer.world.tiny_sdxl OUT [--refiner]: the tiny SDXL model folder."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m trainer.tiny_sdxl",
+    p = argparse.ArgumentParser(prog="python -m trainer.world.tiny_sdxl",
                                 description="Write a tiny random-weight SDXL model folder (no downloads).")
     p.add_argument("out", help="folder to write the model to")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--head_dim", type=int, default=None, help="attention head size (64: SDXL 1.0's; not given: 8)")
     a = p.parse_args(argv)
     if Path(a.out).exists() and any(Path(a.out).iterdir()):
-        print(f"python -m trainer.tiny_sdxl: {a.out} exists and is not empty; choose another folder")
+        print(f"python -m trainer.world.tiny_sdxl: {a.out} exists and is not empty; choose another folder")
         return 2
     build_tiny_sdxl(a.out, seed=a.seed, prediction_type=a.prediction_type, refiner=a.refiner, head_dim=a.head_dim)
     print(f"wrote a tiny SDXL {'refiner ' if a.refiner else ''}model to {a.out}")

@@ -1,0 +1,163 @@
+"""The checks of a training run's options that need no file: ranges, required flags, combinations.
+
+Each bad option is a one-line UserError naming the flag. Run once, right after parsing; besides
+refusing, `check` fills in two defaults that depend on other flags (the step count, and
+--offset_noise given as a switch in a --config file). No torch here.
+"""
+from __future__ import annotations
+
+import math
+
+from trainer.errors import UserError
+
+DEFAULT_STEPS = 800  # --max_train_steps when neither it nor --num_train_epochs is given
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what trainer.core.images reads
+
+
+def check(opts) -> None:
+    """UserError for the first bad option of a TrainOptions (no file access)."""
+    data, prior, training, optim = opts.data, opts.prior, opts.training, opts.optim
+    for name, value in (("pretrained_model_name_or_path", opts.model.pretrained_model_name_or_path),
+                        ("instance_data_dir", data.instance_data_dir), ("instance_prompt", data.instance_prompt)):
+        if not value:
+            raise UserError(f"--{name} is required")
+    ext = data.caption_extension
+    if ext is not None and (not str(ext).strip(".").strip() or "/" in str(ext) or str(ext).strip().lower().lstrip(".")
+                            in {s.lstrip(".") for s in IMAGE_SUFFIXES}):
+        raise UserError(f"--caption_extension must be a file suffix such as .txt or .caption, got {ext!r}")
+    if data.resolution <= 0 or data.resolution % 8:
+        raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
+                        f"got {data.resolution}")
+    if prior.with_prior_preservation:
+        if not prior.class_prompt:
+            raise UserError("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
+        if not prior.class_data_dir:
+            raise UserError("--with_prior_preservation needs --class_data_dir (class images are generated "
+                            "there if it holds fewer than --num_class_images)")
+        if prior.num_class_images < 1:
+            raise UserError(f"--num_class_images must be >= 1, got {prior.num_class_images}")
+    if isinstance(training.offset_noise, bool):  # `offset_noise = true` in a --config file: diffusers' switch, 0.1
+        training.offset_noise = 0.1 if training.offset_noise else 0.0
+    if training.max_train_steps is None and training.num_train_epochs is None:
+        training.max_train_steps = DEFAULT_STEPS
+    _at_least(1, train_batch_size=training.train_batch_size,
+              gradient_accumulation_steps=training.gradient_accumulation_steps,
+              checkpointing_steps=opts.checkpoints.checkpointing_steps, sample_batch_size=prior.sample_batch_size,
+              log_every=training.log_every, validation_steps=opts.logging.validation_steps,
+              num_validation_images=opts.logging.num_validation_images,
+              class_inference_steps=prior.class_inference_steps)
+    if training.max_train_steps is not None and training.max_train_steps < 1:
+        raise UserError(f"--max_train_steps must be >= 1, got {training.max_train_steps}")
+    _diffusers_numbers(opts)
+    _lora(opts)
+    for name, value in (("num_class_images", prior.num_class_images), ("lr_warmup_steps", optim.lr_warmup_steps),
+                        ("seed", training.seed)):
+        if value < 0:
+            raise UserError(f"--{name} must be >= 0, got {value}")
+    limit = opts.checkpoints.checkpoints_total_limit
+    if limit is not None and limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be >= 1 (or not given: keep all), got {limit}")
+    _ranges(opts)
+    if not str(data.identifier).strip() or len(str(data.identifier).split()) != 1:
+        raise UserError(f"--identifier must be one word (or auto), got {data.identifier!r}")
+    if opts.memory.step_in_backward:
+        if optim.optimizer != "adamw8bit":
+            raise UserError("--step_in_backward needs --optimizer adamw8bit")
+        if training.gradient_accumulation_steps > 1:
+            raise UserError("--step_in_backward cannot accumulate gradients (each is applied and freed in "
+                            "backward); use --gradient_accumulation_steps 1")
+        if opts.memory.mixed_precision == "fp16":
+            raise UserError("--step_in_backward cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+    _embedding(opts)
+    device = opts.distributed.device
+    if device is not None and str(device).split(":")[0] not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda, cuda:N or cpu, got {device!r}")
+
+
+def _at_least(low: int, **values) -> None:
+    for name, value in values.items():
+        if value < low:
+            raise UserError(f"--{name} must be >= {low}, got {value}")
+
+
+def _embedding(opts) -> None:
+    emb = opts.embedding
+    if emb.text_embedding_lr is not None and not emb.train_text_embedding:
+        raise UserError("--text_embedding_lr is the learning rate of --train_text_embedding's new token rows; add "
+                        "--train_text_embedding, or leave it out")
+    if not emb.train_text_embedding:
+        return
+    if opts.training.train_text_encoder and opts.trains_unet:
+        raise UserError("--train_text_embedding trains new token rows of a frozen text encoder; it cannot be "
+                        "combined with --train_text_encoder")
+    if opts.lora.lora_rank is not None:
+        raise UserError("--train_text_embedding cannot be combined with --lora_rank yet; train the LoRA with "
+                        "--train_text_encoder, or the embedding without --lora_rank")
+    if not math.isfinite(emb.text_embedding_frac) or not 0 < emb.text_embedding_frac <= 1:
+        raise UserError(f"--text_embedding_frac must be > 0 and <= 1, got {emb.text_embedding_frac}")
+    if emb.num_vectors < 1:
+        raise UserError(f"--num_vectors must be >= 1, got {emb.num_vectors}")
+    for name, v in (("placeholder_token", emb.placeholder_token), ("initializer_token", emb.initializer_token)):
+        if v is not None and (not str(v).strip() or len(str(v).split()) != 1):
+            raise UserError(f"--{name} must be one word without spaces, got {v!r}")
+
+
+def _lora(opts) -> None:
+    lo = opts.lora
+    if lo.lora_rank is not None and lo.lora_rank < 1:
+        raise UserError(f"--lora_rank must be >= 1 (or not given: full fine-tuning), got {lo.lora_rank}")
+    given = [n for n, v in (("lora_alpha", lo.lora_alpha), ("lora_conv_rank", lo.lora_conv_rank)) if v is not None]
+    given += [n for n, v in (("lora_dropout", lo.lora_dropout), ("lora_conv", lo.lora_conv)) if v]
+    if given and lo.lora_rank is None:  # (a train_dreambooth_lora.py line without --rank relied on its default, 4)
+        raise UserError(f"--{given[0]} needs --lora_rank (LoRA training; train_dreambooth_lora.py's default "
+                        f"rank is 4: add --rank 4)")
+    if lo.lora_alpha is not None and (not math.isfinite(lo.lora_alpha) or lo.lora_alpha <= 0):
+        raise UserError(f"--lora_alpha must be > 0, got {lo.lora_alpha}")
+    if not math.isfinite(lo.lora_dropout) or not 0 <= lo.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be >= 0 and < 1, got {lo.lora_dropout}")
+    if lo.lora_conv_rank is not None and lo.lora_conv_rank < 1:
+        raise UserError(f"--lora_conv_rank must be >= 1, got {lo.lora_conv_rank}")
+    if lo.lora_conv_rank is not None and not lo.lora_conv:
+        raise UserError("--lora_conv_rank needs --lora_conv (the 3x3 convolutions are adapted only with it)")
+    if opts.checkpoints.single_file_half and not opts.checkpoints.save_single_file:
+        raise UserError("--single_file_half needs --save_single_file")
+
+
+def _diffusers_numbers(opts) -> None:
+    """Ranges of diffusers' flags that dbtrain maps or notes."""
+    for name, v in (("num_train_epochs", opts.training.num_train_epochs),
+                    ("validation_epochs", opts.logging.validation_epochs),
+                    ("tokenizer_max_length", opts.data.tokenizer_max_length)):
+        if v is not None and v < 1:
+            raise UserError(f"--{name} must be >= 1, got {v}")
+    if opts.optim.lr_num_cycles < 1:
+        raise UserError(f"--lr_num_cycles must be >= 1, got {opts.optim.lr_num_cycles}")
+    power = opts.optim.lr_power
+    if not math.isfinite(power) or power <= 0:
+        raise UserError(f"--lr_power must be > 0, got {power}")
+    if opts.data.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers must be >= 0, got {opts.data.dataloader_num_workers}")
+    if not str(opts.logging.logging_dir).strip():
+        raise UserError("--logging_dir must name a folder (default logs, inside output_dir)")
+
+
+def _ranges(opts) -> None:
+    """Every one finite, within (lowest, lowest allowed?, highest or None, highest allowed?)."""
+    optim = opts.optim
+    for name, v, lo, lo_ok, hi, hi_ok in (
+            ("learning_rate", optim.learning_rate, 0, True, None, False),
+            ("prior_loss_weight", opts.prior.prior_loss_weight, 0, True, None, False),
+            ("adam_beta1", optim.adam_beta1, 0, True, 1, False), ("adam_beta2", optim.adam_beta2, 0, True, 1, False),
+            ("adam_weight_decay", optim.adam_weight_decay, 0, True, None, False),
+            ("adam_epsilon", optim.adam_epsilon, 0, False, None, False),
+            ("max_grad_norm", opts.training.max_grad_norm, 0, True, None, False),
+            ("offset_noise", opts.training.offset_noise, 0, True, None, False),
+            ("snr_gamma", opts.training.snr_gamma, 0, False, None, False),
+            ("text_embedding_lr", opts.embedding.text_embedding_lr, 0, False, None, False)):
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"--{name} must be a finite number, got {v}")
+        if v < lo or (v == lo and not lo_ok) or (hi is not None and (v > hi or (v == hi and not hi_ok))):
+            rng = f"{'>=' if lo_ok else '>'} {lo}" + (f" and {'<=' if hi_ok else '<'} {hi}" if hi is not None else "")
+            raise UserError(f"--{name} must be {rng}, got {v}")
