@@ -54,7 +54,7 @@ pip install --no-build-isolation --no-deps -e .
 "$PY" -m dbkernels 2>&1 | sed -n 1,3p
 
 if [ "$what" = demo ]; then
-  exec "$PY" -m trainer.cli demo "$@"
+  exec "$PY" -m trainer demo "$@"
 else
   exec "$PY" -m pytest -q tests "$@"
 fi

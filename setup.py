@@ -70,8 +70,9 @@ setup(
         where=str(ROOT),
         include=["dbkernels", "dbkernels.*", "trainer", "trainer.*", "bench", "bench.*"],
     ),
-    # The built-in tiny model and judge (trainer/world/assets, ~16 MB) ship inside the package.
-    package_data={"trainer.world": ["assets/*/*", "assets/*/*/*"]},
+    # The built-in tiny model and judge (trainer/world/assets, ~16 MB) and the architectures `dbtrain estimate
+    # --arch` builds (trainer/memory/arch_configs) ship inside the package.
+    package_data={"trainer.world": ["assets/*/*", "assets/*/*/*"], "trainer.memory": ["arch_configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
