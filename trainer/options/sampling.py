@@ -53,11 +53,17 @@ _LORA_HELP = ("LoRA file(s) fused into --model: diffusers' pytorch_lora_weights.
 
 
 @dataclass
-class SampleOptions:
+class ModelToSample:
+    """A model folder with the embeddings and LoRA files to add to it (sample's and eval's)."""
+
     model: str = flag(None, "a diffusers folder (a dbtrain train output_dir); required", metavar="DIR")
     embedding: list[str] | None = flag(None, _EMBEDDING_HELP, nargs="+", metavar="FILE")
     lora: list[str] | None = flag(None, _LORA_HELP, nargs="+", metavar="FILE")
     lora_scale: float = flag(1.0, "strength of the --lora file(s) (1 = as trained)", type=float)
+
+
+@dataclass
+class SampleOptions(ModelToSample):
     prompt: str = flag(None, "what to draw, e.g. \"a photo of sks dog\"; required", metavar="TEXT")
     negative_prompt: str | None = flag(None, "what not to draw (not given: none)", metavar="TEXT")
     num_images: int = flag(4, "how many images", type=int)
@@ -70,11 +76,7 @@ class SampleOptions:
 
 
 @dataclass
-class EvalOptions:
-    model: str = flag(None, "a diffusers folder (a dbtrain train output_dir); required", metavar="DIR")
-    embedding: list[str] | None = flag(None, _EMBEDDING_HELP, nargs="+", metavar="FILE")
-    lora: list[str] | None = flag(None, _LORA_HELP, nargs="+", metavar="FILE")
-    lora_scale: float = flag(1.0, "strength of the --lora file(s) (1 = as trained)", type=float)
+class EvalOptions(ModelToSample):
     instance_data_dir: str = flag(None, "the subject's real images; required", metavar="DIR")
     identifier: str | None = flag(None, "[V] (not given: what dbtrain train recorded in the model's dreambooth.json)",
                                   metavar="WORD")
