@@ -68,7 +68,7 @@ class Family(ABC):
     name = ""
     label = ""  # in messages: "SD 1.x/2.x", "SDXL"
     text_encoder_names: tuple[str, ...] = ()  # pipeline component names, first to last
-    pipeline_class = ""
+    tokenizer_names: tuple[str, ...] = ()
 
     @abstractmethod
     def matches(self, folder) -> bool:

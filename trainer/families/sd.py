@@ -37,7 +37,6 @@ class StableDiffusion(Family):
     label = "SD 1.x/2.x"
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
-    pipeline_class = "StableDiffusionPipeline"
 
     def matches(self, folder) -> bool:
         return True  # the default: last in trainer.families.FAMILIES

@@ -115,7 +115,6 @@ class StableDiffusionXL(StableDiffusion):
     label = "SDXL"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
-    pipeline_class = "StableDiffusionXLPipeline"
     UNSUPPORTED = ("tokenizer_name", "tokenizer_max_length", "text_encoder_use_attention_mask")
 
     def matches(self, folder) -> bool:

@@ -17,7 +17,6 @@ INTERPOLATIONS = ("bilinear", "nearest", "nearest_exact", "bicubic", "box", "ham
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw8bit", "adamw", "bnb8bit")
 DEFAULT_STEPS = 800  # --max_train_steps when neither it nor --num_train_epochs is given
-METHODS = ("dreambooth", "textual_inversion")  # what trains: dbtrain train's, dbtrain textual-inversion's
 
 
 @dataclass
@@ -234,7 +233,7 @@ class TrainOptions:
     lora: LoraOptions = field(default_factory=LoraOptions)
     embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
-    method: str = "dreambooth"  # one of METHODS (dbtrain textual-inversion sets textual_inversion)
+    method: str = "dreambooth"  # or "textual_inversion" (dbtrain textual-inversion: only new token rows train)
     config: str | None = flag(None, "TOML file with any of these options, same keys without the dashes (flags given "
                               "here override it)", metavar="TOML")
 
@@ -302,6 +301,7 @@ TRAIN_LAYOUT = (
         "placeholder_token", "initializer_token", "num_vectors", "class_inference_steps", "optimizer",
         "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard")),
 )
+# the fields only `dbtrain textual-inversion` has as flags (textual_inversion.py's; trainer.options.textual_inversion)
 TI_ONLY = ("learnable_property", "repeats", "save_steps", "save_as_full_pipeline", "no_safe_serialization")
 
 
