@@ -3,7 +3,7 @@
 Owns: the Method interface (trainer.methods.base) and its four implementations, the trainable parts
 they add (peft adapters, new token rows), the files each writes at the end, and reading those
 outputs back for sampling (trainer.methods.outputs, torch-free). May import: trainer.errors,
-trainer.options, trainer.formats, trainer.families.
+trainer.options, trainer.formats, trainer.families, trainer.distributed.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ each is a `Method` that the loop asks, at fixed points, for the part that differ
   weights_dtype the dtype the UNet is stored in (frozen bases: half precision where they can be)
   prompt_word   what [V] becomes in prompts (new tokens for the embedding methods)
   prepare       freeze the base, make the trained parts (adapters, new rows), return a Trainable
-  on_step       files written during the run (Textual Inversion's --save_steps)
+  on_step       files written during the run (Textual Inversion's --save_steps; rank 0 writes them)
   save          the final files; record: what dreambooth.json says of the result
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Method(ABC):
         """Freeze what does not train, move the trained parts to the device, return them."""
 
     def on_step(self, run, out: Path, step: int) -> None:
-        """Files written after optimizer step `step` (rank 0 only)."""
+        """Files written after optimizer step `step` (called on every rank; the files: rank 0 only)."""
 
     @abstractmethod
     def save(self, run, out: Path, step: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.distributed import data_parallel as distributed
 from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.formats import outdir
@@ -230,9 +231,9 @@ class TextualInversion(Method):
 
     def on_step(self, run, out: Path, step: int) -> None:
         every = run.opts.checkpoints.save_steps
-        if every and step % every == 0:  # diffusers' --save_steps
-            export_embedding(out, run.opts, run.trainable.new_tokens, step, a1111=False,
-                             name=f"learned_embeds-steps-{step}")
+        if every and step % every == 0:  # diffusers' --save_steps (torchrun: rank 0 writes)
+            distributed.on_rank0(export_embedding, out, run.opts, run.trainable.new_tokens, step, a1111=False,
+                                 name=f"learned_embeds-steps-{step}")
 
     def save(self, run, out: Path, step: int) -> None:  # the embedding files, never the extended text encoder
         export_embedding(out, run.opts, run.trainable.new_tokens, step)
