@@ -166,11 +166,11 @@ def ours_step(setting, train_te, comps, res, device, data):
     from trainer.core.batches import Batches
     from trainer.core.images import ImageSet, list_images
     from trainer.core.step import setup, train_step
-    from trainer.families import FAMILIES
+    from trainer.families import family_with_text_encoders
     from trainer.methods import method_for
 
     cfg = trainer_config(setting, train_te, res, device, data)
-    family = next(f for f in FAMILIES if len(f.text_encoder_names) == len(comps.text_encoders))
+    family = family_with_text_encoders(len(comps.text_encoders))
     half = torch.bfloat16 if cfg.memory.mixed_precision == "bf16" else None
     inst = ImageSet(list_images(data / "inst", "instance image"), res, center_crop=True, random_flip=False)
     cls = ImageSet(list_images(data / "cls", "class image"), res, center_crop=True, random_flip=False)

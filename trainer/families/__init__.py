@@ -22,6 +22,11 @@ def family_of(folder) -> Family:
     return next(f for f in FAMILIES if f.matches(folder))
 
 
+def family_with_text_encoders(n: int) -> Family:
+    """The family whose models have n text encoders (components or configs without a folder to look at)."""
+    return next(f for f in FAMILIES if len(f.text_encoder_names) == n)
+
+
 def check_model_folder(folder, variant: str | None = None, what: str = "model folder") -> Path:
     """The folder, or a one-line UserError listing what is missing (with `variant`: its weight files)."""
     return family_of(folder).check_folder(folder, variant=variant, what=what)

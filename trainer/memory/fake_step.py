@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from trainer.core.batches import Batch
-from trainer.families import FAMILIES
+from trainer.families import family_with_text_encoders
 from trainer.memory.tracker import PHASES, StorageTracker, track_backward
 
 ROUND = 512  # the CUDA caching allocator's block granularity
@@ -108,11 +108,6 @@ def _build_fake(make, mode):
         return make()
 
 
-def family_of_configs(confs: dict):
-    """The family whose text encoders these configs describe (one per text encoder config)."""
-    return next(f for f in FAMILIES if len(f.text_encoder_names) == len(confs["text_encoder"]))
-
-
 def fake_components(confs: dict):
     """setup's components from configs: UNet and text encoder(s) as fake tensors, the real noise schedule;
     the text encoders are the family's classes (SDXL's second: CLIPTextModelWithProjection, its pooled
@@ -124,7 +119,7 @@ def fake_components(confs: dict):
 
     sched = DDPMScheduler.from_config(confs["scheduler"])
     mode = fake_mode()
-    family = family_of_configs(confs)
+    family = family_with_text_encoders(len(confs["text_encoder"]))  # one config per text encoder
     unet = _build_fake(lambda: UNet2DConditionModel.from_config(confs["unet"]), mode)
     encoders = []
     for cls, conf in zip(family.text_encoder_classes(), confs["text_encoder"]):

@@ -121,8 +121,8 @@ def write_single_file(opts, out: Path, lora_file: Path | None = None) -> str:
     tmp = diffusers_folder.staging(out)
     tmp.mkdir(parents=True)
     try:
-        family_of(model).save_single_file(model, tmp / name, half=half, components=parts,
-                                          metadata={"dbtrain.base_model": str(base)})
+        family.save_single_file(model, tmp / name, half=half, components=parts,
+                                metadata={"dbtrain.base_model": str(base)})  # (the exported folder: the base's family)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise outdir.failed_write(out, "the single-file checkpoint", e, need) from e
