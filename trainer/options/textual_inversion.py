@@ -52,7 +52,8 @@ TI_LAYOUT = (
                                          "num_validation_images")),
     ("more of diffusers' flags (those done another way print a note)", TI_DIFFUSERS_FLAGS),
     ("ours (dbtrain's own)", ("instance_prompt", "caption_extension", "random_flip", "max_grad_norm", "snr_gamma",
-                              "optimizer", "kernels", "log_every", "device", "ddp_timeout")),
+                              "optimizer", "kernels", "log_every", "device", "ddp_timeout",
+                              "prompt_without_identifier")),
 )
 TI_NAMES = {"instance_data_dir": "train_data_dir"}
 TI_DEFAULTS = {"output_dir": "text-inversion-model", "train_batch_size": 16, "max_train_steps": 5000,

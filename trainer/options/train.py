@@ -54,6 +54,8 @@ class DataOptions:
     tokenizer_max_length: int | None = flag(None, "tokens per prompt (not given: the tokenizer's model_max_length, "
                                             "77 for CLIP)", type=int)
     text_encoder_use_attention_mask: bool = flag(False, "pass the padding mask to the text encoder")
+    prompt_without_identifier: bool = flag(False, "train although --instance_prompt names neither [V] nor the "
+                                           "identifier (a note says so; not given: such a prompt is refused)")
     dataloader_num_workers: int = flag(0, "accepted: dbtrain has no DataLoader (images are decoded once, their "
                                        "latents cached)", type=int)
     # Textual Inversion (textual_inversion.py's flags; dbtrain train has none of them)
@@ -133,6 +135,11 @@ class MemoryOptions:
     set_grads_to_none: bool = flag(False, "accepted: gradients are always set to None")
     pre_compute_text_embeddings: bool = flag(False, "accepted: with a frozen text encoder the prompt embeddings are "
                                              "always computed once")
+    card_gb: float | None = flag(None, "memory of the card to fit, in GB, e.g. 12: the estimate lists the flags that "
+                                 "make the run fit it (not given: the GPU's, or the common card sizes)", type=float,
+                                 metavar="GB")
+    estimate_only: bool = flag(False, "print the memory estimate of this run (and what makes it fit --card_gb) and "
+                               "exit without training")
 
 
 @dataclass
@@ -299,7 +306,8 @@ TRAIN_LAYOUT = (
     ("ours (dbtrain's own, not in diffusers' train_dreambooth.py)", (
         "config", "identifier", "random_flip", "train_text_embedding", "text_embedding_frac", "text_embedding_lr",
         "placeholder_token", "initializer_token", "num_vectors", "class_inference_steps", "optimizer",
-        "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard")),
+        "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard",
+        "prompt_without_identifier", "card_gb", "estimate_only")),
 )
 # the fields only `dbtrain textual-inversion` has as flags (textual_inversion.py's; trainer.options.textual_inversion)
 TI_ONLY = ("learnable_property", "repeats", "save_steps", "save_as_full_pipeline", "no_safe_serialization")
