@@ -248,6 +248,8 @@ def prepare_output_dir(opts) -> Path | None:
     return the checkpoint to resume from (None: start at step 0)."""
     out, resume_from = Path(opts.checkpoints.output_dir), opts.checkpoints.resume_from_checkpoint
     state = outdir.check_output_dir(out, resume=bool(resume_from))
+    outdir.hold(out)  # one run per folder, from here until the process ends (a second run stops here)
+    state = outdir.check_output_dir(out, resume=bool(resume_from))  # again: it may have changed meanwhile
     if state == "ours":
         remove_stale_temporaries(out)
         diffusers_folder.remove_temporaries(out)

@@ -7,11 +7,15 @@ loaded, so nothing a user put there is ever replaced. Nothing here imports torch
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 from trainer.errors import UserError
 
 MARKER = ".dbtrain-run.json"
+LOCK = ".dbtrain-lock"  # held (flock) by the one process writing into the folder; see hold()
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MB = 2**20
 
@@ -69,6 +74,69 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# ------------------------------------------------------------------ one writer per folder
+
+_held: dict[str, object] = {}  # folder (resolved) -> the open lock file of this process
+
+
+class InUse(UserError):
+    """Another live process holds the folder's lock."""
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        rec = json.loads(lock_file.read_text())
+        return (f"pid {rec['pid']} on {rec['host']}, started {rec['started']}: {rec['command']}"
+                if isinstance(rec, dict) else "another process")
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def hold(folder, flag: str = "--output_dir") -> Path:
+    """Make this process the one writer of `folder` (created if missing) until it exits.
+
+    An OS lock (flock) on folder/.dbtrain-lock: the kernel drops it when the process dies, however it
+    dies, so a SIGKILL never leaves a stale lock and no one has to delete the file. A second process
+    gets one line naming the holder. Taken again by the same process it is a no-op."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    key, path = str(out.resolve()), out / LOCK
+    if key in _held:
+        try:
+            if os.stat(path).st_ino == os.fstat(_held[key].fileno()).st_ino:
+                return out
+        except OSError:
+            pass
+        release(out)  # the folder was removed and made again meanwhile: take the new one
+    f = open(path, "a+")  # never truncates: the holder's record stays readable until we own the lock
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise InUse(f"{flag} {out} is in use by another dbtrain run ({_holder(path)}); wait for it to end, or "
+                    f"choose another {flag}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "command": shlex.join(["dbtrain", *sys.argv[1:]])[:300]}))
+    f.flush()
+    _held[key] = f
+    return out
+
+
+def release(folder) -> None:
+    """Give the folder up before the process ends (the loop of an in-process caller, tests)."""
+    f = _held.pop(str(Path(folder).resolve()), None)
+    if f is not None:
+        f.close()
+
+
+def _own_entries(out: Path) -> list[str]:
+    """A folder's entries, without the lock file (which alone does not make a folder ours or not empty)."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK)
+
+
 # ------------------------------------------------------------------ where we may write
 
 def nearest_existing(path) -> Path:
@@ -110,7 +178,7 @@ def _checked_folder(out: Path, flag: str, file_hint: str, writes: str) -> list[s
         return None
     if not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pass a folder{file_hint}")
-    entries = sorted(p.name for p in out.iterdir())
+    entries = _own_entries(out)
     if entries and MARKER not in entries:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise UserError(f"{flag} {out} holds files dbtrain did not write ({shown}); dbtrain writes {writes}: "
@@ -140,14 +208,16 @@ def check_output_dir(path, *, resume: bool) -> str:
 
 def check_images_out(path, flag: str = "--out") -> None:
     """Whether `dbtrain sample|fabric|eval` may write images into `path`: a new folder, an empty
-    one, or one that dbtrain made (its marker), so a user's own 000.png is never replaced."""
+    one, or one that dbtrain made (its marker), so a user's own 000.png is never replaced. The folder is
+    then held by this process (hold()), so two commands never write into it at once."""
     _checked_folder(Path(path), flag, "", "images only into a new folder, an empty one, or one it made")
+    hold(path, flag)
 
 
-def claim_images_out(path, command: str) -> Path:
-    """Create (or take) the images folder checked by check_images_out and mark it as ours."""
+def claim_images_out(path, command: str, flag: str = "--out") -> Path:
+    """Create (or take) the images folder checked by check_images_out, hold it and mark it as ours."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    check_images_out(out, flag)  # (again: a caller may not have checked it before)
     if read_marker(out) is None:
         write_marker(out, command=command)
     return out
