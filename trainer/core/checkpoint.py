@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.core import resume as resume_options
 from trainer.errors import UserError
 from trainer.formats import diffusers_folder, outdir, safe_load
 from trainer.formats.embedding_files import DIFFUSERS_FILE as EMBEDDING_FILE
@@ -77,7 +78,7 @@ def size_of(models: dict, optimizer) -> int:
 
 
 def save(output_dir, step: int, *, models: dict, optimizer, lr_scheduler, scaler, config: dict,
-         total_limit: int | None) -> Path:
+         total_limit: int | None, extra: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically and verify it, then prune to the newest `total_limit`.
 
     Raises outdir.NoSpace (a one-line UserError) when the space is missing or a write fails;
@@ -99,8 +100,8 @@ def save(output_dir, step: int, *, models: dict, optimizer, lr_scheduler, scaler
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "training_state.json").write_text(json.dumps({"step": step, "config": config, "files": files},
-                                                            indent=1, default=str))
+        record = {"step": step, "config": config, "files": files, **(extra or {})}
+        (tmp / "training_state.json").write_text(json.dumps(record, indent=1, default=str))
         _fsync_tree(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,6 +255,8 @@ def prepare_output_dir(opts) -> Path | None:
         remove_stale_temporaries(out)
         diffusers_folder.remove_temporaries(out)
     resume = resolve(out, resume_from)
+    if resume is not None:
+        _check_resume(opts, out, resume)
     if resume is None and state == "ours":
         if (out / "model_index.json").exists() or (out / EMBEDDING_FILE).exists():
             raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to continue from; choose "
@@ -263,6 +266,23 @@ def prepare_output_dir(opts) -> Path | None:
     elif resume is None and resume_from:
         print(f"{out} holds no checkpoint yet: starting at step 0", flush=True)
     return resume
+
+
+def _check_resume(opts, out: Path, folder: Path) -> None:
+    """Before a model loads: the options may continue this checkpoint (trainer.core.resume), and a finished
+    run is continued only to train more."""
+    state = load_state(folder)
+    resume_options.check(opts, folder, state.get("config") or {})
+    marker = outdir.read_marker(out) or {}
+    total, step = opts.training.max_train_steps, int(state["step"])
+    if marker.get("finished") and step >= total:
+        raise UserError(f"--output_dir {out} holds a run that finished at step {step}; pass a --max_train_steps "
+                        f"above {step} to train it more, or choose a new --output_dir")
+    final = marker.get("final_step")
+    if marker.get("finished") and (final is None or step < final):
+        print(f"{out} holds a finished run whose final state was not kept (written before dbtrain kept it); "
+              f"continuing from {folder.name}, its newest saved state, so the steps after {step} run again",
+              flush=True)
 
 
 def load_weights(model, folder: Path) -> None:
@@ -288,6 +308,8 @@ def resume_run(run, folder: Path) -> int:
     only the global batch (ranks x --train_batch_size) changes with it, and with it the later steps' draws.
     --shard: the checkpoint holds the whole optimizer state (trainer.distributed.shard gathers it to rank 0), each rank
     keeps its own parameters' part, so sharded and unsharded runs resume each other's checkpoints."""
+    fresh_lrs = [g["initial_lr"] for g in run.optimizer.param_groups]  # of this run's options
+    changed = resume_options.differences(run.opts.to_dict(), load_state(folder).get("config") or {})[0]
     try:
         for name, model in run.models.items():
             load_weights(model, folder / name)
@@ -301,6 +323,8 @@ def resume_run(run, folder: Path) -> int:
             run.scaler.load_state_dict(load_pt(folder / "scaler.pt"))
         set_rng_state(load_pt(folder / "rng_state.pt"))
         step = load_state(folder)["step"]
+        if any(k in changed for k in resume_options.RESCHEDULE):  # the new schedule, at this step
+            resume_options.reschedule(run, fresh_lrs, step)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a checkpoint of another model or options, or damaged

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.core import checkpoint, images, inputs, interrupts, prompts, runlog, validation
+from trainer.core import checkpoint, guard, images, inputs, interrupts, prompts, runlog, validation
 from trainer.core.batches import Batches
 from trainer.core.class_images import generate_class_images
 from trainer.core.step import setup, train_step
@@ -49,6 +49,7 @@ def train(opts, *, preflight=None, log_estimate=None) -> Path:
         raise Resumable(msg) from e
     finally:
         distributed.shutdown()
+        outdir.release(opts.checkpoints.output_dir)  # (a folder made for a run that wrote nothing is removed)
 
 
 def _train(opts, progress: dict, preflight, log_estimate) -> Path:
@@ -107,6 +108,8 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
     run = setup(opts, method, comps, batches, device)
     run.identifier = ident
     start = checkpoint.resume_run(run, resume) if resume is not None else 0
+    run.guard = guard.Guard(run.params, checkpoint.load_state(resume).get("guard") if resume is not None else None,
+                            zero_loss=1.0 + (prior.prior_loss_weight if prior.with_prior_preservation else 0.0))
     log = runlog.RunLog(out, opts, files=distributed.is_main())
     if log_estimate is not None and device.type == "cuda" and distributed.is_main():  # beside the measured peak
         try:
@@ -138,10 +141,15 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
                                     (time.perf_counter() - t0) * 1000, device, skipped)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", skipped=skipped)
                     bar.write(runlog.log_line(rec))
+                why = run.guard.check(done, res.loss, res.stepped, res.finite_state)
+                if why is not None:  # before anything of this step is saved
+                    raise UserError(distributed.on_rank0(_diverged, run, out, done, why) or f"diverged at step {done}")
                 saved = None
                 method.on_step(run, out, done)  # (its files: rank 0 only)
                 if done % opts.checkpoints.checkpointing_steps == 0 and done < total:
                     saved = _checkpoint(run, out, done)
+                elif done == total:  # the final state too, so that a finished run can be trained more
+                    saved = _final_checkpoint(run, out, done)
                 if opts.logging.validation_prompt and done % opts.logging.validation_steps == 0:
                     distributed.on_rank0(validation.validate, run, run_prompts.sub(opts.logging.validation_prompt),
                                          out / "validation", f"step-{done:06d}")
@@ -164,7 +172,7 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
         with _whole_state(run):  # --shard: a failed export saves a checkpoint, with the whole state
             distributed.on_rank0(save_model, run, out, done)
     distributed.on_rank0(runlog.record_subject, out, opts, run, ident, run_prompts)
-    distributed.on_rank0(outdir.write_marker, out, finished=True)
+    distributed.on_rank0(outdir.write_marker, out, finished=True, final_step=done)
     print(f"saved {method.saved} to {out} ({skipped} skipped step(s))")
     return out
 
@@ -179,6 +187,16 @@ def _note_first_step_compile(bar) -> None:
                   f"Triton kernel launch(es); cached for later steps and runs")
 
 
+def _diverged(run, out: Path, step: int, why: str) -> str:
+    """The one line of a run that diverged at `step`; checkpoints since it looked suspect are set aside."""
+    moved = guard.set_aside(out, run.guard.suspect_since, checkpoint.list_checkpoints)
+    last = checkpoint.newest_intact(out)
+    where = (f"the last good checkpoint is {last}: resume from it (--resume_from_checkpoint latest) with a lower "
+             f"--learning_rate" if last else "no good checkpoint was written: start again with a lower --learning_rate")
+    aside = f"; set aside as not resumable: {', '.join(moved)}" if moved else ""
+    return f"training diverged at step {step}: {why}; {where}{aside}"
+
+
 def _whole_state(run):
     """--shard: rank 0 holds every rank's optimizer state within (a collective: all ranks enter it)."""
     return run.shard.gathered() if run.shard is not None else contextlib.nullcontext()
@@ -191,7 +209,19 @@ def _checkpoint(run, out: Path, step: int) -> Path:
 
 def _save_state(run, out: Path, step: int, total_limit) -> Path:
     return checkpoint.save(out, step, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
-                           scaler=run.scaler, config=run.opts.to_dict(), total_limit=total_limit)
+                           scaler=run.scaler, config=run.opts.to_dict(), total_limit=total_limit,
+                           extra={"guard": run.guard.state_dict()} if run.guard is not None else None)
+
+
+def _final_checkpoint(run, out: Path, step: int) -> Path | None:
+    """checkpoint-<last step>; on a full disk only a note: the model itself still gets written."""
+    try:
+        with _whole_state(run):
+            return distributed.on_rank0(_save_state, run, out, step, run.opts.checkpoints.checkpoints_total_limit)
+    except UserError as e:  # (NoSpace; under torchrun every rank gets rank 0's error as a UserError)
+        print(f"dbtrain: warning: the final state was not kept ({e}); training this run more will continue from "
+              f"its newest checkpoint", file=sys.stderr, flush=True)
+        return None
 
 
 def save_checkpoint(run, out: Path, step: int) -> Path:

@@ -67,6 +67,7 @@ class Run:
     text_encoders: dict  # {component name: text encoder} of the base model (trained or frozen)
     identifier: str | None = None  # what [V] became (recorded in the LoRA file's metadata)
     shard: object = None  # --shard under torchrun: trainer.distributed.shard.Sharding (optimizer state split)
+    guard: object = None  # trainer.core.guard.Guard of the training loop (bench and the estimate run without)
 
     @property
     def params(self) -> list:
@@ -135,6 +136,7 @@ class StepResult:
     loss: float
     stepped: bool
     last: tuple  # (pred, latents, noise, t, offset) of the last micro-batch, for the log
+    finite_state: bool = True  # False: the update made a trained tensor non-finite and could not be taken back
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -145,6 +147,8 @@ def train_step(run: Run, step: int) -> StepResult:
     backend = contextlib.nullcontext() if training.kernels else dbkernels.force_backend("reference")
     accumulation = training.gradient_accumulation_steps
     total, finite = 0.0, True
+    if run.guard is not None:  # (before backward: --step_in_backward updates inside it)
+        run.guard.before_update()
     if run.trainable.new_tokens:  # pivotal tuning: the new rows train until freeze_at, then stay as they are
         active = step < run.trainable.freeze_at
         for rows_of in run.trainable.new_tokens:
@@ -189,6 +193,11 @@ def train_step(run: Run, step: int) -> StepResult:
     elif distributed.world() > 1:  # global mean loss; gradients averaged over the ranks (when all were finite)
         total, finite = distributed.reduce_step(run.params, total, finite)
     stepped = finite and _optimizer_step(run, training.max_grad_norm)
+    finite_state = True
+    if stepped and run.guard is not None:  # an overflowing update: small state is put back (then: skipped)
+        finite_state = run.guard.update_was_finite()
+        if finite_state and not all(bool(torch.isfinite(p).all()) for p in run.params):
+            stepped = False
     if stepped and run.shard is not None and run.hook is None:  # the owners' new values to every rank
         run.shard.broadcast_params()
     if not stepped:
@@ -198,7 +207,7 @@ def train_step(run: Run, step: int) -> StepResult:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         run.lr_scheduler.step()
     return StepResult(loss=total if finite else float("nan"), stepped=stepped,
-                      last=(pred.detach(), latents, noise, t, offset))
+                      last=(pred.detach(), latents, noise, t, offset), finite_state=finite_state)
 
 
 def _optimizer_step(run: Run, max_grad_norm: float) -> bool:
@@ -210,13 +219,17 @@ def _optimizer_step(run: Run, max_grad_norm: float) -> bool:
         scaler.unscale_(optimizer)
     clip = sharded.clip_grad_norm_ if sharded is not None else (
         lambda m: torch.nn.utils.clip_grad_norm_(run.params, m))  # --shard: the norm of all ranks' gradients
-    norm = clip(max_grad_norm) if max_grad_norm > 0 else None
+    # the gradients' norm even without clipping, so a non-finite gradient is never applied
+    if max_grad_norm > 0 or sharded is not None:
+        norm = clip(max_grad_norm if max_grad_norm > 0 else float("inf"))  # (inf: a factor of exactly 1)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
     if scaler is not None:
         before = scaler.get_scale()
         scaler.step(optimizer)  # skips the update itself on inf/NaN gradients
         scaler.update()
         ok = scaler.get_scale() >= before
-    elif norm is not None and not _fake(norm) and not torch.isfinite(norm):
+    elif not _fake(norm) and not torch.isfinite(norm):
         ok = False
     else:
         optimizer.step()

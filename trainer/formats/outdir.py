@@ -99,6 +99,7 @@ def hold(folder, flag: str = "--output_dir") -> Path:
     dies, so a SIGKILL never leaves a stale lock and no one has to delete the file. A second process
     gets one line naming the holder. Taken again by the same process it is a no-op."""
     out = Path(folder)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     key, path = str(out.resolve()), out / LOCK
     if key in _held:
@@ -122,14 +123,31 @@ def hold(folder, flag: str = "--output_dir") -> Path:
                         "command": shlex.join(["dbtrain", *sys.argv[1:]])[:300]}))
     f.flush()
     _held[key] = f
+    if created:
+        _created.add(key)
     return out
 
 
+_created: set[str] = set()  # folders hold() made: removed again by release() if nothing was written
+
+
 def release(folder) -> None:
-    """Give the folder up before the process ends (the loop of an in-process caller, tests)."""
-    f = _held.pop(str(Path(folder).resolve()), None)
-    if f is not None:
-        f.close()
+    """Give the folder up before the process ends (an in-process caller such as the tests; a failed run).
+    A folder that hold() created and nothing was written into is removed, so a run refused for its
+    input leaves nothing behind."""
+    key = str(Path(folder).resolve())
+    f = _held.pop(key, None)
+    if f is None:
+        return
+    if key in _created:
+        _created.discard(key)
+        try:
+            if not _own_entries(Path(folder)):  # still ours alone (the lock is held until close)
+                os.unlink(Path(folder) / LOCK)
+                os.rmdir(folder)
+        except OSError:
+            pass
+    f.close()
 
 
 def _own_entries(out: Path) -> list[str]:
