@@ -172,3 +172,14 @@ def test_resume_refuses_what_cannot_change_before_the_model_loads(tiny_model, tm
     one_line_error(code, err, "cannot resume", "--resolution: the run's 32, now 40",
                    "--lora_rank: the run there trains the full model, not LoRA adapters", "new --output_dir")
     assert "identifier:" not in stdout
+
+
+def test_a_broken_class_image_is_named_before_the_model_loads(tiny_model, tmp_path, capsys):
+    make_images(tmp_path / "inst")
+    cls = make_images(tmp_path / "cls", n=1)
+    (cls / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, stdout, err = run_cli(["train", *args(tiny_model, tmp_path, *FAST, "--with_prior_preservation",
+                                                "--class_data_dir", str(cls), "--class_prompt", "a photo of toy",
+                                                "--num_class_images", "4")], capsys)
+    one_line_error(code, err, "broken.png")
+    assert "identifier:" not in stdout and not (tmp_path / "out").exists()

@@ -76,6 +76,10 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
     inst = images.ImageSet(inst_files, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
                            interpolation=data.image_interpolation_mode)
     captioned = images.read_captions(inst_files, captions) if captions else [None] * len(inst_files)
+    if prior.with_prior_preservation and Path(prior.class_data_dir).is_dir():  # a broken one fails before the model
+        for f in images.list_images(prior.class_data_dir, "class image", allow_empty=True,
+                                    captions=captions)[: prior.num_class_images]:
+            images.load_image(f)
     torch.manual_seed(training.seed)
     model = opts.model
     family = family_of(model.pretrained_model_name_or_path)
