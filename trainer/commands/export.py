@@ -5,20 +5,21 @@
   dbtrain export --model DIR --lora FILE [--lora_scale S] --merge --output_dir NEWDIR
   dbtrain export --lora pytorch_lora_weights.safetensors --kohya OUT.safetensors [--model DIR]
 Every family takes all four (SDXL: the UNet and both text encoders merged; kohya's SDXL names lora_unet_,
-lora_te1_, lora_te2_ and ss_base_model_version sdxl_base_v1-0). The flags and the files they name are
-checked before torch is imported.
+lora_te1_, lora_te2_ and ss_base_model_version sdxl_base_v1-0). The flags, the files they name and the free
+space the outputs need are checked before torch is imported. Every output is written under a temporary name
+of this process and moved into place; a write that fails (a full disk) is one line and leaves nothing, and
+the files get the user's normal permissions (umask).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from trainer.commands import quiet_libraries
 from trainer.errors import UserError
 from trainer.families import FAMILIES, SD, family_of
-from trainer.formats import outdir
+from trainer.formats import io, outdir
 from trainer.formats.io import check_new_file
 from trainer.options.export import DIFFUSERS_LORA, ExportOptions
 from trainer.options.export import parse as parse_flags
@@ -69,9 +70,39 @@ def _check_new_dir(path: str) -> Path:
     return d
 
 
+_WEIGHTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # what a single file or a merged folder holds
+
+
+def _model_numel(model: Path) -> int:
+    """Elements in the weights of --model's components, from the .safetensors headers (torch-free); a variant
+    (name.fp16.safetensors) counts only where the component has no plain file, pickles as half precision."""
+    total = 0
+    for comp in _WEIGHTS:
+        files = sorted((model / comp).glob("*.safetensors"))
+        plain = [f for f in files if f.name.count(".") == 1]
+        total += sum(io.safetensors_numel(f) or f.stat().st_size // 2 for f in plain or files)
+        if not files:
+            total += sum(f.stat().st_size // 2 for f in (model / comp).glob("*.bin"))
+    return total
+
+
+def _check_space(a: ExportOptions) -> None:
+    """Room for every output, before a model loads (outdir.NoSpace's one line; as `dbtrain train` checks)."""
+    if a.single_file:
+        need = _model_numel(Path(a.model)) * (2 if a.half else 4) + outdir.MB
+        outdir.require_space(Path(a.single_file).parent, need, f"--single_file {a.single_file}")
+    if a.output_dir:  # the merged folder holds the weights as --model stores them, plus its small files
+        model = Path(a.model)
+        need = sum(f.stat().st_size for comp in _WEIGHTS for f in (model / comp).glob("*") if f.is_file()) + outdir.MB
+        outdir.require_space(a.output_dir, need, f"--output_dir {a.output_dir}")
+    if a.kohya:  # the same tensors under other names, plus an alpha per module
+        need = 2 * Path(a.lora).stat().st_size + outdir.MB
+        outdir.require_space(Path(a.kohya).parent, need, f"--kohya {a.kohya}")
+
+
 def check(a: ExportOptions) -> ExportOptions:
     """The files and folders the flags name (torch-free): --model is a folder export can write, --lora a
-    readable .safetensors file, the outputs new."""
+    readable .safetensors file, the outputs new, and room for them."""
     if a.model:
         a.model = str(family_of(a.model).check_export_source(a.model))
     if a.lora:
@@ -84,6 +115,7 @@ def check(a: ExportOptions) -> ExportOptions:
         raise UserError("--single_file and --kohya name the same file")
     if a.output_dir:
         _check_new_dir(a.output_dir)
+    _check_space(a)
     return a
 
 
@@ -158,21 +190,32 @@ def _to_kohya(a) -> None:
 
 
 def _write_folder(a, parts) -> None:
-    """The merged model as a diffusers folder: saved beside NEWDIR, then renamed into place.
+    """The merged model as a diffusers folder: saved beside NEWDIR under a name of this process
+    (`.NEWDIR.tmp-export-<pid>`; those of processes that are gone are removed), then renamed into place.
     parts: family.load_models' (unet, vae, *text encoders)."""
+    from trainer.formats.diffusers_folder import model_bytes
+
     family = family_of(a.model)
     out = Path(a.output_dir)
-    tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
+    prefix = f".{out.name}.tmp-export-"
+    io.remove_stale(out.parent, prefix)
+    tmp = out.parent / f"{prefix}{os.getpid()}"
+    io.remove(tmp)
+    pipe = family.load_pipeline(a.model, **dict(zip(("unet", "vae", *family.text_encoder_names), parts)))
+    need = model_bytes(a.model, pipe)
+    outdir.require_space(out.parent, need, f"--output_dir {out}")
     try:
-        pipe = family.load_pipeline(a.model, **dict(zip(("unet", "vae", *family.text_encoder_names), parts)))
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()  # checked empty in parse(); rmdir refuses if something appeared since
-        os.rename(tmp, out)
-    except OSError as e:
-        raise UserError(f"could not write --output_dir {out}: {e}") from None
+        with io.one_line_write_errors(out.parent, f"--output_dir {out.name}", need, tmp):
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        io.normal_permissions(tmp)
+        try:
+            if out.exists():
+                out.rmdir()  # checked empty in parse(); rmdir refuses if something appeared since
+            os.rename(tmp, out)
+        except OSError as e:
+            raise UserError(f"could not write --output_dir {out}: {e.strerror or e}; nothing was written") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        io.remove(tmp)
     print(f"wrote the merged model to {out} (diffusers folder)")
 
 

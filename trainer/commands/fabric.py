@@ -6,6 +6,7 @@ import json
 
 from trainer.commands import quiet_libraries
 from trainer.families import check_model_folder
+from trainer.formats.io import one_line_write_errors
 from trainer.formats.outdir import check_images_out, claim_images_out
 from trainer.options.fabric import parse
 
@@ -37,25 +38,24 @@ def run(argv: list[str]) -> int:
                                   seed=a.seed, likes_per_round=a.likes_per_round,
                                   dislikes_per_round=a.dislikes_per_round, liked=liked, disliked=disliked,
                                   embedding=a.judge_embedding, **kw)
+        files = {f"round-{r['round']}/{k:03d}.png": im for r in rounds for k, im in enumerate(r["images"])}
+        files["grid.png"] = make_grid([im for r in rounds for im in r["images"]], cols=a.num_images)
         for r in rounds:
-            d = out / f"round-{r['round']}"
-            d.mkdir(exist_ok=True)
-            for k, im in enumerate(r["images"]):
-                im.save(d / f"{k:03d}.png")
             print(f"round {r['round']}: {r['n_liked']} liked, {r['n_disliked']} disliked so far; similarity to "
                   f"target mean {sum(r['similarity']) / len(r['similarity']):.3f}, best {max(r['similarity']):.3f}")
-        make_grid([im for r in rounds for im in r["images"]], cols=a.num_images).save(out / "grid.png")
         record["rounds"] = [{k: v for k, v in r.items() if k != "images"} for r in rounds]
         wrote = sum(len(r["images"]) for r in rounds)
     else:
         res = fabric_sample(pipe, a.prompt, liked, disliked, num_images=a.num_images, seed=a.seed, **kw)
-        for k, im in enumerate(res.images):
-            im.save(out / f"{k:03d}.png")
-        make_grid(res.images).save(out / "grid.png")
+        files = {f"{k:03d}.png": im for k, im in enumerate(res.images)}
+        files["grid.png"] = make_grid(res.images)
         record.update(seeds=res.seeds, weights=res.weights, notes=res.notes, stats=res.stats)
         wrote = len(res.images)
-    (out / "fabric.json").write_text(json.dumps(record, indent=1, default=str))
+    need = sum(3 * im.width * im.height for im in files.values())  # (uncompressed: an upper bound)
+    with one_line_write_errors(out, "the images", need):  # a full disk: one line, not a traceback
+        for name, im in files.items():
+            (out / name).parent.mkdir(exist_ok=True)
+            im.save(out / name)
+        (out / "fabric.json").write_text(json.dumps(record, indent=1, default=str))
     print(f"wrote {wrote} image(s), grid.png and fabric.json to {out}")
     return 0
-
-

@@ -1,12 +1,15 @@
 """Prior preservation: the frozen model draws the class images before training.
 
 Only the missing number is generated, into new files (never over one already there),
-each written to a temporary name and renamed, so a run killed while generating resumes
-where it stopped.
+each written to a temporary name of this process (`.class-00003.png.tmp-<pid>`) and renamed,
+so a run killed while generating resumes where it stopped (and removes what it left). The
+folder was checked writable before the model loaded (trainer.core.inputs); a write that fails
+anyway (a full disk) is one line.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +19,9 @@ from tqdm.auto import tqdm
 from trainer.core.images import caption_suffix, list_images
 from trainer.distributed import data_parallel as distributed
 from trainer.families import family_of
+from trainer.formats import io
+
+_TEMPORARY = re.compile(r"^\.class-.*\.tmp(?:-(\d+))?$")  # (no pid: written before temporaries had one)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # "no": the caller's dtype
 
@@ -30,6 +36,8 @@ def generate_class_images(opts, device: torch.device, dtype: torch.dtype, prompt
     prior, ext = opts.prior, opts.data.caption_extension
     folder = Path(prior.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        _remove_stale_temporaries(folder)
     have = len(list_images(folder, "class image", allow_empty=True,
                            captions=caption_suffix(ext) if ext else (".txt" if prompts else None)))
     distributed.barrier()  # torchrun: every rank has counted before any rank writes
@@ -67,17 +75,27 @@ def _generate(opts, device, dtype, folder: Path, mine: list[int], prompts: list[
                           height=size, width=size).images
             for k, img in enumerate(images):
                 path = _free_name(folder, index[k])
-                if prompts:  # the caption first: an image on disk always has its caption
-                    path.with_suffix(caption_suffix(opts.data.caption_extension or ".txt")).write_text(texts[k] + "\n")
-                tmp = path.with_name("." + path.name + ".tmp")
-                img.save(tmp, format="PNG")
-                os.replace(tmp, path)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                with io.one_line_write_errors(folder, "class images", 2 * size * size * 3 * len(images), tmp):
+                    if prompts:  # the caption first: an image on disk always has its caption
+                        path.with_suffix(caption_suffix(opts.data.caption_extension or ".txt")).write_text(
+                            texts[k] + "\n")
+                    img.save(tmp, format="PNG")
+                    os.replace(tmp, path)
             made += n
             bar.update(n)
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return made
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """The temporaries of class images whose process is gone (a run killed while generating)."""
+    for p in folder.iterdir():
+        m = _TEMPORARY.match(p.name)
+        if m and p.is_file() and io.is_stale(int(m.group(1)) if m.group(1) else None):
+            p.unlink(missing_ok=True)
 
 
 def _free_name(folder: Path, index: int) -> Path:

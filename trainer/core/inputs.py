@@ -1,12 +1,44 @@
-"""The files and folders a training run's options name, checked before anything is loaded (torch-free)."""
+"""The files and folders a training run's options name, checked before anything is loaded (torch-free).
+
+Every folder the run will write into (--output_dir, --class_data_dir when class images must be generated,
+--logging_dir, the validation grids' folder) must be writable, or be creatable, before a model loads, so a
+read-only folder is one line at the start, not a traceback after minutes of work."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.families import family_of
-from trainer.formats.outdir import check_creatable, check_output_dir
+from trainer.formats.outdir import check_creatable, check_output_dir, writable
 from trainer.options import diffusers_flags
+from trainer.options.checks import IMAGE_SUFFIXES
+
+
+def count_images(folder) -> int:
+    """Image files in `folder` as trainer.core.images.list_images finds them (not hidden, by suffix), without
+    opening any; 0 for a folder that does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for f in folder.iterdir()
+               if not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def class_images_to_generate(opts) -> int:
+    """How many class images prior preservation will draw (--num_class_images minus those in --class_data_dir)."""
+    if not opts.prior.with_prior_preservation:
+        return 0
+    return max(0, opts.prior.num_class_images - count_images(opts.prior.class_data_dir))
+
+
+def _check_writes_into(folder: Path, flag: str, why: str = "") -> None:
+    """`folder` is a writable folder, or does not exist and can be created."""
+    if not folder.exists():
+        check_creatable(folder, flag)
+    elif not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    elif not writable(folder):
+        raise UserError(f"{flag} {folder} is not writable{why}; choose a folder you can write to")
 
 
 def check_paths(opts) -> None:
@@ -25,13 +57,16 @@ def check_paths(opts) -> None:
         cls = Path(opts.prior.class_data_dir)
         if cls.exists() and not cls.is_dir():
             raise UserError(f"--class_data_dir {cls} is a file, not a folder")
-        if not cls.exists():
-            check_creatable(cls, "--class_data_dir")
+        missing = class_images_to_generate(opts)
+        if missing:  # a read-only folder that already holds enough is fine: nothing is written there
+            _check_writes_into(cls, "--class_data_dir",
+                               f" and {missing} class image(s) must be generated there (it holds "
+                               f"{count_images(cls)} of --num_class_images {opts.prior.num_class_images})")
     out, res = Path(opts.checkpoints.output_dir), opts.checkpoints.resume_from_checkpoint
     if res and res != "latest" and not Path(res).exists() and not (out / res).exists():
         raise UserError(f"--resume_from_checkpoint {res}: no such checkpoint folder (or pass latest)")
     check_output_dir(out, resume=bool(res))
-    logs = out / opts.logging.logging_dir
-    if logs.exists() and not logs.is_dir():
-        raise UserError(f"--logging_dir {logs} is a file, not a folder")
+    _check_writes_into(out / opts.logging.logging_dir, "--logging_dir")
+    if opts.logging.validation_prompt:
+        _check_writes_into(out / "validation", "the validation folder (--validation_prompt)")
     diffusers_flags.resolve_counts(opts)

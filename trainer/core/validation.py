@@ -1,11 +1,13 @@
 """Validation grids during training: images of --validation_prompt from the model being trained."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from trainer.core.images import make_grid
+from trainer.formats import io
 from trainer.methods.base import trained_pipeline
 
 
@@ -33,8 +35,12 @@ def validate(run, prompt: str, folder: Path, name: str) -> Path:
     n, res = opts.logging.num_validation_images, opts.data.resolution
     gens = [torch.Generator("cpu").manual_seed(opts.training.seed + k) for k in range(n)]
     images = pipe([prompt] * n, generator=gens, height=res, width=res, num_inference_steps=25).images
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    make_grid(images).save(path)
+    tmp = folder / f".{name}.png.tmp-{os.getpid()}"
+    grid = make_grid(images)
+    with io.one_line_write_errors(folder, f"the validation grid {path.name}", 3 * grid.width * grid.height, tmp):
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)  # a grid killed mid-write never stands under the final name
     unet.train(was_training)
     return path
