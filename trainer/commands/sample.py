@@ -9,8 +9,21 @@ from trainer.commands import quiet_libraries
 from trainer.errors import UserError
 from trainer.families import check_model_folder
 from trainer.formats import outdir
-from trainer.methods.outputs import lora_files_of, model_and_embeddings
+from trainer.methods.outputs import checkpoint_of, lora_files_of, model_and_embeddings
 from trainer.options.sampling import SampleOptions, parse_sample
+
+
+def check_checkpoint(model) -> None:
+    """A checkpoint given as --model (OUT/checkpoint-N, a run in progress) must be whole: one line naming what
+    is damaged (trainer.core.checkpoint.verify; torch is imported only for a checkpoint)."""
+    if checkpoint_of(model) is None:
+        return
+    from trainer.core.checkpoint import verify
+
+    problem = verify(Path(model))
+    if problem is not None:
+        raise UserError(f"checkpoint {model} is damaged: {problem}; sample another checkpoint or the finished "
+                        f"output folder")
 
 
 def check(a: SampleOptions) -> None:
@@ -26,6 +39,7 @@ def check(a: SampleOptions) -> None:
     outdir.check_images_out(a.out)
     check_model_folder(model_and_embeddings(a.model, a.embedding)[0])
     lora_files_of(a.model, a.lora)
+    check_checkpoint(a.model)
 
 
 def run(argv: list[str]) -> Path:
@@ -35,16 +49,12 @@ def run(argv: list[str]) -> Path:
     import torch
 
     from trainer.core.images import make_grid
-    from trainer.families import family_of
-    from trainer.methods.outputs import apply_loras
+    from trainer.methods.outputs import load_pipeline
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, files = model_and_embeddings(a.model, a.embedding)
-    family = family_of(model)
-    pipe = family.load_pipeline(model).to(device)  # StableDiffusionXLPipeline for an SDXL folder
-    for f in files:
-        print(f"embedding {f}: write {family.load_embedding(pipe, f)} in the prompt")
-    apply_loras(pipe, lora_files_of(a.model, a.lora), a.lora_scale)
+    # (StableDiffusionXLPipeline for an SDXL folder; a checkpoint's trained parts on its run's base model)
+    pipe = load_pipeline(a.model, device, a.embedding, a.lora, a.lora_scale, say=print)
+    pipe.set_progress_bar_config(disable=False)
     gens = [torch.Generator("cpu").manual_seed(a.seed + k) for k in range(a.num_images)]
     kw = {"height": a.resolution, "width": a.resolution} if a.resolution else {}
     images = pipe([a.prompt] * a.num_images, negative_prompt=(

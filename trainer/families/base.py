@@ -8,10 +8,15 @@ and never ask which family they have.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainer.errors import UserError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -32,6 +37,68 @@ def variant_name(file: str, variant: str | None) -> str:
         return file
     stem, dot, ext = file.partition(".")
     return f"{stem}.{variant}.{ext}"
+
+
+def _reason(e: BaseException) -> str:
+    """The cause of a failed load in a few words: the innermost message of the exception chain that says more
+    than diffusers' generic "Unable to load weights" (e.g. the unpickler's refusal or the header error)."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in reversed(chain):
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+            return "it is a pickle that would run code or build objects other than tensors; refused"
+    text = next((str(err) for err in reversed(chain) if str(err).strip()), type(chain[0]).__name__)
+    line = " ".join(text.strip().split("\n")[0].split())
+    return (line[:240] + "...") if len(line) > 240 else line
+
+
+@contextlib.contextmanager
+def loading(folder, component: str | None = None):
+    """Inside: loading a model folder (or one component subfolder); any failure to load a damaged file becomes
+    one UserError naming the folder (torch-free checks catch most before, see check_folder)."""
+    where = Path(folder) / component if component else Path(folder)
+    try:
+        yield
+    except UserError:
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers/transformers/safetensors raise every kind for a bad file
+        named = re.search(re.escape(str(where)) + r"/([\w.\-]+(?:/[\w.\-]+)?)", _chain_text(e))
+        if named:  # a whole pipeline: the message names the file that failed
+            where = where / named.group(1)
+        reason = _reason(e)
+        if reason.startswith("it is a pickle"):
+            raise UserError(f"{where} does not load ({reason}); dbtrain never runs code from a model folder: use "
+                            f"its .safetensors weights") from e
+        raise UserError(f"{where} does not load ({type(e).__name__}: {reason}); the file is damaged or not what "
+                        f"diffusers expects: restore it from the model's download") from e
+
+
+def _chain_text(e: BaseException) -> str:
+    out, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(out)
+
+
+def check_finite(modules: dict, folder) -> None:
+    """UserError naming the first weight of {component: module} that holds NaN or inf (a damaged or diverged
+    model must not be sampled or trained from silently). One pass over the weights, cheap next to loading."""
+    from trainer.formats.safe_load import first_non_finite
+
+    for comp, module in modules.items():
+        if module is None or not hasattr(module, "state_dict"):
+            continue
+        bad = first_non_finite(module.state_dict())
+        if bad is not None:
+            raise UserError(f"{Path(folder) / comp}: weight {bad} holds NaN or inf values; the model is damaged "
+                            f"or came from a run that diverged, it is not used")
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.families.base import WEIGHT_FILES, Components, Family, read_json, variant_name
-from trainer.formats import embedding_files, single_file
+from trainer.families.base import WEIGHT_FILES, Components, Family, check_finite, loading, read_json, variant_name
+from trainer.formats import embedding_files, safe_load, single_file
 from trainer.formats.io import check_new_file
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -72,6 +72,8 @@ class StableDiffusion(Family):
                                 for f in (root / comp).glob("*.*.safetensors") if (root / comp).is_dir()})
                 hint = f"; it has {'/'.join(found)} variant weights: add --variant {found[0]}" if found else ""
             raise UserError(f"model folder {root} is missing: {', '.join(missing)}{hint}")
+        # damaged files, wrongly typed configs and custom code: one line naming the file, before anything loads
+        safe_load.check_model_files(root, self.components(), [variant_name(f, variant) for f in WEIGHT_FILES])
         return root
 
     def check_export_source(self, folder) -> Path:
@@ -87,16 +89,23 @@ class StableDiffusion(Family):
 
         root = self.check_folder(folder, variant=variant)
         kw = {"variant": variant} if variant else {}
-        noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+        with loading(root, "scheduler"):
+            noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
         pred = prediction_type(root)
-        comps = Components(
-            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
-            vae=(AutoencoderKL.from_pretrained(vae) if vae else
-                 AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)),
-            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
-            tokenizer=(CLIPTokenizer.from_pretrained(tokenizer) if tokenizer else
-                       CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")),
-            noise_scheduler=noise_scheduler, prediction_type=pred)
+        with loading(root, "unet"):
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
+        with loading(*((vae,) if vae else (root, "vae"))):
+            vae_model = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(
+                root, subfolder="vae", **kw)
+        with loading(root, "text_encoder"):
+            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
+        with loading(*((tokenizer,) if tokenizer else (root, "tokenizer"))):
+            tok = (CLIPTokenizer.from_pretrained(tokenizer) if tokenizer else
+                   CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"))
+        comps = Components(unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tok,
+                           noise_scheduler=noise_scheduler, prediction_type=pred)
+        check_finite({"unet": unet, "text_encoder": text_encoder}, root)
+        check_finite({"": vae_model}, vae or root / "vae")
         if variant:  # e.g. fp16 files: train from fp32 copies, as from the plain files (the loop picks its dtypes)
             for m in (comps.unet, comps.vae, comps.text_encoder):
                 m.float()
@@ -107,10 +116,15 @@ class StableDiffusion(Family):
 
         d = Path(folder)
         kw = {"torch_dtype": dtype} if dtype is not None else {}
-        encoders = [cls.from_pretrained(d, subfolder=name, **({"dtype": dtype} if dtype is not None else {}))
-                    for cls, name in zip(self.text_encoder_classes(), self.text_encoder_names)]
-        return (UNet2DConditionModel.from_pretrained(d, subfolder="unet", **kw),
-                AutoencoderKL.from_pretrained(d, subfolder="vae", **kw), *encoders)
+        models = {}
+        for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+            with loading(d, name):
+                models[name] = cls.from_pretrained(d, subfolder=name, **kw)
+        for cls, name in zip(self.text_encoder_classes(), self.text_encoder_names):
+            with loading(d, name):
+                models[name] = cls.from_pretrained(d, subfolder=name, **({"dtype": dtype} if dtype is not None else {}))
+        check_finite(models, d)
+        return tuple(models.values())
 
     def text_encoder_classes(self) -> tuple:
         from transformers import CLIPTextModel
@@ -121,12 +135,25 @@ class StableDiffusion(Family):
         """StableDiffusionPipeline without the safety checker (vae_path: a VAE folder instead of the model's)."""
         from diffusers import StableDiffusionPipeline
 
+        return self._pipeline(StableDiffusionPipeline, folder, vae_path, kw, safety_checker=None,
+                              requires_safety_checker=False)
+
+    def _pipeline(self, cls, folder, vae_path, kw: dict, **extra):
+        """cls.from_pretrained(folder) with the components in `kw` instead of the folder's; a damaged file is one
+        line naming its folder, and the parts read from files are checked finite (those passed in are the
+        caller's)."""
         if vae_path and "vae" not in kw:
             from diffusers import AutoencoderKL
 
-            kw["vae"] = AutoencoderKL.from_pretrained(vae_path)
-        return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                       **kw)
+            with loading(vae_path):
+                kw["vae"] = AutoencoderKL.from_pretrained(vae_path)
+            check_finite({"": kw["vae"]}, vae_path)
+        safe_load.check_model_files(folder, [c for c in self.components() if c not in kw],  # (kw's: the caller's)
+                                    [variant_name(f, kw.get("variant")) for f in WEIGHT_FILES])
+        with loading(folder):
+            pipe = cls.from_pretrained(folder, **kw, **extra)
+        check_finite({n: m for n, m in pipe.components.items() if n not in kw}, folder)
+        return pipe
 
     # ------------------------------------------------------------------ the training step
     def encode_prompt(self, tokenizers, encoders, prompts, device, *, max_length=None, attention_mask=False):

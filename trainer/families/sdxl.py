@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.families.base import Components, read_json
+from trainer.families.base import WEIGHT_FILES, Components, check_finite, loading, read_json
 from trainer.families.sd import StableDiffusion, prediction_type
-from trainer.formats import embedding_files, single_file_sdxl
+from trainer.formats import embedding_files, safe_load, single_file_sdxl
 from trainer.formats.io import check_new_file
 
 PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
@@ -29,7 +29,7 @@ def is_sdxl(folder) -> bool:
     or, for a folder without one, a UNet with SDXL's added text/time conditioning."""
     d = Path(folder)
     name = read_json(d / "model_index.json").get("_class_name", "")
-    if name:
+    if name and isinstance(name, str):  # (not a string: custom code, which check_folder refuses)
         return name in PIPELINES or name.startswith("StableDiffusionXL")
     return read_json(d / "unet" / "config.json").get("addition_embed_type") == "text_time"
 
@@ -60,6 +60,7 @@ def check_sdxl_folder(folder, what: str = "--pretrained_model_name_or_path") -> 
     if unet.get("in_channels", 4) != 4:
         raise UserError(f"{what} {d}: its UNet takes {unet.get('in_channels')} input channels (an inpainting "
                         "model); pass the SDXL base model folder")
+    safe_load.check_model_files(d, StableDiffusionXL.components(SDXL), WEIGHT_FILES)  # damaged files, custom code
     return d
 
 
@@ -158,18 +159,22 @@ class StableDiffusionXL(StableDiffusion):
             if not (vp / "config.json").is_file():
                 raise UserError(f"--pretrained_vae_model_name_or_path {vp} is not a diffusers AutoencoderKL folder "
                                 "(no config.json)")
-            vae_model = AutoencoderKL.from_pretrained(vp)
+            with loading(vp):
+                vae_model = AutoencoderKL.from_pretrained(vp)
+            check_finite({"": vae_model}, vp)
         else:
-            vae_model = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
-        comps = Components(
-            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
-            vae=vae_model,
-            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **kw),
-            tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-            tokenizer_2=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-            noise_scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
-            prediction_type=pred)
+            with loading(root, "vae"):
+                vae_model = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+        parts = {}
+        for name, cls, extra in (("unet", UNet2DConditionModel, kw), ("text_encoder", CLIPTextModel, kw),
+                                 ("text_encoder_2", CLIPTextModelWithProjection, kw), ("tokenizer", CLIPTokenizer, {}),
+                                 ("tokenizer_2", CLIPTokenizer, {}), ("noise_scheduler", DDPMScheduler, {})):
+            sub = "scheduler" if name == "noise_scheduler" else name
+            with loading(root, sub):
+                parts[name] = cls.from_pretrained(root, subfolder=sub, **extra)
+        check_finite({n: parts[n] for n in ("unet", "text_encoder", "text_encoder_2")} | (
+            {} if vae is not None else {"vae": vae_model}), root)
+        comps = Components(vae=vae_model, prediction_type=pred, **parts)
         if variant:
             for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
                 m.float()
@@ -185,13 +190,8 @@ class StableDiffusionXL(StableDiffusion):
         the prior)."""
         from diffusers import StableDiffusionXLPipeline
 
-        if vae_path and "vae" not in kw:
-            from diffusers import AutoencoderKL
-
-            kw["vae"] = AutoencoderKL.from_pretrained(vae_path)
-        if class_images:
-            kw["add_watermarker"] = False
-        return StableDiffusionXLPipeline.from_pretrained(folder, **kw)
+        extra = {"add_watermarker": False} if class_images else {}
+        return self._pipeline(StableDiffusionXLPipeline, folder, vae_path, kw, **extra)
 
     # ------------------------------------------------------------------ the training step
     def encode_prompt(self, tokenizers, encoders, prompts, device, *, max_length=None, attention_mask=False):

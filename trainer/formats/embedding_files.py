@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.formats.safe_load import require_finite
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -107,6 +108,7 @@ def read_embedding(path):
         raise UserError(f"{path}: not an embedding file (keys {', '.join(list(data)[:5])})")
     if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2):
         raise UserError(f"{path}: the embedding must be a [n, dim] tensor")
+    require_finite({name or "rows": t}, path, "embedding")
     return name, t.float().reshape(-1, t.shape[-1])
 
 
@@ -150,6 +152,7 @@ def load_sdxl_into(pipe, path, token: str | None = None) -> str:
     with safe_open(str(path), "pt") as f:
         rows = {k: f.get_tensor(k).float() for k in SDXL_KEYS}
         token = token or (f.metadata() or {}).get("dbtrain.placeholder") or f"<{path.stem}>"
+    require_finite(rows, path, "embedding")
     for key, enc, tok in (("clip_l", pipe.text_encoder, pipe.tokenizer),
                           ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
         dim = enc.get_input_embeddings().weight.shape[1]

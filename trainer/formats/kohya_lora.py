@@ -129,12 +129,18 @@ def from_kohya(kohya_sd: dict, modules: dict) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------ diffusers-format files
 
-def diffusers_alphas(metadata: dict | None) -> dict:
+def diffusers_alphas(metadata: dict | None, path=None) -> dict:
     """{component: (default alpha, {pattern: alpha}, rslora)} from diffusers' lora_adapter_metadata header."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return {}
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise UserError(f"LoRA file {path or ''}: its lora_adapter_metadata header is not valid JSON; the file is "
+                        "damaged") from None
+    if not isinstance(meta, dict):
+        return {}
     out = {}
     for comp in ("unet", "text_encoder", "text_encoder_2"):
         if f"{comp}.lora_alpha" in meta or f"{comp}.r" in meta:
@@ -192,14 +198,40 @@ def diffusers_to_kohya(sd: dict, metadata: dict | None = None) -> dict:
 
 
 def read_lora(path) -> tuple[dict, dict]:
-    """(tensors, header metadata) of a .safetensors LoRA file."""
+    """(tensors, header metadata) of a LoRA file: .safetensors, or a pickle (.pt) read weights only as every
+    pickle is (trainer.formats.safe_load: one that would run code is refused, saying so). Every tensor and
+    alpha must be finite: a NaN/inf LoRA would be merged into black pictures without a word."""
+    import torch
     from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # a broken or non-safetensors file: say which
-        raise UserError(f"cannot read LoRA file {path}: {e}") from None
+    from trainer.formats import safe_load
+
+    path = Path(path)
+    problem = safe_load.safetensors_problem(path) if path.is_file() else None
+    if problem is not None and problem.startswith("is a"):  # a pickle / zip: not a safetensors file at all
+        try:
+            sd, meta = safe_load.load_tensors(path), {}
+        except UserError as e:
+            raise UserError(f"LoRA file {path} is a pickle, not a .safetensors file: {e}") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise UserError(f"LoRA file {path} is a pickle that holds no flat dict of named tensors; "
+                            "pass the LoRA as a .safetensors file")
+    elif problem is not None:
+        raise UserError(f"cannot read LoRA file {path}: it {problem}")
+    else:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                sd, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:  # a broken or non-safetensors file: say which
+            raise UserError(f"cannot read LoRA file {path}: {e}") from None
+    safe_load.require_finite(sd, f"LoRA file {path}", "weight")
+    for comp, (alpha, pattern, _) in diffusers_alphas(meta, path).items():
+        for a in (alpha, *(pattern.values() if isinstance(pattern, dict) else [pattern])):
+            if not isinstance(a, (int, float)) or not math.isfinite(a):
+                raise UserError(f"LoRA file {path}: {comp}'s lora_alpha is {a!r} in its header, it must be a finite "
+                                "number; the file is damaged")
+    return sd, meta
 
 
 def lora_updates(sd: dict, metadata: dict | None, modules: dict) -> list[tuple[str, str, object, object, float]]:
@@ -215,7 +247,10 @@ def lora_updates(sd: dict, metadata: dict | None, modules: dict) -> list[tuple[s
                 if "down" not in p or "up" not in p:
                     raise UserError(f"LoRA module {mod} lacks its lora_down or lora_up weight")
                 rank = p["down"].shape[0]
-                out.append((comp, mod, p["down"], p["up"], float(p["alpha"]) if "alpha" in p else float(rank)))
+                alpha = float(p["alpha"]) if "alpha" in p else float(rank)
+                if not math.isfinite(alpha):
+                    raise UserError(f"LoRA module {mod} has alpha {alpha}; it must be a finite number")
+                out.append((comp, mod, p["down"], p["up"], alpha))
         return out
     parts = split_diffusers(sd)
     table = diffusers_alphas(metadata)
@@ -258,8 +293,12 @@ def merge_into(modules: dict, updates, scale: float = 1.0) -> int:
                 raise UserError(f"the LoRA for {comp}.{mod} has shapes down {tuple(down.shape)} / up "
                                 f"{tuple(up.shape)}, the model's weight is {tuple(w.shape)}; it was made for "
                                 "another architecture")
-            delta = up.flatten(1).float() @ down.flatten(1).float()
-            w += (scale * alpha / rank * delta).reshape(w.shape).to(w.dtype)
+            delta = (scale * alpha / rank * (up.flatten(1).float() @ down.flatten(1).float())).reshape(w.shape)
+            merged = w + delta.to(w.dtype)
+            if not bool(torch.isfinite(merged).all()):  # checked before the weight is written
+                raise UserError(f"merging the LoRA into {comp}.{mod}.weight gives NaN or inf values (alpha {alpha:g}, "
+                                f"scale {scale:g}); the LoRA is damaged or far too strong, nothing is written")
+            w.copy_(merged)
             n += 1
     return n
 
@@ -283,6 +322,9 @@ def save_kohya_lora(path, state: dict, metadata: dict | None = None) -> Path:
     """
     from trainer.formats.io import write_new_safetensors
 
+    from trainer.formats.safe_load import require_finite
+
+    require_finite(state, f"kohya LoRA {path}", "weight")  # never written: the file would draw black pictures
     meta = {"ss_network_module": "networks.lora"}
     for k, v in (metadata or {}).items():
         meta[k] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)

@@ -32,6 +32,8 @@ VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."  # + text_model.<transformers name>
 OPENCLIP = "cond_stage_model.model."
 V_PRED_KEY = "v_pred"
+SOURCE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                  "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 # inside one UNet resnet: diffusers name -> original name
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -281,12 +283,28 @@ def single_file_state_dict(unet, vae, text_encoder, *, layout: str | None = None
 
 
 def diffusers_state_dicts(single_file_sd: dict, unet_config, vae_config, *, layout: str | None = None) -> dict:
-    """{'unet', 'vae', 'text_encoder'} state dicts in diffusers / transformers names."""
+    """{'unet', 'vae', 'text_encoder'} state dicts in diffusers / transformers names (a NaN/inf tensor in the
+    checkpoint: one line naming it)."""
+    from trainer.formats.safe_load import require_finite
+
+    require_finite(single_file_sd, "the single-file checkpoint")
     if layout is None:
         layout = "openclip" if any(k.startswith(OPENCLIP) for k in single_file_sd) else "clip"
     return {"unet": unet_from_original(single_file_sd, unet_config),
             "vae": vae_from_original(single_file_sd, vae_config),
             "text_encoder": text_from_original(single_file_sd, layout)}
+
+
+def require_written_finite(sd: dict, out_path, half: bool) -> None:
+    """A checkpoint with a NaN/inf tensor is never written (it would draw black pictures); with --half a finite
+    value past float16's range turns inf, said as such."""
+    from trainer.formats.safe_load import first_non_finite
+
+    bad = first_non_finite(sd)
+    if bad is not None:
+        why = " (finite in float32, past float16's range: export without --half)" if half else ""
+        raise UserError(f"{out_path} was not written: tensor {bad} holds NaN or inf values{why}; the model is "
+                        "damaged or a merged LoRA broke it")
 
 
 def check_source_folder(model_dir) -> Path:
@@ -302,9 +320,12 @@ def check_source_folder(model_dir) -> Path:
                         "as --lora (with --merge, or --kohya)")
     if missing:
         raise UserError(f"--model {d} is not a diffusers Stable Diffusion folder (no {missing[0]})")
-    cfg = json.loads((d / "unet/config.json").read_text())
+    from trainer.formats.safe_load import check_model_files, read_config
+
+    cfg = read_config(d / "unet/config.json")
     if cfg.get("addition_embed_type"):
         raise UserError(f"--model {d} is an SDXL-style model; single-file export supports SD1.x and SD2.x")
+    check_model_files(d, ("unet", "vae", "text_encoder", "scheduler"), SOURCE_WEIGHTS)  # damaged files, custom code
     return d
 
 
@@ -401,6 +422,7 @@ def save_single_file(model_dir, out_path, *, components, half: bool = False, met
     else:
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     sd = {k: v.detach().to("cpu") for k, v in sd.items()}
+    require_written_finite(sd, out_path, half)
     out = write_new_safetensors(out_path, sd, header(model_dir, half=half, extra=metadata))
     cfg = ldm_config(model_dir) if v_pred else None
     if cfg is not None:  # A1111 reads <name>.yaml first; without it, it guesses v-prediction only for SD2 shapes

@@ -80,6 +80,9 @@ def single_file_state_dict_sdxl(unet, vae, text_encoder, text_encoder_2, *, v_pr
 def diffusers_state_dicts_sdxl(single_file_sd: dict, unet_config, vae_config) -> dict:
     """{'unet', 'vae', 'text_encoder', 'text_encoder_2'} state dicts; the text encoders' keys without
     transformers' optional `text_model.` level (as single_file.text_from_original gives them)."""
+    from trainer.formats.safe_load import require_finite
+
+    require_finite(single_file_sd, "the single-file checkpoint")
     inner = {k[len(sf.UNET):]: v for k, v in single_file_sd.items() if k.startswith(sf.UNET)}
     t2 = sf.text_from_original(_reprefix(single_file_sd, CLIP_G, sf.OPENCLIP), "openclip")
     proj = single_file_sd.get(CLIP_G + "text_projection")
@@ -114,4 +117,5 @@ def save_single_file_sdxl(model_dir, out, *, components, half: bool = False, met
                                      zero_snr=bool(sched.get("rescale_betas_zero_snr")))
     dtype = "half" if half else "float"
     sd = {k: (getattr(v, dtype)() if v.is_floating_point() else v).detach().to("cpu") for k, v in sd.items()}
+    sf.require_written_finite(sd, out, half)
     return write_new_safetensors(out, sd, header_sdxl(model_dir, half=half, extra=metadata))

@@ -24,6 +24,7 @@ from trainer.formats import outdir
 from trainer.formats.embedding_files import DIFFUSERS_FILE, save_diffusers
 from trainer.methods.base import Method, Trainable, frozen_dtype
 from trainer.methods.full import FullModel
+from trainer.methods.outputs import recorded_base_of
 
 def vector_tokens(placeholder: str, n: int) -> list[str]:
     """The tokens of an n-vector placeholder, named as diffusers names them (and expands prompts to)."""
@@ -89,7 +90,10 @@ class NewTokenEmbedding(torch.nn.Module):
     def load_pretrained(self, folder) -> None:
         from trainer.formats.safe_load import load_tensors
 
+        from trainer.formats.safe_load import require_finite
+
         state = load_tensors(Path(folder) / DIFFUSERS_FILE)
+        require_finite(state, Path(folder) / DIFFUSERS_FILE, "embedding")
         t = state.get(self.placeholder)
         if t is None or tuple(t.shape) != tuple(self.rows.shape):
             got = {k: tuple(v.shape) for k, v in state.items()}
@@ -240,7 +244,7 @@ class TextualInversion(Method):
 
     def record(self, opts, run) -> dict:
         return {"method": self.name, "embedding": DIFFUSERS_FILE, "num_vectors": opts.embedding.num_vectors,
-                "base_model": str(Path(opts.model.pretrained_model_name_or_path).resolve())}
+                **recorded_base_of(opts)}
 
 
 class PivotalTuning(FullModel):

@@ -14,7 +14,8 @@ import torch
 
 from trainer.errors import UserError
 from trainer.formats import outdir
-from trainer.methods.outputs import load_pipeline, lora_files_of, recorded_subject
+from trainer.families import check_model_folder
+from trainer.methods.outputs import checkpoint_of, load_pipeline, lora_files_of, model_and_embeddings, recorded_subject
 from trainer.options.sampling import CLASS_PROMPT, DEFAULT_PROMPTS, EVAL_IMAGES, EVAL_SEED, GUIDANCE, SAMPLE_STEPS
 
 
@@ -78,6 +79,16 @@ def check(a) -> None:
     if a.out:
         outdir.check_images_out(a.out)
     lora_files_of(a.model, a.lora)  # missing files: one line before any model loads
+    check_model_folder(model_and_embeddings(a.model, a.embedding)[0])  # (a checkpoint: its run's base model)
+    if a.base_model:
+        check_model_folder(a.base_model)
+    if checkpoint_of(a.model) is not None:
+        from trainer.core.checkpoint import verify
+
+        problem = verify(Path(a.model))
+        if problem is not None:
+            raise UserError(f"checkpoint {a.model} is damaged: {problem}; evaluate another checkpoint or the "
+                            f"finished output folder")
 
 
 def run(a) -> dict:
