@@ -330,7 +330,7 @@ def test_cli_writes_images_grid_and_settings(target, tmp_path):
     assert fabric_command.run(["--prompt", "a star", "--liked", str(target), "--disliked", str(target),
                         "--num_images", "2", "--steps", "3", "--guidance_scale", "5", "--out", str(out),
                         "--scheduler", "DDIMScheduler", "--device", "cpu"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".dbtrain-run.json", "000.png", "001.png", "fabric.json", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".dbtrain-lock", ".dbtrain-run.json", "000.png", "001.png", "fabric.json", "grid.png"]
     rec = json.loads((out / "fabric.json").read_text())
     assert rec["scheduler"] == "DDIMScheduler" and rec["settings"]["max_weight"] == 0.8
     assert rec["stats"]["reference_passes"] == 2 and rec["seeds"] == [0, 1]

@@ -23,7 +23,7 @@ import torch
 
 from trainer.core import resume as resume_options
 from trainer.errors import UserError
-from trainer.formats import diffusers_folder, outdir, safe_load
+from trainer.formats import diffusers_folder, io, outdir, safe_load
 from trainer.formats.embedding_files import DIFFUSERS_FILE as EMBEDDING_FILE
 from trainer.formats.outdir import list_checkpoints
 
@@ -90,7 +90,7 @@ def save(output_dir, step: int, *, models: dict, optimizer, lr_scheduler, scaler
     outdir.require_space(out, need, f"checkpoint-{step}")
     tmp = out / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with io.one_line_write_errors(out, f"checkpoint-{step}", need, tmp):  # (a SafetensorError on a full disk too)
         tmp.mkdir(parents=True)
         for name, model in models.items():
             model.save_pretrained(tmp / name, safe_serialization=True)
@@ -102,10 +102,8 @@ def save(output_dir, step: int, *, models: dict, optimizer, lr_scheduler, scaler
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = {"step": step, "config": config, "files": files, **(extra or {})}
         (tmp / "training_state.json").write_text(json.dumps(record, indent=1, default=str))
+        io.normal_permissions(tmp)  # the user's umask, not safetensors' owner-only files
         _fsync_tree(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise outdir.failed_write(out, f"checkpoint-{step}", e, need) from e
     problem = verify(tmp)
     if problem is not None:
         shutil.rmtree(tmp, ignore_errors=True)

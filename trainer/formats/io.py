@@ -3,6 +3,7 @@ disk is full), per-process temporaries that the next run cleans, and the user's 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -116,6 +117,9 @@ def os_error_of(e: BaseException) -> OSError | None:
         if m:
             n = int(m.group(1))
             return OSError(n, os.strerror(n))
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
+        # torch.save's writer reports a short write (a full disk) without the OS error
+        return OSError(errno.EIO, "the write stopped short (is the disk full?)")
     return None
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.formats.io import normal_permissions
 from trainer.world import JUDGE_DIR
 
 MAX_TOKENS = 16
@@ -88,6 +89,7 @@ class Judge(nn.Module):
                   str(tmp / "judge.safetensors"))
         (tmp / "config.json").write_text(json.dumps(self.config, indent=1))
         self.tokenizer.save_pretrained(tmp / "tokenizer")
+        normal_permissions(tmp)  # (safetensors writes owner-only files)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

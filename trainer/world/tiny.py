@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+from trainer.formats.io import normal_permissions
 from trainer.world import JUDGE_DIR, MODEL_DIR, scenes
 from trainer.world.tiny_sd import write_tokenizer_files
 
@@ -319,6 +320,7 @@ def assemble(work: Path, dest: Path) -> Path:
         "what": "tiny text-to-image model of trainer.world.scenes (python -m trainer.world.tiny pretrain)",
         "resolution": scenes.SIZE, "class_of_demo_subject": scenes.SUBJECT_CLASS, "rare_words": RARE_WORDS,
     }, indent=1))
+    normal_permissions(tmp)  # (safetensors writes owner-only files)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

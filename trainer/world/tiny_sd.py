@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainer.formats.io import normal_permissions
+
 # Whole-word tokens of the vocabulary (everything else is spelled out in bytes).
 # The short rare-looking ones are what `--identifier auto` can pick.
 WORDS = ("a", "photo", "of", "dog", "cat", "toy", "on", "the", "in", "beach", "snow", "red", "blue",
@@ -94,6 +96,7 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", samp
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
+    normal_permissions(path)  # (safetensors writes owner-only files)
     return path
 
 

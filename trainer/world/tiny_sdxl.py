@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.formats.io import normal_permissions
+
 HIDDEN_1, HIDDEN_2, PROJECTION_2, TIME_DIM = 32, 48, 40, 8
 
 
@@ -85,6 +87,7 @@ def build_tiny_sdxl(path, *, seed: int = 0, sample_size: int = 32, prediction_ty
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
     pipe.save_pretrained(path, safe_serialization=True)
+    normal_permissions(path)  # (safetensors writes owner-only files)
     return path
 
 
