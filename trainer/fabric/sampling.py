@@ -60,7 +60,6 @@ def feedback_schedule(num_steps: int, feedback_start: float = FEEDBACK_START, fe
 def load_pipeline(model, device=None, dtype=None):
     """A StableDiffusionPipeline from a local folder (nothing downloaded), on `device`."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from trainer.families import SD, check_model_folder, family_of
 
@@ -70,8 +69,7 @@ def load_pipeline(model, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False,
-                                                   dtype=dtype)
+    pipe = SD.load_pipeline(root, dtype=dtype)  # (a damaged or non-finite part: one line naming it)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

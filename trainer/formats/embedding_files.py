@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.formats.io import normal_permissions
 from trainer.formats.safe_load import require_finite
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
@@ -35,7 +36,7 @@ def _atomic(path: Path, write) -> Path:
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
     write(tmp)
-    os.chmod(tmp, 0o644)  # (safetensors creates its file owner-only; these files are meant to be shared)
+    normal_permissions(tmp)  # (safetensors creates its file owner-only; these files are meant to be shared)
     os.replace(tmp, path)
     return path
 
