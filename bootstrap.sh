@@ -10,7 +10,7 @@
 # torch==2.13.0, PyPI's CUDA build); on a machine without one it installs the CPU build, never
 # the several GB of CUDA wheels (it asks pip first and switches to PyTorch's CPU index if PyPI's
 # build would pull them). The CUDA extension is built when torch is a CUDA build and nvcc exists
-# (DBK_SKIP_CUDA_BUILD=1 skips it).
+# (DBK_SKIP_CUDA_BUILD=1 skips it). To install with pip instead (a package, CPU or GPU): docs/install.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-}
@@ -23,7 +23,7 @@ pip() { "$PY" -m pip "$@" --disable-pip-version-check -q; }
 say() { echo "bootstrap: $*"; }
 
 if "$PY" -c "import torch" 2>/dev/null; then
-  say "keeping torch $("$PY" -c 'import torch; print(torch.__version__, "(CUDA", torch.version.cuda, ")" if torch.version.cuda else "(CPU build)")')"
+  say "keeping torch $("$PY" -c 'import torch; c = torch.version.cuda; print(torch.__version__, f"(CUDA {c})" if c else "(CPU build)")')"
 else
   spec=${DBK_TORCH:-torch==2.13.0}
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

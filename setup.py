@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH_LIST = "8.6;9.0"
@@ -62,7 +63,24 @@ def cuda_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
+class BuildPyWithSources(build_py):
+    """Also puts csrc/ into the built package as dbkernels/csrc, where dbkernels/_ext.py looks for the sources of
+    a JIT build in an installed (non-editable) copy; an editable install finds csrc/ beside the package."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "dbkernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "csrc").iterdir()):
+            if src.suffix in CSRC_SUFFIXES:
+                self.copy_file(str(src), str(target / src.name))
+
+
+CSRC_SUFFIXES = {".cu", ".cuh", ".cpp", ".h"}
 ext_modules, cmdclass = cuda_extension()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     # Folders that do not exist (yet) are simply not found.
@@ -70,9 +88,11 @@ setup(
         where=str(ROOT),
         include=["dbkernels", "dbkernels.*", "trainer", "trainer.*", "bench", "bench.*"],
     ),
-    # The built-in tiny model and judge (trainer/world/assets, ~16 MB) and the architectures `dbtrain estimate
-    # --arch` builds (trainer/memory/arch_configs) ship inside the package.
-    package_data={"trainer.world": ["assets/*/*", "assets/*/*/*"], "trainer.memory": ["arch_configs/*.json"]},
+    # The built-in tiny model and judge (trainer/world/assets, ~16 MB), the architectures `dbtrain estimate
+    # --arch` builds (trainer/memory/arch_configs) and the attention kernels' tuned configs ship inside the
+    # package (each is read beside its module); csrc/ is copied in by BuildPyWithSources.
+    package_data={"trainer.world": ["assets/*/*", "assets/*/*/*"], "trainer.memory": ["arch_configs/*.json"],
+                  "dbkernels.ops.attention": ["curated_configs.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

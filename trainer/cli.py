@@ -7,6 +7,7 @@ by Ctrl-C / SIGTERM saves its state and prints the exact command that continues 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import sys
@@ -26,6 +27,32 @@ USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny mo
 # each command's module: run(argv) parses and checks the flags (before torch loads), then does the work
 COMMANDS = {"train": train, "textual-inversion": textual_inversion, "sample": sample, "eval": evaluate,
             "demo": demo, "fabric": fabric, "export": export, "estimate": estimate}
+
+# The torch that bootstrap.sh installs and CI runs (pyproject.toml's [train] bounds admit it; a test checks both).
+# It goes in first: left to `pip install ".[train]"`, pip takes PyPI's CUDA build, GBs of wheels, on a CPU machine.
+TORCH_PIN = "2.13.0"
+INSTALL_TORCH = (f"on a CPU machine: pip install torch=={TORCH_PIN} --index-url https://download.pytorch.org/whl/cpu "
+                 f"(PyPI's build pulls GBs of CUDA wheels), on an NVIDIA GPU machine: pip install torch=={TORCH_PIN}; "
+                 f"then, in the clone: pip install \".[train]\" (docs/install.md)")
+INSTALL_TRAIN = "in the clone: pip install \".[train]\" (docs/install.md)"
+# what every command imports (the rest of [train], peft, only some runs); what a package install brings
+NEEDED = ("torch", "diffusers", "transformers")
+INSTALLED_BY_US = {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "PIL", "tqdm"}
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None  # looks for it, imports nothing
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_packages_line(missing: list[str]) -> str:
+    """The one line that says how to install what is missing (torch first: the [train] extra would pull
+    PyPI's CUDA build)."""
+    if "torch" in missing:
+        return f"torch is not installed; {INSTALL_TORCH}"
+    return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; {INSTALL_TRAIN}"
 
 
 def _without_resume(args: list[str]) -> list[str]:
@@ -66,9 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"dbtrain: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
         return 2
+    missing = [name for name in NEEDED if not _installed(name)]
+    if missing:  # (a `pip install .` without torch or the [train] extra)
+        print(f"dbtrain: error: {missing_packages_line(missing)}", file=sys.stderr, flush=True)
+        return 2
     interrupts.terminate_raises()
     try:
         COMMANDS[cmd].run(rest)
+    except ModuleNotFoundError as e:
+        root = (e.name or "").split(".")[0]
+        if root not in INSTALLED_BY_US:
+            raise
+        print(f"dbtrain: error: {missing_packages_line([root])}", file=sys.stderr, flush=True)
+        return 2
     except Resumable as e:
         hint = continue_command(cmd, rest)
         print(f"dbtrain: {e.kind}: {e}" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)

@@ -4,8 +4,9 @@ Images are read as an image viewer shows them: EXIF orientation applied, an embe
 profile converted to sRGB, 16-bit and float images scaled to 8 bits (not clipped), CMYK,
 palette and grayscale images as RGB, and transparent areas composited on white. What
 changes the input is said in one line per folder on stderr: images with transparency,
-images below half the training resolution (they are upscaled), files skipped (not
-images, broken links). Errors are one-line UserErrors.
+images below half the training resolution (they are upscaled), images wider or taller
+than 5:1 (a square crop keeps a small part of them), files skipped (not images, broken
+links, HEIC/HEIF photos, with how to convert those). Errors are one-line UserErrors.
 
 Preprocessing is diffusers' DreamBooth recipe: resize the short side to `resolution`
 (bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1]. Each
@@ -26,6 +27,8 @@ from trainer.errors import UserError
 from trainer.options.checks import IMAGE_SUFFIXES
 
 _ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
+HEIF_SUFFIXES = {".heic", ".heif", ".hif"}  # phones' photo formats Pillow does not read
+EXTREME_ASPECT = 5.0  # wider or taller than this: a square crop keeps under 1/5 of the image, said in a note
 _said: set[str] = set()
 
 
@@ -48,7 +51,7 @@ def list_images(folder, what: str, *, allow_empty: bool = False, captions: str |
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{what} folder {path} does not exist")
-    files, skipped, broken = [], [], []
+    files, skipped, broken, heif = [], [], [], []
     for f in sorted(path.iterdir()):
         if f.name.startswith("."):
             continue
@@ -57,9 +60,16 @@ def list_images(folder, what: str, *, allow_empty: bool = False, captions: str |
         elif f.is_file():
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
+            elif f.suffix.lower() in HEIF_SUFFIXES:
+                heif.append(f)
             elif not (captions and f.name.endswith(captions)):
                 skipped.append(f)
     why = []
+    if heif:
+        first = heif[0]
+        why.append(f"{len(heif)} HEIC/HEIF photo(s) Pillow cannot read: {_names([f.name for f in heif])}; convert "
+                   f"them to JPEG first, e.g. heif-convert {first.name} {first.stem}.jpg (libheif's tool), or open and "
+                   f"save them as .jpg with Pillow after pip install pillow-heif (pillow_heif.register_heif_opener())")
     if skipped:
         why.append(f"{len(skipped)} file(s) that are not images: {_names([f.name for f in skipped])}")
     if broken:
@@ -263,6 +273,21 @@ class ImageSet:
         if small:
             _say("warning", f"{where}: {len(small)} image(s) smaller than half the training resolution "
                             f"{resolution} (short side < {resolution / 2:g}), upscaled: {_names(small)}")
+        self._note_extreme_aspect(where)
+
+    def _note_extreme_aspect(self, where: str) -> None:
+        """Panoramas and the like: each training view is a square, so it keeps short/long of the image."""
+        extreme = []
+        for f, im in zip(self.files, self.images):
+            long, short = max(im.size), min(im.size)
+            if long > EXTREME_ASPECT * short:
+                ratio = f"{long / short:.3g}:1" if im.size[0] >= im.size[1] else f"1:{long / short:.3g}"
+                extreme.append(f"{f.name} ({ratio}, {100 * short / long:.0f}%)")
+        if extreme:
+            at = "at the center" if self.center_crop else "at a random place each step"
+            _say("note", f"{where}: {len(extreme)} image(s) more than {EXTREME_ASPECT:g}:1; each training view is a "
+                         f"square crop ({at}) that keeps only this share of the image: {_names(extreme)}; crop them "
+                         f"around the subject yourself to train on all of it")
 
     def __len__(self):
         return len(self.images)

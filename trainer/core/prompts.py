@@ -1,7 +1,10 @@
 """A run's prompts: the identifier [V] stands for, and the instance / class prompts with it filled in."""
 from __future__ import annotations
 
+import re
+
 from trainer.errors import UserError
+from trainer.options.checks import names_subject
 from trainer.options.diffusers_flags import say
 
 
@@ -41,19 +44,43 @@ def identifier(opts, tokenizer) -> str:
 
 
 class RunPrompts:
-    """The prompts of a run with [V] replaced by `word` (the identifier, or the new tokens it became)."""
+    """The prompts of a run with [V] replaced by `word` (the identifier, or the new tokens it became).
+
+    An instance prompt that does not name the word is refused (trainer.options.checks does so before anything
+    loads), or with --prompt_without_identifier trained as written after one note line."""
 
     def __init__(self, opts, word: str, captions: list[str | None]):
         self.word = word
+        # several new tokens ("<p> <p>_1"): the placeholder written out stands for all of them, as [V] does
+        first = word.split()[0] if word.strip() else word
+        self._placeholder = first if first != word and opts.embedding.train_text_embedding else None
         self.class_word = class_word(opts)
         self.by_kind = {"inst": self.sub(opts.data.instance_prompt)}  # {"inst": ..., "cls": ...}
         if opts.prior.with_prior_preservation:
             self.by_kind["cls"] = opts.prior.class_prompt
         # each instance image's: its caption file's ([V] filled in), else the instance prompt
         self.instance = [self.sub(c) if c is not None else self.by_kind["inst"] for c in captions]
+        self._check_named(opts, first)
 
     def sub(self, text: str | None) -> str | None:
-        return text.replace("[V]", self.word) if text else text
+        if not text:
+            return text
+        if self._placeholder is None:
+            return text.replace("[V]", self.word)
+        bare = rf"(?<![\w<>-]){re.escape(self._placeholder)}(?![\w<>-])"
+        return re.sub(rf"\[V\]|{bare}", lambda m: self.word, text)
+
+    def _check_named(self, opts, first: str) -> None:
+        """Refuse (or with --prompt_without_identifier note once) instance prompts that lack the subject's word."""
+        unnamed = sorted({p for p in self.instance + [self.by_kind["inst"]] if p and not names_subject(p, (first,))})
+        if not unnamed:
+            return
+        shown = repr(unnamed[0]) + (f" and {len(unnamed) - 1} more" if len(unnamed) > 1 else "")
+        if not opts.data.prompt_without_identifier:
+            raise UserError(f"the instance prompt {shown} does not name {first}, the subject's word: write [V] "
+                            f"where it goes, or add --prompt_without_identifier to train on it as written")
+        say(f"--prompt_without_identifier: the instance prompt {shown} does not name {first}, the subject's word; "
+            f"the subject is learned under the prompt as written")
 
 
 def note_class_labels(opts, unet) -> None:

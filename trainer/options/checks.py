@@ -1,12 +1,17 @@
-"""The checks of a training run's options that need no file: ranges, required flags, combinations.
+"""The checks of a training run's options before anything loads: ranges, required flags, combinations.
 
 Each bad option is a one-line UserError naming the flag. Run once, right after parsing; besides
 refusing, `check` fills in two defaults that depend on other flags (the step count, and
---offset_noise given as a switch in a --config file). No torch here.
+--offset_noise given as a switch in a --config file). Where the instance folder exists, two checks
+look at files too: the class folder must be a folder of its own, and the prompts (the instance prompt
+and caption files) must name the subject ([V] or its word). No torch here.
 """
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 
 from trainer.errors import UserError
 
@@ -72,6 +77,8 @@ def check(opts) -> None:
     device = opts.distributed.device
     if device is not None and str(device).split(":")[0] not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda, cuda:N or cpu, got {device!r}")
+    _class_folder(opts)
+    _prompts_name_the_subject(opts)
 
 
 def _at_least(low: int, **values) -> None:
@@ -161,3 +168,81 @@ def _ranges(opts) -> None:
         if v < lo or (v == lo and not lo_ok) or (hi is not None and (v > hi or (v == hi and not hi_ok))):
             rng = f"{'>=' if lo_ok else '>'} {lo}" + (f" and {'<=' if hi_ok else '<'} {hi}" if hi is not None else "")
             raise UserError(f"--{name} must be {rng}, got {v}")
+
+
+def _class_folder(opts) -> None:
+    """--class_data_dir must not be, hold or sit inside --instance_data_dir (symlinks resolved): class images
+    are counted from and generated into it, and would mix with the subject's photos."""
+    inst, cls = opts.data.instance_data_dir, opts.prior.class_data_dir
+    if not (opts.prior.with_prior_preservation and cls and Path(inst).is_dir()):
+        return
+    i, c = Path(os.path.realpath(inst)), Path(os.path.realpath(cls))
+    how = ("is the same folder as" if i == c else "is inside" if i in c.parents else
+           "holds" if c in i.parents else None)
+    if how is None:
+        return
+    raise UserError(f"--class_data_dir {cls} {how} --instance_data_dir {inst}: class images are read from and "
+                    f"generated into it, so they would mix with the subject's photos; give the class images a folder "
+                    f"of its own, e.g. --class_data_dir {i.parent / (i.name + '-class')}")
+
+
+def subject_markers(opts) -> tuple[str, ...]:
+    """What an instance prompt may name the subject with: [V], and the word [V] stands for where that is known
+    before the model loads (the identifier; with new tokens the placeholder, as the identifier stays a word)."""
+    data, emb = opts.data, opts.embedding
+    word = None if data.identifier == "auto" else data.identifier
+    if emb.train_text_embedding:  # pivotal tuning / Textual Inversion: [V] becomes the new token(s)
+        word = emb.placeholder_token or (f"<{word}>" if word else None)
+    return ("[V]", word) if word else ("[V]",)
+
+
+def names_subject(text: str, markers) -> bool:
+    """Whether `text` holds one of `markers` as a word of its own ("sks," yes, "asks" no)."""
+    return any(m in text if m == "[V]" else re.search(rf"(?<![\w<>-]){re.escape(m)}(?![\w<>-])", text)
+               for m in markers)
+
+
+def _subject_word(opts) -> str:
+    """How a message names what [V] becomes."""
+    markers = subject_markers(opts)
+    if opts.method == "textual_inversion":
+        return f"the placeholder {markers[-1]}"
+    if opts.embedding.train_text_embedding:
+        return f"--train_text_embedding's new token(s){' ' + markers[-1] if len(markers) > 1 else ''}"
+    if len(markers) == 1:
+        return "the identifier that --identifier auto picks later"
+    return f"the identifier {markers[-1]}"
+
+
+def _prompts_name_the_subject(opts) -> None:
+    """The instance prompt and each caption file must name the subject ([V] or its word), unless
+    --prompt_without_identifier says it is on purpose (the run prints a note then)."""
+    data = opts.data
+    if data.prompt_without_identifier:
+        return
+    markers, fix = subject_markers(opts), "add --prompt_without_identifier to train on it as written"
+    prompt = data.instance_prompt
+    if prompt and not names_subject(prompt, markers):
+        has = f"names neither [V] nor {markers[1]}" if len(markers) > 1 else "has no [V]"
+        raise UserError(f"--instance_prompt {prompt!r} {has}: write [V] where {_subject_word(opts)} goes, e.g. "
+                        f"\"a photo of [V] dog\", or {fix}")
+    folder = Path(data.instance_data_dir or "")
+    if not data.caption_extension or not folder.is_dir():
+        return
+    ext = str(data.caption_extension).strip()
+    ext = ext if ext.startswith(".") else "." + ext
+    bad = []
+    for image in sorted(folder.iterdir()):
+        caption = image.with_name(image.stem + ext)
+        if image.name.startswith(".") or image.suffix.lower() not in IMAGE_SUFFIXES or not caption.is_file():
+            continue
+        try:  # (unreadable ones are named when the run reads them)
+            line = next((x.strip() for x in caption.read_text(encoding="utf-8-sig").splitlines() if x.strip()), None)
+        except (OSError, UnicodeDecodeError):
+            continue
+        if line is not None and not names_subject(line, markers):
+            bad.append((caption, line))
+    if bad:
+        (first, line), more = bad[0], (f" ({len(bad) - 1} more caption file(s) like it)" if len(bad) > 1 else "")
+        raise UserError(f"caption file {first} ({line!r}) has no [V]: write [V] where {_subject_word(opts)} goes"
+                        f"{more}, or {fix}")

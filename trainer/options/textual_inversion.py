@@ -83,6 +83,8 @@ TI_HELP = {
     "snr_gamma": "min-SNR loss weighting gamma (not given: off)",
     "optimizer": "the trained rows are few: adamw (8-bit states save nothing here)",
     "device": "cuda or cpu (not given: cuda if available)",
+    "prompt_without_identifier": "train although --instance_prompt or a caption file names neither [V] nor the "
+                                 "placeholder (a note says so; not given: such a prompt is refused)",
     "ddp_timeout": "torchrun: seconds a rank waits for the others (a rank that died or hangs ends the run with an "
                    "error after this)",
 }
@@ -114,8 +116,6 @@ def parse(argv: list[str]) -> TrainOptions:
         raise UserError(f"--initializer_token must be one token, got {values['initializer_token']!r}")
     if len(placeholder.split()) != 1:
         raise UserError(f"--placeholder_token must be one word without spaces, got {placeholder!r}")
-    if given_prompt is not None and "[V]" not in given_prompt and placeholder not in given_prompt:
-        raise UserError(f"--instance_prompt {given_prompt!r} has no [V] (where the placeholder goes)")
     opts = TrainOptions.from_flags(values, method="textual_inversion")
     if opts.optim.scale_lr:  # textual_inversion.py's rule (one process), applied here without a note
         opts.optim.learning_rate *= opts.training.train_batch_size * opts.training.gradient_accumulation_steps
@@ -128,7 +128,7 @@ def parse(argv: list[str]) -> TrainOptions:
     # what makes this run Textual Inversion: only the placeholder's new rows train, for all the steps
     opts.embedding.train_text_embedding = True
     opts.embedding.text_embedding_frac = 1.0
-    checks.check(opts)
+    checks.check(opts)  # (the prompt and caption files must name [V] or the placeholder, unless told otherwise)
     diffusers_flags.apply(opts, "textual-inversion")
     folder = Path(opts.data.instance_data_dir)
     if not folder.is_dir():
