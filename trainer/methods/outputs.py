@@ -31,6 +31,8 @@ def recorded_base(out, base) -> str:
     moved or copied together (the absolute path is recorded beside it for an output folder moved alone)."""
     base, out = Path(base).resolve(), Path(out).resolve()
     try:
+        if Path(os.path.commonpath([base, out])) == Path(out.anchor):  # nothing shared to move together
+            return str(base)
         return os.path.relpath(base, out)
     except ValueError:  # another drive
         return str(base)
