@@ -10,8 +10,10 @@ caching allocator's rounding and fragmentation) is added on top (ALLOWANCE below
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 from trainer.errors import UserError
 from trainer.families import family_of
@@ -88,8 +90,11 @@ def model_configs(folder=None, arch: str | None = None) -> dict:
 
 # ---------------------------------------------------------------- running the step
 
-def run(opts: EstimateOptions) -> dict:
+def run(opts: EstimateOptions, card_gb: float | None = None) -> dict:
+    """Estimate, and for a run that does not fit the card (--card_gb; not given: the largest common card) the
+    flags that make it fit; prints the report (or one JSON object) and returns the result."""
     res = estimate(opts)
+    res.update(fit_card(opts, res, card_gb if card_gb is not None else opts.train.memory.card_gb))
     print(json.dumps(res) if opts.json else report(res), flush=True)
     return res
 
@@ -184,11 +189,213 @@ def report(r: dict) -> str:
     for k, v in r["allowance_bytes"].items():
         lines.append(f"  {k:<19}{_gb(v)}")
     fits = r["fits_gib"]
-    lines.append(f"predicted peak: {_gb(r['peak_bytes']).strip()} ({r['peak_bytes']} bytes): "
-                 + (f"fits a {fits[0]} GB card" if fits else f"does not fit a {CARDS_GIB[-1]} GB card"))
+    peak = f"predicted peak: {_gb(r['peak_bytes']).strip()} ({r['peak_bytes']} bytes): "
+    if r.get("card_gb") is not None:
+        lines.append(peak + (f"fits the {_card(r['card_gb'])} GB card, {r['margin_bytes'] / GIB:.2f} GiB to spare"
+                             if r["fits_card"] else f"does not fit the {_card(r['card_gb'])} GB card "
+                             f"({-r['margin_bytes'] / GIB:.2f} GiB over)"))
+    else:
+        lines.append(peak + (f"fits a {fits[0]} GB card" if fits else f"does not fit a {CARDS_GIB[-1]} GB card"))
+    if r.get("plan"):
+        lines += plan_lines(r["plan"], r["peak_bytes"])
     lines.append("where the GPU run differs from this estimate:")
     lines += [f"  - {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def _card(gb: float) -> str:
+    return f"{gb:.3g}"
+
+
+def _step_lines(steps: list[dict], card: int) -> list[str]:
+    width = max(len(s["flag"]) for s in steps)
+    return [f"  {s['flag']:<{width}}  {_gb(s['peak_bytes'])}{'  fits' if s['peak_bytes'] <= card else ''}  "
+            f"({s['cost']})" for s in steps]
+
+
+def plan_lines(p: dict, peak: int) -> list[str]:
+    """The plan of a run that does not fit: the flags in order, each with the predicted peak of the run so far."""
+    card, name = int(p["card_gb"] * GIB), _card(p["card_gb"])
+    out = []
+    if p["steps"]:
+        out.append(f"to fit the {name} GB card, add in this order (each line: the predicted peak with the flags so "
+                   f"far, from {_gb(peak).strip()}):")
+        out += _step_lines(p["steps"], card)
+    if p["fits"]:
+        flags = " ".join(f for f in p["flags"] if not f.startswith("without "))
+        dropped = [f[len("without "):] for f in p["flags"] if f.startswith("without ")]
+        out.append(f"so: {flags}" + (f" and leave out {' '.join(dropped)}" if dropped else "")
+                   + f" ({_gb(p['steps'][-1]['peak_bytes']).strip()}, "
+                   f"{(card - p['steps'][-1]['peak_bytes']) / GIB:.2f} GiB to spare)")
+    else:
+        out.append(f"nothing dbtrain has makes it fit the {name} GB card"
+                   + (" with the whole model" if p.get("alternative") else "")
+                   + f": the smallest predicted peak is {_gb(p['smallest_peak_bytes']).strip()}")
+    alt = p.get("alternative")
+    if alt:
+        out.append(f"alternative: LoRA instead of the whole model" + (" fits:" if alt["fits"] else " (does not fit "
+                                                                      "either):"))
+        out += _step_lines(alt["steps"], card)
+    return out
+
+
+# ---------------------------------------------------------------- what makes a run fit a card
+
+def _with(train, concern: str, **changes):
+    """A copy of TrainOptions `train` with fields of one concern changed (the run's own options stay as they are)."""
+    return dataclasses.replace(train, **{concern: dataclasses.replace(getattr(train, concern), **changes)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Lever:
+    """One memory option of dbtrain: whether it applies to a run yet, the run with it, and what it costs."""
+
+    flag: str            # as the user adds it
+    applies: Callable    # TrainOptions -> bool: not on yet, and allowed with the run's other options
+    apply: Callable      # TrainOptions -> TrainOptions with it
+    guess: Callable      # (by_category at the peak, trainable params) -> bytes it might save: only orders the tries
+    cost: str            # what it costs: the same training (slower / lower precision), or what it changes
+
+
+# Same training, in the order tried when the guesses tie: each keeps what trains and on which images.
+SAME_TRAINING = (
+    Lever("--gradient_checkpointing", lambda t: not t.memory.gradient_checkpointing,
+          lambda t: _with(t, "memory", gradient_checkpointing=True), lambda c, n: int(0.7 * c["activations"]),
+          "the same training, about 20-30% slower steps (activations recomputed in backward)"),
+    Lever("--mixed_precision bf16", lambda t: t.memory.mixed_precision == "no",
+          lambda t: _with(t, "memory", mixed_precision="bf16"), lambda c, n: c["activations"] // 3,
+          "bf16 autocast (an Ampere or newer GPU; older ones: --mixed_precision fp16)"),
+    Lever("--optimizer adamw8bit", lambda t: t.optim.optimizer == "adamw",
+          lambda t: _with(t, "optim", optimizer="adamw8bit"), lambda c, n: max(0, c["optimizer_state"] - 2 * n),
+          "8-bit AdamW states (2 B per trained parameter instead of 8)"),
+    Lever("--step_in_backward", lambda t: (not t.memory.step_in_backward and t.optim.optimizer == "adamw8bit" and
+                                           t.training.gradient_accumulation_steps == 1 and
+                                           t.memory.mixed_precision != "fp16"),
+          lambda t: _with(t, "memory", step_in_backward=True), lambda c, n: c["gradients"],
+          "the same update, applied in backward so that no full set of gradients is held"),
+    Lever("--weights_dtype bf16", lambda t: (t.memory.weights_dtype != "bf16" and not t.uses_lora and
+                                             t.memory.mixed_precision == "bf16"),
+          lambda t: _with(t, "memory", weights_dtype="bf16"), lambda c, n: c["weights"] // 2 + c["gradients"] // 2,
+          "bf16 master weights with stochastic rounding (no fp32 copy)"),
+    # together: bf16 autocast alone over fp32 weights adds its bf16 copies of them (it can raise the peak)
+    Lever("--mixed_precision bf16 --weights_dtype bf16",
+          lambda t: t.memory.weights_dtype != "bf16" and not t.uses_lora and t.memory.mixed_precision == "no",
+          lambda t: _with(t, "memory", weights_dtype="bf16", mixed_precision="bf16"),
+          lambda c, n: c["weights"] // 2 + c["gradients"] // 2 + c["activations"] // 3,
+          "bf16 autocast and bf16 master weights with stochastic rounding (an Ampere or newer GPU)"),
+)
+# What changes the recipe: tried only when the same training cannot fit, the text encoder last.
+RECIPE_CHANGES = (
+    Lever("--train_batch_size 1", lambda t: t.training.train_batch_size > 1,
+          lambda t: _with(t, "training", train_batch_size=1), lambda c, n: 0,
+          "changes the recipe: fewer images a step (raise --max_train_steps to see as many)"),
+    Lever("without --train_text_encoder", lambda t: t.training.train_text_encoder,
+          lambda t: _with(t, "training", train_text_encoder=False), lambda c, n: 0,
+          "changes what trains, the last resort: the text encoder stays frozen, only the UNet learns"),
+)
+LORA_RANK = 16  # the alternative to full fine-tuning: LoRA adapters of this rank (guide/lora.md)
+
+
+class _Estimates:
+    """The estimate of each variant of one run, each computed once (the same fake step as the run's own)."""
+
+    def __init__(self, opts: EstimateOptions, first: dict):
+        self.opts, self.done = opts, {self.key(opts.train): first}
+
+    @staticmethod
+    def key(train) -> str:
+        return json.dumps(train.to_dict(), sort_keys=True, default=str)
+
+    def __call__(self, train) -> dict:
+        k = self.key(train)
+        if k not in self.done:
+            self.done[k] = estimate(dataclasses.replace(self.opts, train=train))
+        return self.done[k]
+
+
+def _ladder(est: _Estimates, train, levers, card: int, picked: list) -> tuple:
+    """Add levers one at a time, the one with the biggest guessed saving first, each followed by the real
+    estimate, until the run fits `card` bytes; returns (train, its result)."""
+    r = est(train)
+    while r["peak_bytes"] > card:
+        left = [lv for lv in levers if lv.applies(train)]
+        if not left:
+            break
+        lever = max(left, key=lambda lv: lv.guess(r["by_category"], r["trainable_params"]))
+        train = lever.apply(train)
+        r = est(train)
+        picked.append(lever)
+    return train, r
+
+
+def _steps(est: _Estimates, train, levers: list) -> list[dict]:
+    """The predicted peak after each lever of the list, in order (each the real estimate of the run so far)."""
+    out = []
+    for lv in levers:
+        train = lv.apply(train)
+        out.append({"flag": lv.flag, "peak_bytes": est(train)["peak_bytes"], "cost": lv.cost})
+    return out
+
+
+def plan(opts: EstimateOptions, first: dict, card_gb: float) -> dict:
+    """The smallest list of dbtrain's memory options found that makes the run fit a card of `card_gb` GiB:
+    the same-training options first (greedy: biggest guessed saving first, each checked by the real estimate,
+    then any that the fit does not need dropped again), the recipe changes only if those are not enough; LoRA
+    as the alternative when the full model does not fit with the same training."""
+    card, est = int(card_gb * GIB), _Estimates(opts, first)
+    base, picked = opts.train, []
+    train, r = _ladder(est, base, SAME_TRAINING, card, picked)
+    if r["peak_bytes"] > card:
+        train, r = _ladder(est, train, RECIPE_CHANGES, card, picked)
+    if r["peak_bytes"] <= card:  # drop what the fit does not need (the last one added is needed)
+        for lv in list(picked[:-1]):
+            rest = [x for x in picked if x is not lv]
+            t = base
+            for x in rest:
+                t = x.apply(t) if t is not None and x.applies(t) else None  # (8-bit states before the step in backward)
+            if t is not None and est(t)["peak_bytes"] <= card:
+                picked = rest
+    steps = _steps(est, base, picked)
+    first_fit = next((i for i, st in enumerate(steps) if st["peak_bytes"] <= card), None)
+    steps = steps if first_fit is None else steps[:first_fit + 1]
+    fits = first_fit is not None
+    out = {"card_gb": card_gb, "flags": [s["flag"] for s in steps], "steps": steps, "fits": fits,
+           "smallest_peak_bytes": min([first["peak_bytes"]] + [s["peak_bytes"] for s in steps])}
+    same_fits = fits and {st["flag"] for st in steps} <= {lv.flag for lv in SAME_TRAINING}
+    if not same_fits and not base.uses_lora and base.trains_unet and not base.embedding.train_text_embedding:
+        lora = [Lever(f"--lora_rank {LORA_RANK}", lambda t: True, lambda t: _with(t, "lora", lora_rank=LORA_RANK),
+                      lambda c, n: 0, "LoRA adapters instead of the whole model (guide/lora.md)")]
+        alt: list = []
+        _ladder(est, lora[0].apply(base), SAME_TRAINING, card, alt)
+        alt_steps = _steps(est, base, lora + alt)
+        out["alternative"] = {"flags": [s["flag"] for s in alt_steps], "steps": alt_steps,
+                              "fits": alt_steps[-1]["peak_bytes"] <= card}
+        out["smallest_peak_bytes"] = min(out["smallest_peak_bytes"], alt_steps[-1]["peak_bytes"])
+    return out
+
+
+def gpu_card_gb(train) -> float | None:
+    """The memory of the GPU a run (TrainOptions) would train on, in GiB; None without one (or --device cpu)."""
+    import torch
+
+    dev = train.distributed.device
+    if (dev and str(dev).startswith("cpu")) or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.device(dev or "cuda")).total_memory / GIB
+
+
+def fit_card(opts: EstimateOptions, r: dict, card_gb: float | None) -> dict:
+    """The fields the card adds to a result: the card, whether it fits and the margin, and for a run that
+    does not fit the plan. No card given: none is named, and only a run beyond the largest common card
+    gets a plan (for that card)."""
+    target = card_gb if card_gb is not None else (None if r["fits_gib"] else CARDS_GIB[-1])
+    if target is None:
+        return {"card_gb": None}
+    margin = int(target * GIB) - r["peak_bytes"]
+    out = {"card_gb": card_gb, "plan_card_gb": target, "fits_card": margin >= 0, "margin_bytes": margin}
+    if margin < 0:
+        out["plan"] = plan(opts, r, target)
+    return out
 
 
 # ---------------------------------------------------------------- dbtrain train on a GPU
@@ -245,7 +452,7 @@ def preflight(opts: EstimateOptions, device) -> str | None:
     hint = (f"; {' '.join(picked)} would bring it to about {left / GIB:.1f} GiB" if picked and left <= free
             else f"; even {' '.join(picked)} would leave about {left / GIB:.1f} GiB" if picked else "")
     return (f"warning: this run is estimated to need {need / GIB:.1f} GiB of GPU memory but {free / GIB:.1f} GiB "
-            f"are free{hint} (dbtrain estimate shows the breakdown)")
+            f"are free{hint} (--estimate_only prints the breakdown and the flags that fit this card)")
 
 
 def savings(r: dict, train) -> list[tuple[str, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -37,10 +38,17 @@ class EstimateOptions:
         return cls(train=train, world_size=None)
 
 
+def check_card(card_gb: float | None) -> None:
+    """--card_gb: a positive number of GB (as cards are sold: 12 for a 12 GB card)."""
+    if card_gb is not None and not (math.isfinite(card_gb) and card_gb > 0):
+        raise UserError(f"--card_gb must be the card's memory in GB, a number > 0 such as 12, got {card_gb}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = spec.parser("dbtrain estimate", "Peak GPU memory of one training step of `dbtrain train` with these flags, "
                                         "computed on the CPU with fake tensors (no GPU, no weights).")
-    hidden = {"instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir"}  # data does not matter here
+    # data does not matter here; --estimate_only is what this command always does (accepted, as train's flag)
+    hidden = {"instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "estimate_only"}
     layout = TRAIN_LAYOUT + (("estimate", ("arch", "json", "world_size")),)
     fields = {**TrainOptions.fields(), **spec.flag_fields(EstimateOptions)}
     return spec.build(p, layout, fields, helps=dict.fromkeys(hidden, argparse.SUPPRESS),
@@ -58,6 +66,7 @@ def parse(argv: list[str]) -> EstimateOptions:
         raise UserError(f"--arch must be one of {', '.join(ARCHES)}, got {opts.arch!r}")
     if opts.arch and model.pretrained_model_name_or_path:
         raise UserError("give --arch or --pretrained_model_name_or_path, not both")
+    check_card(opts.train.memory.card_gb)
     if opts.world_size < 1:
         raise UserError(f"--world_size must be >= 1, got {opts.world_size}")
     if opts.train.distributed.shard and opts.world_size < 2:

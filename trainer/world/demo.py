@@ -146,16 +146,17 @@ def _on_gpu(device) -> bool:
 
 def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: float, num_class_images: int,
                seed: int, device, sample_steps: int = SAMPLE_STEPS, class_dir: Path | None = None,
-               extra: tuple = ()) -> list[str]:
+               extra: tuple = (), class_noun: str = scenes.SUBJECT_CLASS, model_dir: Path | None = None) -> list[str]:
     """The `dbtrain train` command line of the demo (printed, so it can be rerun by hand); `extra`:
-    more `dbtrain train` flags (the recipe search's levers)."""
+    more `dbtrain train` flags (the recipe search's levers); `class_noun`: another subject's class;
+    `model_dir`: the trained model's folder (not given: OUT/model)."""
     args = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(subject),
-            "--instance_prompt", f"a [V] {scenes.SUBJECT_CLASS}", "--identifier", IDENTIFIER,
-            "--output_dir", str(out / "model"), "--resolution", str(scenes.SIZE), "--random_flip",
+            "--instance_prompt", f"a [V] {class_noun}", "--identifier", IDENTIFIER,
+            "--output_dir", str(model_dir or out / "model"), "--resolution", str(scenes.SIZE), "--random_flip",
             "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
             "--lr_warmup_steps", "0", "--checkpointing_steps", str(steps), "--log_every", "50", "--seed", str(seed)]
     if prior:
-        args += ["--with_prior_preservation", "--class_prompt", f"a {scenes.SUBJECT_CLASS}",
+        args += ["--with_prior_preservation", "--class_prompt", f"a {class_noun}",
                  "--class_data_dir", str(class_dir or out / "class-images"),
                  "--num_class_images", str(num_class_images),
                  "--class_inference_steps", str(sample_steps), "--sample_batch_size", "25"]
@@ -167,6 +168,45 @@ def train_args(model, subject: Path, out: Path, *, prior: bool, steps: int, lr: 
         # Python API); the demo shows the method, and our kernels are for GPUs.
         args += ["--optimizer", "adamw"]
     return args
+
+
+# ---------------------------------------------------------------- your own subject on the built-in model
+
+OWN_PLACEHOLDERS = {"subject": "MY_PHOTOS", "class_noun": "CLASS", "word": "COLOUR", "out": "MY_RUN"}
+
+
+def own_subject_args(subject, class_noun: str, word: str, out, *, model=BUILTIN_MODEL, device=None, steps: int = STEPS,
+                     lr: float = LEARNING_RATE, num_class_images: int = NUM_CLASS_IMAGES, seed: int = 0) -> list[str]:
+    """The demo's recipe as one `dbtrain train` command line for a user's own subject: pivotal tuning with the
+    new token started from `word` (one word the model already draws like the subject, e.g. its colour: the
+    demo's "orange"), the token at its own lr, a caption file beside each picture, prior preservation with the
+    class images drawn from "a <class_noun>" by dbtrain train into OUT/class-images; the model in OUT/model."""
+    extra = list(DEMO_EXTRA_FLAGS)
+    if "--initializer_token" in extra:
+        extra[extra.index("--initializer_token") + 1] = word
+    return train_args(model, Path(subject), Path(out), prior=True, steps=steps, lr=lr,
+                      num_class_images=num_class_images, seed=seed, device=device, extra=tuple(extra),
+                      class_noun=class_noun)
+
+
+def own_subject_hint(model=BUILTIN_MODEL, device=None) -> str:
+    """The demo's last lines: its recipe as the command that trains a user's own subject on the same model."""
+    ph = OWN_PLACEHOLDERS
+    return (f"your own subject on this model: this recipe is the one that learns one here (docs/world.md, \"Your own "
+            f"subject\"). Put 3-5 pictures in {ph['subject']}/, each with a caption file naming its place (p0.png + "
+            f"p0.txt = \"a [V] {ph['class_noun']} on the beach\"); {ph['class_noun']} = the class noun, "
+            f"{ph['word']} = one word the model already draws like the subject (its colour, as \"orange\" here); "
+            f"prompt it as \"a <{IDENTIFIER}> {ph['class_noun']} in space\":\n  " + own_subject_command(model, device))
+
+
+def own_subject_command(model=BUILTIN_MODEL, device=None) -> str:
+    """`own_subject_args` as a command to copy, with placeholders for the user's photos, class noun, start word
+    and run folder (docs/world.md shows it with the model path relative to the repository)."""
+    import shlex
+
+    ph = OWN_PLACEHOLDERS
+    args = own_subject_args(ph["subject"], ph["class_noun"], ph["word"], ph["out"], model=model, device=device)
+    return "dbtrain train " + shlex.join(args)
 
 
 def dreambooth(model, subject: Path, out: Path, *, resume: bool = False, **kw) -> Path:
@@ -372,4 +412,5 @@ def run(a) -> dict:
           f"{scenes.SUBJECT_CLASS}' samples that look like the subject (lower is better); DIV: diversity")
     print(f"wrote {out / 'before_after.png'}, {out / 'metrics.md'} and the model {trained} "
           f"in {time.time() - t_start:.0f} s")
+    print(own_subject_hint(model, device), flush=True)
     return {"before": m_before, "after": m_after}

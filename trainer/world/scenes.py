@@ -211,3 +211,16 @@ def subject_images(count: int = 5, seed: int = 0) -> list[Image.Image]:
                          rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55), rng.uniform(-15, 15),
                          texture="striped"), seed=seed + k)
             for k in range(count)]
+
+
+def object_images(shape: str, color: str, texture: str | None = None, texture_color: str = "black",
+                  count: int = 5, seed: int = 0) -> list[Image.Image]:
+    """Pictures of any object of the world, placed as the demo subject's (picture k in `subject_place(k)`):
+    a user's own subject on the built-in model, e.g. a purple cross with yellow dots (tests/test_own_subject.py)."""
+    if shape not in SHAPES or color not in COLORS or texture_color not in COLORS:
+        raise ValueError(f"shape one of {SHAPES}, colours of {sorted(COLORS)}; got {shape!r}, {color!r}, "
+                         f"{texture_color!r}")
+    rng = random.Random(seed)
+    return [render(Scene(shape, color, "big", subject_place(k), rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55),
+                         rng.uniform(-15, 15), texture=texture, texture_color=texture_color), seed=seed + k)
+            for k in range(count)]
