@@ -2,7 +2,7 @@
 
 A checkpoint records the options of the run that wrote it. On resume every option that differs is
 either one a run can take from the resumed step on (how long it runs and its learning-rate schedule,
-checkpointing, logging, validation, and what only changes memory or speed) or one that would make
+its batch, checkpointing, logging, validation, and what only changes memory or speed) or one that would make
 the checkpoint's weights and optimizer state mean something else (model, data, prompts, method,
 resolution, optimizer and its precision...): those are refused in one line before a model loads.
 """
@@ -26,6 +26,9 @@ MAY_CHANGE = frozenset(RESCHEDULE + (
     "gradient_checkpointing", "allow_tf32", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
     "pre_compute_text_embeddings", "dataloader_num_workers", "kernels", "step_in_backward", "device",
     "ddp_timeout", "local_rank", "shard", "max_grad_norm", "card_gb", "estimate_only", "config",
+    # the batch (torchrun: a run resumes on another number of ranks with the same global batch), and a
+    # run folder copied or moved elsewhere
+    "train_batch_size", "gradient_accumulation_steps", "output_dir",
     # only for class images still to be generated
     "sample_batch_size", "prior_generation_precision", "class_inference_steps", "prompt_without_identifier",
 ))
