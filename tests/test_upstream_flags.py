@@ -361,3 +361,40 @@ def test_image_interpolation_mode_is_the_resize_filter(tmp_path):
              for m in (None, "bilinear", "lanczos", "nearest")}
     assert torch.equal(views[None], views["bilinear"])  # not given: train_dreambooth.py's bilinear
     assert not torch.equal(views["bilinear"], views["lanczos"]) and not torch.equal(views["lanczos"], views["nearest"])
+
+
+def _read_by_training_code() -> str:
+    """The source of the training code, plus the option modules that turn diffusers' flags into the fields it
+    reads (--num_train_epochs into steps, --scale_lr into the rate, ...): a field read there as `.name` is used.
+    Not the declarations (train.py), nor the checks."""
+    root = Path(__file__).resolve().parents[1] / "trainer"
+    mapping = {"diffusers_flags.py", "textual_inversion.py"}
+    return "\n".join(p.read_text() for p in sorted(root.rglob("*.py"))
+                     if "options" not in p.parts or p.name in mapping)
+
+
+@pytest.mark.parametrize("script,parse,parser", [
+    ("train_dreambooth.txt", config.parse, config.build_parser),
+    ("train_dreambooth_lora.txt", config.parse, config.build_parser),
+    ("textual_inversion.txt", ti_config.parse, ti_config.build_ti_parser)])
+def test_no_upstream_flag_is_silently_ignored(script, parse, parser, tmp_path, capsys, monkeypatch):
+    """Each accepted flag of the scripts is a field the training code reads, or passing it prints a note."""
+    import re
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code = _read_by_training_code()
+    acts = parser()._option_string_actions
+    (tmp_path / "img").mkdir()
+    base = (["--pretrained_model_name_or_path", "m", "--train_data_dir", str(tmp_path / "img"), "--placeholder_token",
+             "<t>", "--initializer_token", "toy"] if script == "textual_inversion.txt" else BASE)
+    silent = []
+    for name in upstream(script):
+        dest = acts[name].dest
+        if re.search(rf"\.{dest}\b", code):
+            continue
+        extra = {"--with_prior_preservation": ["--class_prompt", "a dog", "--class_data_dir", "c"]}.get(name, [])
+        capsys.readouterr()
+        parse(base + extra + ([] if name in base else [name, *value_for(acts[name])]))
+        if f"note: {name}" not in capsys.readouterr().err:
+            silent.append(name)
+    assert not silent, f"{script}: accepted, not read by the training code, no note: {silent}"

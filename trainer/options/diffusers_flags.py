@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.options.checks import IMAGE_SUFFIXES
+from trainer.options.checks import DEFAULT_STEPS, IMAGE_SUFFIXES
 
 def say(line: str) -> None:
     """One `dbtrain: note:` line on stderr."""
@@ -102,6 +102,95 @@ def apply(opts, command: str = "train", *, simulated_ranks: bool = False) -> lis
     for n in notes:
         say(n)
     return notes
+
+
+def given_flags(parser, argv: list[str]) -> set[str]:
+    """The dests the command line (or its --config file) set explicitly: those keep their value whatever
+    --diffusers_defaults says."""
+    import argparse
+    import copy
+
+    from_file = set(parser._defaults)  # (spec.config_file_defaults puts the file's keys here)
+    bare = copy.deepcopy(parser)
+    bare._defaults = {}
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return from_file | set(vars(bare.parse_known_args(argv)[0]))
+
+
+def script_of(opts, command: str) -> str:
+    """The diffusers example script this run stands for."""
+    if command == "textual-inversion":
+        return "textual_inversion.py"
+    return "train_dreambooth_lora.py" if opts.lora.lora_rank is not None else "train_dreambooth.py"
+
+
+def _differences(opts, script: str, given: set) -> list[tuple[object, str, object, str]]:
+    """(options object or None when no flag of ours gives theirs, field, their value, how the note says it) for
+    each default of ours that differs from `script`'s and that the command line left alone."""
+    data, optim, training, log = opts.data, opts.optim, opts.training, opts.logging
+    out = []
+
+    def differ(obj, dest, ours, theirs, said=None):
+        if dest not in given and ours != theirs:
+            out.append((obj, dest, theirs, said or f"--{dest} {ours:g} (theirs: {theirs:g}, --{dest} {theirs:g})"
+                        if isinstance(theirs, float) else said or f"--{dest} {ours} (theirs: {theirs}, --{dest} "
+                        f"{theirs})"))
+
+    resize = data.image_interpolation_mode or "bilinear"
+    if script == "textual_inversion.py":  # (TI_DEFAULTS already has its batch, steps, lr, warm-up, optimizer)
+        differ(data, "random_flip", data.random_flip, True, "no flip (theirs: random flip p=0.5, --random_flip)")
+        differ(data, "image_interpolation_mode", resize, "bicubic",
+               f"resize {resize} (theirs: bicubic, --image_interpolation_mode bicubic)")
+        if not data.center_crop:  # their dataset squashes the whole image to a square; ours never distorts
+            out.append((None, "center_crop", False, "random square crop (theirs: no crop, the whole image squashed "
+                                                    "to a square; no flag gives that, --center_crop crops alike in "
+                                                    "both)"))
+    else:
+        if not optim.use_8bit_adam:  # their --use_8bit_adam is an 8-bit AdamW too
+            differ(optim, "optimizer", optim.optimizer, "adamw")
+        differ(training, "train_batch_size", training.train_batch_size, 4)
+        differ(optim, "lr_warmup_steps", optim.lr_warmup_steps, 500)
+        if training.max_train_steps is None and training.num_train_epochs is None:
+            differ(training, "num_train_epochs", None, 1, f"{DEFAULT_STEPS} steps (theirs: 1 epoch, "
+                                                          "--num_train_epochs 1)")
+        if script == "train_dreambooth_lora.py":
+            differ(optim, "learning_rate", optim.learning_rate, 5e-4)
+            differ(data, "image_interpolation_mode", resize, "lanczos",
+                   f"resize {resize} (theirs: lanczos, --image_interpolation_mode lanczos)")
+            differ(opts.checkpoints, "output_dir", opts.checkpoints.output_dir, "lora-dreambooth-model")
+            if log.validation_prompt and "validation_steps" not in given:
+                differ(log, "validation_epochs", log.validation_epochs, 50, f"validation every "
+                       f"{log.validation_steps} steps (theirs: every 50 epochs, --validation_epochs 50)")
+    if log.validation_prompt:  # (all three validate with DPMSolverMultistep unless told otherwise)
+        ours = log.validation_scheduler or "the model's own"
+        differ(log, "validation_scheduler", ours, "DPMSolverMultistepScheduler",
+               f"validation sampler {ours} (theirs: DPMSolverMultistepScheduler, --validation_scheduler "
+               f"DPMSolverMultistepScheduler)")
+    return out
+
+
+def their_defaults(opts, command: str, given: set) -> str | None:
+    """The one note line on the defaults of ours that differ from diffusers' script of this method (None: none
+    differ); with --diffusers_defaults, theirs are set first (never over a flag the user gave). Call before
+    the checks (the step count is filled in there)."""
+    script = script_of(opts, command)
+    found = _differences(opts, script, given)
+    if not found:
+        return None
+    if not opts.training.diffusers_defaults:
+        return (f"where diffusers' {script} differs: " + ", ".join(said for *_, said in found)
+                + "; --diffusers_defaults takes all of theirs")
+    taken, left = [], []
+    for obj, dest, theirs, said in found:
+        if obj is None:
+            left.append(said)
+            continue
+        setattr(obj, dest, theirs)
+        taken.append(f"--{dest}" if theirs is True else f"--{dest} {theirs:g}" if isinstance(theirs, float)
+                     else f"--{dest} {theirs}")
+    return (f"using diffusers' {script} defaults: {', '.join(taken)}"
+            + (f"; still differs: {', '.join(left)}" if left else ""))
 
 
 def _distributed(opts, notes: list, simulated_ranks: bool) -> None:

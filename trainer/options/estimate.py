@@ -76,7 +76,11 @@ def parse(argv: list[str]) -> EstimateOptions:
         raise UserError("give --arch sd15|sd21|sdxl or --pretrained_model_name_or_path DIR (its configs are read)")
     if not model.pretrained_model_name_or_path:
         model.pretrained_model_name_or_path = "-"
+    # --diffusers_defaults changes what is estimated (the optimizer, the batch): set theirs as train does
+    note = diffusers_flags.their_defaults(opts.train, "train", diffusers_flags.given_flags(p, argv))
     checks.check(opts.train)
+    if note and opts.train.training.diffusers_defaults:
+        diffusers_flags.say(note)
     with contextlib.redirect_stdout(sys.stderr):  # --json keeps stdout to one object
         diffusers_flags.apply(opts.train, simulated_ranks=True)  # diffusers' flags mapped as dbtrain train does
     if opts.arch is not None:

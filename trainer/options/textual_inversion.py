@@ -51,9 +51,10 @@ TI_LAYOUT = (
                                          "resume_from_checkpoint", "validation_prompt", "validation_steps",
                                          "num_validation_images")),
     ("more of diffusers' flags (those done another way print a note)", TI_DIFFUSERS_FLAGS),
-    ("ours (dbtrain's own)", ("instance_prompt", "caption_extension", "random_flip", "max_grad_norm", "snr_gamma",
-                              "optimizer", "kernels", "log_every", "device", "ddp_timeout",
-                              "prompt_without_identifier")),
+    ("ours (dbtrain's own)", ("instance_prompt", "caption_extension", "random_flip", "image_interpolation_mode",
+                              "max_grad_norm", "snr_gamma", "optimizer", "kernels", "log_every", "device",
+                              "ddp_timeout",
+                              "prompt_without_identifier", "diffusers_defaults")),
 )
 TI_NAMES = {"instance_data_dir": "train_data_dir"}
 TI_DEFAULTS = {"output_dir": "text-inversion-model", "train_batch_size": 16, "max_train_steps": 5000,
@@ -79,6 +80,8 @@ TI_HELP = {
                        "templates)",
     "caption_extension": "per-image prompts from photo.txt beside photo.png, [V] = the placeholder (not given: "
                          "templates)",
+    "image_interpolation_mode": "resize filter of the training images (not given: bilinear; textual_inversion.py's "
+                                "is bicubic)",
     "max_grad_norm": "clip the gradient norm (0 = off, as diffusers' script)",
     "snr_gamma": "min-SNR loss weighting gamma (not given: off)",
     "optimizer": "the trained rows are few: adamw (8-bit states save nothing here)",
@@ -101,7 +104,8 @@ def build_ti_parser():
 
 def parse(argv: list[str]) -> TrainOptions:
     """textual_inversion.py's flags as the options of a Textual Inversion run (checked, notes printed)."""
-    values = vars(build_ti_parser().parse_args(argv))
+    p = build_ti_parser()
+    values = vars(p.parse_args(argv))
     for name, flag in (("pretrained_model_name_or_path", "pretrained_model_name_or_path"),
                        ("instance_data_dir", "train_data_dir"), ("placeholder_token", "placeholder_token"),
                        ("initializer_token", "initializer_token")):
@@ -128,7 +132,10 @@ def parse(argv: list[str]) -> TrainOptions:
     # what makes this run Textual Inversion: only the placeholder's new rows train, for all the steps
     opts.embedding.train_text_embedding = True
     opts.embedding.text_embedding_frac = 1.0
+    defaults_note = diffusers_flags.their_defaults(opts, "textual-inversion", diffusers_flags.given_flags(p, argv))
     checks.check(opts)  # (the prompt and caption files must name [V] or the placeholder, unless told otherwise)
+    if defaults_note:
+        diffusers_flags.say(defaults_note)
     diffusers_flags.apply(opts, "textual-inversion")
     folder = Path(opts.data.instance_data_dir)
     if not folder.is_dir():

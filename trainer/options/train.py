@@ -61,8 +61,10 @@ class DataOptions:
     # Textual Inversion (textual_inversion.py's flags; dbtrain train has none of them)
     learnable_property: str = flag("object", "prompt templates of the original work: objects or styles",
                                    choices=("object", "style"))
-    repeats: int = flag(100, "accepted for diffusers' command lines; dbtrain draws images at random every step, so "
-                        "steps (not epochs) count", type=int)
+    repeats: int = flag(100, "images repeated this many times per epoch, as textual_inversion.py: an epoch is "
+                        "ceil(ceil(images x N / batch) / accumulation) steps (--num_train_epochs, "
+                        "--validation_epochs); images are drawn at random every step, so only those counts change",
+                        type=int)
     prompt_templates: list[str] | None = None  # Textual Inversion's templates, "{}" the placeholder (no flag)
 
 
@@ -100,6 +102,9 @@ class TrainingOptions:
                                                  "with a class embedding)", choices=("timesteps",))
     kernels: bool = flag(True, "on: dbkernels loss and attention; off: PyTorch's", type=on_off, metavar="on|off")
     log_every: int = flag(10, "a log line every this many steps", type=int)
+    diffusers_defaults: bool = flag(False, "take the defaults of diffusers' script of this method (optimizer, batch, "
+                                    "warm-up, flip, resize filter, ...) for every flag not given; the note at start "
+                                    "lists them (not given: ours, and the note lists where they differ)")
 
 
 @dataclass
@@ -307,7 +312,7 @@ TRAIN_LAYOUT = (
         "config", "identifier", "random_flip", "train_text_embedding", "text_embedding_frac", "text_embedding_lr",
         "placeholder_token", "initializer_token", "num_vectors", "class_inference_steps", "optimizer",
         "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard",
-        "prompt_without_identifier", "card_gb", "estimate_only")),
+        "prompt_without_identifier", "card_gb", "estimate_only", "diffusers_defaults")),
 )
 # the fields only `dbtrain textual-inversion` has as flags (textual_inversion.py's; trainer.options.textual_inversion)
 TI_ONLY = ("learnable_property", "repeats", "save_steps", "save_as_full_pipeline", "no_safe_serialization")
@@ -326,6 +331,9 @@ def parse(argv: list[str]) -> TrainOptions:
     p = build_parser()
     spec.config_file_defaults(p, argv)
     opts = TrainOptions.from_flags(vars(p.parse_args(argv)))
+    defaults_note = diffusers_flags.their_defaults(opts, "train", diffusers_flags.given_flags(p, argv))
     checks.check(opts)
+    if defaults_note:
+        diffusers_flags.say(defaults_note)
     diffusers_flags.apply(opts)
     return opts
