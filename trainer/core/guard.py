@@ -56,6 +56,8 @@ class Guard:
         nbytes = sum(p.numel() * p.element_size() for p in params)
         self.can_restore = nbytes <= SNAPSHOT_BYTES
         self._copy = None
+        self._norm_after_update = None  # measured by update_was_finite, used by check (one pass a step)
+        self.taken_back = False  # the last update overflowed and small state was put back: the step is skipped
         s = state or {}
         self.initial_norm = s.get("initial_norm") or (0.0 if self.off else _norm(params))
         self.first_losses: list[float] = list(s.get("first_losses", []))
@@ -75,16 +77,21 @@ class Guard:
             self._copy = [p.detach().clone() for p in self.params]
 
     def update_was_finite(self) -> bool:
-        """False if the update made a trained tensor non-finite; small state is then restored."""
+        """False if the update made a trained tensor non-finite and it could not be taken back; small state is
+        restored (then `taken_back`). The trained tensors' norm measured here serves check() too."""
+        self.taken_back = False
         if self.off:
             return True
-        finite = all(bool(torch.isfinite(p).all()) for p in self.params)
-        if not finite and self._copy is not None:
+        norm = _norm(self.params)  # non-finite iff a tensor is (or so large that its square overflows)
+        if math.isfinite(norm):
+            self._norm_after_update = norm
+        elif self._copy is not None:
             with torch.no_grad():
                 for p, c in zip(self.params, self._copy):
                     p.copy_(c)
+            self.taken_back = True
         self._copy = None
-        return finite or self.can_restore
+        return math.isfinite(norm) or self.taken_back
 
     # ---- after the step (trainer.core.loop)
 
@@ -94,7 +101,8 @@ class Guard:
             return None
         if not finite_state:
             return "the update made a trained tensor non-finite"
-        norm = _norm(self.params)
+        norm = self._norm_after_update if self._norm_after_update is not None else _norm(self.params)
+        self._norm_after_update = None
         if not math.isfinite(norm):
             return "a trained tensor is non-finite"
         ratio = norm / self.initial_norm if self.initial_norm > 0 else 1.0

@@ -193,13 +193,12 @@ def train_step(run: Run, step: int) -> StepResult:
     elif distributed.world() > 1:  # global mean loss; gradients averaged over the ranks (when all were finite)
         total, finite = distributed.reduce_step(run.params, total, finite)
     stepped = finite and _optimizer_step(run, training.max_grad_norm)
-    finite_state = True
-    if stepped and run.guard is not None:  # an overflowing update: small state is put back (then: skipped)
-        finite_state = run.guard.update_was_finite()
-        if finite_state and not all(bool(torch.isfinite(p).all()) for p in run.params):
-            stepped = False
     if stepped and run.shard is not None and run.hook is None:  # the owners' new values to every rank
         run.shard.broadcast_params()
+    finite_state = True
+    if stepped and run.guard is not None:  # (every rank sees the same weights here, so all decide alike)
+        finite_state = run.guard.update_was_finite()  # an overflowing update: small state is put back,
+        stepped = not run.guard.taken_back  # and the step counts as skipped
     if not stepped:
         run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
