@@ -80,7 +80,7 @@ def _model_numel(model: Path) -> int:
     for comp in _WEIGHTS:
         files = sorted((model / comp).glob("*.safetensors"))
         plain = [f for f in files if f.name.count(".") == 1]
-        total += sum(io.safetensors_numel(f) or f.stat().st_size // 2 for f in plain or files)
+        total += sum(outdir.safetensors_numel(f) or f.stat().st_size // 2 for f in plain or files)
         if not files:
             total += sum(f.stat().st_size // 2 for f in (model / comp).glob("*.bin"))
     return total

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -131,22 +130,6 @@ def _fsync_tree(folder: Path) -> None:
 
 # ------------------------------------------------------------------ reading back
 
-def _check_safetensors(path: Path) -> str | None:
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                return f"{path} is truncated ({size} bytes, its header alone says {n + 8})"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        return f"{path} has no valid safetensors header ({type(e).__name__})"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if size != 8 + n + end:
-        return f"{path} is truncated ({size} of {8 + n + end} bytes)"
-    return None
-
-
 def verify(folder: Path) -> str | None:
     """None if the checkpoint loads, else what is wrong with it, naming the file."""
     folder = Path(folder)
@@ -165,8 +148,8 @@ def verify(folder: Path) -> str | None:
     if not list(folder.glob("*/*.safetensors")):  # unet/ (DreamBooth) or text_embedding/ (Textual Inversion)
         return f"{folder} has no .safetensors weights (unet/ or text_embedding/)"
     for p in sorted(folder.rglob("*.safetensors")):
-        if (problem := _check_safetensors(p)) is not None:
-            return problem
+        if (problem := safe_load.safetensors_problem(p)) is not None:
+            return f"{p} {problem}"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "scaler.pt"):
         p = folder / name
         if name == "scaler.pt" and not p.exists():

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -140,26 +138,6 @@ def one_line_write_errors(folder, what: str, need: int, temporary=None):
 
 
 # ------------------------------------------------------------------ sizes, torch-free
-
-def safetensors_numel(path) -> int | None:
-    """Number of elements in a .safetensors file, from its header alone (None: not readable as one)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 2**20:
-                return None
-            header = json.loads(f.read(n))
-        total = 0
-        for name, t in header.items():
-            if name != "__metadata__":
-                k = 1
-                for s in t["shape"]:
-                    k *= int(s)
-                total += k
-        return total
-    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError):
-        return None
-
 
 def tensors_bytes(tensors: dict, metadata: dict | None = None) -> int:
     """Size of the .safetensors file that holds `tensors`: their bytes plus the header (an upper bound)."""

@@ -266,29 +266,31 @@ def failed_write(folder, what: str, err: OSError, need: int) -> NoSpace:
                    f"{fmt_bytes(free)} free)", Path(folder), need, free)
 
 
-def _safetensors_numel(path: Path) -> int | None:
-    """Number of elements in a .safetensors file, from its header alone."""
+def safetensors_numel(path) -> int | None:
+    """Number of elements in a .safetensors file, from its header alone (None: not readable as one)."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                return None
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        total = 0
+        for name, t in header.items():
+            if name != "__metadata__":
+                k = 1
+                for s in t["shape"]:
+                    k *= int(s)
+                total += k
+        return total
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError):
         return None
-    total = 0
-    for name, t in header.items():
-        if name != "__metadata__":
-            k = 1
-            for s in t["shape"]:
-                k *= s
-            total += k
-    return total
 
 
 def _component_numel(folder: Path) -> int:
     total = 0
     for f in folder.glob("*"):
         if f.suffix == ".safetensors":
-            total += _safetensors_numel(f) or f.stat().st_size // 2
+            total += safetensors_numel(f) or f.stat().st_size // 2
         elif f.suffix == ".bin":
             total += f.stat().st_size // 2  # unknown dtype: assume half precision (an upper bound)
     return total
