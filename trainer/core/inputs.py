@@ -11,17 +11,7 @@ from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.formats.outdir import check_creatable, check_output_dir, writable
 from trainer.options import diffusers_flags
-from trainer.options.checks import IMAGE_SUFFIXES
-
-
-def count_images(folder) -> int:
-    """Image files in `folder` as trainer.core.images.list_images finds them (not hidden, by suffix), without
-    opening any; 0 for a folder that does not exist."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    return sum(1 for f in folder.iterdir()
-               if not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+from trainer.options.checks import count_images
 
 
 def class_images_to_generate(opts) -> int:

@@ -19,6 +19,16 @@ DEFAULT_STEPS = 800  # --max_train_steps when neither it nor --num_train_epochs 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what trainer.core.images reads
 
 
+def count_images(folder) -> int:
+    """Image files in `folder` as trainer.core.images.list_images finds them (not hidden, by suffix), without
+    opening any; 0 for a folder that does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for f in folder.iterdir()
+               if not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
 def check(opts) -> None:
     """UserError for the first bad option of a TrainOptions (no file access)."""
     data, prior, training, optim = opts.data, opts.prior, opts.training, opts.optim

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.options.checks import DEFAULT_STEPS, IMAGE_SUFFIXES
+from trainer.options.checks import DEFAULT_STEPS, count_images
 
 def say(line: str) -> None:
     """One `dbtrain: note:` line on stderr."""
@@ -209,11 +209,6 @@ def _distributed(opts, notes: list, simulated_ranks: bool) -> None:
             else "dbtrain trains in one process here (choose the GPU with --device cuda:N; several: torchrun)"))
 
 
-def _count_images(folder) -> int:
-    return sum(1 for f in Path(folder).iterdir()
-               if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def steps_per_epoch(opts, n_instance: int) -> int:
     """diffusers' num_update_steps_per_epoch: ceil(len(dataloader) / accumulation), len(dataloader) =
     ceil(dataset / batch); DreamBooth's dataset is max(instance, class images), Textual Inversion's
@@ -233,7 +228,7 @@ def resolve_counts(opts) -> None:
     epochs, vepochs = training.num_train_epochs, log.validation_epochs
     if training.max_train_steps is not None and vepochs is None:
         return
-    n = _count_images(opts.data.instance_data_dir)
+    n = count_images(opts.data.instance_data_dir)
     if n == 0:
         return  # trainer.core.images says what is wrong with the folder
     per = steps_per_epoch(opts, n)
