@@ -32,8 +32,10 @@ def count_images(folder) -> int:
 def check(opts) -> None:
     """UserError for the first bad option of a TrainOptions (no file access)."""
     data, prior, training, optim = opts.data, opts.prior, opts.training, opts.optim
-    for name, value in (("pretrained_model_name_or_path", opts.model.pretrained_model_name_or_path),
-                        ("instance_data_dir", data.instance_data_dir), ("instance_prompt", data.instance_prompt)):
+    required = [("pretrained_model_name_or_path", opts.model.pretrained_model_name_or_path)]
+    if not data.concepts:  # (a concepts file names each subject's folder and prompts instead)
+        required += [("instance_data_dir", data.instance_data_dir), ("instance_prompt", data.instance_prompt)]
+    for name, value in required:
         if not value:
             raise UserError(f"--{name} is required")
     ext = data.caption_extension
@@ -43,7 +45,7 @@ def check(opts) -> None:
     if data.resolution <= 0 or data.resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                         f"got {data.resolution}")
-    if prior.with_prior_preservation:
+    if prior.with_prior_preservation and not data.concepts:  # (a concepts file: each concept's own, checked there)
         if not prior.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
         if not prior.class_data_dir:
@@ -87,14 +89,58 @@ def check(opts) -> None:
     device = opts.distributed.device
     if device is not None and str(device).split(":")[0] not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda, cuda:N or cpu, got {device!r}")
-    _class_folder(opts)
-    _prompts_name_the_subject(opts)
+    _features(opts)
+    if data.concepts:
+        from trainer.options import concepts
+
+        concepts.check(opts)  # the file, and the checks below for each of its concepts
+    else:
+        _class_folder(opts)
+        _prompts_name_the_subject(opts)
 
 
 def _at_least(low: int, **values) -> None:
     for name, value in values.items():
         if value < low:
             raise UserError(f"--{name} must be >= {low}, got {value}")
+
+
+def _features(opts) -> None:
+    """Masks, buckets, caption dropout and shuffling, robust losses, EMA."""
+    from trainer.options import buckets
+
+    data, training, ema = opts.data, opts.training, opts.ema
+    if data.mask_dir:
+        data.masked_loss = True  # (a mask folder says what is meant)
+        if not Path(data.mask_dir).is_dir():
+            raise UserError(f"--mask_dir {data.mask_dir} is not a folder (it holds one mask image per instance image, "
+                            f"with the same file name)")
+    for name, v, hi_ok in (("mask_min", data.mask_min, False), ("caption_dropout", data.caption_dropout, True)):
+        if not math.isfinite(v) or v < 0 or v > 1 or (v == 1 and not hi_ok):
+            raise UserError(f"--{name} must be >= 0 and {'<=' if hi_ok else '<'} 1, got {v}")
+    if data.mask_min and not data.masked_loss:
+        raise UserError("--mask_min is the floor of --masked_loss's weights; add --masked_loss (or --mask_dir)")
+    if data.bucket_reso_steps < buckets.SIDE_MULTIPLE or data.bucket_reso_steps % buckets.SIDE_MULTIPLE:
+        raise UserError(f"--bucket_reso_steps must be a positive multiple of {buckets.SIDE_MULTIPLE}, got "
+                        f"{data.bucket_reso_steps}")
+    if data.enable_bucket and data.aspect_ratio_buckets and str(data.aspect_ratio_buckets).strip().lower() != "auto":
+        raise UserError("--enable_bucket means --aspect_ratio_buckets auto; give one of them")
+    buckets.buckets_of(data)  # (a list that does not parse: its one line)
+    if data.keep_tokens < 0:
+        raise UserError(f"--keep_tokens must be >= 0, got {data.keep_tokens}")
+    if data.keep_tokens and not data.shuffle_caption:
+        raise UserError("--keep_tokens keeps the first N parts in front when --shuffle_caption shuffles the rest; "
+                        "add --shuffle_caption")
+    if not math.isfinite(training.huber_c) or training.huber_c <= 0:
+        raise UserError(f"--huber_c must be > 0, got {training.huber_c}")
+    if training.huber_schedule == "exponential" and training.huber_c > 1:
+        raise UserError(f"--huber_schedule exponential decays c from 1 to --huber_c, which must be <= 1, got "
+                        f"{training.huber_c}")
+    if not math.isfinite(ema.ema_decay) or not 0 < ema.ema_decay < 1:
+        raise UserError(f"--ema_decay must be > 0 and < 1 (0.9999 is diffusers'), got {ema.ema_decay}")
+    given = [n for n, v in (("save_raw_weights", ema.save_raw_weights), ("ema_device", ema.ema_device)) if v]
+    if given and not ema.use_ema:
+        raise UserError(f"--{given[0]} needs --use_ema")
 
 
 def _embedding(opts) -> None:

@@ -16,6 +16,8 @@ from trainer.options.spec import flag, on_off
 INTERPOLATIONS = ("bilinear", "nearest", "nearest_exact", "bicubic", "box", "hamming", "lanczos")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw8bit", "adamw", "bnb8bit")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 DEFAULT_STEPS = 800  # --max_train_steps when neither it nor --num_train_epochs is given
 
 
@@ -66,6 +68,33 @@ class DataOptions:
                         "--validation_epochs); images are drawn at random every step, so only those counts change",
                         type=int)
     prompt_templates: list[str] | None = None  # Textual Inversion's templates, "{}" the placeholder (no flag)
+    # what kohya / OneTrainer users train with (trainer.core.buckets, masks, concepts; captions below)
+    masked_loss: bool = flag(False, "train only where the subject is: a per-pixel loss weight from each image's alpha "
+                             "channel, or from --mask_dir (white = train, black = ignore)")
+    mask_dir: str | None = flag(None, "folder of mask images with the instance images' file names (kohya's "
+                                "conditioning_data_dir convention, any image suffix); implies --masked_loss",
+                                aliases=("--conditioning_data_dir",), metavar="DIR")
+    mask_min: float = flag(0.0, "floor of the mask weight, in [0, 1): the background is down-weighted to this instead "
+                           "of ignored (0: kohya's, ignored)", type=float)
+    mask_normalization: str = flag("none", "none: the masked squared error's plain mean (kohya's); mean: divided by the "
+                                   "mask's mean per image, so a small subject trains as strongly as a large one",
+                                   choices=("none", "mean"))
+    aspect_ratio_buckets: str | None = flag(
+        None, 'train at several aspect ratios instead of center squares: "auto" (buckets at the training area, sides '
+        'multiples of --bucket_reso_steps) or a list "h,w;h,w;..." in pixels (diffusers\' syntax); a batch is one '
+        "bucket", metavar="auto|H,W;...")
+    enable_bucket: bool = flag(False, "kohya's switch: --aspect_ratio_buckets auto")
+    bucket_reso_steps: int = flag(64, "sides of the automatic buckets are multiples of this (pixels, a multiple of 8)",
+                                  type=int)
+    caption_dropout: float = flag(0.0, "probability that a row trains on the empty prompt (diffusers' and kohya's "
+                                  "caption dropout)", aliases=("--caption_dropout_rate",), type=float)
+    shuffle_caption: bool = flag(False, "shuffle the comma-separated parts of each caption every step (kohya)")
+    keep_tokens: int = flag(0, "with --shuffle_caption: the first N comma-separated parts stay in front (kohya)",
+                            type=int)
+    concepts: str | None = flag(
+        None, "several subjects in one run: a JSON or TOML list of {instance_data_dir, instance_prompt, class_prompt, "
+        "class_data_dir, repeats} (the DreamBooth forks' concepts_list); replaces --instance_data_dir and its prompts",
+        aliases=("--concepts_list",), metavar="FILE")
 
 
 @dataclass
@@ -98,6 +127,12 @@ class TrainingOptions:
     snr_gamma: float | None = flag(None, "min-SNR loss weighting gamma, e.g. 5.0 (not given: off)", type=float)
     offset_noise: float = flag(0.0, "offset-noise strength; alone it means diffusers' switch, 0.1 (0 = off)",
                                type=float, nargs="?", const=0.1)
+    loss_type: str = flag("l2", "l2: squared error; huber: pseudo-Huber 2c(sqrt(e^2+c^2)-c); smooth_l1: "
+                          "2(sqrt(e^2+c^2)-c) (kohya's names; the robust ones damp outlier pictures)",
+                          choices=LOSS_TYPES)
+    huber_c: float = flag(0.1, "c of the huber and smooth_l1 losses (kohya's default)", type=float)
+    huber_schedule: str = flag("snr", "c per timestep: constant (huber_c), exponential (huber_c at t=T, 1 at t=0) or "
+                               "snr (kohya's default: c grows as the noise falls)", choices=HUBER_SCHEDULES)
     class_labels_conditioning: str | None = flag(None, "pass the timesteps as the UNet's class_labels (for UNets "
                                                  "with a class embedding)", choices=("timesteps",))
     kernels: bool = flag(True, "on: dbkernels loss and attention; off: PyTorch's", type=on_off, metavar="on|off")
@@ -219,6 +254,20 @@ class EmbeddingOptions:
 
 
 @dataclass
+class EmaOptions:
+    use_ema: bool = flag(False, "keep an exponential moving average of the trained weights and export it as the model "
+                         "(diffusers' --use_ema)")
+    ema_decay: float = flag(0.9999, "EMA decay; warmed up as diffusers' EMAModel: min(decay, (1 + n) / (10 + n)) at "
+                            "update n", type=float)
+    ema_device: str | None = flag(None, "where the average lives: cuda (one fused update per step) or cpu (no GPU "
+                                  "memory; diffusers' --offload_ema); not given: the training device",
+                                  choices=("cuda", "cpu"))
+    ema_dtype: str = flag("fp32", "dtype of the average: fp32, or bf16 (half the memory)", choices=("fp32", "bf16"))
+    save_raw_weights: bool = flag(False, "with --use_ema, also write the trained weights themselves to "
+                                  "output_dir/raw (the model is the average)")
+
+
+@dataclass
 class DistributedOptions:
     device: str | None = flag(None, "cuda or cpu (not given: cuda if available; under torchrun each rank takes "
                               "cuda:LOCAL_RANK)", metavar="cuda|cpu")
@@ -244,13 +293,15 @@ class TrainOptions:
     logging: LoggingOptions = field(default_factory=LoggingOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)
+    ema: EmaOptions = field(default_factory=EmaOptions)
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
     method: str = "dreambooth"  # or "textual_inversion" (dbtrain textual-inversion: only new token rows train)
     config: str | None = flag(None, "TOML file with any of these options, same keys without the dashes (flags given "
                               "here override it)", metavar="TOML")
 
     CONCERNS: ClassVar[tuple[str, ...]] = ("model", "data", "prior", "training", "optim", "memory", "checkpoints",
-                                           "logging", "lora", "embedding", "distributed")
+                                           "logging", "lora", "embedding", "ema",
+                                           "distributed")
 
     @property
     def trains_unet(self) -> bool:
@@ -296,6 +347,11 @@ TRAIN_LAYOUT = (
                   "lr_power", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                   "max_grad_norm", "snr_gamma", "offset_noise", "tokenizer_max_length",
                   "text_encoder_use_attention_mask", "class_labels_conditioning")),
+    ("masks, buckets, captions, concepts (kohya's and diffusers' names)", (
+        "masked_loss", "mask_dir", "mask_min", "mask_normalization", "aspect_ratio_buckets", "enable_bucket",
+        "bucket_reso_steps", "caption_dropout", "shuffle_caption", "keep_tokens", "concepts")),
+    ("loss and EMA", ("loss_type", "huber_c", "huber_schedule", "use_ema", "ema_decay", "ema_device", "ema_dtype",
+                      "save_raw_weights")),
     ("memory and speed", ("gradient_checkpointing", "mixed_precision", "allow_tf32")),
     ("checkpoints and logging", ("checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
                                  "validation_prompt", "validation_steps", "num_validation_images",
