@@ -68,6 +68,7 @@ class Run:
     identifier: str | None = None  # what [V] became (recorded in the LoRA file's metadata)
     shard: object = None  # --shard under torchrun: trainer.distributed.shard.Sharding (optimizer state split)
     guard: object = None  # trainer.core.guard.Guard of the training loop (bench and the estimate run without)
+    ema: object = None  # --use_ema: trainer.core.ema's average of the trained weights (made by the loop)
 
     @property
     def params(self) -> list:
