@@ -51,6 +51,10 @@ TI_LAYOUT = (
                                          "resume_from_checkpoint", "validation_prompt", "validation_steps",
                                          "num_validation_images")),
     ("more of diffusers' flags (those done another way print a note)", TI_DIFFUSERS_FLAGS),
+    ("masks, buckets, robust losses, EMA (as dbtrain train)", (
+        "masked_loss", "mask_dir", "mask_min", "mask_normalization", "aspect_ratio_buckets", "enable_bucket",
+        "bucket_reso_steps", "loss_type", "huber_c", "huber_schedule", "use_ema", "ema_decay", "ema_device",
+        "ema_dtype", "save_raw_weights")),
     ("ours (dbtrain's own)", ("instance_prompt", "caption_extension", "random_flip", "image_interpolation_mode",
                               "max_grad_norm", "snr_gamma", "optimizer", "kernels", "log_every", "device",
                               "ddp_timeout",
