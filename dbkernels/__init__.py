@@ -10,9 +10,10 @@ enable_interpreter_without_gpu()
 
 from .ops.attention import attention  # noqa: E402
 from .ops.diffusion_loss import add_noise, diffusion_loss, seeded_noise  # noqa: E402
+from .ops.ema import ema_update_  # noqa: E402
 from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "add_noise", "attention", "diffusion_loss", "force_backend",
-           "optim", "seeded_noise"]
+__all__ = ["BACKENDS", "BackendUnavailable", "add_noise", "attention", "diffusion_loss", "ema_update_",
+           "force_backend", "optim", "seeded_noise"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.core import ema as averages
 from trainer.core import resume as resume_options
 from trainer.errors import UserError
 from trainer.formats import diffusers_folder, io, outdir, safe_load
@@ -281,6 +282,18 @@ def load_weights(model, folder: Path) -> None:
     model.load_state_dict(state)
 
 
+def _resume_average(run, folder: Path) -> None:
+    """--use_ema: the checkpoint's average (and its number of updates); one written without it starts again."""
+    if run.ema is None:
+        return
+    if (folder / averages.FOLDER / averages.FILE).is_file():
+        run.ema.load_pretrained(folder / averages.FOLDER)
+        return
+    run.ema.reset()
+    print(f"{folder.name} holds no average of the weights (written without --use_ema): the EMA starts from its "
+          f"weights", flush=True)
+
+
 def resume_run(run, folder: Path) -> int:
     """Load a checkpoint into the run; returns its step.
 
@@ -294,6 +307,7 @@ def resume_run(run, folder: Path) -> int:
     try:
         for name, model in run.models.items():
             load_weights(model, folder / name)
+        _resume_average(run, folder)
         # weights only: a checkpoint folder may come from elsewhere, and unpickling runs code
         state = load_pt(folder / "optimizer.pt")
         if run.shard is not None:  # --shard: this rank keeps its own parameters' states

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.core import checkpoint, guard, images, inputs, interrupts, prompts, runlog, validation
+from trainer.core import checkpoint, ema, guard, images, inputs, interrupts, prompts, runlog, validation
 from trainer.core.batches import Batches
 from trainer.core.class_images import generate_class_images
 from trainer.core.step import setup, train_step
@@ -61,6 +61,7 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(opts.checkpoints.output_dir)
     inputs.check_paths(opts)  # (the CLI ran these before importing torch; callers of train() may not have)
+    ema.check(opts, device)
     if device.type == "cpu" and opts.memory.mixed_precision == "fp16":
         print(FP16_CPU_NOTE.format(x=FP16_CPU_FACTOR), file=sys.stderr, flush=True)
     resume = distributed.on_rank0(checkpoint.prepare_output_dir, opts)
@@ -111,7 +112,10 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
     # --- the trainable state, resumed from a checkpoint if there is one ---
     run = setup(opts, method, comps, batches, device)
     run.identifier = ident
+    run.ema = ema.make(opts, run.params, device)  # --use_ema: the average of the trained tensors
     start = checkpoint.resume_run(run, resume) if resume is not None else 0
+    if run.ema is not None and distributed.is_main():
+        print(run.ema.describe(), flush=True)
     run.guard = guard.Guard(run.params, checkpoint.load_state(resume).get("guard") if resume is not None else None,
                             zero_loss=1.0 + (prior.prior_loss_weight if prior.with_prior_preservation else 0.0))
     log = runlog.RunLog(out, opts, files=distributed.is_main())
@@ -134,6 +138,8 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 res = train_step(run, step)
+                if run.ema is not None and res.stepped and res.finite_state:  # (a skipped step: left as it was)
+                    run.ema.update()
                 if step == start:
                     _note_first_step_compile(bar)
                 if not res.stepped:
@@ -155,7 +161,7 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
                 elif done == total:  # the final state too, so that a finished run can be trained more
                     saved = _final_checkpoint(run, out, done)
                 if opts.logging.validation_prompt and done % opts.logging.validation_steps == 0:
-                    distributed.on_rank0(validation.validate, run, run_prompts.sub(opts.logging.validation_prompt),
+                    distributed.on_rank0(_validate, run, run_prompts.sub(opts.logging.validation_prompt),
                                          out / "validation", f"step-{done:06d}")
                 # torchrun: a stop request that reached some ranks stops all of them at this step
                 if distributed.any_flag(stop.signum is not None) and done < total:
@@ -176,6 +182,9 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
         with _whole_state(run):  # --shard: a failed export saves a checkpoint, with the whole state
             distributed.on_rank0(save_model, run, out, done)
     distributed.on_rank0(runlog.record_subject, out, opts, run, ident, run_prompts)
+    if run.ema is not None and opts.ema.save_raw_weights:  # raw/ is a result of its own (sample --model OUT/raw)
+        raw = out / ema.RAW
+        distributed.on_rank0(runlog.record_subject, raw, ema.raw_options(opts, raw), run, ident, run_prompts)
     distributed.on_rank0(outdir.write_marker, out, finished=True, final_step=done)
     print(f"saved {method.saved} to {out} ({skipped} skipped step(s))")
     return out
@@ -201,6 +210,12 @@ def _diverged(run, out: Path, step: int, why: str) -> str:
     return f"training diverged at step {step}: {why}; {where}{aside}"
 
 
+def _validate(run, prompt: str, folder: Path, name: str) -> Path:
+    """A validation grid of the model as it is exported: with --use_ema the average (diffusers does the same)."""
+    with ema.averaged(run):
+        return validation.validate(run, prompt, folder, name)
+
+
 def _whole_state(run):
     """--shard: rank 0 holds every rank's optimizer state within (a collective: all ranks enter it)."""
     return run.shard.gathered() if run.shard is not None else contextlib.nullcontext()
@@ -212,7 +227,8 @@ def _checkpoint(run, out: Path, step: int) -> Path:
 
 
 def _save_state(run, out: Path, step: int, total_limit) -> Path:
-    return checkpoint.save(out, step, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+    items = {**run.models, **({ema.FOLDER: run.ema} if run.ema is not None else {})}  # (the trained state, the average)
+    return checkpoint.save(out, step, models=items, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                            scaler=run.scaler, config=run.opts.to_dict(), total_limit=total_limit,
                            extra={"guard": run.guard.state_dict()} if run.guard is not None else None)
 
@@ -239,10 +255,13 @@ def save_checkpoint(run, out: Path, step: int) -> Path:
 
 
 def save_model(run, out: Path, step: int) -> None:
-    """The method's final files; if writing them fails, the trained state goes into checkpoint-<step> so
-    nothing is lost."""
+    """The method's final files (with --use_ema: of the average, and with --save_raw_weights those of the trained
+    tensors in out/raw); if writing them fails, the trained state goes into checkpoint-<step> so nothing is lost."""
     try:
-        run.method.save(run, out, step)
+        with ema.averaged(run):
+            run.method.save(run, out, step)
+        if run.ema is not None and run.opts.ema.save_raw_weights:
+            run.method.save(run, ema.raw_folder(out), step)
     except UserError as e:
         where = out / f"checkpoint-{step}"
         if checkpoint.verify(where) is not None:

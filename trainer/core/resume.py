@@ -19,11 +19,13 @@ MAY_CHANGE = frozenset(RESCHEDULE + (
     # what is written and when
     "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "save_steps", "save_single_file",
     "single_file_half", "skip_save_text_encoder", "save_as_full_pipeline", "no_safe_serialization",
+    "save_raw_weights",
     # logging and validation
     "logging_dir", "report_to", "log_every", "validation_prompt", "validation_steps", "num_validation_images",
     "validation_scheduler", "validation_epochs", "validation_images", "push_to_hub", "hub_token", "hub_model_id",
     # memory, speed and placement only (the same arithmetic, the same state)
     "gradient_checkpointing", "allow_tf32", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+    "ema_device",
     "pre_compute_text_embeddings", "dataloader_num_workers", "kernels", "step_in_backward", "device",
     "ddp_timeout", "local_rank", "shard", "max_grad_norm", "card_gb", "estimate_only", "config",
     # the batch (torchrun: a run resumes on another number of ranks with the same global batch), and a
@@ -71,6 +73,8 @@ def _why(key: str, now, then) -> str:
         return f"the run there trains LoRA adapters of rank {then}, not the full model"
     if key == "method":
         return f"the run there is {then}, not {now}"
+    if key == "use_ema":
+        return "the run there " + ("keeps no" if now else "keeps an") + " average of its weights (--use_ema)"
     if key == "train_text_embedding":
         return "the run there " + ("does not train" if now else "trains") + " new token embeddings (pivotal tuning)"
     return f"the run's {then!r}, now {now!r}" if key not in SECRET else "it differs"

@@ -304,7 +304,11 @@ def run_bytes(opts) -> int:
     state = {"adamw": 2 * wbytes, "adamw8bit": 2.1, "bnb8bit": 2.1}[opts.optim.optimizer]
     trained = n["unet"] + (n["text_encoder"] if opts.training.train_text_encoder else 0)
     small = sum(f.stat().st_size for c in ("tokenizer", "scheduler") for f in (root / c).glob("*") if f.is_file())
-    return int(trained * (wbytes + state) + sum(n.values()) * wbytes + small)
+    ema = opts.ema
+    if ema.use_ema:  # the checkpoint's average; --save_raw_weights: a second export in raw/
+        state += 2 if ema.ema_dtype == "bf16" else 4
+    exports = 2 if ema.use_ema and ema.save_raw_weights else 1
+    return int(trained * (wbytes + state) + exports * (sum(n.values()) * wbytes + small))
 
 
 def check_space(opts) -> None:

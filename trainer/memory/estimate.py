@@ -53,6 +53,9 @@ DIFFERENCES = (  # of an EstimateOptions
     (lambda c: c.train.training.kernels,
      "Triton attention: its backward's fp32 row sums (batch x heads x tokens x 4 B, one layer at a time) are "
      "not seen"),
+    (lambda c: c.train.ema.use_ema and c.train.ema.ema_device != "cpu",
+     "--use_ema: the average is counted in every phase as category ema; its update after the step is one fused "
+     "in-place kernel (no temporaries)"),
     (lambda c: not c.stock_recipe,
      "latents and prompt embeddings are cached as the trainer does for square or center-cropped images: the VAE "
      "(and frozen text encoders) are not on the GPU during the steps; random crops would keep the VAE there"),
@@ -152,6 +155,8 @@ def options_of(opts: EstimateOptions) -> dict:
     out["world_size"] = world_size(opts)
     if t.lora.lora_rank:
         out["lora_rank"] = t.lora.lora_rank
+    if t.ema.use_ema:
+        out["ema"] = f"{t.ema.ema_device or 'gpu'} {t.ema.ema_dtype}"
     if opts.stock_recipe:
         out["stock_recipe"] = True
     return out
@@ -277,6 +282,9 @@ SAME_TRAINING = (
                                              t.memory.mixed_precision == "bf16"),
           lambda t: _with(t, "memory", weights_dtype="bf16"), lambda c, n: c["weights"] // 2 + c["gradients"] // 2,
           "bf16 master weights with stochastic rounding (no fp32 copy)"),
+    Lever("--ema_device cpu", lambda t: t.ema.use_ema and t.ema.ema_device != "cpu",
+          lambda t: _with(t, "ema", ema_device="cpu"), lambda c, n: c.get("ema", 0),
+          "the same average, kept in host memory: the weights are copied to the CPU and averaged there each step"),
     # together: bf16 autocast alone over fp32 weights adds its bf16 copies of them (it can raise the peak)
     Lever("--mixed_precision bf16 --weights_dtype bf16",
           lambda t: t.memory.weights_dtype != "bf16" and not t.uses_lora and t.memory.mixed_precision == "no",
@@ -473,6 +481,8 @@ def savings(r: dict, train) -> list[tuple[str, int]]:
         out.append(("--weights_dtype bf16", cat["weights"] // 2 + cat["gradients"] // 2))
     if memory.mixed_precision == "no":
         out.append(("--mixed_precision bf16", cat["activations"] // 3))
+    if cat.get("ema"):
+        out.append(("--ema_device cpu", cat["ema"]))
     return sorted(out, key=lambda x: -x[1])
 
 

@@ -271,6 +271,7 @@ def track_step(opts, *, confs: dict | None = None, comps=None, fake: bool = True
         state_bytes = sum(t.untyped_storage().nbytes() for t in state)
         n_params = sum(p.numel() for m in (run.unet, *encoders) for p in m.parameters())
         n_train = sum(p.numel() for p in run.params)
+        ema = ema_sizes(train, run.params)
     phases = {}
     for ph in PHASES:
         live = tracker.peaks.get(ph)
@@ -279,10 +280,21 @@ def track_step(opts, *, confs: dict | None = None, comps=None, fake: bool = True
         cats = tracker.classify(live.at_peak, weight_keys, state_keys)
         # steady state: the states of earlier steps are alive in every phase (step 1 creates them)
         cats["optimizer_state"] = state_bytes
+        if ema:  # --use_ema: the average, resident from setup on (its fused update makes no temporaries)
+            cats["ema"] = sum(ema)
         rounding = sum(-n % ROUND for k, n in live.at_peak.items() if k not in state_keys)
-        rounding += sum(-t.untyped_storage().nbytes() % ROUND for t in state)
+        rounding += sum(-t.untyped_storage().nbytes() % ROUND for t in state) + sum(-n % ROUND for n in ema)
         phases[ph] = {"peak_bytes": sum(cats.values()), "by_category": cats, "rounding_bytes": rounding}
     return {"phases": phases, "params": n_params, "trainable_params": n_train, "notes": notes}
+
+
+def ema_sizes(train, params) -> list[int]:
+    """Bytes of each tensor of --use_ema's average on the GPU (none with --ema_device cpu or without --use_ema)."""
+    e = train.ema
+    if not e.use_ema or e.ema_device == "cpu":
+        return []
+    size = 2 if e.ema_dtype == "bf16" else 4
+    return [p.numel() * size for p in params]
 
 
 def _faked(module, mode):

@@ -100,12 +100,19 @@ def trained_pipeline(opts, unet, text_encoders: dict | None = None, tokenizers: 
                                 dtype=unet.dtype, **kw)
 
 
+def result_name(out: Path) -> str:
+    """The name a result's own files take (the single file, kohya's LoRA file): its output folder's; in
+    output_dir/raw (--save_raw_weights, trainer.core.ema) the run's, so raw/ holds the same file names."""
+    of = (outdir.read_marker(out) or {}).get("raw_weights_of")
+    return Path(of).name if of else Path(out).resolve().name
+
+
 def write_single_file(opts, out: Path, lora_file: Path | None = None) -> str:
     """`--save_single_file`: the exported folder (or the base model with the LoRA merged in) as one
     original-layout .safetensors file in `out`, for A1111 / ComfyUI; returns its name."""
     base = Path(opts.model.pretrained_model_name_or_path)
     family = family_of(base)
-    name = file_stem(out.resolve().name, "model")
+    name = file_stem(result_name(out), "model")
     if lora_file is None:
         model, parts, name = out, None, f"{name}.safetensors"
     else:  # the kohya LoRA file already has <name>.safetensors

@@ -23,7 +23,8 @@ from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.formats import diffusers_folder, kohya_lora, outdir
 from trainer.formats.embedding_files import file_stem
-from trainer.methods.base import Method, Trainable, frozen_dtype, train_mode_text_encoder, write_single_file
+from trainer.methods.base import (Method, Trainable, frozen_dtype, result_name, train_mode_text_encoder,
+                                  write_single_file)
 from trainer.methods.outputs import LORA_FILE as DIFFUSERS_FILE
 
 # diffusers' train_dreambooth_lora.py targets; add_k_proj/add_v_proj exist only in some UNets
@@ -171,7 +172,7 @@ def metadata(opts, identifier: str | None, step: int, out: Path) -> dict:
 
 
 def kohya_name(out: Path) -> str:
-    return f"{file_stem(out.resolve().name, 'lora')}.safetensors"
+    return f"{file_stem(result_name(out), 'lora')}.safetensors"  # (raw/: the run's name)
 
 
 def export_lora(opts, unet, text_encoders: dict, out: Path, step: int, identifier: str | None) -> list[str]:
