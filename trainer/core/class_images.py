@@ -33,25 +33,43 @@ def generate_class_images(opts, device: torch.device, dtype: torch.dtype, prompt
     prompts[i % len(prompts)], written with that prompt as its caption file (`class-00003.txt`, the suffix of
     --caption_extension, else .txt) so that training reads it back with --caption_extension.
     `dtype` is the pipeline's unless --prior_generation_precision (diffusers' flag) names another."""
-    prior, ext = opts.prior, opts.data.caption_extension
-    folder = Path(prior.class_data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        _remove_stale_temporaries(folder)
-    have = len(list_images(folder, "class image", allow_empty=True,
-                           captions=caption_suffix(ext) if ext else (".txt" if prompts else None)))
-    distributed.barrier()  # torchrun: every rank has counted before any rank writes
-    missing = prior.num_class_images - have
-    if missing <= 0:
-        return 0
-    # torchrun: each rank draws every N-th missing image (seeded by its index, so the same images as one process)
-    mine = distributed.share(list(range(have, have + missing)))
-    made = _generate(opts, device, dtype, folder, mine, prompts) if mine else 0
+    return generate_per_concept([opts], device, dtype, prompts)[0]
+
+
+def generate_per_concept(options: list, device: torch.device, dtype: torch.dtype,
+                         prompts: list[str] | None = None) -> list[int]:
+    """generate_class_images for each concept's options (trainer.options.concepts.options_of): its folder, its
+    class prompt, its count; the pipeline loads once. Concepts that share a folder (and so its prompt) share its
+    images: it is filled to the largest of their counts, said of the first of them. Returns each one's count."""
+    todo, first_of = [], {}  # (concept, folder, the indices this rank draws); each folder's first concept
+    for k, opts in enumerate(options):
+        folder = Path(opts.prior.class_data_dir)
+        key = os.path.realpath(folder)
+        if key in first_of:
+            continue
+        first_of[key] = k
+        want = max(o.prior.num_class_images for o in options if os.path.realpath(o.prior.class_data_dir) == key)
+        folder.mkdir(parents=True, exist_ok=True)
+        ext = opts.data.caption_extension
+        if distributed.is_main():
+            _remove_stale_temporaries(folder)
+        have = len(list_images(folder, "class image", allow_empty=True,
+                               captions=caption_suffix(ext) if ext else (".txt" if prompts else None)))
+        distributed.barrier()  # torchrun: every rank has counted before any rank writes
+        if want - have > 0:
+            # torchrun: each rank draws every N-th missing image (seeded by its index, so the same images as one
+            # process)
+            todo.append((k, folder, distributed.share(list(range(have, want)))))
+    if not todo:
+        return [0] * len(options)
+    made = _generate(options, device, dtype, todo, prompts) if any(mine for _, _, mine in todo) else {}
     distributed.barrier()  # every rank's images are written before any rank lists the folder
-    return distributed.sum_int(made)
+    return [distributed.sum_int(made.get(k, 0)) if any(k == j for j, _, _ in todo) else 0
+            for k in range(len(options))]
 
 
-def _generate(opts, device, dtype, folder: Path, mine: list[int], prompts: list[str] | None = None) -> int:
+def _generate(options: list, device, dtype, todo: list, prompts: list[str] | None = None) -> dict[int, int]:
+    opts = options[0]
     prior, model = opts.prior, opts.model
     dtype = PRECISIONS.get(prior.prior_generation_precision or "no", dtype)
     if dtype == torch.float16 and device.type == "cpu":
@@ -63,30 +81,37 @@ def _generate(opts, device, dtype, folder: Path, mine: list[int], prompts: list[
         vae_path=model.pretrained_vae_model_name_or_path, **({"variant": model.variant} if model.variant else {}))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    made = 0
-    size = opts.data.resolution
-    with tqdm(total=len(mine), desc="class images", unit="img") as bar:
-        while made < len(mine):
-            index = mine[made: made + prior.sample_batch_size]  # the images' indices: their seeds depend on them only
-            n = len(index)
-            gens = [torch.Generator("cpu").manual_seed(opts.training.seed * 1_000_003 + i) for i in index]
-            texts = [prompts[i % len(prompts)] for i in index] if prompts else [prior.class_prompt] * n
-            images = pipe(texts, num_inference_steps=prior.class_inference_steps, generator=gens,
-                          height=size, width=size).images
-            for k, img in enumerate(images):
-                path = _free_name(folder, index[k])
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                with io.one_line_write_errors(folder, "class images", 2 * size * size * 3 * len(images), tmp):
-                    if prompts:  # the caption first: an image on disk always has its caption
-                        path.with_suffix(caption_suffix(opts.data.caption_extension or ".txt")).write_text(
-                            texts[k] + "\n")
-                    img.save(tmp, format="PNG")
-                    os.replace(tmp, path)
-            made += n
-            bar.update(n)
+    made = {}
+    with tqdm(total=sum(len(mine) for _, _, mine in todo), desc="class images", unit="img") as bar:
+        for k, folder, mine in todo:
+            made[k] = _draw(pipe, options[k], folder, mine, prompts, bar)
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return made
+
+
+def _draw(pipe, opts, folder: Path, mine: list[int], prompts: list[str] | None, bar) -> int:
+    """Images `mine` (their indices: their seeds depend on them only) of one class folder."""
+    prior, made, size = opts.prior, 0, opts.data.resolution
+    while made < len(mine):
+        index = mine[made: made + prior.sample_batch_size]
+        n = len(index)
+        gens = [torch.Generator("cpu").manual_seed(opts.training.seed * 1_000_003 + i) for i in index]
+        texts = [prompts[i % len(prompts)] for i in index] if prompts else [prior.class_prompt] * n
+        images = pipe(texts, num_inference_steps=prior.class_inference_steps, generator=gens,
+                      height=size, width=size).images
+        for k, img in enumerate(images):
+            path = _free_name(folder, index[k])
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with io.one_line_write_errors(folder, "class images", 2 * size * size * 3 * len(images), tmp):
+                if prompts:  # the caption first: an image on disk always has its caption
+                    path.with_suffix(caption_suffix(opts.data.caption_extension or ".txt")).write_text(
+                        texts[k] + "\n")
+                img.save(tmp, format="PNG")
+                os.replace(tmp, path)
+        made += n
+        bar.update(n)
     return made
 
 

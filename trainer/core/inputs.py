@@ -2,7 +2,8 @@
 
 Every folder the run will write into (--output_dir, --class_data_dir when class images must be generated,
 --logging_dir, the validation grids' folder) must be writable, or be creatable, before a model loads, so a
-read-only folder is one line at the start, not a traceback after minutes of work."""
+read-only folder is one line at the start, not a traceback after minutes of work. With --concepts, each
+concept's folders are checked as the flags' would be, and an error names the concept."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,14 +11,17 @@ from pathlib import Path
 from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.formats.outdir import check_creatable, check_output_dir, writable
-from trainer.options import diffusers_flags
+from trainer.options import concepts, diffusers_flags
 from trainer.options.checks import count_images
 
 
 def class_images_to_generate(opts) -> int:
-    """How many class images prior preservation will draw (--num_class_images minus those in --class_data_dir)."""
+    """How many class images prior preservation will draw (--num_class_images minus those in --class_data_dir;
+    with --concepts, of every concept's class folder)."""
     if not opts.prior.with_prior_preservation:
         return 0
+    if opts.data.concepts:
+        return sum(max(0, n - count_images(folder)) for folder, n in concepts.class_folders(opts).values())
     return max(0, opts.prior.num_class_images - count_images(opts.prior.class_data_dir))
 
 
@@ -39,6 +43,23 @@ def check_paths(opts) -> None:
     family.check_folder(model, variant=opts.model.variant, what="--pretrained_model_name_or_path")
     family.check_options(opts)
     diffusers_flags.check_model_extras(opts)
+    if not opts.data.concepts:
+        _check_subject(opts)
+    for k, c in enumerate(concepts.concepts_of(opts) if opts.data.concepts else [], 1):
+        with concepts.said_of(opts, k, c):  # (each concept's folders, said of it)
+            _check_subject(concepts.options_of(opts, c))
+    out, res = Path(opts.checkpoints.output_dir), opts.checkpoints.resume_from_checkpoint
+    if res and res != "latest" and not Path(res).exists() and not (out / res).exists():
+        raise UserError(f"--resume_from_checkpoint {res}: no such checkpoint folder (or pass latest)")
+    check_output_dir(out, resume=bool(res))
+    _check_writes_into(out / opts.logging.logging_dir, "--logging_dir")
+    if opts.logging.validation_prompt:
+        _check_writes_into(out / "validation", "the validation folder (--validation_prompt)")
+    diffusers_flags.resolve_counts(opts)
+
+
+def _check_subject(opts) -> None:
+    """The instance folder, and the class folder where class images must be generated."""
     inst = Path(opts.data.instance_data_dir)
     if not inst.is_dir():
         raise UserError(f"instance image folder {inst} does not exist" if not inst.exists() else
@@ -52,11 +73,3 @@ def check_paths(opts) -> None:
             _check_writes_into(cls, "--class_data_dir",
                                f" and {missing} class image(s) must be generated there (it holds "
                                f"{count_images(cls)} of --num_class_images {opts.prior.num_class_images})")
-    out, res = Path(opts.checkpoints.output_dir), opts.checkpoints.resume_from_checkpoint
-    if res and res != "latest" and not Path(res).exists() and not (out / res).exists():
-        raise UserError(f"--resume_from_checkpoint {res}: no such checkpoint folder (or pass latest)")
-    check_output_dir(out, resume=bool(res))
-    _check_writes_into(out / opts.logging.logging_dir, "--logging_dir")
-    if opts.logging.validation_prompt:
-        _check_writes_into(out / "validation", "the validation folder (--validation_prompt)")
-    diffusers_flags.resolve_counts(opts)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.core import checkpoint, ema, guard, images, inputs, interrupts, prompts, runlog, validation
+from trainer.core import checkpoint, concepts, ema, guard, inputs, interrupts, prompts, runlog, validation
 from trainer.core.batches import Batches
-from trainer.core.class_images import generate_class_images
 from trainer.core.step import setup, train_step
 from trainer.distributed import data_parallel as distributed
 from trainer.errors import Resumable, UserError
@@ -72,15 +71,7 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
             print(warning, file=sys.stderr, flush=True)
 
     # --- the subject's images (bad images fail before the model loads), the model, what trains ---
-    captions = images.caption_suffix(data.caption_extension) if data.caption_extension else None
-    inst_files = images.list_images(data.instance_data_dir, "instance image", captions=captions)
-    inst = images.ImageSet(inst_files, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
-                           interpolation=data.image_interpolation_mode)
-    captioned = images.read_captions(inst_files, captions) if captions else [None] * len(inst_files)
-    if prior.with_prior_preservation and Path(prior.class_data_dir).is_dir():  # a broken one fails before the model
-        for f in images.list_images(prior.class_data_dir, "class image", allow_empty=True,
-                                    captions=captions)[: prior.num_class_images]:
-            images.load_image(f)
+    subjects = concepts.Subjects(opts)  # --concepts FILE: each concept's; else the flags' one subject
     torch.manual_seed(training.seed)
     model = opts.model
     family = family_of(model.pretrained_model_name_or_path)
@@ -89,24 +80,17 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
     prompts.note_class_labels(opts, comps.unet)
     method = method_for(opts)
 
-    # --- prompts, with [V] replaced by the identifier (or the new tokens it became) ---
-    word, ident = method.prompt_word(opts, comps, prompts.identifier(opts, comps.tokenizer))
-    run_prompts = prompts.RunPrompts(opts, word, captioned)
+    # --- prompts, with [V] replaced by the identifier (or the new tokens it became); each concept its own ---
+    word, ident, run_prompts = subjects.prompts(method, comps)
 
-    # --- class images (generated first where missing), then the batches ---
+    # --- class images (each concept's, generated first where missing), then the batches ---
     half = HALF.get(opts.memory.mixed_precision) if device.type == "cuda" else None
-    cls = cls_prompts = None
+    cls = cls_prompts = cls_concepts = None
     if prior.with_prior_preservation:
-        made = generate_class_images(opts, device, half or torch.float32)
-        if made:
-            print(f"generated {made} class image(s) in {prior.class_data_dir}")
-        files = images.list_images(prior.class_data_dir, "class image", captions=captions)[: prior.num_class_images]
-        cls = images.ImageSet(files, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
-                              interpolation=data.image_interpolation_mode)
-        cls_prompts = images.class_prompts(files, captions, prior.class_prompt)  # kohya: captions beside them too
-    batches = Batches(opts, family, comps, inst, cls, run_prompts.by_kind, device, half or torch.float32,
+        cls, cls_prompts, cls_concepts = subjects.class_images(device, half or torch.float32)
+    batches = Batches(opts, family, comps, subjects.inst, cls, run_prompts.by_kind, device, half or torch.float32,
                       inst_prompts=run_prompts.instance, templates=data.prompt_templates, word=word,
-                      cls_prompts=cls_prompts)
+                      cls_prompts=cls_prompts, **subjects.draws(cls_concepts))
     distributed.on_rank0(outdir.claim, out, opts.to_dict())  # only once the inputs are known to be good
 
     # --- the trainable state, resumed from a checkpoint if there is one ---

@@ -8,12 +8,13 @@ from trainer.options.checks import names_subject
 from trainer.options.diffusers_flags import say
 
 
-def pick_identifier(tokenizer, class_word: str | None, seed: int) -> str:
+def pick_identifier(tokenizer, class_word: str | None, seed: int, exclude=()) -> str:
     """A rare single-token word, as the paper picks its identifier.
 
     Candidates: whole-word vocabulary entries of 2-3 lowercase letters that the tokenizer
-    maps back to exactly one token; the rarest quarter of them by merge rank (BPE adds
-    rarer merges later, so higher ids are rarer); then one chosen with `seed`.
+    maps back to exactly one token, other than `exclude` (the words of the run's other concepts);
+    the rarest quarter of them by merge rank (BPE adds rarer merges later, so higher ids are
+    rarer); then one chosen with `seed`.
     """
     import random
 
@@ -21,7 +22,8 @@ def pick_identifier(tokenizer, class_word: str | None, seed: int) -> str:
     cands = []
     for tok, idx in vocab.items():
         word = tok[:-4] if tok.endswith("</w>") else None
-        if word and 2 <= len(word) <= 3 and word.isalpha() and word.islower() and word != class_word:
+        if (word and 2 <= len(word) <= 3 and word.isalpha() and word.islower() and word != class_word
+                and word not in exclude):
             if tokenizer.tokenize(word) == [tok]:
                 cands.append((idx, word))
     if not cands:
@@ -37,10 +39,11 @@ def class_word(opts) -> str | None:
     return opts.prior.class_prompt.split()[-1] if opts.prior.class_prompt else None
 
 
-def identifier(opts, tokenizer) -> str:
-    """--identifier, or with `auto` a rare word of the (first) tokenizer, as the paper picks one."""
+def identifier(opts, tokenizer, exclude=()) -> str:
+    """--identifier, or with `auto` a rare word of the (first) tokenizer, as the paper picks one (not one of
+    `exclude`: another concept's)."""
     ident = opts.data.identifier
-    return pick_identifier(tokenizer, class_word(opts), opts.training.seed) if ident == "auto" else ident
+    return pick_identifier(tokenizer, class_word(opts), opts.training.seed, exclude) if ident == "auto" else ident
 
 
 class RunPrompts:

@@ -36,7 +36,7 @@ MAY_CHANGE = frozenset(RESCHEDULE + (
 ))
 SECRET = frozenset({"hub_token"})  # named, never shown
 PATHS = frozenset({"pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "tokenizer_name",
-                   "pretrained_vae_model_name_or_path", "output_dir"})
+                   "pretrained_vae_model_name_or_path", "output_dir", "concepts", "mask_dir"})
 
 
 def _same(key: str, now, then) -> bool:

@@ -108,13 +108,30 @@ class RunLog:
 
 def record_subject(out: Path, opts, run, identifier: str, prompts) -> None:
     """dreambooth.json: what `dbtrain eval` needs to know of the subject (written atomically), and what the
-    run's method says of its result (the embedding file and base model of new tokens, the LoRA file, ...)."""
-    instance_prompt, class_word = prompts.by_kind["inst"], prompts.class_word
-    if class_word is None:  # no class prompt: the word after the identifier in the instance prompt
-        words = instance_prompt.split()
-        class_word = words[words.index(identifier) + 1] if identifier in words[:-1] else None
-    rec = {"identifier": identifier, "class_noun": class_word, "instance_prompt": instance_prompt,
-           **run.method.record(opts, run)}
+    run's method says of its result (the embedding file and base model of new tokens, the LoRA file, ...).
+    Several concepts (trainer.core.concepts.ConceptPrompts): the first one's as the subject, and under
+    "concepts" each one's, with its images' folder, so that eval scores each against its own pictures."""
+    instance_prompt = prompts.by_kind["inst"]
+    rec = {"identifier": identifier, "class_noun": _class_noun(instance_prompt, prompts.class_word, identifier),
+           "instance_prompt": instance_prompt, **run.method.record(opts, run)}
+    if getattr(prompts, "concepts", None):
+        rec["concepts"] = [_concept_record(c) for c in prompts.concepts]
     tmp = out / f".{SUBJECT_FILE}.tmp"
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, out / SUBJECT_FILE)
+
+
+def _class_noun(instance_prompt: str, class_word: str | None, identifier: str) -> str | None:
+    """The class word; without a class prompt, the word after the identifier in the instance prompt."""
+    if class_word is not None:
+        return class_word
+    words = instance_prompt.split()
+    return words[words.index(identifier) + 1] if identifier in words[:-1] else None
+
+
+def _concept_record(c: dict) -> dict:
+    concept, p, ident = c["concept"], c["prompts"], c["identifier"]
+    inst = p.by_kind["inst"]
+    return {"name": concept.name, "identifier": ident, "class_noun": _class_noun(inst, p.class_word, ident),
+            "instance_prompt": inst, "class_prompt": concept.class_prompt,
+            "instance_data_dir": str(Path(concept.instance_data_dir).resolve()), "repeats": concept.repeats}

@@ -90,11 +90,7 @@ def check(opts) -> None:
     if device is not None and str(device).split(":")[0] not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda, cuda:N or cpu, got {device!r}")
     _features(opts)
-    if data.concepts:
-        from trainer.options import concepts
-
-        concepts.check(opts)  # the file, and the checks below for each of its concepts
-    else:
+    if not data.concepts:  # (--concepts: trainer.options.concepts.check runs these for each concept, after this)
         _class_folder(opts)
         _prompts_name_the_subject(opts)
 

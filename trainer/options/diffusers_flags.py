@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.options import concepts
 from trainer.options.checks import DEFAULT_STEPS, count_images
 
 def say(line: str) -> None:
@@ -216,10 +217,15 @@ def steps_per_epoch(opts, n_instance: int) -> int:
     if opts.method == "textual_inversion":
         n = n_instance * opts.data.repeats
     elif opts.prior.with_prior_preservation:
-        n = max(n_instance, opts.prior.num_class_images)
+        n = max(n_instance, class_images_of(opts))
     else:
         n = n_instance
     return math.ceil(math.ceil(n / opts.training.train_batch_size) / opts.training.gradient_accumulation_steps)
+
+
+def class_images_of(opts) -> int:
+    """--num_class_images; with --concepts, every concept's class images."""
+    return concepts.class_count(opts) if opts.data.concepts else opts.prior.num_class_images
 
 
 def resolve_counts(opts) -> None:
@@ -228,14 +234,15 @@ def resolve_counts(opts) -> None:
     epochs, vepochs = training.num_train_epochs, log.validation_epochs
     if training.max_train_steps is not None and vepochs is None:
         return
-    n = count_images(opts.data.instance_data_dir)
+    # --concepts: each concept's images x its repeats
+    n = concepts.instance_count(opts) if opts.data.concepts else count_images(opts.data.instance_data_dir)
     if n == 0:
         return  # trainer.core.images says what is wrong with the folder
     per = steps_per_epoch(opts, n)
     if training.max_train_steps is None:
         training.max_train_steps = epochs * per
         say(f"--num_train_epochs {epochs}: {training.max_train_steps} steps ({per} per epoch: {n} instance image(s)"
-            + (f", {opts.prior.num_class_images} class image(s)" if opts.prior.with_prior_preservation else "")
+            + (f", {class_images_of(opts)} class image(s)" if opts.prior.with_prior_preservation else "")
             + f", batch {training.train_batch_size}, accumulation {training.gradient_accumulation_steps})")
     if vepochs is not None:
         # Textual Inversion: diffusers multiplies by the dataset's length (images x repeats), not steps per epoch

@@ -77,7 +77,8 @@ class SampleOptions(ModelToSample):
 
 @dataclass
 class EvalOptions(ModelToSample):
-    instance_data_dir: str = flag(None, "the subject's real images; required", metavar="DIR")
+    instance_data_dir: str | None = flag(None, "the subject's real images; required, except for a --concepts run "
+                                         "(not given: each concept against its own)", metavar="DIR")
     identifier: str | None = flag(None, "[V] (not given: what dbtrain train recorded in the model's dreambooth.json)",
                                   metavar="WORD")
     class_noun: str | None = flag(None, "the class, e.g. dog (not given: recorded in the model's dreambooth.json)",
@@ -139,7 +140,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def eval_parser() -> argparse.ArgumentParser:
     p = spec.parser("dbtrain eval", "DINO, CLIP-I, CLIP-T, PRES and DIV of a model, on images it generates now.")
-    return spec.build(p, EVAL_LAYOUT, spec.flag_fields(EvalOptions), required=("model", "instance_data_dir"))
+    return spec.build(p, EVAL_LAYOUT, spec.flag_fields(EvalOptions), required=("model",))
 
 
 def demo_parser() -> argparse.ArgumentParser:

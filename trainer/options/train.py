@@ -382,13 +382,15 @@ def build_parser(prog: str = "dbtrain train"):
 
 def parse(argv: list[str]) -> TrainOptions:
     """`dbtrain train`'s flags (and --config file) as checked options, diffusers' flags mapped (with notes)."""
-    from trainer.options import checks, diffusers_flags
+    from trainer.options import checks, concepts, diffusers_flags
 
     p = build_parser()
     spec.config_file_defaults(p, argv)
     opts = TrainOptions.from_flags(vars(p.parse_args(argv)))
     defaults_note = diffusers_flags.their_defaults(opts, "train", diffusers_flags.given_flags(p, argv))
     checks.check(opts)
+    if opts.data.concepts:  # the file, and each of its concepts as a run of its own (it reuses checks.check)
+        concepts.check(opts)
     if defaults_note:
         diffusers_flags.say(defaults_note)
     diffusers_flags.apply(opts)

@@ -91,50 +91,123 @@ def check(a) -> None:
                             f"finished output folder")
 
 
-def run(a) -> dict:
-    """`dbtrain eval` of a checked EvalOptions: sample, score, print (and with --out write) the metrics."""
-    from trainer.core.images import list_images, make_grid, open_rgb
-    from trainer.world.metrics import Scorer, markdown_table
-
-    rec = recorded_subject(Path(a.model))
+def subjects_of(a, rec: dict) -> list[dict]:
+    """What `dbtrain eval` scores: [{name, identifier, class_noun, instance_data_dir}]. A run of several concepts
+    (its dreambooth.json's "concepts"): each concept against its own pictures, or with --instance_data_dir the
+    concept of that folder; --identifier / --class_noun override what the run recorded. One subject (name None):
+    --instance_data_dir with the recorded or given identifier and class."""
+    concepts = rec.get("concepts") or _concepts_of_running(a.model)
+    given = a.instance_data_dir
+    if concepts:
+        picked = [c for c in concepts if given is None or _same_folder(given, c["instance_data_dir"])]
+        if picked:
+            return [{"name": c["name"], "identifier": a.identifier or c["identifier"],
+                     "class_noun": a.class_noun or c["class_noun"], "instance_data_dir": c["instance_data_dir"]}
+                    for c in picked]
+        if not (a.identifier and a.class_noun):
+            folders = ", ".join(f"{c['name']}: {c['instance_data_dir']}" for c in concepts)
+            raise UserError(f"--instance_data_dir {given} is none of {a.model}'s concepts' folders ({folders}); leave "
+                            f"it out to score each concept against its own pictures, or pass --identifier and "
+                            f"--class_noun to score these pictures")
+    if given is None:
+        raise UserError("--instance_data_dir is required (the subject's real images)")
     identifier = a.identifier or rec.get("identifier")
     class_noun = a.class_noun or rec.get("class_noun")
     if not identifier or not class_noun:
         raise UserError(f"{a.model} records no identifier/class (not a dbtrain train output); "
                         f"pass --identifier and --class_noun")
+    return [{"name": None, "identifier": identifier, "class_noun": class_noun, "instance_data_dir": given}]
+
+
+def _same_folder(a, b) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _concepts_of_running(model) -> list[dict]:
+    """A checkpoint of a --concepts run still going (no dreambooth.json yet): its concepts from the file its
+    options name, where that file is still there and each concept's word is known (not --identifier auto)."""
+    ck = checkpoint_of(model)
+    path = (ck.config.get("concepts") if ck is not None else None) or None
+    if not path or not Path(path).is_file():
+        return []
+    from trainer.options.concepts import load
+
+    try:
+        found = load(path)
+    except UserError:
+        return []
+    out = []
+    for c in found:
+        ident = c.identifier or ck.config.get("identifier")
+        words = c.instance_prompt.split()
+        noun = (c.class_prompt.split()[-1] if c.class_prompt else
+                words[words.index("[V]") + 1] if "[V]" in words[:-1] else None)
+        if not ident or ident == "auto" or not noun:
+            return []
+        out.append({"name": c.name, "identifier": ident, "class_noun": noun,
+                    "instance_data_dir": str(Path(c.instance_data_dir).resolve())})
+    return out
+
+
+def run(a) -> dict:
+    """`dbtrain eval` of a checked EvalOptions: sample, score, print (and with --out write) the metrics; of each
+    concept of a --concepts run (a row each)."""
+    from trainer.core.images import list_images, make_grid, open_rgb
+    from trainer.world.metrics import Scorer, markdown_table
+
+    subjects = subjects_of(a, recorded_subject(Path(a.model)))
+    several = subjects[0]["name"] is not None
     # caption files (kohya's .txt, as the demo writes) beside the pictures are expected, not noted
-    real = [open_rgb(p) for p in list_images(a.instance_data_dir, "instance image", captions=".txt")]
+    real = [[open_rgb(p) for p in list_images(s["instance_data_dir"], "instance image", captions=".txt")]
+            for s in subjects]
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scorer = Scorer(a.judge, a.clip_model, a.dino_model, device)
     kw = dict(templates=a.prompts or DEFAULT_PROMPTS, num_images=a.num_images, steps=a.steps, guidance=a.guidance,
               seed=a.seed)
-    ev = evaluate(load_pipeline(a.model, device, a.embedding, a.lora, a.lora_scale), scorer, real, identifier,
-                  class_noun, **kw)
-    rows, cis = {str(a.model): ev.metrics}, {str(a.model): ev.intervals}
-    ref = None
+    tags = [f" [{s['name']}]" if several else "" for s in subjects]
+    pipe = load_pipeline(a.model, device, a.embedding, a.lora, a.lora_scale)
+    evs = [evaluate(pipe, scorer, r, s["identifier"], s["class_noun"], **kw) for s, r in zip(subjects, real)]
+    del pipe  # (one pipeline in memory at a time)
+    rows = {f"{a.model}{t}": ev.metrics for t, ev in zip(tags, evs)}
+    cis = {f"{a.model}{t}": ev.intervals for t, ev in zip(tags, evs)}
+    refs, ref_evs = {}, [None] * len(subjects)
     if a.base_model:
-        ref = evaluate(load_pipeline(a.base_model, device), scorer, real, identifier, class_noun,
-                       with_identifier=False, **kw)
-        name = f"{a.base_model} (prompts without {identifier})"
-        rows, cis = {name: ref.metrics, **rows}, {name: ref.intervals, **cis}
-    metrics, samples = ev.metrics, ev.samples
-    table = markdown_table(rows, intervals=cis)
+        base = load_pipeline(a.base_model, device)
+        for j, (s, r, t) in enumerate(zip(subjects, real, tags)):
+            ref = ref_evs[j] = evaluate(base, scorer, r, s["identifier"], s["class_noun"], with_identifier=False, **kw)
+            name = f"{a.base_model}{t} (prompts without {s['identifier']})"
+            refs[name], cis[name] = ref.metrics, ref.intervals
+    results = list(zip(subjects, evs, ref_evs))
+    table = markdown_table({**refs, **rows}, intervals=cis)
     print(table)
-    print(f"mean [95% bootstrap interval over images]; image k of each prompt from seed {a.seed} + k; "
-          f"PLACE by prompt: " + ", ".join(f"{p}: {v:.2f}" for p, v in ev.place_by_prompt.items() if v is not None))
+    for s, ev, _ in results:
+        print(("" if not several else f"{s['name']}: ")
+              + f"mean [95% bootstrap interval over images]; image k of each prompt from seed {a.seed} + k; "
+              f"PLACE by prompt: " + ", ".join(f"{p}: {v:.2f}" for p, v in ev.place_by_prompt.items() if v is not None))
     print(f"embeddings: CLIP from {scorer.names['clip']}, DINO from {scorer.names['dino']}")
     if a.out:
         out = outdir.claim_images_out(a.out, "eval")
-        for k, (prompt, images) in enumerate(samples.items()):
-            make_grid(images).save(out / f"prompt-{k}.png")
-        (out / "metrics.json").write_text(json.dumps({
-            "model": str(a.model), "identifier": identifier, "class_noun": class_noun, "prompts": list(samples),
-            "num_images": a.num_images, "seed": a.seed, "steps": a.steps, "guidance": a.guidance,
-            "embeddings": scorer.names, "metrics": metrics, "intervals": ev.intervals,
-            "place_by_prompt": ev.place_by_prompt,
-            "reference": None if ref is None else {"model": str(a.base_model), "metrics": ref.metrics,
-                                                   "intervals": ref.intervals,
-                                                   "place_by_prompt": ref.place_by_prompt}}, indent=1))
+        for j, (s, ev, _) in enumerate(results):
+            for k, (prompt, images) in enumerate(ev.samples.items()):
+                make_grid(images).save(out / (f"concept-{j}-prompt-{k}.png" if several else f"prompt-{k}.png"))
+        run_fields = {"num_images": a.num_images, "seed": a.seed, "steps": a.steps, "guidance": a.guidance,
+                      "embeddings": scorer.names}
+        records = [{"identifier": s["identifier"], "class_noun": s["class_noun"], "prompts": list(ev.samples),
+                    **({} if several else run_fields), "metrics": ev.metrics, "intervals": ev.intervals,
+                    "place_by_prompt": ev.place_by_prompt,
+                    "reference": None if ref is None else {"model": str(a.base_model), "metrics": ref.metrics,
+                                                           "intervals": ref.intervals,
+                                                           "place_by_prompt": ref.place_by_prompt}}
+                   for s, ev, ref in results]
+        if several:  # each concept's record as a one-subject eval writes it, with its name and pictures
+            doc = {"model": str(a.model), **run_fields, "concepts": [
+                {"name": s["name"], "instance_data_dir": s["instance_data_dir"], **r}
+                for (s, _, _), r in zip(results, records)]}
+        else:
+            doc = {"model": str(a.model), **records[0]}
+        (out / "metrics.json").write_text(json.dumps(doc, indent=1))
         (out / "metrics.md").write_text(table + "\n")
         print(f"wrote samples and metrics to {out}")
-    return metrics
+    if several:
+        return {s["name"]: ev.metrics for s, ev, _ in results}
+    return results[0][1].metrics
