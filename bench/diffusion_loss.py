@@ -28,9 +28,15 @@ stack/min/div/mean on B/2 rows) so it computes the same function as the kernels;
 `eager-stock` keeps the upstream semantics for comparison. Without snr_gamma both
 are identical.
 
+Loss variants (--losses): "l2" (the recipe), "mask" (a (B, 1, H, W) fp32 mask at latent
+resolution, kohya's --masked_loss), "huber" / "smooth_l1" (kohya's and diffusers'
+pseudo-Huber losses, c = 0.1) and their "mask+" forms. The eager providers write them
+as kohya does: conditional_loss(reduction="none") * mask, a mean per row; the fused
+kernel still does it in one launch.
+
 Bytes model (identical for all providers, so GB/s compare): full = add_noise reads
 x0, noise and writes x_t (3N) + the loss reads pred, x0, noise and writes the grad
-(4N) = 7 N elt; fwd = 3N + 3N = 6 N elt.
+(4N) = 7 N elt; fwd = 3N + 3N = 6 N elt; a mask adds one fp32 read of N / C elements.
 
 This module holds the suite's options, the timing of each provider and the rows; the
 recipe, the cases, the reference truth, the providers and the pre-timing check are in
@@ -45,8 +51,8 @@ from typing import Any
 import torch
 
 from . import common
-from .loss_providers import (Case, Inputs, Provider, Skip, Truth, _step, check_provider, make_inputs,
-                             make_providers, reference_truth)
+from .loss_providers import (LOSS_VARIANTS, Case, Inputs, Provider, Skip, Truth, _step, check_provider,
+                             make_inputs, make_providers, reference_truth)
 
 OP = "diffusion_loss"
 ALIASES = ("loss", "diffusion_loss")
@@ -59,6 +65,7 @@ SHAPES = {
 QUICK_SHAPES = {"tiny": (2, 4, 8, 8)}
 MODES = ("full", "fwd")
 SNR_GAMMAS = (5.0, None)
+LOSSES = ("l2", "mask", "huber", "mask+huber")
 
 GPU_DEFAULT_PROVIDERS = ("eager", "torch.compile", "dbkernels-triton", "dbkernels-cuda")
 CPU_DEFAULT_PROVIDERS = ("eager", "dbkernels-reference")
@@ -106,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of full,fwd (default both)")
     parser.add_argument("--snr-gamma", default="5,none",
                         help="comma list of min-SNR gammas, 'none' for no weighting (default 5,none)")
+    parser.add_argument("--losses", default=",".join(LOSSES),
+                        help=f"comma list of loss variants from {', '.join(LOSS_VARIANTS)} "
+                             f"(default {','.join(LOSSES)})")
 
 
 def _parse_shapes(text: str | None, quick: bool) -> dict[str, tuple[int, ...]]:
@@ -126,6 +136,14 @@ def _parse_shapes(text: str | None, quick: bool) -> dict[str, tuple[int, ...]]:
         if len(dims) < 2 or min(dims) < 1:
             raise ValueError(f"--shapes: {part!r} needs at least two positive dims (batch first)")
         out[part] = dims
+    return out
+
+
+def _parse_losses(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in LOSS_VARIANTS]
+    if bad or not out:
+        raise ValueError(f"--losses: unknown {bad}; choose from {list(LOSS_VARIANTS)}")
     return out
 
 
@@ -161,6 +179,7 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     common.use_triton_interpreter_on_cpu(device, names)
     shapes = _parse_shapes(opts.shapes, opts.quick)
     gammas = _parse_snr(opts.snr_gamma)
+    losses = _parse_losses(getattr(opts, "losses", "l2"))
     budget = common.QUICK_BUDGET if opts.quick else common.TimingBudget()
     env = common.environment(device)
     providers = make_providers()
@@ -173,8 +192,8 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
 
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
-            for gamma in gammas:
-                case = Case(shape_name, tuple(shape), dtype, gamma)
+            for gamma, loss in ((g, v) for v in losses for g in gammas):
+                case = Case(shape_name, tuple(shape), dtype, gamma, loss=loss)
                 inp = make_inputs(case, device)
                 truths: dict[str, Truth] = {}
                 case_results: dict[str, dict[str, Measurement]] = {m: {} for m in modes}
@@ -239,6 +258,9 @@ def _row(m: Measurement, eager: Measurement | None, env: dict[str, Any]) -> dict
         "bytes_model": case.bytes_model(m.mode),
         "prediction_type": case.prediction_type,
         "snr_gamma": case.snr_gamma,
+        "loss_variant": case.loss,
+        "masked": case.masked,
+        "loss_type": case.loss_type,
         "num_prior": case.num_prior,
         "prior_weight": case.prior_weight,
         "speedup_vs_eager": speedup,

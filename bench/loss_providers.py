@@ -2,8 +2,9 @@
 
 * the stock diffusers DreamBooth recipe in plain PyTorch (the `eager` providers): the
   scaled_linear schedule, DDPMSchedule, compute_snr-style min-SNR weights,
-  eager_dreambooth_loss;
-* the cases (shape, dtype, min-SNR gamma) and their inputs;
+  eager_dreambooth_loss; with a mask or a robust loss, kohya's way of writing them
+  (conditional_loss(reduction="none") * mask, mean per row);
+* the cases (shape, dtype, min-SNR gamma, loss variant) and their inputs;
 * the ground truth from the pure-PyTorch reference (dbkernels/ops/diffusion_loss/reference.py);
 * the providers (dbkernels backends, eager, eager-stock, torch.compile);
 * the pre-timing check of one provider's loss, gradient and x_t against the truth.
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 PREDICTION_TYPE = "epsilon"
 PRIOR_WEIGHT = 1.0
 NUM_TRAIN_TIMESTEPS = 1000
+HUBER_C = 0.1  # kohya's default
+# loss variants: "[mask+]<l2|huber|smooth_l1>", the mask a (B, 1, H, W) fp32 weight at latent resolution
+LOSS_VARIANTS = ("l2", "mask", "huber", "mask+huber", "smooth_l1", "mask+smooth_l1", "mask+l2")
 
 # (loss rel, grad max-err / max|grad_ref|, x_t max-err / max|x_t_ref|). A bf16 gradient
 # element may differ by one bf16 ulp (2^-7 relative) between two correct fp32
@@ -121,9 +125,33 @@ def _weighted_mse(model_pred, target, weights):
     return loss.mean()
 
 
+def conditional_loss(model_pred, target, loss_type="l2", huber_c=HUBER_C):
+    """kohya's train_util.conditional_loss(..., reduction="none") on fp32 copies."""
+    p, t = model_pred.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(p, t, reduction="none")
+    if loss_type == "huber":
+        return 2 * huber_c * (torch.sqrt((p - t) ** 2 + huber_c ** 2) - huber_c)
+    if loss_type == "smooth_l1":
+        return 2 * (torch.sqrt((p - t) ** 2 + huber_c ** 2) - huber_c)
+    raise ValueError(f"loss_type must be l2, huber or smooth_l1, got {loss_type!r}")
+
+
+def _row_losses(model_pred, target, mask, loss_type, huber_c):
+    """Per-row means of mask * loss (kohya's masked loss: the mask multiplies, the mean is over all pixels)."""
+    loss = conditional_loss(model_pred, target, loss_type, huber_c)
+    if mask is not None:
+        loss = loss * mask
+    return loss.mean(dim=list(range(1, loss.dim())))
+
+
 def eager_dreambooth_loss(pred, x0, noise, timesteps, schedule, *, prediction_type="epsilon",
-                          num_prior=0, prior_weight=1.0, snr_gamma=None, snr_weight_prior=True):
+                          num_prior=0, prior_weight=1.0, snr_gamma=None, snr_weight_prior=True,
+                          mask=None, loss_type="l2", huber_c=HUBER_C):
     """The train_dreambooth.py loss step; returns (loss, noisy_latents).
+
+    With a mask or loss_type != "l2" each half is kohya's conditional_loss * mask, averaged
+    per row, min-SNR weighted per row, then averaged (_robust_loss).
 
     pred stands in for the UNet output on noisy_latents (returned so that
     torch.compile cannot drop the add_noise work). With prior preservation the
@@ -138,6 +166,11 @@ def eager_dreambooth_loss(pred, x0, noise, timesteps, schedule, *, prediction_ty
         target = schedule.get_velocity(x0, noise, timesteps)
     else:
         raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+
+    if mask is not None or loss_type != "l2":
+        loss = _robust_loss(pred, target, timesteps, schedule, prediction_type, num_prior, prior_weight, snr_gamma,
+                            snr_weight_prior, mask, loss_type, huber_c)
+        return loss, noisy_latents
 
     model_pred = pred
     inst_timesteps = timesteps
@@ -165,6 +198,21 @@ def eager_dreambooth_loss(pred, x0, noise, timesteps, schedule, *, prediction_ty
     return loss, noisy_latents
 
 
+def _robust_loss(pred, target, timesteps, schedule, prediction_type, num_prior, prior_weight, snr_gamma,
+                 snr_weight_prior, mask, loss_type, huber_c):
+    n_inst = pred.shape[0] - num_prior
+    halves = [(slice(0, n_inst), True, 1.0)] + ([(slice(n_inst, None), snr_weight_prior, prior_weight)]
+                                                if num_prior else [])
+    total = 0.0
+    for rows, weighted, factor in halves:
+        m = None if mask is None else mask[rows]
+        row_loss = _row_losses(pred[rows], target[rows], m, loss_type, huber_c)
+        if snr_gamma is not None and weighted:
+            row_loss = row_loss * _min_snr_weights(schedule, timesteps[rows], snr_gamma, prediction_type)
+        total = total + factor * row_loss.mean()
+    return total
+
+
 # ---------------------------------------------------------------------------------
 # Cases, inputs, ground truth
 # ---------------------------------------------------------------------------------
@@ -178,6 +226,21 @@ class Case:
     snr_gamma: float | None
     prediction_type: str = PREDICTION_TYPE
     prior_weight: float = PRIOR_WEIGHT
+    loss: str = "l2"  # one of LOSS_VARIANTS
+
+    @property
+    def masked(self) -> bool:
+        return self.loss.startswith("mask")
+
+    @property
+    def loss_type(self) -> str:
+        kind = self.loss.removeprefix("mask").removeprefix("+")
+        return kind or "l2"
+
+    @property
+    def loss_kwargs(self) -> dict:
+        """diffusion_loss's loss_type / huber_c (the mask comes from the inputs)."""
+        return {} if self.loss_type == "l2" else dict(loss_type=self.loss_type, huber_c=HUBER_C)
 
     @property
     def num_prior(self) -> int:
@@ -190,11 +253,14 @@ class Case:
     @property
     def variant(self) -> str:
         g = "none" if self.snr_gamma is None else f"{self.snr_gamma:g}"
-        return f"{self.prediction_type}, snr_gamma={g}"
+        loss = "" if self.loss == "l2" else f", {self.loss}"
+        return f"{self.prediction_type}, snr_gamma={g}{loss}"
 
     def bytes_model(self, mode: str) -> int:
+        """7 N elt (full) or 6 N elt (fwd), plus one read of the fp32 (B, 1, H, W) mask."""
         elt = torch.empty((), dtype=self.dtype).element_size()
-        return (7 if mode == "full" else 6) * self.numel * elt
+        mask_bytes = 4 * self.numel // self.shape[1] if self.masked else 0
+        return (7 if mode == "full" else 6) * self.numel * elt + mask_bytes
 
 
 @dataclasses.dataclass
@@ -206,6 +272,7 @@ class Inputs:
     timesteps: torch.Tensor       # int64 (B,)
     alphas_cumprod: torch.Tensor  # fp32 (1000,) on the device
     schedule: Any                 # for the eager providers
+    mask: torch.Tensor | None = None  # fp32 (B, 1, H, W) in [0, 1] for the masked variants
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
@@ -214,10 +281,13 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     noise = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
     pred = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype).requires_grad_(True)
     timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (case.shape[0],), generator=g).long().to(device)
+    mask = None
+    if case.masked:
+        mask = torch.rand((case.shape[0], 1, *case.shape[2:]), generator=g).to(device)
     abar = sd_alphas_cumprod()
     schedule, _ = make_schedule(abar)
     return Inputs(pred=pred, pred_nograd=pred.detach(), x0=x0, noise=noise, timesteps=timesteps,
-                  alphas_cumprod=abar.to(device), schedule=schedule)
+                  alphas_cumprod=abar.to(device), schedule=schedule, mask=mask)
 
 
 def _reference_module():
@@ -240,13 +310,14 @@ def reference_truth(case: Case, inp: Inputs, semantics: str = "spec") -> Truth:
     ref = _reference_module()
     pred = inp.pred.detach().clone().requires_grad_(True)
     args = (inp.x0, inp.noise, inp.timesteps, inp.alphas_cumprod)
+    robust = dict(mask=inp.mask, **case.loss_kwargs)
     if semantics == "spec" or case.snr_gamma is None:
         loss = ref.diffusion_loss(pred, *args, prediction_type=case.prediction_type, num_prior=case.num_prior,
-                                  prior_weight=case.prior_weight, snr_gamma=case.snr_gamma)
+                                  prior_weight=case.prior_weight, snr_gamma=case.snr_gamma, **robust)
     elif semantics == "stock":
         weighted = ref.per_sample_loss(pred, *args, prediction_type=case.prediction_type,
-                                       snr_gamma=case.snr_gamma)
-        plain = ref.per_sample_loss(pred, *args, prediction_type=case.prediction_type, snr_gamma=None)
+                                       snr_gamma=case.snr_gamma, **robust)
+        plain = ref.per_sample_loss(pred, *args, prediction_type=case.prediction_type, snr_gamma=None, **robust)
         n_inst = case.shape[0] - case.num_prior
         loss = weighted[:n_inst].mean()
         if case.num_prior:
@@ -327,7 +398,8 @@ def _dbkernels_provider(backend: str) -> Provider:
             x_t = add_noise(inp.x0, inp.noise, inp.timesteps, inp.alphas_cumprod)
             loss = diffusion_loss(pred, inp.x0, inp.noise, inp.timesteps, inp.alphas_cumprod,
                                   prediction_type=case.prediction_type, num_prior=case.num_prior,
-                                  prior_weight=case.prior_weight, snr_gamma=case.snr_gamma, validate=False)
+                                  prior_weight=case.prior_weight, snr_gamma=case.snr_gamma, validate=False,
+                                  mask=inp.mask, **case.loss_kwargs)
             return loss, x_t
         return fn
 
@@ -340,7 +412,8 @@ def _eager_make(snr_weight_prior: bool):
             return eager_dreambooth_loss(pred, inp.x0, inp.noise, inp.timesteps, inp.schedule,
                                          prediction_type=case.prediction_type, num_prior=case.num_prior,
                                          prior_weight=case.prior_weight, snr_gamma=case.snr_gamma,
-                                         snr_weight_prior=snr_weight_prior)
+                                         snr_weight_prior=snr_weight_prior, mask=inp.mask,
+                                         loss_type=case.loss_type, huber_c=HUBER_C)
         return fn
     return make
 

@@ -12,6 +12,9 @@
 // partials[block], fences, and bumps `counter`; the last block to arrive sums the
 // partials in a fixed order (deterministic), writes *loss and resets *counter to 0.
 //
+// The elementwise loss is l2, huber or smooth_l1 (a uniform runtime branch), optionally times
+// an fp32 mask read with broadcast (stride-0) rows / channels.
+//
 // Arithmetic mirrors the reference op by op (__fmul_rn / __fadd_rn stop FMA contraction)
 // so add_noise and the gradient match PyTorch's fp32 results to the last bit or so.
 #include <algorithm>
@@ -124,6 +127,37 @@ __device__ __forceinline__ void add_offset4(float e[4], const float* offrow, int
   for (int k = 0; k < kVec; ++k) e[k] = __fadd_rn(e[k], offrow[ch[k]]);
 }
 
+// Loss of one element as two factors la * lb, and its gradient g (reference.elementwise_loss /
+// elementwise_grad times coef). Two factors so a mask multiplies la alone: with a mask of ones
+// (1 * la) * lb is la * lb bit for bit, and the row sum's fmaf sees the same operands.
+struct ElemLoss {
+  float la, lb, g;
+};
+
+__device__ __forceinline__ ElemLoss elem_loss(int loss_type, float d, float hc, float coef,
+                                              float two_coef) {
+  ElemLoss r;
+  if (loss_type == kL2) {
+    r.la = d;
+    r.lb = d;
+    r.g = __fmul_rn(two_coef, d);
+    return r;
+  }
+  const float dd = __fmul_rn(d, d);
+  const float root = sqrtf(__fadd_rn(dd, __fmul_rn(hc, hc)));
+  const float k = loss_type == kHuber ? __fmul_rn(2.0f, hc) : 2.0f;
+  r.la = k;
+  r.lb = __fdiv_rn(dd, __fadd_rn(root, hc));  // sqrt(d^2 + c^2) - c without the cancellation
+  r.g = __fmul_rn(coef, __fmul_rn(k, __fdiv_rn(d, root)));
+  return r;
+}
+
+// mask weight of element j of a row (mrow = mask + b * mask_row_stride).
+__device__ __forceinline__ float mask_at(const float* mrow, int64_t j, int64_t ch, int64_t S,
+                                         int64_t ch_stride) {
+  return mrow[ch * ch_stride + (j - ch * S)];
+}
+
 // The target and difference d = pred - target for one element.
 __device__ __forceinline__ float loss_diff(int pred_type, float p, float x, float e, float a,
                                            float s) {
@@ -141,7 +175,9 @@ __device__ __forceinline__ float loss_diff(int pred_type, float p, float x, floa
 // ---------------------------------------------------------------------------------------
 // Loss forward (+ gradient) kernel.
 // ---------------------------------------------------------------------------------------
-template <typename TP, typename TX, typename TN>
+// kRobust: a mask or a loss other than l2. The plain l2 instantiation keeps the lean
+// register budget of the common case (the robust one needs ~2x the registers).
+template <typename TP, typename TX, typename TN, bool kRobust>
 __global__ void __launch_bounds__(kThreads)
     diffusion_loss_fwd_kernel(const DiffusionLossArgs args) {
   const TP* __restrict__ pred = static_cast<const TP*>(args.pred);
@@ -157,6 +193,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = args.C > 0 ? args.C : 1;
   const int64_t S = max_s64(M / C, 1);
   const uint64_t seed = args.seed;
+  const int loss_type = kRobust ? args.loss_type : static_cast<int>(kL2);
+  const float* __restrict__ mask = kRobust ? args.mask : nullptr;
 
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -168,6 +206,9 @@ __global__ void __launch_bounds__(kThreads)
     float c = __fmul_rn(b < args.n_inst ? args.inst_scale : args.prior_scale, w);
     if (rc.bad) c = quiet_nan();
     const float two_c = __fmul_rn(2.0f, c);
+    float hc = 0.0f;
+    if constexpr (kRobust) hc = args.huber_c_rows != nullptr ? args.huber_c_rows[b] : args.huber_c;
+    const float* mrow = mask != nullptr ? mask + b * args.mask_row_stride : nullptr;
 
     const int64_t base = b * M;
     const TP* prow = pred + base;
@@ -192,12 +233,23 @@ __global__ void __launch_bounds__(kThreads)
         eps4(nrow, j, static_cast<uint64_t>(base + j), seed, ev);
         if (offrow != nullptr) add_offset4(ev, offrow, j, S);
       }
-      float gv[kVec];
+      float gv[kVec], mv[kVec];
+      if (mrow != nullptr) {
+        int64_t ch[kVec];
+        channels4(j, S, ch);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) mv[k] = mask_at(mrow, j + k, ch[k], S, args.mask_ch_stride);
+      }
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const float d = loss_diff(pred_type, pv[k], xv[k], ev[k], rc.a, rc.s);
-        rowsum = fmaf(d, d, rowsum);
-        gv[k] = __fmul_rn(two_c, d);
+        ElemLoss el = elem_loss(loss_type, d, hc, c, two_c);
+        if (mrow != nullptr) {
+          el.la = __fmul_rn(mv[k], el.la);
+          el.g = __fmul_rn(el.g, mv[k]);
+        }
+        rowsum = fmaf(el.la, el.lb, rowsum);
+        gv[k] = el.g;
       }
       if (need_grad) store4(grow + j, gv);
     }
@@ -211,8 +263,14 @@ __global__ void __launch_bounds__(kThreads)
         if (offrow != nullptr) ej = __fadd_rn(ej, offrow[div_s64(j, S)]);
       }
       const float d = loss_diff(pred_type, pj, xj, ej, rc.a, rc.s);
-      rowsum = fmaf(d, d, rowsum);
-      if (need_grad) store1(grow + j, __fmul_rn(two_c, d));
+      ElemLoss el = elem_loss(loss_type, d, hc, c, two_c);
+      if (mrow != nullptr) {
+        const float mj = mask_at(mrow, j, div_s64(j, S), S, args.mask_ch_stride);
+        el.la = __fmul_rn(mj, el.la);
+        el.g = __fmul_rn(el.g, mj);
+      }
+      rowsum = fmaf(el.la, el.lb, rowsum);
+      if (need_grad) store1(grow + j, el.g);
     }
     acc = fmaf(c, rowsum, acc);
   }
@@ -316,6 +374,7 @@ cudaError_t dispatch_noise(const void* noise, DType dt, F&& f) {
 }
 
 bool valid_pred_type(int t) { return t == kEpsilon || t == kVPrediction || t == kSample; }
+bool valid_loss_type(int t) { return t == kL2 || t == kHuber || t == kSmoothL1; }
 
 }  // namespace
 
@@ -323,7 +382,8 @@ int64_t diffusion_loss_num_partials(int64_t B, int64_t M) { return make_grid(B, 
 
 cudaError_t diffusion_loss_fwd(const DiffusionLossArgs& args, cudaStream_t stream) {
   if (args.B < 0 || args.M < 0 || args.loss == nullptr || args.partials == nullptr ||
-      args.counter == nullptr || !valid_pred_type(args.pred_type) ||
+      args.counter == nullptr || !valid_pred_type(args.pred_type) || !valid_loss_type(args.loss_type) ||
+      args.mask_row_stride < 0 || args.mask_ch_stride < 0 ||
       (args.B > 0 && (args.timesteps == nullptr || args.alphas_cumprod == nullptr))) {
     return cudaErrorInvalidValue;
   }
@@ -334,9 +394,13 @@ cudaError_t diffusion_loss_fwd(const DiffusionLossArgs& args, cudaStream_t strea
       using TX = std::remove_pointer_t<decltype(tx)>;
       return dispatch_noise(args.noise, args.noise_dtype, [&](auto* tn) {
         using TN = std::remove_pointer_t<decltype(tn)>;
-        auto kernel = diffusion_loss_fwd_kernel<TP, TX, TN>;
-        DBK_LAUNCH(kernel, g.grid, kThreads, 0, stream, args);
-        return cudaGetLastError();
+        auto launch = [&](auto robust) {
+          auto kernel = diffusion_loss_fwd_kernel<TP, TX, TN, decltype(robust)::value>;
+          DBK_LAUNCH(kernel, g.grid, kThreads, 0, stream, args);
+          return cudaGetLastError();
+        };
+        if (args.mask != nullptr || args.loss_type != kL2) return launch(std::true_type{});
+        return launch(std::false_type{});
       });
     });
   });

@@ -20,6 +20,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Prediction types, in reference.PREDICTION_TYPES order.
 enum PredType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
 
+// Elementwise losses, in reference.LOSS_TYPES order: e^2, 2c(sqrt(e^2+c^2)-c), 2(sqrt(e^2+c^2)-c).
+enum LossType : int { kL2 = 0, kHuber = 1, kSmoothL1 = 2 };
+
 struct DiffusionLossArgs {
   const void* pred = nullptr;          // (B, M), pred_dtype
   const void* x0 = nullptr;            // (B, M), x0_dtype
@@ -38,6 +41,14 @@ struct DiffusionLossArgs {
   float prior_scale = 0.f;     // already includes 1/M, prior_weight/num_prior
   float snr_gamma = -1.f;      // < 0: no min-SNR weighting
   uint64_t seed = 0;           // Philox key (only used when noise == nullptr)
+  // Per-element loss weight: fp32 (Bm, Cm, S), element j of row b at
+  // mask[b * mask_row_stride + (j / S) * mask_ch_stride + j % S]; a stride of 0 broadcasts.
+  const float* mask = nullptr;     // nullptr: no mask (not the same as ones: no load at all)
+  int64_t mask_row_stride = 0;     // Cm * S, or 0 when Bm == 1
+  int64_t mask_ch_stride = 0;      // S, or 0 when Cm == 1
+  int loss_type = kL2;
+  float huber_c = 0.1f;            // c of every row, unless huber_c_rows is given
+  const float* huber_c_rows = nullptr;  // (B,) fp32 c per row, or nullptr
   // Outputs / workspace.
   float* loss = nullptr;       // 1 float, written by the last block (no init needed)
   void* grad = nullptr;        // (B, M) pred_dtype, or nullptr (no gradient)

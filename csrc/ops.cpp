@@ -92,7 +92,9 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_fwd_cuda(
     const at::Tensor& pred, const at::Tensor& x0, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& noise_offset, const at::Tensor& timesteps,
     const at::Tensor& alphas_cumprod, at::Tensor& counter, int64_t pred_type, int64_t n_inst,
-    double inst_scale, double prior_scale, double snr_gamma, int64_t seed, bool need_grad) {
+    double inst_scale, double prior_scale, double snr_gamma, int64_t seed, bool need_grad,
+    const std::optional<at::Tensor>& mask, int64_t loss_type, double huber_c,
+    const std::optional<at::Tensor>& huber_c_rows) {
   check_cuda_tensor(pred, pred, "pred");
   check_cuda_tensor(x0, pred, "x0");
   TORCH_CHECK(x0.sizes() == pred.sizes(), "x0 must have shape ", pred.sizes(), ", got ",
@@ -103,6 +105,21 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_fwd_cuda(
   TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() == 1,
               "counter must be a 1-element int32 tensor");
   TORCH_CHECK(pred_type >= 0 && pred_type <= 2, "pred_type must be 0, 1 or 2, got ", pred_type);
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 2, "loss_type must be 0, 1 or 2, got ", loss_type);
+  const int64_t S = l.C > 0 ? l.M / l.C : 0;
+  if (mask.has_value()) {  // (Bm, Cm, S) fp32, Bm in {1, B}, Cm in {1, C}: the op module's layout
+    check_cuda_tensor(*mask, pred, "mask");
+    TORCH_CHECK(mask->scalar_type() == at::kFloat, "mask must be float32");
+    TORCH_CHECK(mask->dim() == 3 && (mask->size(0) == 1 || mask->size(0) == l.B) &&
+                    (mask->size(1) == 1 || mask->size(1) == l.C) && mask->size(2) == S,
+                "mask must have shape (1 or ", l.B, ", 1 or ", l.C, ", ", S, "), got ",
+                mask->sizes());
+  }
+  if (huber_c_rows.has_value()) {
+    check_cuda_tensor(*huber_c_rows, pred, "huber_c_rows");
+    TORCH_CHECK(huber_c_rows->scalar_type() == at::kFloat && huber_c_rows->numel() == l.B,
+                "huber_c_rows must be float32 with ", l.B, " elements");
+  }
 
   const c10::cuda::CUDAGuard guard(pred.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -132,6 +149,14 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_fwd_cuda(
   a.prior_scale = static_cast<float>(prior_scale);
   a.snr_gamma = static_cast<float>(snr_gamma);
   a.seed = static_cast<uint64_t>(seed);  // two's complement bits = the reference's key words
+  if (mask.has_value()) {
+    a.mask = mask->data_ptr<float>();
+    a.mask_row_stride = mask->size(0) == 1 ? 0 : mask->size(1) * S;
+    a.mask_ch_stride = mask->size(1) == 1 ? 0 : S;
+  }
+  a.loss_type = static_cast<int>(loss_type);
+  a.huber_c = static_cast<float>(huber_c);
+  a.huber_c_rows = huber_c_rows.has_value() ? huber_c_rows->data_ptr<float>() : nullptr;
   a.loss = loss.data_ptr<float>();
   a.grad = need_grad ? grad.data_ptr() : nullptr;
   a.partials = partials.data_ptr<float>();
@@ -176,7 +201,8 @@ TORCH_LIBRARY_FRAGMENT(dbkernels, m) {
   m.def(
       "cuda_diffusion_loss_fwd(Tensor pred, Tensor x0, Tensor? noise, Tensor? noise_offset, "
       "Tensor timesteps, Tensor alphas_cumprod, Tensor(a!) counter, int pred_type, int n_inst, "
-      "float inst_scale, float prior_scale, float snr_gamma, int seed, bool need_grad) "
+      "float inst_scale, float prior_scale, float snr_gamma, int seed, bool need_grad, "
+      "Tensor? mask=None, int loss_type=0, float huber_c=0.1, Tensor? huber_c_rows=None) "
       "-> (Tensor, Tensor)");
   m.def(
       "cuda_add_noise(Tensor x0, Tensor? noise, Tensor? noise_offset, Tensor timesteps, "

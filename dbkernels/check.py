@@ -4,7 +4,7 @@ Every usable backend of every op (cuda, triton, reference; on a CPU the Triton k
 run under the interpreter at small shapes) against the spec, at SD 1.5 and SDXL
 shapes on a GPU: attention forward and backward (fp16, bf16, fp32, with and without a
 key bias), the fused loss and add_noise (every prediction type, min-SNR, a noise tensor
-and seeded noise, offset noise), and AdamW8bit (a few steps and a state_dict round
+and seeded noise, offset noise, a mask, huber / smooth_l1), and AdamW8bit (a few steps and a state_dict round
 trip). Each line says the error and the tolerance:
 
 * fp32: max |got - truth| <= rtol * max |truth| (+ a tiny atol), truth computed in fp32.
@@ -201,6 +201,17 @@ def _eager_loss(pred, x0, noise, t, ac, num_prior):
     loss.backward()
 
 
+def _loss_variants(shape, device, gen):
+    """(case label, seeded noise + offset, mask / robust-loss arguments) of each loss check."""
+    b, _, h, w = shape
+    rows_c = (0.05 + torch.rand(b, generator=gen)).to(device)
+    return [("", False, {}), (" seeded+offset", True, {}),
+            (" mask(B,1,H,W)+huber(c per row)", False,
+             dict(mask=torch.rand(b, 1, h, w, generator=gen).to(device), loss_type="huber", huber_c=rows_c)),
+            (" mask(1,1,H,W)+smooth_l1", True,
+             dict(mask=torch.rand(1, 1, h, w, generator=gen).to(device), loss_type="smooth_l1", huber_c=0.3))]
+
+
 def check_loss(device, quick) -> list[Result]:
     import dbkernels
     from .ops.diffusion_loss import reference as R
@@ -220,14 +231,14 @@ def check_loss(device, quick) -> list[Result]:
         for dt in ("fp32", "bf16", "fp16"):
             pred = _rand(shape, DTYPES[dt], device, gen)
             for pt in ("epsilon", "v_prediction", "sample"):
-                for seeded in (False, True):
+                for label, seeded, robust in _loss_variants(shape, device, gen):
                     kw = dict(prediction_type=pt, num_prior=shape[0] // 2, snr_gamma=5.0,
-                              noise_offset=offset if seeded else None)
+                              noise_offset=offset if seeded else None, **robust)
                     nz = None if seeded else noise
                     seed = 1234 if seeded else None
                     eff_noise = dbkernels.seeded_noise(shape, 1234, device=device) if seeded else noise
                     r_loss, r_grad = R.loss_and_grad(pred.float(), x0, eff_noise, t, ac, **kw)
-                    case = f"{name} {pt}{' seeded+offset' if seeded else ''}"
+                    case = f"{name} {pt}{label}"
                     for backend in usable_backends("diffusion_loss", device):
                         def one(backend=backend):
                             with dbkernels.force_backend(backend):
@@ -242,7 +253,7 @@ def check_loss(device, quick) -> list[Result]:
                             ok = err_g <= tol_g and err_l <= tol_l and math.isfinite(float(loss.detach()))
                             res = Result("diffusion_loss", case, backend, dt, ok, max(err_g / tol_g, err_l / tol_l),
                                          1.0, note="error / tolerance (loss and gradient)")
-                            if device.type == "cuda" and pt == "epsilon" and not seeded:
+                            if device.type == "cuda" and pt == "epsilon" and not label:
                                 pp = pred.detach().requires_grad_()
 
                                 def ours():

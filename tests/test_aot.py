@@ -46,15 +46,17 @@ def quick_rows(tmp_path_factory):
 
 
 KERNELS = {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_diffusion_loss_kernel",
-           "_add_noise_kernel", "_adamw8bit_kernel"}
+           "_add_noise_kernel", "_adamw8bit_kernel", "_ema_kernel"}
 BRANCHES = {  # kernel -> constexpr -> every value it takes in the library
     "_fwd_kernel": {"HAS_BIAS": {True, False}, "PREC": {"ieee", "tf32"}, "SM": {1, 8}, "HAS_HI": {True, False}},
     "_bwd_dkdv_kernel": {"HAS_BIAS": {True, False}, "PREC": {"ieee", "tf32"}, "SM": {1, 8}, "HAS_HI": {True, False}},
     "_bwd_dq_kernel": {"HAS_BIAS": {True, False}, "PREC": {"ieee", "tf32"}, "SM": {1, 8}, "HAS_HI": {True, False}},
     "_diffusion_loss_kernel": {"PRED_TYPE": {0, 1, 2}, "USE_SNR": {True, False}, "HAS_NOISE": {True, False},
-                               "HAS_OFFSET": {True, False}, "WRITE_GRAD": {True, False}},
+                               "HAS_OFFSET": {True, False}, "WRITE_GRAD": {True, False}, "HAS_MASK": {True, False},
+                               "LOSS_TYPE": {0, 1, 2}, "ROW_C": {True, False}},
     "_add_noise_kernel": {"HAS_NOISE": {True, False}, "HAS_OFFSET": {True, False}},
     "_adamw8bit_kernel": {"QUANT": {True, False}, "SR": {True, False}, "IS_BF16": {True, False}},
+    "_ema_kernel": {"SR": {True, False}, "ALIGNED": {True, False}},
 }
 
 
@@ -124,8 +126,8 @@ def test_calls_cover_the_models_and_the_quick_subset():
     assert {c.dtype for c in att} == {"fp32", "bf16", "fp16"}
     assert any("Lk77" in c.shape for c in att) and any("bias" in c.shape for c in att)
     quick = calls.select(quick=True)
-    assert {c.op for c in quick} == {"attention", "diffusion_loss", "add_noise", "adamw8bit"}
-    assert len(quick) <= 12
+    assert {c.op for c in quick} == {"attention", "diffusion_loss", "add_noise", "adamw8bit", "ema_update"}
+    assert len(quick) <= 14
     assert calls.select(models=["sdxl"], ops=["attention"]) and all(
         "sdxl" in c.models for c in calls.select(models=["sdxl"], ops=["attention"]))
 

@@ -72,14 +72,16 @@ def test_cpu_smoke_run_writes_rows_and_report(tmp_path):
         assert row["launches"] is None and row["peak_bytes"] is None  # CUDA-only measurements
         assert isinstance(row["shape"], list) and row["dtype"] in ("bf16", "fp32")
         extras = row["extras"]
+        mask_bytes = 4 * extras["numel"] // row["shape"][1] if extras["masked"] else 0  # fp32 (B, 1, H, W)
         assert extras["bytes_model"] == (7 if row["mode"] == "full" else 6) * extras["numel"] * (
-            2 if row["dtype"] == "bf16" else 4)
+            2 if row["dtype"] == "bf16" else 4) + mask_bytes
         assert extras["speedup_vs_eager"] is not None
         assert extras["num_prior"] == row["shape"][0] // 2
 
     eager = [r for r in rows if r["provider"] == "eager"]
     combos = {(r["mode"], r["dtype"], r["variant"]) for r in eager}
-    assert len(combos) == 2 * 2 * 2, combos  # modes x dtypes x (snr 5 / none)
+    assert len(combos) == 2 * 2 * 2 * 4, combos  # modes x dtypes x (snr 5 / none) x (l2, mask, huber, mask+huber)
+    assert {r["extras"]["loss_variant"] for r in eager} == {"l2", "mask", "huber", "mask+huber"}
     assert all(r["extras"]["speedup_vs_eager"] == 1.0 for r in eager)
     assert all("grad_rel_err" in r["extras"]["check"] for r in eager if r["mode"] == "full")
     assert len({r["run_id"] for r in rows}) == 1
@@ -278,7 +280,7 @@ def test_cpu_rows_default_to_the_ignored_smoke_dir(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(common, "DEFAULT_CPU_RESULTS", tmp_path / "cpu-smoke")
     code = main(["loss", "--device", "cpu", "--quick", "--dtype", "fp32", "--modes", "fwd", "--snr-gamma", "none",
-                 "--providers", "eager"])
+                 "--providers", "eager", "--losses", "l2"])
     assert code == 0, capsys.readouterr().out
     rows = _read_rows(tmp_path / "cpu-smoke" / "diffusion_loss.jsonl")
     assert [(r["provider"], r["mode"], r["dtype"]) for r in rows] == [("eager", "fwd", "fp32")]

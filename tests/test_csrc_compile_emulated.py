@@ -159,7 +159,9 @@ class _LossArgs(ctypes.Structure):  # mirrors dbk::DiffusionLossArgs
                 ("noise_dtype", ctypes.c_int), ("num_timesteps", ctypes.c_int64), ("B", ctypes.c_int64),
                 ("M", ctypes.c_int64), ("C", ctypes.c_int64), ("pred_type", ctypes.c_int),
                 ("n_inst", ctypes.c_int64), ("inst_scale", ctypes.c_float), ("prior_scale", ctypes.c_float),
-                ("snr_gamma", ctypes.c_float), ("seed", ctypes.c_uint64), ("loss", _P), ("grad", _P),
+                ("snr_gamma", ctypes.c_float), ("seed", ctypes.c_uint64), ("mask", _P),
+                ("mask_row_stride", ctypes.c_int64), ("mask_ch_stride", ctypes.c_int64), ("loss_type", ctypes.c_int),
+                ("huber_c", ctypes.c_float), ("huber_c_rows", _P), ("loss", _P), ("grad", _P),
                 ("partials", _P), ("counter", _P)]
 
 
@@ -172,6 +174,7 @@ class _NoiseArgs(ctypes.Structure):  # mirrors dbk::AddNoiseArgs
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _PRED_TYPES = ("epsilon", "v_prediction", "sample")
+_LOSS_TYPES = ("l2", "huber", "smooth_l1")
 
 
 def _ptr(t):
@@ -192,10 +195,13 @@ class _Emu:
         self.lib.emu_num_partials.restype = ctypes.c_int64
         self.lib.emu_num_partials.argtypes = [ctypes.c_int64, ctypes.c_int64]
 
-    def loss(self, pred, x0, noise, off, ts, ac, *, pred_type, num_prior, prior_weight, gamma, seed, need_grad):
+    def loss(self, pred, x0, noise, off, ts, ac, *, pred_type, num_prior, prior_weight, gamma, seed, need_grad,
+             mask=None, loss_type=0, huber_c=0.1, huber_c_rows=None):
+        """mask: None or fp32 contiguous (Bm, Cm, S), as the op module hands it to the kernels."""
         B = pred.shape[0]
         M = pred[0].numel()
         C = pred.shape[1] if pred.dim() > 1 else 1
+        S = M // C
         n_inst = B - num_prior
         counter = torch.zeros(1, dtype=torch.int32)
         loss = torch.full((), float("nan"))
@@ -205,7 +211,10 @@ class _Emu:
                       _DT[x0.dtype], _DT[noise.dtype] if noise is not None else 0, ac.numel(), B, M, C,
                       pred_type, n_inst, 1.0 / (n_inst * M) if n_inst else 0.0,
                       prior_weight / (num_prior * M) if num_prior else 0.0, -1.0 if gamma is None else gamma,
-                      seed % (1 << 64), _ptr(loss), _ptr(grad), _ptr(partials), _ptr(counter))
+                      seed % (1 << 64), _ptr(mask),
+                      0 if mask is None or mask.shape[0] == 1 else mask.shape[1] * S,
+                      0 if mask is None or mask.shape[1] == 1 else S, loss_type, huber_c, _ptr(huber_c_rows),
+                      _ptr(loss), _ptr(grad), _ptr(partials), _ptr(counter))
         rc = self.lib.emu_loss(ctypes.byref(a))
         assert rc != -1, "misaligned vector access (would fault on a GPU)"
         assert rc == 0, f"cudaError_t {rc}"
@@ -286,8 +295,35 @@ EMU_CASES = {
 }
 
 
+# Masked / robust cases: the base case's inputs plus (mask shape broadcast to pred, or None;
+# loss type; huber_c: a float, or "rows" for one random c per row).
+EMU_LOSS_CASES = {
+    "mask-b1hw-huber": ("eps-f32-prior", (3, 1, 37, 41), 1, 0.1),
+    "mask-11hw-smoothl1-rows": ("v-seeded-offset-snr", (1, 1, 37, 41), 2, "rows"),
+    "mask-bchw-l2-misaligned": ("batch1-mixed-misaligned", (1, 4, 37, 41), 0, 0.1),
+    "mask-b111-huber-rows": ("bf16-tiny-channels", (5, 1, 1), 1, "rows"),
+    "mask-1c11-huber-fp16": ("half-bf16-nograd-head2", (1, 3, 1, 1), 1, 0.5),
+    "huber-nomask-many-blocks": ("many-blocks", None, 1, 0.3),
+    "smoothl1-1d-rows": ("1d-rows-seeded", (4, 1), 2, "rows"),
+}
+for _name, (_base, *_) in EMU_LOSS_CASES.items():
+    EMU_CASES[_name] = EMU_CASES[_base]
+
 # The real launch configuration on a few cases (all its loops run once); the tiny one on all.
-REAL_VARIANT_CASES = ("eps-f32-prior", "batch1-mixed-misaligned", "half-bf16-nograd-head2", "seeded-negative-seed")
+REAL_VARIANT_CASES = ("eps-f32-prior", "batch1-mixed-misaligned", "half-bf16-nograd-head2", "seeded-negative-seed",
+                      "mask-b1hw-huber", "mask-bchw-l2-misaligned")
+
+
+def _mask_and_c(case, shape, gen):
+    """(mask for the reference, the kernels' (Bm, Cm, S) fp32 mask, loss type, c float, c rows)."""
+    _, mshape, loss_type, c = EMU_LOSS_CASES.get(case, (None, None, 0, 0.1))
+    rows = 0.05 + torch.rand(shape[0], generator=gen) if c == "rows" else None
+    if mshape is None:
+        return None, None, loss_type, 0.1 if rows is not None else c, rows
+    mask = torch.rand(mshape, generator=gen)
+    s = math.prod(shape[2:])
+    kernel_mask = mask.expand(mshape[0], mshape[1], *shape[2:]).contiguous().reshape(mshape[0], mshape[1], s)
+    return mask, kernel_mask, loss_type, 0.1 if rows is not None else c, rows
 
 
 @pytest.mark.parametrize("case,variant", [
@@ -306,12 +342,15 @@ def test_emulated_kernels_match_reference(emu_libs, ref, case, variant):
     ts = torch.randint(0, 1000, (B,), generator=gen) if ts is None else torch.tensor(ts)
     ref_seed = seed if noise is None else None
     pw = 0.7
+    mask, kmask, ltype, c, c_rows = _mask_and_c(case, shape, gen)
+    extra = dict(mask=kmask, loss_type=ltype, huber_c=c, huber_c_rows=c_rows)
 
     loss, grad = emu.loss(pred, x0, noise, off, ts, ac, pred_type=ptype, num_prior=num_prior, prior_weight=pw,
-                          gamma=gamma, seed=seed, need_grad=need_grad)
+                          gamma=gamma, seed=seed, need_grad=need_grad, **extra)
     p = pred.detach().clone().requires_grad_(True)
     want = ref.diffusion_loss(p, x0, noise, ts, ac, prediction_type=_PRED_TYPES[ptype], num_prior=num_prior,
-                              prior_weight=pw, snr_gamma=gamma, noise_offset=off, seed=ref_seed)
+                              prior_weight=pw, snr_gamma=gamma, noise_offset=off, seed=ref_seed, mask=mask,
+                              loss_type=_LOSS_TYPES[ltype], huber_c=c if c_rows is None else c_rows)
     want.backward()
     torch.testing.assert_close(loss, want.detach(), rtol=2e-5, atol=1e-7)
     if need_grad:
@@ -322,7 +361,9 @@ def test_emulated_kernels_match_reference(emu_libs, ref, case, variant):
 
     # Deterministic: a second run gives the same bits.
     loss2, _ = emu.loss(pred, x0, noise, off, ts, ac, pred_type=ptype, num_prior=num_prior, prior_weight=pw,
-                        gamma=gamma, seed=seed, need_grad=False)
+                        gamma=gamma, seed=seed, need_grad=False, **extra)
+    if case in EMU_LOSS_CASES:
+        return  # add_noise has no mask / loss type: the base case checks it
     assert loss2.item() == loss.item() or (math.isnan(loss2.item()) and math.isnan(loss.item()))
 
     xt = emu.add_noise(x0, noise, off, ts, ac, seed=seed)
@@ -333,6 +374,25 @@ def test_emulated_kernels_match_reference(emu_libs, ref, case, variant):
     else:  # host libm vs torch log/cos: ~1 ulp on the noise
         eps = {F32: 0.0, F16: 2 ** -10, BF16: 2 ** -7}[xdt]
         torch.testing.assert_close(xt.float(), want_xt.float(), rtol=eps, atol=2e-6 + eps)
+
+
+@pytest.mark.parametrize("loss_type", [0, 1, 2])
+def test_emulated_ones_mask_is_bitwise_unmasked(emu_libs, loss_type):
+    emu = emu_libs["tiny"]
+    gen = torch.Generator().manual_seed(loss_type)
+    ac = _alphas_cumprod()
+    pred, x0, noise = (_make((3, 4, 9, 7), F32, 1, gen) for _ in range(3))  # misaligned: the scalar path too
+    ts = torch.tensor([5, 400, 999])
+    kw = dict(pred_type=1, num_prior=1, prior_weight=0.7, gamma=5.0, seed=0, need_grad=True, loss_type=loss_type,
+              huber_c=0.2)
+    loss, grad = emu.loss(pred, x0, noise, None, ts, ac, **kw)
+    for ones in (torch.ones(1, 1, 63), torch.ones(3, 4, 63), torch.ones(3, 1, 63)):
+        lm, gm = emu.loss(pred, x0, noise, None, ts, ac, mask=ones, **kw)
+        assert torch.equal(lm, loss) and torch.equal(gm, grad)
+    half = torch.full((1, 1, 63), 0.5)  # and the mask is really read
+    lh, gh = emu.loss(pred, x0, noise, None, ts, ac, mask=half, **kw)
+    torch.testing.assert_close(lh, 0.5 * loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gh, 0.5 * grad, rtol=1e-6, atol=0)
 
 
 def test_emulated_bad_timestep_gives_nan(emu_libs):

@@ -13,16 +13,19 @@ on the GPU:
   and fp32 (no mixed precision).
 * diffusion_loss / add_noise: the models' latent sizes, every prediction type, min-SNR
   on/off, noise tensor or seeded noise, offset noise on/off, with and without the
-  gradient, the UNet output in fp32 / bf16 / fp16 against fp32 latents.
+  gradient, the UNet output in fp32 / bf16 / fp16 against fp32 latents; and the
+  trainer's masked / robust losses (noise tensor, gradient, min-SNR and offset on/off):
+  a (B, 1, H, W) mask on/off x l2 / huber / smooth_l1 with one c or a c per row.
 * AdamW8bit: fp32 / bf16 / fp16 parameters, 8-bit and fp32 state, every block size,
   stochastic rounding on/off.
 
 `quick` marks the CI subset: each kernel and each value of each constexpr branch once
 per architecture (HAS_BIAS, PREC, SM, both head-dim layouts; PRED_TYPE, USE_SNR,
-HAS_NOISE, HAS_OFFSET, WRITE_GRAD; QUANT, SR, IS_BF16).
+HAS_NOISE, HAS_OFFSET, WRITE_GRAD, HAS_MASK, LOSS_TYPE, ROW_C; QUANT, SR, IS_BF16).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -112,7 +115,11 @@ def _attention_calls() -> list[Call]:
 
 # ---------------------------------------------------------------------------- loss / add_noise
 
-def _loss(side, pred_dtype, pred_type, snr, seeded, offset, grad, batch=2, num_prior=1):
+# loss variants of the trainer beyond plain l2: "<loss type>" (one c) or "<loss type>-rows" (a c per row)
+LOSS_VARIANTS = ("l2", "huber", "huber-rows", "smooth_l1", "smooth_l1-rows")
+
+
+def _loss(side, pred_dtype, pred_type, snr, seeded, offset, grad, batch=2, num_prior=1, mask=False, loss="l2"):
     import dbkernels
 
     pred = torch.empty(batch, 4, side, side, dtype=pred_dtype).requires_grad_(grad)
@@ -121,10 +128,13 @@ def _loss(side, pred_dtype, pred_type, snr, seeded, offset, grad, batch=2, num_p
     t = torch.zeros(batch, dtype=torch.int64)
     ac = torch.ones(1000)
     off = torch.zeros(batch, 4) if offset else None
+    loss_type = loss.removesuffix("-rows")
+    huber_c = torch.full((batch,), 0.1) if loss.endswith("-rows") else 0.1
     with torch.set_grad_enabled(grad):
         dbkernels.diffusion_loss(pred, x0, noise, t, ac, prediction_type=pred_type, num_prior=num_prior,
                                  snr_gamma=5.0 if snr else None, noise_offset=off, seed=7 if seeded else None,
-                                 validate=False)
+                                 mask=torch.ones(batch, 1, side, side) if mask else None, loss_type=loss_type,
+                                 huber_c=huber_c, validate=False)
 
 
 def _add_noise(side, dtype, seeded, offset, batch=2):
@@ -138,10 +148,21 @@ def _add_noise(side, dtype, seeded, offset, batch=2):
 
 
 _QUICK_LOSS = {  # every value of every constexpr branch of the loss kernel, and all three pred dtypes
-    ("bf16", "epsilon", True, True, True, True), ("fp32", "v_prediction", False, False, False, False),
-    ("fp16", "sample", True, False, True, True),
+    ("bf16", "epsilon", True, True, True, True, False, "l2"), ("fp32", "v_prediction", False, False, False, False,
+                                                               False, "l2"),
+    ("fp16", "sample", True, False, True, True, True, "smooth_l1-rows"),
+    ("bf16", "v_prediction", False, False, False, True, False, "huber"),
 }
 _QUICK_NOISE = {("fp32", True, True), ("bf16", False, False)}
+
+
+def _robust_loss_call(model, side, dt, pt, snr, offset, mask, loss) -> Call:
+    tag = "".join(c for c, on in zip("SOG", (snr, offset, True)) if on) + ("M" if mask else "")
+    return Call(
+        id=f"diffusion_loss/{model}/{dt}/{pt}/{tag}/{loss}", op="diffusion_loss",
+        shape=f"2x4x{side}x{side} {pt} snr={int(snr)} offset={int(offset)} mask={int(mask)} {loss}", dtype=dt,
+        models=(model,), quick=model == "sd15" and (dt, pt, snr, False, offset, True, mask, loss) in _QUICK_LOSS,
+        fn=lambda a=(side, DTYPES[dt], pt, snr, False, offset, True): _loss(*a, mask=mask, loss=loss))
 
 
 def _loss_calls() -> list[Call]:
@@ -157,8 +178,13 @@ def _loss_calls() -> list[Call]:
                         id=f"diffusion_loss/{model}/{dt}/{pt}/{tag}", op="diffusion_loss",
                         shape=f"2x4x{side}x{side} {pt} snr={int(snr)} seeded={int(seeded)} offset={int(offset)} "
                               f"grad={int(grad)}", dtype=dt, models=(model,),
-                        quick=model == "sd15" and (dt, pt, snr, seeded, offset, grad) in _QUICK_LOSS,
+                        quick=model == "sd15" and (dt, pt, snr, seeded, offset, grad, False, "l2") in _QUICK_LOSS,
                         fn=lambda a=(side, DTYPES[dt], pt, snr, seeded, offset, grad): _loss(*a)))
+                # the trainer's masked / robust losses: noise tensor and gradient, as it calls them
+                for snr, offset, mask, loss in itertools.product((False, True), (False, True), (False, True),
+                                                                 LOSS_VARIANTS):
+                    if mask or loss != "l2":
+                        calls.append(_robust_loss_call(model, side, dt, pt, snr, offset, mask, loss))
         for dt in DTYPES:
             for seeded in (False, True):
                 for offset in (False, True):
@@ -202,8 +228,39 @@ def _adamw_calls() -> list[Call]:
     return calls
 
 
+# ---------------------------------------------------------------------------- EMA (--use_ema)
+
+def _ema(avg_dtype, w_dtype, unaligned):
+    import dbkernels
+
+    # one SD layer's tensors: a projection weight, its bias, an odd-sized one; unaligned: a weight at an odd
+    # element offset (not 16-byte aligned: the kernel's ALIGNED=False branch)
+    shapes = ((320, 320), (320,), (77, 3))
+    avgs = [torch.zeros(s, dtype=avg_dtype) for s in shapes]
+    ws = [torch.zeros(s, dtype=w_dtype) for s in shapes]
+    if unaligned:
+        ws[0] = torch.zeros(320 * 320 + 1, dtype=w_dtype)[1:].view(320, 320)
+    dbkernels.ema_update_(avgs, ws, 0.9999, step=1)
+
+
+_QUICK_EMA = {("fp32", "fp32", False), ("bf16", "bf16", True)}  # SR and ALIGNED each both ways
+
+
+def _ema_calls() -> list[Call]:
+    calls = []
+    for adt in ("fp32", "bf16"):
+        for wdt in DTYPES:
+            for unaligned in (False, True):
+                calls.append(Call(
+                    id=f"ema_update/{adt}/{wdt}{'/unaligned' if unaligned else ''}", op="ema_update",
+                    shape="320x320 + 320 + 77x3" + (" unaligned" if unaligned else ""), dtype=adt,
+                    models=tuple(MODELS), quick=(adt, wdt, unaligned) in _QUICK_EMA,
+                    fn=lambda a=(DTYPES[adt], DTYPES[wdt], unaligned): _ema(*a)))
+    return calls
+
+
 def all_calls() -> list[Call]:
-    return _attention_calls() + _loss_calls() + _adamw_calls()
+    return _attention_calls() + _loss_calls() + _adamw_calls() + _ema_calls()
 
 
 def by_id() -> dict[str, Call]:

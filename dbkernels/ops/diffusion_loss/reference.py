@@ -5,11 +5,23 @@ Every backend (Triton, CUDA) must compute exactly these functions:
     a_i = sqrt(abar[t_i]),  s_i = sqrt(1 - abar[t_i]),  eps_i = noise_i (+ offset[i, c])
     x_t = a_i * x0_i + s_i * eps_i
     target = eps (epsilon) | a_i * eps - s_i * x0 (v_prediction) | x0 (sample)
-    loss = sum_i scale_i * w_i * mean_j (pred_ij - target_ij)^2
+    e_ij = pred_ij - target_ij
+    loss = sum_i scale_i * w_i * mean_j mask_ij * l(e_ij)      (mean over the row's M elements)
+    l(e) = e^2 (l2) | 2 c_i q(e) (huber) | 2 q(e) (smooth_l1),   q(e) = sqrt(e^2 + c_i^2) - c_i
     scale_i = 1 / n_inst for instance rows, prior_weight / num_prior for the last
               num_prior rows (the class / prior-preservation samples)
     w_i = 1, or min-SNR: epsilon min(SNR, g)/SNR, v_prediction min(SNR, g)/(SNR+1),
           sample min(SNR, g);  SNR = abar / (1 - abar)
+
+mask (default: ones) is a per-element weight broadcast to pred. Normalisation is kohya's:
+the plain mean of mask * l over all M elements of the row, the mask's own mean is NOT
+divided out, so a half-masked row weighs half as much; a caller who wants a weighted mean
+divides the mask by its per-row mean first. A mask of ones gives exactly the unmasked bits.
+huber / smooth_l1 are kohya's and diffusers' pseudo-Huber losses; c_i is one positive
+huber_c for all rows or one per row. q is evaluated as e^2 / (sqrt(e^2 + c^2) + c): equal
+to sqrt(e^2 + c^2) - c, without its cancellation for |e| << c. The gradient is
+d l / d e = 2e (l2), 2 c e / sqrt(e^2 + c^2) (huber), 2 e / sqrt(e^2 + c^2) (smooth_l1),
+times scale_i * w_i / M and the mask.
 
 The epsilon weight is evaluated as min(g / SNR, 1), which equals min(SNR, g)/SNR
 everywhere it is defined and takes its limit (1) at SNR = 0 instead of NaN.
@@ -22,6 +34,7 @@ import math
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
 
 # Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
 PHILOX_M0 = 0xD2511F53
@@ -147,32 +160,73 @@ def diffusion_target(x0, noise, timesteps, alphas_cumprod, prediction_type, *, n
     return _bcast(a, x0) * eps - _bcast(s, x0) * x0.float()
 
 
+def _row_c(huber_c, like):
+    """c per row as an fp32 tensor broadcast against `like` (B, ...)."""
+    if isinstance(huber_c, torch.Tensor):
+        return _bcast(huber_c.float(), like)
+    return torch.tensor(float(huber_c), dtype=torch.float32, device=like.device)
+
+
+def elementwise_loss(e, loss_type="l2", huber_c=0.1):
+    """l(e) in fp32 (see the module docstring); huber_c a float or a (B,) tensor."""
+    if loss_type == "l2":
+        return e * e
+    c = _row_c(huber_c, e)
+    q = e * e / (_sqrt_rn(e * e + c * c) + c)
+    return (2.0 * c) * q if loss_type == "huber" else 2.0 * q
+
+
+def elementwise_grad(e, loss_type="l2", huber_c=0.1):
+    """d l / d e in fp32."""
+    if loss_type == "l2":
+        return 2.0 * e
+    c = _row_c(huber_c, e)
+    k = 2.0 * c if loss_type == "huber" else torch.tensor(2.0, device=e.device)
+    return k * (e / _sqrt_rn(e * e + c * c))
+
+
 def per_sample_loss(pred, x0, noise, timesteps, alphas_cumprod, *, prediction_type="epsilon",
-                    snr_gamma=None, noise_offset=None, seed=None):
-    """w_i * mean_j (pred_ij - target_ij)^2 per row, fp32 (B,)."""
+                    snr_gamma=None, noise_offset=None, seed=None, mask=None, loss_type="l2", huber_c=0.1):
+    """w_i * mean_j mask_ij * l(pred_ij - target_ij) per row, fp32 (B,)."""
     target = diffusion_target(x0, noise, timesteps, alphas_cumprod, prediction_type,
                               noise_offset=noise_offset, seed=seed)
-    mse = (pred.float() - target).pow(2).flatten(1).mean(1)
-    return row_weights(abar_of(timesteps, alphas_cumprod), prediction_type, snr_gamma) * mse
+    el = elementwise_loss(pred.float() - target, loss_type, huber_c)
+    if mask is not None:
+        el = mask.float() * el
+    rows = el.flatten(1).mean(1)
+    return row_weights(abar_of(timesteps, alphas_cumprod), prediction_type, snr_gamma) * rows
 
 
 def diffusion_loss(pred, x0, noise, timesteps, alphas_cumprod, *, prediction_type="epsilon",
-                   num_prior=0, prior_weight=1.0, snr_gamma=None, noise_offset=None, seed=None):
+                   num_prior=0, prior_weight=1.0, snr_gamma=None, noise_offset=None, seed=None,
+                   mask=None, loss_type="l2", huber_c=0.1):
     """The loss as a differentiable fp32 0-dim tensor (autograd gives the gradient)."""
     rows = per_sample_loss(pred, x0, noise, timesteps, alphas_cumprod, prediction_type=prediction_type,
-                           snr_gamma=snr_gamma, noise_offset=noise_offset, seed=seed)
+                           snr_gamma=snr_gamma, noise_offset=noise_offset, seed=seed, mask=mask,
+                           loss_type=loss_type, huber_c=huber_c)
     return (sample_scales(pred.shape[0], num_prior, prior_weight, pred.device) * rows).sum()
 
 
 def loss_and_grad(pred, x0, noise, timesteps, alphas_cumprod, *, prediction_type="epsilon", num_prior=0,
-                  prior_weight=1.0, snr_gamma=None, noise_offset=None, seed=None, need_grad=True):
-    """What the kernels compute: (loss fp32 0-dim, d loss / d pred in pred's dtype or None)."""
+                  prior_weight=1.0, snr_gamma=None, noise_offset=None, seed=None, need_grad=True,
+                  mask=None, loss_type="l2", huber_c=0.1):
+    """What the kernels compute: (loss fp32 0-dim, d loss / d pred in pred's dtype or None).
+
+    mask multiplies last (after l and after 2 coef l'), so a mask of ones changes no bit."""
     target = diffusion_target(x0, noise, timesteps, alphas_cumprod, prediction_type,
                               noise_offset=noise_offset, seed=seed)
     d = pred.float() - target
     m = pred[0].numel()
     coef = sample_scales(pred.shape[0], num_prior, prior_weight, pred.device) * row_weights(
         abar_of(timesteps, alphas_cumprod), prediction_type, snr_gamma) / m
-    loss = (coef * d.pow(2).flatten(1).sum(1)).sum()
-    grad = (2.0 * _bcast(coef, d) * d).to(pred.dtype) if need_grad else None
+    el = elementwise_loss(d, loss_type, huber_c)
+    if mask is not None:
+        el = el * mask.float()
+    loss = (coef * el.flatten(1).sum(1)).sum()
+    grad = None
+    if need_grad:
+        grad = _bcast(coef, d) * elementwise_grad(d, loss_type, huber_c)
+        if mask is not None:
+            grad = grad * mask.float()
+        grad = grad.to(pred.dtype)
     return loss, grad

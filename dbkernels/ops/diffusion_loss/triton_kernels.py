@@ -5,6 +5,9 @@ on a (cdiv(M, BLOCK), B) grid. The loss kernel does everything in one launch: ea
 program writes the gradient of its block and one partial sum, and the last program
 to finish (found with an atomic ticket) adds the partials in a fixed order, so the
 result is deterministic, then resets the ticket counter to 0 for the next call.
+The loss kernel's constexprs HAS_MASK (an fp32 (Bm, Cm, S) mask read with stride 0 over a
+broadcast row / channel), LOSS_TYPE (0 l2, 1 huber, 2 smooth_l1) and ROW_C (a c per row)
+add the masked and robust losses; LOSS_TYPE=0 without a mask is the plain kernel.
 """
 from __future__ import annotations
 
@@ -85,11 +88,36 @@ def _add_noise_kernel(x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_ptr, out_ptr, M, 
 
 
 @triton.jit
+def _elementwise(d, c, coef, LOSS_TYPE: tl.constexpr):
+    """(a, b, g): the element's loss is a * b, its gradient g (spec: reference.elementwise_loss/_grad).
+
+    The loss is returned as two factors so that a mask multiplies the first one: (1 * a) * b is
+    a * b bit for bit, also where the GPU compiler fuses the product into the row sum's add."""
+    if LOSS_TYPE == 0:
+        a = d
+        b = d
+        g = 2.0 * coef * d
+    else:
+        dd = d * d
+        r = tl.sqrt_rn(dd + c * c)
+        if LOSS_TYPE == 1:
+            k = 2.0 * c
+        else:
+            k = 2.0
+        a = k
+        b = dd / (r + c)  # = sqrt(d^2 + c^2) - c without the cancellation
+        g = coef * (k * (d / r))
+    return a, b, g
+
+
+@triton.jit
 def _diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_ptr, grad_ptr,
-                           partial_ptr, counter_ptr, loss_ptr,
+                           partial_ptr, counter_ptr, loss_ptr, mask_ptr, c_ptr,
                            M, C, S, n_t, num_partials, n_inst, inst_scale, prior_scale, snr_gamma, seed_lo, seed_hi,
+                           huber_c, mask_row_stride, mask_ch_stride,
                            PRED_TYPE: tl.constexpr, USE_SNR: tl.constexpr, HAS_NOISE: tl.constexpr,
                            HAS_OFFSET: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                           HAS_MASK: tl.constexpr, LOSS_TYPE: tl.constexpr, ROW_C: tl.constexpr,
                            BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     pid_m = tl.program_id(0)
     row = tl.program_id(1)
@@ -109,23 +137,37 @@ def _diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, offset_ptr, t_ptr, ac_pt
             w = tl.minimum(snr, snr_gamma)
     scale = tl.where(row < n_inst, inst_scale, prior_scale)
     coef = tl.where(t_ok, scale * w, float("nan"))  # an out-of-range t poisons its row, as on CUDA
+    if ROW_C:
+        c = tl.load(c_ptr + row).to(tl.float32)
+    else:
+        c = huber_c
 
     col = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mask = col < M
+    in_row = col < M
     gidx = row.to(tl.int64) * M + col
-    pred = tl.load(pred_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+    pred = tl.load(pred_ptr + gidx, mask=in_row, other=0.0).to(tl.float32)
     if PRED_TYPE == 0:
-        target = _load_eps(noise_ptr, offset_ptr, gidx, col, row, mask, C, S, seed_lo, seed_hi, HAS_NOISE, HAS_OFFSET)
+        target = _load_eps(noise_ptr, offset_ptr, gidx, col, row, in_row, C, S, seed_lo, seed_hi, HAS_NOISE,
+                           HAS_OFFSET)
     elif PRED_TYPE == 1:
-        eps = _load_eps(noise_ptr, offset_ptr, gidx, col, row, mask, C, S, seed_lo, seed_hi, HAS_NOISE, HAS_OFFSET)
-        x0 = tl.load(x0_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+        eps = _load_eps(noise_ptr, offset_ptr, gidx, col, row, in_row, C, S, seed_lo, seed_hi, HAS_NOISE,
+                        HAS_OFFSET)
+        x0 = tl.load(x0_ptr + gidx, mask=in_row, other=0.0).to(tl.float32)
         target = a * eps - s * x0
     else:
-        target = tl.load(x0_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
-    d = tl.where(mask, pred - target, 0.0)
+        target = tl.load(x0_ptr + gidx, mask=in_row, other=0.0).to(tl.float32)
+    d = tl.where(in_row, pred - target, 0.0)
+    la, lb, g = _elementwise(d, c, coef, LOSS_TYPE)
+    if HAS_MASK:
+        # (Bm, Cm, S) fp32; a stride of 0 broadcasts over the rows / channels
+        ch = col // S
+        midx = row.to(tl.int64) * mask_row_stride + ch * mask_ch_stride + (col - ch * S)
+        mk = tl.load(mask_ptr + midx, mask=in_row, other=0.0)
+        la = mk * la
+        g = g * mk
     if WRITE_GRAD:
-        tl.store(grad_ptr + gidx, (2.0 * coef * d).to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + row * n_col_blocks + pid_m, coef * tl.sum(d * d, axis=0))
+        tl.store(grad_ptr + gidx, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+    tl.store(partial_ptr + row * n_col_blocks + pid_m, coef * tl.sum(la * lb, axis=0))
 
     # Publish the partial (barrier + release atomic), then the last arrival reduces.
     tl.debug_barrier()
@@ -173,9 +215,18 @@ def add_noise(x0, noise, noise_offset, timesteps, alphas_cumprod, *, seed):
     return out
 
 
+def _mask_strides(mask, b, c, s):
+    """Row and channel strides of the (Bm, Cm, S) mask: 0 where it broadcasts."""
+    if mask is None:
+        return 0, 0
+    return (mask.shape[1] * s if mask.shape[0] != 1 else 0), (s if mask.shape[1] != 1 else 0)
+
+
 def loss_fwd(pred, x0, noise, noise_offset, timesteps, alphas_cumprod, *, pred_type, n_inst,
-             inst_scale, prior_scale, snr_gamma, seed, need_grad, counter):
+             inst_scale, prior_scale, snr_gamma, seed, need_grad, counter, mask=None, loss_type=0,
+             huber_c=0.1, huber_c_rows=None):
     b, m, c, s = _geometry(pred)
+    mask_rs, mask_cs = _mask_strides(mask, b, c, s)
     blk = _block(m)
     grid = (triton.cdiv(m, blk), b)
     partials = torch.empty(grid[0] * grid[1], device=pred.device, dtype=torch.float32)
@@ -187,9 +238,12 @@ def loss_fwd(pred, x0, noise, noise_offset, timesteps, alphas_cumprod, *, pred_t
             _diffusion_loss_kernel, grid, pred.device,
             pred, x0, x0 if noise is None else noise, x0 if noise_offset is None else noise_offset,
             timesteps, alphas_cumprod, pred if grad is None else grad, partials, counter, loss,
+            alphas_cumprod if mask is None else mask, alphas_cumprod if huber_c_rows is None else huber_c_rows,
             m, c, s, alphas_cumprod.shape[0], grid[0] * grid[1], n_inst, inst_scale, prior_scale, max(snr_gamma, 0.0), lo, hi,
+            float(huber_c), mask_rs, mask_cs,
             PRED_TYPE=pred_type, USE_SNR=snr_gamma >= 0, HAS_NOISE=noise is not None,
             HAS_OFFSET=noise_offset is not None, WRITE_GRAD=need_grad,
+            HAS_MASK=mask is not None, LOSS_TYPE=loss_type, ROW_C=loss_type != 0 and huber_c_rows is not None,
             BLOCK=blk, RBLOCK=min(1024, triton.next_power_of_2(grid[0] * grid[1])),
             num_warps=4 if blk <= 1024 else 8)
     except BaseException:
