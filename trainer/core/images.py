@@ -9,8 +9,10 @@ than 5:1 (a square crop keeps a small part of them), files skipped (not images, 
 links, HEIC/HEIF photos, with how to convert those). Errors are one-line UserErrors.
 
 Preprocessing is diffusers' DreamBooth recipe: resize the short side to `resolution`
-(bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1]. Each
-view's geometry (the image's size and where the crop sits) is what SDXL conditions on (time ids).
+(bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1]; with
+aspect-ratio buckets (trainer.core.buckets) the same at the bucket's (h, w): resized to cover it, then
+cropped. Each view's geometry (the image's size and where the crop sits) is what SDXL conditions on
+(time ids). --masked_loss takes the alpha channel before compositing (load_alpha) as the image's mask.
 """
 from __future__ import annotations
 
@@ -168,8 +170,8 @@ def _to_srgb(im: Image.Image) -> Image.Image:
     return out
 
 
-def load_image(path: Path) -> tuple[Image.Image, bool]:
-    """(8-bit RGB image as a viewer shows it, whether transparent areas were composited on white)."""
+def _open_viewed(path: Path) -> Image.Image:
+    """The image as a viewer shows it, before transparency is composited (RGB, RGBA, L, LA, ...)."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -183,18 +185,33 @@ def load_image(path: Path) -> tuple[Image.Image, bool]:
                 im = im.convert("RGBA" if "transparency" in im.info or im.palette.mode == "RGBA" else "RGB")
             if im.mode in ("RGBa", "La", "PA"):
                 im = im.convert("RGBA")
-            im = _to_srgb(im)
-            composited = False
-            if im.mode in _ALPHA_MODES:
-                rgba = im.convert("RGBA")
-                if rgba.getchannel("A").getextrema()[0] < 255:
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    rgba = Image.alpha_composite(white, rgba)
-                    composited = True
-                im = rgba
-            return im.convert("RGB"), composited
+            return _to_srgb(im)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e} (remove or replace the file)") from e
+
+
+def load_image(path: Path) -> tuple[Image.Image, bool]:
+    """(8-bit RGB image as a viewer shows it, whether transparent areas were composited on white)."""
+    im = _open_viewed(path)
+    composited = False
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgba = Image.alpha_composite(white, rgba)
+            composited = True
+        im = rgba
+    return im.convert("RGB"), composited
+
+
+def load_alpha(path: Path) -> Image.Image | None:
+    """The image's alpha channel ("L", oriented as load_image's pixels), None where it is fully opaque
+    (--masked_loss uses it as the image's mask)."""
+    im = _open_viewed(path)
+    if im.mode not in _ALPHA_MODES:
+        return None
+    alpha = im.convert("RGBA").getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -207,40 +224,53 @@ RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "nearest_exact
             "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
-def to_tensor(img: Image.Image, resolution: int, *, crop_xy: tuple[float, float] | None, flip: bool,
-              resample=Image.BILINEAR) -> torch.Tensor:
-    """(3, res, res) float in [-1, 1]. crop_xy None = center crop, else the crop's relative position."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((nw, nh), resample)
+def _size_hw(size) -> tuple[int, int]:
+    """(height, width) of a training view: `resolution` (a square) or an aspect-ratio bucket (h, w)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _cover_box(width: int, height: int, size, crop_xy):
+    """(resized w, h, crop left, top) of a view: the image resized to cover the (h, w) target (the short
+    side to `resolution` for a square), the target cropped at the relative position crop_xy (None: centre)."""
+    th, tw = _size_hw(size)
+    scale = max(tw / width, th / height)  # (a square: resolution / min(w, h), exactly)
+    nw, nh = max(tw, round(width * scale)), max(th, round(height * scale))
     fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
-    left, top = int(round((nw - resolution) * fx)), int(round((nh - resolution) * fy))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return nw, nh, int(round((nw - tw) * fx)), int(round((nh - th) * fy))
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) after to_tensor's resize: the short side to `resolution`."""
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+def fit(img: Image.Image, size, *, crop_xy, flip: bool, resample=Image.BILINEAR) -> Image.Image:
+    """The view of `img` at `size` (an int: square; or (h, w)): resized to cover it, cropped, flipped.
+    A mask goes through this with its image's arguments, so it follows the pixels exactly."""
+    th, tw = _size_hw(size)
+    nw, nh, left, top = _cover_box(*img.size, size, crop_xy)
+    img = img.resize((nw, nh), resample).crop((left, top, left + tw, top + th))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
 
-def crop_geometry(width: int, height: int, resolution: int, crop_xy=None, *, flip: bool = False):
+def to_tensor(img: Image.Image, resolution, *, crop_xy: tuple[float, float] | None, flip: bool,
+              resample=Image.BILINEAR) -> torch.Tensor:
+    """(3, h, w) float in [-1, 1] of fit(); resolution: an int (a square) or (h, w). crop_xy None = center
+    crop, else the crop's relative position."""
+    arr = np.asarray(fit(img, resolution, crop_xy=crop_xy, flip=flip, resample=resample), dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def resized_size(width: int, height: int, resolution) -> tuple[int, int]:
+    """(width, height) after to_tensor's resize: the short side to `resolution` (or covering (h, w))."""
+    return _cover_box(width, height, resolution, None)[:2]
+
+
+def crop_geometry(width: int, height: int, resolution, crop_xy=None, *, flip: bool = False):
     """((orig_h, orig_w), (crop_top, crop_left)) of to_tensor's view of a width x height image.
 
-    Same arithmetic as to_tensor: the short side resized to `resolution`, a resolution-square crop at the
+    Same arithmetic as to_tensor: resized to cover `resolution` (a square, or (h, w)), the crop at the
     relative position crop_xy (None: centered). With flip, the crop's left edge is given in the mirrored
     resized image, as diffusers' train_dreambooth_lora_sdxl.py does (it flips before cropping).
     """
-    nw, nh = resized_size(width, height, resolution)
-    fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
-    left, top = int(round((nw - resolution) * fx)), int(round((nh - resolution) * fy))
+    nw, _, left, top = _cover_box(width, height, resolution, crop_xy)
     if flip:
-        left = nw - resolution - left
+        left = nw - _size_hw(resolution)[1] - left
     return (height, width), (top, left)
 
 
@@ -292,34 +322,52 @@ class ImageSet:
     def __len__(self):
         return len(self.images)
 
-    def cacheable(self, i: int) -> bool:
-        return self.center_crop or self.square[i]
+    def cacheable(self, i: int, size=None) -> bool:
+        """Whether image i's view at `size` (None: the resolution square; or a bucket (h, w)) is always the
+        same: centre crops, and images of the view's own aspect ratio (nothing to crop)."""
+        if size is None:
+            return self.center_crop or self.square[i]
+        w, h = self.images[i].size
+        return self.center_crop or w * size[0] == h * size[1]
 
     def variants(self, i: int) -> list[bool]:
         return [False, True] if self.random_flip else [False]
 
-    def fixed_view(self, i: int, flip: bool) -> torch.Tensor:
+    def fixed_view(self, i: int, flip: bool, size=None) -> torch.Tensor:
         """The pixels of a cacheable image i (center crop), flipped or not."""
-        return to_tensor(self.images[i], self.resolution, crop_xy=None, flip=flip, resample=self.resample)
+        return self.pixels(i, None, flip, size)
+
+    def pixels(self, i: int, crop_xy, flip: bool, size=None) -> torch.Tensor:
+        """(3, h, w) pixels of image i's view at `size` (None: the resolution square) for a drawn crop/flip."""
+        return to_tensor(self.images[i], self.resolution if size is None else size, crop_xy=crop_xy, flip=flip,
+                         resample=self.resample)
 
     def tensor(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
         """A training view of image i drawn with `gen`: (pixels, flipped)."""
         return self.view(i, gen)[:2]
 
-    def view(self, i: int, gen: torch.Generator):
+    def draw(self, i: int, gen: torch.Generator, size=None) -> tuple[tuple[float, float] | None, bool]:
+        """(crop_xy, flip) of a view of image i drawn with `gen`: the flip, then (views that are not fixed)
+        the crop's x and y; crop_xy None for a fixed (centre) view."""
+        flip = bool(torch.randint(0, 2, (), generator=gen)) if self.random_flip else False
+        if self.cacheable(i, size):
+            return None, flip
+        return (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen))), flip
+
+    def view(self, i: int, gen: torch.Generator, size=None):
         """A training view of image i drawn with `gen` (the flip, then the crop's x and y):
         (pixels, flipped, its geometry)."""
-        flip = bool(torch.randint(0, 2, (), generator=gen)) if self.random_flip else False
-        if self.cacheable(i):
-            return self.fixed_view(i, flip), flip, self.geometry(i, None, flip)
-        crop = (float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)))
-        pixels = to_tensor(self.images[i], self.resolution, crop_xy=crop, flip=flip, resample=self.resample)
-        return pixels, flip, self.geometry(i, crop, flip)
+        crop, flip = self.draw(i, gen, size)
+        return self.pixels(i, crop, flip, size), flip, self.geometry(i, crop, flip, size)
 
-    def geometry(self, i: int, crop_xy=None, flip: bool = False):
-        """crop_geometry of image i for the crop it drew (None for its cached center-cropped views)."""
+    def geometry(self, i: int, crop_xy=None, flip: bool = False, size=None):
+        """crop_geometry of image i for the crop it drew (None for its cached center-cropped views); at a
+        bucket `size` with the bucket (h, w) as a third item, the view's target size (SDXL's time ids)."""
         w, h = self.images[i].size
-        return crop_geometry(w, h, self.resolution, None if self.cacheable(i) else crop_xy, flip=flip)
+        crop = None if self.cacheable(i, size) else crop_xy
+        if size is None:
+            return crop_geometry(w, h, self.resolution, crop, flip=flip)
+        return (*crop_geometry(w, h, size, crop, flip=flip), tuple(size))
 
 
 def _folder_of(files: list[Path]) -> str:

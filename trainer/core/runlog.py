@@ -41,7 +41,8 @@ def loss_terms(run, res):
     with torch.no_grad():
         rows = loss_reference.per_sample_loss(pred, latents, noise, t, run.alphas_cumprod,
                                               prediction_type=run.prediction_type,
-                                              snr_gamma=run.opts.training.snr_gamma, noise_offset=offset)
+                                              snr_gamma=run.opts.training.snr_gamma, noise_offset=offset,
+                                              **(res.loss_options or {}))  # (mask, robust loss: as trained)
     n_inst = rows.shape[0] - run.n_prior
     inst = rows[:n_inst].mean().item()
     prior = rows[n_inst:].mean().item() if run.n_prior else None

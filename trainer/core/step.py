@@ -8,6 +8,7 @@ whole global batch and keeps its own rows.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -132,12 +133,36 @@ def setup(opts, method: Method, comps, batches: Batches, device, *, dtype_device
                text_encoders=comps.named_text_encoders, shard=sharded)
 
 
+def huber_c(training, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """(B,) c of the huber / smooth_l1 loss per row from its timestep (kohya's --huber_schedule): constant
+    huber_c; exponential exp(-alpha t), alpha = -ln(huber_c) / T (1 at t = 0, huber_c at t = T); snr
+    (1 - huber_c) / (1 + sigma_t)^2 + huber_c, sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    c, schedule = float(training.huber_c), training.huber_schedule
+    if schedule == "constant":
+        return torch.full(t.shape, c, dtype=torch.float32, device=t.device)
+    if schedule == "exponential":
+        alpha = -math.log(c) / alphas_cumprod.shape[0]
+        return torch.exp(-alpha * t.to(torch.float32))
+    abar = alphas_cumprod[t].to(torch.float32)
+    sigma = ((1.0 - abar) / abar).sqrt()
+    return (1.0 - c) / (1.0 + sigma) ** 2 + c
+
+
+def loss_options(training, mask, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> dict:
+    """diffusion_loss's mask / robust-loss arguments of the step (none for the plain l2 loss without a mask)."""
+    out = {} if mask is None else {"mask": mask}
+    if training.loss_type != "l2":
+        out.update(loss_type=training.loss_type, huber_c=huber_c(training, t, alphas_cumprod))
+    return out
+
+
 @dataclass
 class StepResult:
     loss: float
     stepped: bool
     last: tuple  # (pred, latents, noise, t, offset) of the last micro-batch, for the log
     finite_state: bool = True  # False: the update made a trained tensor non-finite and could not be taken back
+    loss_options: dict = None  # the last micro-batch's mask / loss_type / huber_c (loss_options), for the log
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -175,10 +200,11 @@ def train_step(run: Run, step: int) -> StepResult:
                 labels = t if training.class_labels_conditioning == "timesteps" else None
                 pred = run.unet(x_t.to(run.weights_dtype), t, encoder_hidden_states=emb.to(run.weights_dtype),
                                 class_labels=labels, **extra).sample
+            robust = loss_options(training, batch.mask, t, run.alphas_cumprod)
             loss = dbkernels.diffusion_loss(pred, latents, noise, t, run.alphas_cumprod,
                                             prediction_type=run.prediction_type, num_prior=run.n_prior,
                                             prior_weight=opts.prior.prior_loss_weight, snr_gamma=training.snr_gamma,
-                                            noise_offset=offset, validate=False)
+                                            noise_offset=offset, validate=False, **robust)
             # never train on NaN: the whole step is skipped (torchrun: on every rank, before any backward)
             if distributed.any_flag(not _fake(loss) and not bool(torch.isfinite(loss))):
                 finite = False
@@ -207,7 +233,7 @@ def train_step(run: Run, step: int) -> StepResult:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         run.lr_scheduler.step()
     return StepResult(loss=total if finite else float("nan"), stepped=stepped,
-                      last=(pred.detach(), latents, noise, t, offset), finite_state=finite_state)
+                      last=(pred.detach(), latents, noise, t, offset), finite_state=finite_state, loss_options=robust)
 
 
 def _optimizer_step(run: Run, max_grad_norm: float) -> bool:

@@ -177,7 +177,8 @@ class Family(ABC):
 
     def unet_conditions(self, pooled, views, resolution: int, device) -> dict:
         """The UNet's extra inputs of a batch beyond the prompt embeddings ({} when none); views: each row's
-        ((original h, w), (crop top, left)) (trainer.core.images.ImageSet.view)."""
+        ((original h, w), (crop top, left)), with aspect-ratio buckets ((original h, w), (crop top, left),
+        (bucket h, w)) (trainer.core.images.ImageSet.geometry); resolution: the target size of 2-item views."""
         return {}
 
     def unet_kwargs(self, conditions: dict, dtype) -> dict:

@@ -5,7 +5,8 @@ What differs from trainer.families.sd, as diffusers' train_dreambooth_lora_sdxl.
             encoder's projected pooled output [B, p2]
   UNet      unet(noisy, t, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}),
             ids [B, 6] = (original h, w, crop top, left, target h, w) of each row's view (class
-            images generated at the training resolution: original = target = (res, res), crop (0, 0))
+            images generated at the training resolution: original = target = (res, res), crop (0, 0));
+            target = the training square, or with aspect-ratio buckets the batch's bucket
   VAE       SDXL's own overflows in float16: float32 unless the VAE is fp16-safe (force_upcast false)
   folders   a refiner (text_encoder_2 only, aesthetic-score conditioning) is refused
   files     StableDiffusionXLPipeline's LoRA file; kohya's lora_te1_/lora_te2_ names and SDXL header;
@@ -76,15 +77,18 @@ def add_time_ids(original_size, crops_coords_top_left, target_size, dtype=None, 
 
 
 def time_ids_batch(geometries, resolution: int, dtype=None, device=None):
-    """[B, 6] time ids for a batch of (original_size, crop_top_left) views, all trained at resolution^2."""
+    """[B, 6] time ids for a batch of (original_size, crop_top_left) views trained at resolution^2, or of
+    (original_size, crop_top_left, target_size) views (aspect-ratio buckets: the target is the row's bucket)."""
     import torch
 
-    return torch.stack([add_time_ids(o, c, (resolution, resolution), dtype, device) for o, c in geometries])
+    square = (resolution, resolution)
+    return torch.stack([add_time_ids(g[0], g[1], g[2] if len(g) > 2 else square, dtype, device) for g in geometries])
 
 
 def added_cond(pooled, geometries, resolution: int, device=None) -> dict:
     """The SDXL UNet's added_cond_kwargs for a batch: the pooled prompt embeddings and [B, 6] time ids from
-    each row's (original_size, crop_top_left) view (float32: sizes such as 1651 are not exact in bfloat16)."""
+    each row's (original_size, crop_top_left[, target_size]) view (float32: sizes such as 1651 are not exact in
+    bfloat16)."""
     return {"text_embeds": pooled, "time_ids": time_ids_batch(geometries, resolution, device=device)}
 
 
