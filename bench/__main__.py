@@ -4,7 +4,7 @@
                             [--providers a,b,...] [suite options]
     python -m bench report [--results DIR] [--include-cpu] [--no-plots]
     python -m bench memory [--arch sd15,sd21] [--only NAME,...]   (estimates on the CPU, no GPU)
-    python -m bench methods|fabric|ablation|recipes|place|export ...   experiments on the built-in world (CPU)
+    python -m bench methods|fabric|ablation|recipes|place|export|features ...   experiments on the built-in world (CPU)
     python -m bench list
 
 Suites append JSON rows to <out>/<op>.jsonl (default bench/results/; CPU smoke rows
@@ -38,6 +38,7 @@ EXPERIMENTS: dict[str, str] = {
     "recipes": "bench.recipes",     # the demo recipe search
     "place": "bench.place",         # the PLACE classifier's own accuracy
     "export": "bench.export",       # single-file export of SD1.5 / SD2.1-sized models
+    "features": "bench.features",   # issue 30: masks, buckets, EMA, Huber loss, concepts
 }
 
 

@@ -158,6 +158,11 @@ def _draw_texture(draw: ImageDraw.ImageDraw, texture: str, color: tuple[int, int
 
 def render(scene: Scene, seed: int = 0) -> Image.Image:
     """The scene as a SIZE x SIZE RGB image (background details drawn from `seed`)."""
+    return render_with_mask(scene, seed)[0]
+
+
+def render_with_mask(scene: Scene, seed: int = 0) -> tuple[Image.Image, Image.Image]:
+    """`render`'s image and the object's mask: an "L" image, 255 where the object is drawn, 0 elsewhere."""
     rng = random.Random(seed)
     img = Image.new("RGB", (SIZE, SIZE))
     draw = ImageDraw.Draw(img)
@@ -177,7 +182,7 @@ def render(scene: Scene, seed: int = 0) -> Image.Image:
     if scene.texture:
         _draw_texture(ImageDraw.Draw(fill), scene.texture, COLORS[scene.texture_color])
     img.paste(fill, (0, 0), mask)
-    return img
+    return img, mask
 
 
 def scenes(count: int, seed: int = 0, p_texture: float = 0.0, hold_out: bool = False) -> list[Scene]:
@@ -224,3 +229,76 @@ def object_images(shape: str, color: str, texture: str | None = None, texture_co
     return [render(Scene(shape, color, "big", subject_place(k), rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55),
                          rng.uniform(-15, 15), texture=texture, texture_color=texture_color), seed=seed + k)
             for k in range(count)]
+
+
+# ---------------------------------------------------------------- data sets of the feature experiments (bench.features)
+
+def _subject_scene(rng: random.Random, place: str) -> Scene:
+    """The demo subject in `place`, at subject_images' random position and angle (three draws of `rng`)."""
+    return Scene(SUBJECT_CLASS, "orange", "big", place, rng.uniform(0.42, 0.58), rng.uniform(0.45, 0.55),
+                 rng.uniform(-15, 15), texture="striped")
+
+
+def subject_in_one_place(count: int = 5, place: str = "on the beach", seed: int = 0) -> list[tuple[Image.Image,
+                                                                                                   Image.Image]]:
+    """(picture, mask) pairs of the demo subject, every picture in the same `place` (mask: 255 on the star, 0 on
+    the background): a set whose background never changes, so that an unmasked model learns the place with the
+    subject (bench.features masks)."""
+    if place not in CONTEXTS:
+        raise ValueError(f"place must be one of {CONTEXTS}, got {place!r}")
+    rng = random.Random(seed)
+    return [render_with_mask(_subject_scene(rng, place), seed=seed + k) for k in range(count)]
+
+
+# (height, width) in pixels of the five pictures: 1:1, then 2:3 (tall) and 3:2 (wide) twice each; every side a multiple
+# of 16, which the built-in model's latents (4x smaller) and its UNet (3 levels: multiples of 4 latents) take
+ASPECT_SHAPES = ((SIZE, SIZE), (SIZE * 3 // 2, SIZE), (SIZE, SIZE * 3 // 2), (SIZE * 3 // 2, SIZE),
+                 (SIZE, SIZE * 3 // 2))
+# their places: the subject's but the red table, whose red a colour measure of the subject would take for it
+ASPECT_PLACES = SUBJECT_CONTEXTS[:4]
+
+
+def subject_aspect_images(count: int = 5, seed: int = 0, shapes=ASPECT_SHAPES,
+                          margin: int = 6) -> list[tuple[Image.Image, Image.Image]]:
+    """(picture, mask) pairs of the demo subject on canvases of several aspect ratios: picture k has
+    shapes[k % len(shapes)] (height, width) and shows ASPECT_PLACES[k % 4]. On a long canvas the star sits at one end
+    of the long side (the two ends in turn for pictures of one shape), `margin` pixels from the border: the whole
+    picture holds it, but a centre square crop cuts it. The background is the place's square background stretched
+    to the canvas."""
+    rng = random.Random(seed)
+    r = SIZES["big"] * SIZE  # the star's outer radius; its points reach at most r from its centre
+    out = []
+    for k in range(count):
+        h, w = shapes[k % len(shapes)]
+        if min(h, w) < 2 * (r + margin):
+            raise ValueError(f"shape {h}x{w} cannot hold the subject (radius {r:.0f} px) {margin} px from the border")
+        scene = _subject_scene(rng, ASPECT_PLACES[k % len(ASPECT_PLACES)])
+        tile, tile_mask = render_with_mask(Scene(**{**scene.__dict__, "x": 0.5, "y": 0.5}), seed=seed + k)
+        cx, cy = scene.x * w, scene.y * h  # a square canvas: where subject_images would put it
+        end = sum(shapes[j % len(shapes)] == (h, w) for j in range(k)) % 2  # which end of the long side
+        if w > h:
+            cx = w - margin - r if end else margin + r
+        elif h > w:
+            cy = h - margin - r if end else margin + r
+        background = Image.new("RGB", (SIZE, SIZE))
+        _background(ImageDraw.Draw(background), scene.context, random.Random(seed + k))
+        img = background.resize((w, h), Image.BILINEAR) if (h, w) != (SIZE, SIZE) else background
+        mask = Image.new("L", (w, h), 0)
+        at = (round(cx - SIZE / 2), round(cy - SIZE / 2))
+        img.paste(tile, at, tile_mask)
+        mask.paste(tile_mask, at)
+        out.append((img, mask))
+    return out
+
+
+def subject_images_with_outlier(count: int = 5, outlier: int = 2, shape: str = "square", color: str = "blue",
+                                seed: int = 0) -> list[Image.Image]:
+    """The demo subject's pictures with picture `outlier` replaced by another object (shape, colour, no pattern)
+    in the same place and position: one wrong picture in the set, as a user's mislabelled photo."""
+    if not 0 <= outlier < count:
+        raise ValueError(f"outlier must be in [0, {count}), got {outlier}")
+    if (shape, color) == (SUBJECT_CLASS, "orange"):
+        raise ValueError("the outlier must differ from the subject in shape or colour")
+    images = subject_images(count, seed)
+    images[outlier] = object_images(shape, color, count=outlier + 1, seed=seed)[outlier]
+    return images
