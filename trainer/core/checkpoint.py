@@ -250,11 +250,28 @@ def prepare_output_dir(opts) -> Path | None:
     return resume
 
 
+def concepts_record(opts) -> list[dict]:
+    """--concepts as read (folders resolved), as a checkpoint keeps it."""
+    import dataclasses
+
+    from trainer.options.concepts import concepts_of
+
+    return [dataclasses.asdict(c) for c in concepts_of(opts)]
+
+
 def _check_resume(opts, out: Path, folder: Path) -> None:
     """Before a model loads: the options may continue this checkpoint (trainer.core.resume), and a finished
     run is continued only to train more."""
     state = load_state(folder)
     resume_options.check(opts, folder, state.get("config") or {})
+    then = state.get("concepts")
+    if opts.data.concepts and then is not None and then != concepts_record(opts):
+        now = concepts_record(opts)
+        k = next((i for i, (a, b) in enumerate(zip(now, then)) if a != b), min(len(now), len(then)))
+        what = (f"it lists {len(now)} concept(s), {folder.name} was trained on {len(then)}" if len(now) != len(then)
+                else f"concept {k + 1}: " + ", ".join(key for key in now[k] if now[k][key] != then[k].get(key)))
+        raise UserError(f"--concepts {opts.data.concepts} changed since {folder.name} was saved ({what}); "
+                        f"put it back as it was, or train the new concepts into a new --output_dir")
     marker = outdir.read_marker(out) or {}
     total, step = opts.training.max_train_steps, int(state["step"])
     if marker.get("finished") and step >= total:

@@ -139,7 +139,9 @@ def _train(opts, progress: dict, preflight, log_estimate) -> Path:
                 if why is not None:  # before anything of this step is saved
                     raise UserError(distributed.on_rank0(_diverged, run, out, done, why) or f"diverged at step {done}")
                 saved = None
-                method.on_step(run, out, done)  # (its files: rank 0 only)
+                averaged = run.ema is not None and method.writes_at(opts, done)  # --use_ema: its files hold the average
+                with ema.averaged(run) if averaged else contextlib.nullcontext():
+                    method.on_step(run, out, done)  # (its files: rank 0 only)
                 if done % opts.checkpoints.checkpointing_steps == 0 and done < total:
                     saved = _checkpoint(run, out, done)
                 elif done == total:  # the final state too, so that a finished run can be trained more
@@ -214,7 +216,16 @@ def _save_state(run, out: Path, step: int, total_limit) -> Path:
     items = {**run.models, **({ema.FOLDER: run.ema} if run.ema is not None else {})}  # (the trained state, the average)
     return checkpoint.save(out, step, models=items, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                            scaler=run.scaler, config=run.opts.to_dict(), total_limit=total_limit,
-                           extra={"guard": run.guard.state_dict()} if run.guard is not None else None)
+                           extra=_extra_state(run))
+
+
+def _extra_state(run) -> dict:
+    """What a checkpoint keeps beside the weights: the divergence guard's state; --concepts: the concepts as
+    they were read, so that a resume notices an edited file (the file's path alone would not)."""
+    extra = {"guard": run.guard.state_dict()} if run.guard is not None else {}
+    if run.opts.data.concepts:
+        extra["concepts"] = checkpoint.concepts_record(run.opts)
+    return extra
 
 
 def _final_checkpoint(run, out: Path, step: int) -> Path | None:

@@ -9,6 +9,7 @@ so a small subject trains as strongly as a large one. Rows without a mask (and c
 """
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ def mask_file(image: Path, folder) -> Path | None:
     """The mask of `image` in `folder`: the file with the image's stem and any image suffix (the first by name)."""
     if not folder:
         return None
-    found = sorted(f for f in Path(folder).glob(f"{image.stem}.*")
+    found = sorted(f for f in Path(folder).glob(f"{glob.escape(image.stem)}.*")  # ("dog[1].jpg" is a name)
                    if f.stem == image.stem and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     return found[0] if found else None
 

@@ -63,6 +63,10 @@ class Method(ABC):
     def prepare(self, opts, comps, device, weights_dtype) -> Trainable:
         """Freeze what does not train, move the trained parts to the device, return them."""
 
+    def writes_at(self, opts, step: int) -> bool:
+        """Whether on_step writes files at this step (--use_ema: they get the average)."""
+        return False
+
     def on_step(self, run, out: Path, step: int) -> None:
         """Files written after optimizer step `step` (called on every rank; the files: rank 0 only)."""
 

@@ -233,9 +233,12 @@ class TextualInversion(Method):
         return Trainable(params=params, models=models, groups=row_groups(opts, params, rows_of), new_tokens=rows_of,
                          freeze_at=opts.training.max_train_steps)
 
+    def writes_at(self, opts, step: int) -> bool:
+        every = opts.checkpoints.save_steps
+        return bool(every) and step % every == 0
+
     def on_step(self, run, out: Path, step: int) -> None:
-        every = run.opts.checkpoints.save_steps
-        if every and step % every == 0:  # diffusers' --save_steps (torchrun: rank 0 writes)
+        if self.writes_at(run.opts, step):  # diffusers' --save_steps (torchrun: rank 0 writes)
             distributed.on_rank0(export_embedding, out, run.opts, run.trainable.new_tokens, step, a1111=False,
                                  name=f"learned_embeds-steps-{step}")
 
@@ -262,6 +265,9 @@ class PivotalTuning(FullModel):
         frac, steps = opts.embedding.text_embedding_frac, opts.training.max_train_steps
         return Trainable(params=params, models=models, groups=row_groups(opts, params, rows_of), new_tokens=rows_of,
                          freeze_at=steps if frac >= 1 else max(1, round(frac * steps)))
+
+    def writes_at(self, opts, step: int) -> bool:
+        return TextualInversion.writes_at(self, opts, step)
 
     def on_step(self, run, out: Path, step: int) -> None:
         TextualInversion.on_step(self, run, out, step)

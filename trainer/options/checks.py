@@ -114,19 +114,33 @@ def _features(opts) -> None:
     for name, v, hi_ok in (("mask_min", data.mask_min, False), ("caption_dropout", data.caption_dropout, True)):
         if not math.isfinite(v) or v < 0 or v > 1 or (v == 1 and not hi_ok):
             raise UserError(f"--{name} must be >= 0 and {'<=' if hi_ok else '<'} 1, got {v}")
-    if data.mask_min and not data.masked_loss:
-        raise UserError("--mask_min is the floor of --masked_loss's weights; add --masked_loss (or --mask_dir)")
+    mask_given = [n for n, v in (("mask_min", data.mask_min), ("mask_normalization", data.mask_normalization != "none"))
+                  if v]
+    if mask_given and not data.masked_loss and not data.concepts:  # (a concept's mask_dir: checked with the file)
+        raise UserError(f"--{mask_given[0]} shapes --masked_loss's weights; add --masked_loss (or --mask_dir)")
     if data.bucket_reso_steps < buckets.SIDE_MULTIPLE or data.bucket_reso_steps % buckets.SIDE_MULTIPLE:
         raise UserError(f"--bucket_reso_steps must be a positive multiple of {buckets.SIDE_MULTIPLE}, got "
                         f"{data.bucket_reso_steps}")
     if data.enable_bucket and data.aspect_ratio_buckets and str(data.aspect_ratio_buckets).strip().lower() != "auto":
         raise UserError("--enable_bucket means --aspect_ratio_buckets auto; give one of them")
+    spec = data.aspect_ratio_buckets or ("auto" if data.enable_bucket else None)
+    automatic = spec is not None and str(spec).strip().lower() == "auto"
+    if data.bucket_reso_steps != 64 and not automatic:
+        raise UserError("--bucket_reso_steps sets the sides of automatic buckets; add --aspect_ratio_buckets auto "
+                        "(a bucket list gives its own sides)")
+    if automatic and data.bucket_reso_steps > data.resolution:
+        raise UserError(f"--bucket_reso_steps {data.bucket_reso_steps} is more than --resolution {data.resolution}: "
+                        f"no bucket side fits; use e.g. --bucket_reso_steps {max(8, data.resolution // 8 // 8 * 8)}")
     buckets.buckets_of(data)  # (a list that does not parse: its one line)
     if data.keep_tokens < 0:
         raise UserError(f"--keep_tokens must be >= 0, got {data.keep_tokens}")
     if data.keep_tokens and not data.shuffle_caption:
         raise UserError("--keep_tokens keeps the first N parts in front when --shuffle_caption shuffles the rest; "
                         "add --shuffle_caption")
+    robust = [n for n, v in (("huber_c", training.huber_c != 0.1), ("huber_schedule", training.huber_schedule != "snr"))
+              if v]
+    if robust and training.loss_type == "l2":
+        raise UserError(f"--{robust[0]} applies to --loss_type huber or smooth_l1, not l2")
     if not math.isfinite(training.huber_c) or training.huber_c <= 0:
         raise UserError(f"--huber_c must be > 0, got {training.huber_c}")
     if training.huber_schedule == "exponential" and training.huber_c > 1:
@@ -134,7 +148,8 @@ def _features(opts) -> None:
                         f"{training.huber_c}")
     if not math.isfinite(ema.ema_decay) or not 0 < ema.ema_decay < 1:
         raise UserError(f"--ema_decay must be > 0 and < 1 (0.9999 is diffusers'), got {ema.ema_decay}")
-    given = [n for n, v in (("save_raw_weights", ema.save_raw_weights), ("ema_device", ema.ema_device)) if v]
+    given = [n for n, v in (("save_raw_weights", ema.save_raw_weights), ("ema_device", ema.ema_device),
+                            ("ema_decay", ema.ema_decay != 0.9999), ("ema_dtype", ema.ema_dtype != "fp32")) if v]
     if given and not ema.use_ema:
         raise UserError(f"--{given[0]} needs --use_ema")
 
