@@ -13,6 +13,7 @@ import torch
 from trainer.core.batches import Batch
 from trainer.families import family_with_text_encoders
 from trainer.memory.tracker import PHASES, StorageTracker, track_backward
+from trainer.options.buckets import buckets_of
 
 ROUND = 512  # the CUDA caching allocator's block granularity
 
@@ -33,11 +34,12 @@ class StepBatches:
     prompt embeddings too unless the text encoders train, then the family's encode_prompt runs them. make()
     also marks the start of a forward pass."""
 
-    def __init__(self, train, family, text_encoders, tracker, *, latent_size: int, seq_len: int):
+    def __init__(self, train, family, text_encoders, tracker, *, latent_size, seq_len: int):
         self.opts, self.family, self.text_encoders, self.tracker = train, family, list(text_encoders), tracker
         self.tokenizers = [_Tokenizer(seq_len)] * len(self.text_encoders)
         self.cls = True if train.prior.with_prior_preservation else None
-        self.shape = (4, latent_size, latent_size)
+        h, w = latent_size if isinstance(latent_size, tuple) else (latent_size, latent_size)
+        self.shape = (4, h, w)
         self.emb_shape = (seq_len, sum(te.config.hidden_size for te in self.text_encoders))
         last = self.text_encoders[-1].config
         self.pooled = last.projection_dim if len(self.text_encoders) > 1 else 0
@@ -235,7 +237,8 @@ def track_step(opts, *, confs: dict | None = None, comps=None, fake: bool = True
         notes.append(STOCK_NOTE_XL if comps.text_encoder_2 is not None else STOCK_NOTE)
     tracker = StorageTracker()
     encoders = comps.text_encoders
-    batches = StepBatches(train, family, encoders, tracker, latent_size=train.data.resolution // factor,
+    largest = max(buckets_of(train.data) or [(train.data.resolution,) * 2], key=lambda hw: hw[0] * hw[1])
+    batches = StepBatches(train, family, encoders, tracker, latent_size=(largest[0] // factor, largest[1] // factor),
                           seq_len=seq_len)
     undo = []
     with mode:
