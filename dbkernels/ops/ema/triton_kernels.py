@@ -21,26 +21,15 @@ import triton
 import triton.language as tl
 
 from ... import _triton
-from ...optim.reference import FMIX_C1 as _C1, FMIX_C2 as _C2, GOLDEN_INDEX as _GI
+from ...optim.reference import GOLDEN_INDEX as _GI
+from ...optim.triton_kernels import _fmix32  # (AdamW8bit's stochastic rounding hashes the same way)
 from . import reference
 
 # Globals used inside @triton.jit must be tl.constexpr (a plain module int is a NameError for the GPU compiler).
-FMIX_C1 = tl.constexpr(_C1)
-FMIX_C2 = tl.constexpr(_C2)
 GOLDEN_INDEX = tl.constexpr(_GI)
 BLOCK = 4096          # elements per program
 ALIGN = 16            # bytes: every tensor starting on this boundary lets the loads be vectorised
 _CACHE_SIZE = 8       # tables kept (the trainer uses one or two groups)
-
-
-@triton.jit
-def _fmix32(h):
-    # h: uint32. The casts keep the arithmetic mod 2^32 whatever the literals promote to.
-    h = h ^ (h >> 16)
-    h = (h * FMIX_C1).to(tl.uint32)
-    h = h ^ (h >> 13)
-    h = (h * FMIX_C2).to(tl.uint32)
-    return h ^ (h >> 16)
 
 
 @triton.jit
