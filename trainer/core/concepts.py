@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trainer.core import images, prompts
 from trainer.core.class_images import generate_per_concept
+from trainer.options.buckets import buckets_of
 from trainer.options.concepts import concepts_of, options_of
 
 
@@ -32,7 +33,8 @@ class Subjects:
             self.owner += [k] * len(files)
         data = opts.data
         self.inst = images.ImageSet(self.files, data.resolution, center_crop=data.center_crop,
-                                    random_flip=data.random_flip, interpolation=data.image_interpolation_mode)
+                                    random_flip=data.random_flip, interpolation=data.image_interpolation_mode,
+                                    buckets=buckets_of(data))
         self.captions = []  # per instance image: its caption file's first line, or None
         for k, o in enumerate(self.options):
             files, suffix = [f for f, j in zip(self.files, self.owner) if j == k], _caption_suffix(o)

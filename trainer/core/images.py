@@ -284,7 +284,7 @@ class ImageSet:
     """
 
     def __init__(self, files: list[Path], resolution: int, *, center_crop: bool, random_flip: bool,
-                 interpolation: str | None = None):
+                 interpolation: str | None = None, buckets: list[tuple[int, int]] | None = None):
         self.files = files
         self.resample = RESAMPLE[interpolation or "bilinear"]
         self.resolution = resolution
@@ -303,20 +303,27 @@ class ImageSet:
         if small:
             _say("warning", f"{where}: {len(small)} image(s) smaller than half the training resolution "
                             f"{resolution} (short side < {resolution / 2:g}), upscaled: {_names(small)}")
-        self._note_extreme_aspect(where)
+        self._note_extreme_aspect(where, buckets)
 
-    def _note_extreme_aspect(self, where: str) -> None:
-        """Panoramas and the like: each training view is a square, so it keeps short/long of the image."""
+    def _note_extreme_aspect(self, where: str, buckets) -> None:
+        """Panoramas and the like: each training view is a square (or the nearest bucket), so it keeps short/long of
+        the image (of the ratios)."""
         extreme = []
+        shapes = [w / h for h, w in buckets] if buckets else [1.0]
         for f, im in zip(self.files, self.images):
             long, short = max(im.size), min(im.size)
-            if long > EXTREME_ASPECT * short:
+            aspect = im.size[0] / im.size[1]
+            view = min(shapes, key=lambda r: abs(r - aspect))  # (trainer.core.buckets.nearest's rule)
+            kept = min(aspect / view, view / aspect)
+            if kept < 1 / EXTREME_ASPECT:
                 ratio = f"{long / short:.3g}:1" if im.size[0] >= im.size[1] else f"1:{long / short:.3g}"
-                extreme.append(f"{f.name} ({ratio}, {100 * short / long:.0f}%)")
+                extreme.append(f"{f.name} ({ratio}, {100 * kept:.0f}%)")
         if extreme:
             at = "at the center" if self.center_crop else "at a random place each step"
-            _say("note", f"{where}: {len(extreme)} image(s) more than {EXTREME_ASPECT:g}:1; each training view is a "
-                         f"square crop ({at}) that keeps only this share of the image: {_names(extreme)}; crop them "
+            shape = "crop of the nearest bucket" if buckets else "square crop"
+            off = " off the shape of every bucket" if buckets else ""
+            _say("note", f"{where}: {len(extreme)} image(s) more than {EXTREME_ASPECT:g}:1{off}; each training view "
+                         f"is a {shape} ({at}) that keeps only about this share of the image: {_names(extreme)}; crop them "
                          f"around the subject yourself to train on all of it")
 
     def __len__(self):
