@@ -323,8 +323,8 @@ class ImageSet:
             shape = "crop of the nearest bucket" if buckets else "square crop"
             off = " off the shape of every bucket" if buckets else ""
             _say("note", f"{where}: {len(extreme)} image(s) more than {EXTREME_ASPECT:g}:1{off}; each training view "
-                         f"is a {shape} ({at}) that keeps only about this share of the image: {_names(extreme)}; crop them "
-                         f"around the subject yourself to train on all of it")
+                         f"is a {shape} ({at}) that keeps only about this share of the image: {_names(extreme)}; "
+                         f"crop them "                         f"around the subject yourself to train on all of it")
 
     def __len__(self):
         return len(self.images)

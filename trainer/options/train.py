@@ -76,7 +76,7 @@ class DataOptions:
                                 aliases=("--conditioning_data_dir",), metavar="DIR")
     mask_min: float = flag(0.0, "floor of the mask weight, in [0, 1): the background is down-weighted to this instead "
                            "of ignored (0: kohya's, ignored)", type=float)
-    mask_normalization: str = flag("none", "none: the masked squared error's plain mean (kohya's); mean: divided by the "
+    mask_normalization: str = flag("none", "none: the masked loss's plain mean (kohya's); mean: divided by the "
                                    "mask's mean per image, so a small subject trains as strongly as a large one",
                                    choices=("none", "mean"))
     aspect_ratio_buckets: str | None = flag(
