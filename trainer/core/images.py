@@ -324,7 +324,7 @@ class ImageSet:
             off = " off the shape of every bucket" if buckets else ""
             _say("note", f"{where}: {len(extreme)} image(s) more than {EXTREME_ASPECT:g}:1{off}; each training view "
                          f"is a {shape} ({at}) that keeps only about this share of the image: {_names(extreme)}; "
-                         f"crop them "                         f"around the subject yourself to train on all of it")
+                         f"crop them around the subject yourself to train on all of it")
 
     def __len__(self):
         return len(self.images)
