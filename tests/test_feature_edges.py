@@ -77,3 +77,14 @@ def test_flags_without_their_switch_are_refused_in_one_line(tmp_path, capsys, fl
                             str(tmp_path / "d"), "--instance_prompt", "a [V] star", "--output_dir",
                             str(tmp_path / "o")] + flags, capsys)
     one_line_error(code, err, says)
+
+
+def test_a_bucket_the_unet_cannot_take_is_refused_before_class_images_are_drawn(tmp_path, capsys):
+    _pictures(tmp_path / "d", scenes.subject_images(1))
+    code, _, err = run_cli(["train", "--pretrained_model_name_or_path", MODEL, "--instance_data_dir",
+                            str(tmp_path / "d"), "--instance_prompt", "a [V] star", "--aspect_ratio_buckets",
+                            "40,40;40,72", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "cls"),
+                            "--class_prompt", "a star", "--num_class_images", "1", "--resolution", "64",
+                            "--output_dir", str(tmp_path / "o")], capsys)
+    one_line_error(code, err, "bucket 40x40", "--bucket_reso_steps")
+    assert not (tmp_path / "cls").exists() and not (tmp_path / "o").exists()

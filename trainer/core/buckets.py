@@ -7,10 +7,8 @@ are viewed at that bucket too (class images are generated square: they are resiz
 """
 from __future__ import annotations
 
-import math
-
 from trainer.core.images import _say
-from trainer.errors import UserError
+from trainer.options.buckets import check_latent_sides
 
 
 def nearest(width: int, height: int, sizes: list[tuple[int, int]]) -> int:
@@ -19,19 +17,6 @@ def nearest(width: int, height: int, sizes: list[tuple[int, int]]) -> int:
     ratio = width / height
     errors = [abs(w / h - ratio) for h, w in sizes]
     return errors.index(min(errors))
-
-
-def check_latent_sides(sizes: list[tuple[int, int]], vae_factor: int, unet_factor: int) -> None:
-    """One line for the first bucket whose latent sides the UNet cannot take (each a multiple of unet_factor:
-    the UNet halves them that many times and adds the skips back)."""
-    multiple = vae_factor * unet_factor
-    for h, w in sizes:
-        if h % multiple or w % multiple:
-            lat = f"{h // vae_factor}x{w // vae_factor}"
-            raise UserError(f"bucket {h}x{w} (height x width) gives {lat} latents, but this model's UNet needs "
-                            f"latent sides that are multiples of {unet_factor} (image sides multiples of {multiple}); "
-                            f"use a --bucket_reso_steps that is a multiple of {multiple} (e.g. "
-                            f"{math.lcm(multiple, 8)}), or buckets with such sides in --aspect_ratio_buckets")
 
 
 class Buckets:

@@ -6,12 +6,14 @@ read-only folder is one line at the start, not a traceback after minutes of work
 concept's folders are checked as the flags' would be, and an error names the concept."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.formats.outdir import check_creatable, check_output_dir, writable
 from trainer.options import concepts, diffusers_flags
+from trainer.options.buckets import buckets_of, check_latent_sides
 from trainer.options.checks import count_images
 
 
@@ -43,6 +45,7 @@ def check_paths(opts) -> None:
     family.check_folder(model, variant=opts.model.variant, what="--pretrained_model_name_or_path")
     family.check_options(opts)
     diffusers_flags.check_model_extras(opts)
+    _check_buckets(opts, Path(model))
     if not opts.data.concepts:
         _check_subject(opts)
     for k, c in enumerate(concepts.concepts_of(opts) if opts.data.concepts else [], 1):
@@ -56,6 +59,21 @@ def check_paths(opts) -> None:
     if opts.logging.validation_prompt:
         _check_writes_into(out / "validation", "the validation folder (--validation_prompt)")
     diffusers_flags.resolve_counts(opts)
+
+
+def _check_buckets(opts, model: Path) -> None:
+    """Buckets whose latents this model's UNet cannot take, refused before it loads (from its configs' levels;
+    the run checks again on the loaded model)."""
+    sizes = buckets_of(opts.data)
+    if not sizes:
+        return
+    levels = {}
+    for part in ("vae", "unet"):
+        try:
+            levels[part] = len(json.loads((model / part / "config.json").read_text())["block_out_channels"])
+        except (OSError, ValueError, KeyError, TypeError):  # (a model folder of another shape: checked on load)
+            return
+    check_latent_sides(sizes, 2 ** (levels["vae"] - 1), 2 ** (levels["unet"] - 1))
 
 
 def _check_subject(opts) -> None:

@@ -2,6 +2,8 @@
 shape at the training area). Sizes are (height, width) in pixels. No torch here."""
 from __future__ import annotations
 
+import math
+
 from trainer.errors import UserError
 
 SIDE_MULTIPLE = 8  # the VAE downsamples by 8
@@ -49,3 +51,16 @@ def buckets_of(data) -> list[tuple[int, int]] | None:
     if str(spec).strip().lower() == "auto":
         return auto_buckets(data.resolution, data.bucket_reso_steps)
     return parse_bucket_list(spec)
+
+
+def check_latent_sides(sizes: list[tuple[int, int]], vae_factor: int, unet_factor: int) -> None:
+    """One line for the first bucket whose latent sides the UNet cannot take (each a multiple of unet_factor:
+    the UNet halves them that many times and adds the skips back)."""
+    multiple = vae_factor * unet_factor
+    for h, w in sizes:
+        if h % multiple or w % multiple:
+            lat = f"{h // vae_factor}x{w // vae_factor}"
+            raise UserError(f"bucket {h}x{w} (height x width) gives {lat} latents, but this model's UNet needs "
+                            f"latent sides that are multiples of {unet_factor} (image sides multiples of {multiple}); "
+                            f"use a --bucket_reso_steps that is a multiple of {multiple} (e.g. "
+                            f"{math.lcm(multiple, 8)}), or buckets with such sides in --aspect_ratio_buckets")
