@@ -56,9 +56,11 @@ DIFFERENCES = (  # of an EstimateOptions
     (lambda c: c.train.ema.use_ema and c.train.ema.ema_device != "cpu",
      "--use_ema: the average is counted in every phase as category ema; its update after the step is one fused "
      "in-place kernel (no temporaries)"),
-    (lambda c: not c.stock_recipe,
+    (lambda c: not c.stock_recipe and not c.train.data.shuffle_caption,
      "latents and prompt embeddings are cached as the trainer does for square or center-cropped images: the VAE "
      "(and frozen text encoders) are not on the GPU during the steps; random crops would keep the VAE there"),
+    (lambda c: c.train.data.shuffle_caption,
+     "--shuffle_caption: the frozen text encoders stay on the GPU (each step's shuffled prompts are encoded)"),
 )
 
 

@@ -254,8 +254,9 @@ def track_step(opts, *, confs: dict | None = None, comps=None, fake: bool = True
         try:
             undo = _as_on_gpu(run, fake, foreach=stock)
             with tracker:
-                on_gpu = [run.unet] + (encoders if train.training.train_text_encoder or run.trainable.new_tokens
-                                       else [])
+                # (--shuffle_caption: the frozen encoders stay too, each step's shuffled prompts are encoded)
+                kept = train.training.train_text_encoder or run.trainable.new_tokens or train.data.shuffle_caption
+                on_gpu = [run.unet] + (encoders if kept else [])
                 weights = [t for m in on_gpu + resident for t in (*m.parameters(), *m.buffers())]
                 for t in weights:
                     tracker.add(t)
