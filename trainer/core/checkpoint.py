@@ -265,8 +265,8 @@ def _check_resume(opts, out: Path, folder: Path) -> None:
     state = load_state(folder)
     resume_options.check(opts, folder, state.get("config") or {})
     then = state.get("concepts")
-    if opts.data.concepts and then is not None and then != concepts_record(opts):
-        now = concepts_record(opts)
+    now = concepts_record(opts) if opts.data.concepts and then is not None else then
+    if now != then:
         k = next((i for i, (a, b) in enumerate(zip(now, then)) if a != b), min(len(now), len(then)))
         what = (f"it lists {len(now)} concept(s), {folder.name} was trained on {len(then)}" if len(now) != len(then)
                 else f"concept {k + 1}: " + ", ".join(key for key in now[k] if now[k][key] != then[k].get(key)))

@@ -8,6 +8,7 @@ and caption files) must name the subject ([V] or its word). No torch here.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -101,6 +102,12 @@ def _at_least(low: int, **values) -> None:
             raise UserError(f"--{name} must be >= {low}, got {value}")
 
 
+def _given(section, *names: str) -> list[str]:
+    """Those of the fields `names` of an options dataclass that differ from their defaults (were given)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(section)}
+    return [n for n in names if getattr(section, n) != defaults[n]]
+
+
 def _features(opts) -> None:
     """Masks, buckets, caption dropout and shuffling, robust losses, EMA."""
     from trainer.options import buckets
@@ -114,8 +121,7 @@ def _features(opts) -> None:
     for name, v, hi_ok in (("mask_min", data.mask_min, False), ("caption_dropout", data.caption_dropout, True)):
         if not math.isfinite(v) or v < 0 or v > 1 or (v == 1 and not hi_ok):
             raise UserError(f"--{name} must be >= 0 and {'<=' if hi_ok else '<'} 1, got {v}")
-    mask_given = [n for n, v in (("mask_min", data.mask_min), ("mask_normalization", data.mask_normalization != "none"))
-                  if v]
+    mask_given = _given(data, "mask_min", "mask_normalization")
     if mask_given and not data.masked_loss and not data.concepts:  # (a concept's mask_dir: checked with the file)
         raise UserError(f"--{mask_given[0]} shapes --masked_loss's weights; add --masked_loss (or --mask_dir)")
     if data.bucket_reso_steps < buckets.SIDE_MULTIPLE or data.bucket_reso_steps % buckets.SIDE_MULTIPLE:
@@ -125,7 +131,7 @@ def _features(opts) -> None:
         raise UserError("--enable_bucket means --aspect_ratio_buckets auto; give one of them")
     spec = data.aspect_ratio_buckets or ("auto" if data.enable_bucket else None)
     automatic = spec is not None and str(spec).strip().lower() == "auto"
-    if data.bucket_reso_steps != 64 and not automatic:
+    if _given(data, "bucket_reso_steps") and not automatic:
         raise UserError("--bucket_reso_steps sets the sides of automatic buckets; add --aspect_ratio_buckets auto "
                         "(a bucket list gives its own sides)")
     if automatic and data.bucket_reso_steps > data.resolution:
@@ -137,8 +143,7 @@ def _features(opts) -> None:
     if data.keep_tokens and not data.shuffle_caption:
         raise UserError("--keep_tokens keeps the first N parts in front when --shuffle_caption shuffles the rest; "
                         "add --shuffle_caption")
-    robust = [n for n, v in (("huber_c", training.huber_c != 0.1), ("huber_schedule", training.huber_schedule != "snr"))
-              if v]
+    robust = _given(training, "huber_c", "huber_schedule")
     if robust and training.loss_type == "l2":
         raise UserError(f"--{robust[0]} applies to --loss_type huber or smooth_l1, not l2")
     if not math.isfinite(training.huber_c) or training.huber_c <= 0:
@@ -148,8 +153,7 @@ def _features(opts) -> None:
                         f"{training.huber_c}")
     if not math.isfinite(ema.ema_decay) or not 0 < ema.ema_decay < 1:
         raise UserError(f"--ema_decay must be > 0 and < 1 (0.9999 is diffusers'), got {ema.ema_decay}")
-    given = [n for n, v in (("save_raw_weights", ema.save_raw_weights), ("ema_device", ema.ema_device),
-                            ("ema_decay", ema.ema_decay != 0.9999), ("ema_dtype", ema.ema_dtype != "fp32")) if v]
+    given = _given(ema, "save_raw_weights", "ema_device", "ema_decay", "ema_dtype")
     if given and not ema.use_ema:
         raise UserError(f"--{given[0]} needs --use_ema")
 
