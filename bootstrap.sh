@@ -50,6 +50,8 @@ else
 fi
 # everything else the trainer and the tests need (no torch / triton in there: see above)
 pip install -r requirements-test.txt
+# the browser tests of `dbtrain ui` (Gradio, Playwright; the Chromium they drive is the system's)
+if [ "$what" = test ]; then pip install -r requirements-ui-test.txt; fi
 pip install --no-build-isolation --no-deps -e .
 "$PY" -m dbkernels 2>&1 | sed -n 1,3p
 

@@ -23,6 +23,7 @@ TRAINER_LAYERS = (  # rank: packages (or modules) of trainer/
     ("trainer.memory",),
     ("trainer.world",),
     ("trainer.fabric",),
+    ("trainer.ui",),  # the web app: over the commands' options and child processes of `dbtrain`
     ("trainer",),  # the commands: trainer.commands, trainer.cli, `python -m trainer`
 )
 MAX_LINES = 500

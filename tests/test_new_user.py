@@ -227,6 +227,10 @@ def test_package_bounds_agree_with_the_pins():
     assert not _requirement(train, "torch").specifier.contains("2.14.1")  # what an unpinned install would pull
     assert _requirement(meta["optional-dependencies"]["triton"], "triton").specifier.contains(triton_pin)
     assert "dbtrain" in meta["scripts"]
+    ui_pins = [Requirement(x) for x in (ROOT / "requirements-ui-test.txt").read_text().splitlines()
+               if x.strip() and not x.startswith("#")]
+    gradio = [s.version for r in ui_pins if r.name == "gradio" for s in r.specifier if s.operator == "=="]
+    assert gradio and _requirement(meta["optional-dependencies"]["ui"], "gradio").specifier.contains(gradio[0])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`dbtrain train|textual-inversion|sample|eval|demo|fabric|export|estimate ...` (also `python -m trainer ...`).
+"""`dbtrain train|textual-inversion|sample|eval|demo|fabric|export|estimate|ui ...` (also `python -m trainer ...`).
 
 Flags are parsed and checked, and the folders they name looked at, before torch or a
 model is imported: `--help` and every foreseeable mistake come back at once. Bad input
@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from trainer.commands import demo, estimate, evaluate, export, fabric, sample, textual_inversion, train
+from trainer.commands import demo, estimate, evaluate, export, fabric, sample, textual_inversion, train, ui
 from trainer.core import interrupts
 from trainer.errors import Resumable, UserError
 
@@ -23,10 +23,11 @@ USAGE = """usage: dbtrain demo [options]      DreamBooth on the built-in tiny mo
        dbtrain eval [options]      the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of a model
        dbtrain fabric [options]    images steered by liked / disliked images, no training (FABRIC)
        dbtrain export [options]    a model folder as one .safetensors file (A1111/ComfyUI), LoRA formats
-       dbtrain estimate [options]  peak GPU memory of a training step, computed on the CPU"""
+       dbtrain estimate [options]  peak GPU memory of a training step, computed on the CPU
+       dbtrain ui [options]        the trainer in a browser: train, sample, FABRIC (needs the [ui] extra)"""
 # each command's module: run(argv) parses and checks the flags (before torch loads), then does the work
 COMMANDS = {"train": train, "textual-inversion": textual_inversion, "sample": sample, "eval": evaluate,
-            "demo": demo, "fabric": fabric, "export": export, "estimate": estimate}
+            "demo": demo, "fabric": fabric, "export": export, "estimate": estimate, "ui": ui}
 
 # The torch that bootstrap.sh installs and CI runs (pyproject.toml's [train] bounds admit it; a test checks both).
 # It goes in first: left to `pip install ".[train]"`, pip takes PyPI's CUDA build, GBs of wheels, on a CPU machine.
