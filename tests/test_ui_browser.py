@@ -1,8 +1,8 @@
 """`dbtrain ui` in a real browser: Playwright driving headless Chromium (Debian's, launched by its path)
-against the app on 127.0.0.1, started and stopped here. Train: 4 photos, a short run on the built-in model,
-the loss plot gaining points and a validation image, Stop (a checkpoint), Resume to the end; a second start
-while it runs is refused. Sample: images from the run's model into the run's folder. FABRIC: a round, one like,
-the next round steered by it. Bad input: the CLI's one-line message on the page.
+against the app on 127.0.0.1, started and stopped here. Train: 4 photos, "Will it fit?", a short run on the
+built-in model, the loss plot gaining points and a validation image, Stop (a checkpoint), Resume to the end;
+a second start while it runs is refused. Sample: images from the run's model into the run's folder. FABRIC:
+a round, one like and one dislike, the next round steered by them. Bad input: the CLI's one line on the page.
 
 DBTRAIN_UI_SCREENSHOTS=DIR saves a screenshot of each page there (docs/img/ui-*.png are made so)."""
 from __future__ import annotations
@@ -166,6 +166,9 @@ def test_train_stop_resume(page, app, photos):
     _fill(page, "train-steps", 300)
     _fill(page, "train-val-steps", 20)
     _fill(page, "train-other", TRAIN_FLAGS)
+    page.locator("#train-fit").click()  # dbtrain estimate with these flags, for the 24 GB card chosen
+    _wait(lambda: "fits the 24 GB card" in _text(page, "train-verdict"), 120)
+    assert "dbtrain estimate" in _text(page, "train-verdict")
     page.locator("#train-start").click()
 
     def points():

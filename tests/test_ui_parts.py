@@ -63,8 +63,14 @@ def test_bad_flags_come_back_as_the_clis_one_line(tmp_path):
 def test_native_resolution_and_estimate_verdict():
     assert forms.native_resolution(str(BUILTIN_MODEL)) == 64
     assert forms.native_resolution("/nonexistent") is None
-    report = "by phase\npredicted peak: 0.80 GiB (860060254 bytes): fits the 8 GB card, 7.20 GiB to spare\nmore"
-    assert forms.verdict(report).startswith("predicted peak: 0.80 GiB") and forms.verdict("nothing") == ""
+    report = ("by phase\npredicted peak: 0.80 GiB (860060254 bytes): fits the 8 GB card, 7.20 GiB to spare\n"
+              "where the GPU run differs from this estimate:\n  - notes")
+    assert forms.verdict(report) == ("predicted peak: 0.80 GiB (860060254 bytes): fits the 8 GB card, 7.20 GiB to "
+                                     "spare", "")
+    over = ("predicted peak: 1.23 GiB: does not fit the 0.5 GB card (0.73 GiB over)\nto fit the 0.5 GB card, add:\n"
+            "  --gradient_checkpointing   0.93 GiB\nwhere the GPU run differs from this estimate:\n  - notes")
+    assert forms.verdict(over)[1] == "to fit the 0.5 GB card, add:\n  --gradient_checkpointing   0.93 GiB"
+    assert forms.verdict("nothing") == ("", "")
 
 
 def test_new_folders_are_never_reused_and_uploads_keep_their_stems(tmp_path):

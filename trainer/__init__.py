@@ -11,6 +11,7 @@ Layers, each a package that may import only the ones listed before it (tests/tes
   memory        `dbtrain estimate`: the step's peak GPU memory from fake tensors
   world         the built-in world: scenes, tiny models, judge, metrics, evaluation, the demo
   fabric        FABRIC sampling (no training)
+  ui            `dbtrain ui`: the web app (Gradio, the [ui] extra) over `dbtrain` child processes
   commands      one module per `dbtrain` command (trainer.cli dispatches; `python -m trainer`)
 The kernel library `dbkernels` sits below all of them; benchmarks and experiments live in bench/.
 """

@@ -143,9 +143,16 @@ def estimate_argv(argv: list[str], card_gb: float) -> list[str]:
     return [*argv, "--estimate_only", "--card_gb", f"{card_gb:g}"]
 
 
-def verdict(report: str) -> str:
-    """The estimate's verdict line ("predicted peak: ...: fits the 12 GB card, ...") out of its report."""
-    for line in report.splitlines():
+def verdict(report: str) -> tuple[str, str]:
+    """The estimate's verdict line ("predicted peak: ...: fits the 12 GB card, ...") and what follows it in the
+    report when it does not fit (the flags that would make it fit, in order)."""
+    lines = report.splitlines()
+    for k, line in enumerate(lines):
         if line.startswith("predicted peak"):
-            return line
-    return ""
+            advice = []
+            for more in lines[k + 1:]:
+                if more.startswith("where the GPU run differs"):
+                    break
+                advice.append(more)
+            return line, "\n".join(advice).strip()
+    return "", ""

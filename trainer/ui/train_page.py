@@ -55,6 +55,23 @@ def show_photos(photos, masks, masked):
     return shown, forms.check_photos(len(files)) or f"{len(files)} photos, as the trainer will read them"
 
 
+# what the estimate does not read (the data, the output, the validation prompt): left out of its command line
+_NOT_ESTIMATED = {"--instance_data_dir", "--instance_prompt", "--class_prompt", "--class_data_dir", "--output_dir",
+                  "--validation_prompt", "--mask_dir"}
+
+
+def _model_flags(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _NOT_ESTIMATED:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def will_it_fit(card_gb, photos, *values):
     """`dbtrain estimate` with this form's flags and --card_gb: its verdict line, then its whole report."""
     try:
@@ -65,7 +82,7 @@ def will_it_fit(card_gb, photos, *values):
     if argv[0] == "textual-inversion":
         return ("Textual Inversion is not estimated (`dbtrain estimate` covers `dbtrain train`'s methods); it trains "
                 "only the new token's rows and needs less memory than DreamBooth with the same settings"), ""
-    argv = ["estimate", *argv[1:], "--card_gb", f"{float(card_gb):g}"]
+    argv = ["estimate", *_model_flags(argv[1:]), "--card_gb", f"{float(card_gb):g}"]
     problem = forms.check_argv(["train", *argv[1:]])
     if problem:
         return problem, ""
@@ -74,7 +91,9 @@ def will_it_fit(card_gb, photos, *values):
     report = (done.stdout + done.stderr).strip()
     if done.returncode:
         return next((ln for ln in reversed(report.splitlines()) if "error" in ln), report[-300:]), report
-    return f"**{forms.verdict(report) or 'estimate done'}**\n\n`{command_line(argv)}`", report
+    line, advice = forms.verdict(report)
+    advice = f"\n\n```\n{advice}\n```" if advice else ""
+    return f"**{line or 'estimate done'}**{advice}\n\n`{command_line(argv)}`", report
 
 
 def start(app, photos, masks, *values):
