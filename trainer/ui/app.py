@@ -14,7 +14,7 @@ import gradio as gr
 from trainer.options.sampling import BUILTIN_MODEL
 from trainer.options.ui import UiOptions
 from trainer.ui import fabric_page, sample_page, train_page
-from trainer.ui.jobs import Slot
+from trainer.ui.jobs import Job, Slot
 from trainer.ui.runs import latest_run, model_folders
 
 # system fonts only: the default theme asks Google's font servers, which a machine offline cannot reach
@@ -33,6 +33,7 @@ class App:
     opts: UiOptions
     slot: Slot = field(default_factory=Slot)
     train_run: dict | None = None  # {"folder", "argv", "max_steps", "method"} of the last run started
+    train_job: Job | None = None  # its last child process (the slot's may be a sample or a FABRIC round since)
 
     def __post_init__(self):
         self.train_run = latest_run(self.runs_dir)  # a restarted app shows its last run; Resume continues it

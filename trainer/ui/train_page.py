@@ -72,7 +72,7 @@ def _model_flags(args: list[str]) -> list[str]:
     return out
 
 
-def will_it_fit(card_gb, photos, *values):
+def will_it_fit(card_gb, *values):
     """`dbtrain estimate` with this form's flags and --card_gb: its verdict line, then its whole report."""
     try:
         form = _form(list(values))
@@ -82,10 +82,10 @@ def will_it_fit(card_gb, photos, *values):
     if argv[0] == "textual-inversion":
         return ("Textual Inversion is not estimated (`dbtrain estimate` covers `dbtrain train`'s methods); it trains "
                 "only the new token's rows and needs less memory than DreamBooth with the same settings"), ""
-    argv = ["estimate", *_model_flags(argv[1:]), "--card_gb", f"{float(card_gb):g}"]
-    problem = forms.check_argv(["train", *argv[1:]])
+    problem = forms.check_argv(argv)  # (the run's flags, as Start would check them)
     if problem:
         return problem, ""
+    argv = ["estimate", *_model_flags(argv[1:]), "--card_gb", f"{float(card_gb):g}"]
     done = subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True, env=child_env(),
                           timeout=600)
     report = (done.stdout + done.stderr).strip()
@@ -125,7 +125,7 @@ def start(app, photos, masks, *values):
             return problem
         record = {"argv": argv, "max_steps": form.max_train_steps, "method": form.method, "created": time.time()}
         runs.write_json(folder / runs.RUN_FILE, record)
-        app.slot.start(Job("train", argv, folder / "ui-train.log"))
+        app.train_job = app.slot.start(Job("train", argv, folder / "ui-train.log"))
     except (UserError, Busy) as e:
         shutil.rmtree(folder, ignore_errors=True)  # ours, just made, holding only copies
         return f"dbtrain: error: {e}"
@@ -134,8 +134,8 @@ def start(app, photos, masks, *values):
 
 
 def stop(app):
-    job = app.slot.job
-    if job is None or job.kind != "train" or not job.running:
+    job = app.train_job
+    if job is None or not job.running:
         return "dbtrain: error: no training run is going"
     job.stop()
     return ""
@@ -154,7 +154,7 @@ def resume(app):
         return f"dbtrain: error: {folder / 'model'} has no checkpoint to resume from; start a new run"
     argv = [*run["argv"], "--resume_from_checkpoint", "latest"]
     try:
-        app.slot.start(Job("train", argv, folder / "ui-train.log"))
+        app.train_job = app.slot.start(Job("train", argv, folder / "ui-train.log"))
     except Busy as e:
         return f"dbtrain: error: {e}"
     return ""
@@ -167,8 +167,8 @@ def run_state(app) -> tuple[str, str, list, str, str, str]:
         return plot.progress_html(0, None, "no run yet"), plot.loss_svg([]), [], "", "", ""
     folder = Path(run["folder"])
     records = runs.read_log(folder / "model")
-    job = app.slot.job
-    mine = job is not None and job.kind == "train" and Path(job.log).parent == folder
+    job = app.train_job
+    mine = job is not None and Path(job.log).parent == folder
     step = records[-1]["step"] if records else 0
     message = ""
     if mine and job.running:
@@ -178,6 +178,10 @@ def run_state(app) -> tuple[str, str, list, str, str, str]:
     elif mine and job.returncode is not None:
         message = job.message() or ""
         state = "stopped: Resume continues it" if job.stop_requested or job.returncode in (130, 143) else "failed"
+    elif (folder / "model" / "dreambooth.json").is_file():  # a run of an earlier app: what its folder says
+        state, step = "finished", run["max_steps"] or step
+    elif runs.checkpoints(folder / "model"):
+        state = "stopped: Resume continues it"
     else:
         state = "not running"
     grids = [(str(p), p.stem) for p in runs.validation_images(folder / "model")]
@@ -259,7 +263,7 @@ def build(app) -> None:
 
     for trigger in (photos.change, masks.change, masked.change):
         trigger(show_photos, [photos, masks, masked], [shown, message])
-    fit.click(will_it_fit, [card, photos, *values], [verdict, report])
+    fit.click(will_it_fit, [card, *values], [verdict, report])
     go.click(lambda *v: start(app, *v), [photos, masks, *values], message)
     halt.click(lambda: stop(app), None, message)
     again.click(lambda: resume(app), None, message)
