@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("gradio", reason="Gradio is not installed (pip install '.[ui]')")
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (requirements-test.txt)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (requirements-ui-test.txt)")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in (os.environ.get("DBTRAIN_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium",

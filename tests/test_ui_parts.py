@@ -266,3 +266,74 @@ def test_a_restarted_app_shows_its_last_run(tmp_path):
     got = runs.latest_run(tmp_path)
     assert got["folder"] == str(newer) and got["argv"] == ["train", "--b"] and got["max_steps"] == 7
     assert runs.latest_run(tmp_path / "none") is None
+
+
+def test_other_flags_cannot_move_the_run_out_of_its_folder(tmp_path):
+    for flags in ("--output_dir /tmp/elsewhere", "--output_d /tmp/x", "--class_data_dir=~/pics",
+                  "--max_train_steps 5", "--logging_dir /abs"):
+        with pytest.raises(Exception, match="is set by the page"):
+            forms.train_argv(forms.TrainForm(other_flags=flags), tmp_path)
+    assert forms.train_argv(forms.TrainForm(other_flags="--snr_gamma 5"), tmp_path)[-2:] == ["--snr_gamma", "5"]
+
+
+def test_ui_options_refuse_a_model_that_is_not_one_and_a_runs_dir_that_is_a_file(tmp_path):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="not a diffusers model folder"):
+        parse(["--model", str(tmp_path)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        parse(["--runs_dir", str(tmp_path / "file")])
+
+
+def test_an_earlier_apps_child_still_running_holds_the_slot(tmp_path):
+    """The app was killed, its run goes on: a restarted app finds it by its pid file and refuses to start
+    another until it ends; Stop stops it."""
+    import subprocess
+
+    from trainer.ui.jobs import pid_file, write_pid
+
+    argv = ["-c", "import time; time.sleep(60)", "trainer"]
+    child = subprocess.Popen([sys.executable, *argv])
+    try:
+        log = tmp_path / "train-1" / "ui-train.log"
+        log.parent.mkdir()
+        write_pid(pid_file(log), child.pid, argv)
+        stale = tmp_path / "train-0" / "ui-train.pid"
+        stale.parent.mkdir()
+        write_pid(stale, 999999, argv)  # a pid that is gone: not adopted
+        slot = Slot()
+        slot.adopt([stale, pid_file(log)])
+        assert slot.orphan() == child.pid and "earlier dbtrain ui" in slot.busy()
+        with pytest.raises(Busy, match="earlier dbtrain ui"):
+            slot.start(Job("train", ["-c", "pass"], tmp_path / "x.log"))
+        assert slot.stop() is None
+        assert child.wait(30) != 0
+        assert slot.orphan() is None and slot.busy() is None
+    finally:
+        child.kill()
+
+
+def test_the_message_is_this_runs_not_the_last_runs_in_the_same_log(tmp_path, monkeypatch):
+    import trainer.ui.jobs as jobs
+
+    real = jobs.subprocess.Popen
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda cmd, **kw: real([sys.executable, *cmd[3:]], **kw))
+    log = tmp_path / "ui-train.log"
+    log.write_text("dbtrain: interrupted: SIGINT at step 3 of 9; saved checkpoint-3\n")  # the stopped run's
+    job = Job("train", ["-c", "import sys; print('Traceback: boom'); sys.exit(1)"], log).start()
+    assert job.wait(30) == 1
+    assert job.message() == "Traceback: boom"
+
+
+def test_a_port_in_use_is_one_line(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="Gradio is not installed (pip install '.[ui]')")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert cli.main(["ui", "--port", str(port), "--runs_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dbtrain: error: cannot listen on 127.0.0.1:") and "--port" in err[-1], err

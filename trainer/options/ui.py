@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.options import spec
@@ -49,4 +51,12 @@ def parse(argv: list[str]) -> UiOptions:
         raise UserError(f"--port must be in 1..65535, got {a.port}")
     if not a.host:
         raise UserError("--host must be an address such as 127.0.0.1 or 0.0.0.0")
+    if not (Path(a.model) / "model_index.json").is_file():
+        raise UserError(f"--model {a.model}: not a diffusers model folder (no model_index.json); give a local "
+                        f"folder such as one `dbtrain train` wrote, or leave it out for the built-in model")
+    runs = Path(a.runs_dir)
+    if runs.exists() and not runs.is_dir():
+        raise UserError(f"--runs_dir {runs} is a file; give a folder (it is created if missing)")
+    if runs.is_dir() and not os.access(runs, os.W_OK | os.X_OK):
+        raise UserError(f"--runs_dir {runs} is not writable; give a folder you can write")
     return a

@@ -37,6 +37,9 @@ class App:
 
     def __post_init__(self):
         self.train_run = latest_run(self.runs_dir)  # a restarted app shows its last run; Resume continues it
+        # a child of an earlier app still running (that app was killed) holds the slot until it ends
+        root = self.runs_dir
+        self.slot.adopt([*root.glob("*/ui-*.pid"), *root.glob("samples/*/ui-*.pid"), *root.glob("*/samples/*/ui-*.pid")])
 
     @property
     def runs_dir(self) -> Path:

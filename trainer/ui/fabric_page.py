@@ -37,9 +37,9 @@ def _view(s: dict | None, message: str = "") -> list:
 
 
 def _run_round(app, s: dict) -> tuple[dict, str]:
-    if app.slot.job is not None and app.slot.job.running:
-        return s, (f"dbtrain: error: a {app.slot.job.kind} run is going; draw a round when it has ended (or stop it "
-                   f"on the Train page)")
+    busy = app.slot.busy()
+    if busy:
+        return s, f"dbtrain: error: {busy}; draw a round when it has ended (or Stop it on the Train page)"
     argv = fr.next_round_argv(s)
     try:
         job = app.slot.run(Job("fabric", argv, Path(s["folder"]) / "ui-fabric.log"))
@@ -60,7 +60,7 @@ def first_round(app, model, prompt, negative, num_images, steps, seed, device):
         s = fr.new_session(app.runs_dir, model=str(model).strip(), prompt=str(prompt).strip(),
                            negative=str(negative or "").strip(), num_images=n, steps=int(steps), seed=int(seed),
                            device=device)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OSError) as e:
         return [None, *_view(None, f"dbtrain: error: {e}")]
     s, message = _run_round(app, s)
     return [s, *_view(s, message)]
@@ -120,12 +120,14 @@ def build(app) -> FabricPage:
     where = gr.Markdown(elem_id="fabric-where")
     view = [c for slot in slots for c in slot] + [earlier, liked, message, where, counts]
 
+    # one FABRIC event at a time: a like given while the next round is drawn is not lost to its state
+    one = dict(concurrency_id="fabric", concurrency_limit=1)
     first.click(lambda *v: first_round(app, *v), [model, prompt, negative, num_images, steps, seed, device],
-                [session, *view])
-    again.click(lambda s: next_round(app, s), session, [session, *view])
+                [session, *view], **one)
+    again.click(lambda s: next_round(app, s), session, [session, *view], **one)
     for k, (_, _, like, dislike) in enumerate(slots):
         for button, verdict in ((like, "liked"), (dislike, "disliked")):
-            button.click(lambda s, k=k, verdict=verdict: give(s, k, verdict), session, [session, *view])
+            button.click(lambda s, k=k, verdict=verdict: give(s, k, verdict), session, [session, *view], **one)
 
     def refresh_models():
         return gr.update(choices=app.model_choices())

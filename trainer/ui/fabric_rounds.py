@@ -87,7 +87,7 @@ def liked_copies(s: dict) -> list[str]:
     folder.mkdir(exist_ok=True)
     for f in folder.iterdir():
         if f not in want:
-            f.unlink()
+            f.unlink(missing_ok=True)
     for dest, src in want.items():
         if not dest.exists():
             shutil.copyfile(src, dest)

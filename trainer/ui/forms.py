@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shlex
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,28 @@ def native_resolution(model: str) -> int | None:
         return None
 
 
+# What the page sets itself: where the run reads and writes (its own folder) and the step count it plots
+OWNED = ("--pretrained_model_name_or_path", "--output_dir", "--instance_data_dir", "--train_data_dir",
+         "--class_data_dir", "--logging_dir", "--mask_dir", "--conditioning_data_dir", "--max_train_steps",
+         "--num_train_epochs", "--resume_from_checkpoint", "--log_every", "--concepts", "--concepts_list")
+_REDIRECT = threading.Lock()  # contextlib's redirects swap sys.stdout/stderr for the whole process
+
+
 def other_flags(text: str) -> list[str]:
-    """The "other flags" box, split as a shell splits it."""
+    """The "other flags" box, split as a shell splits it; a flag the page sets itself is refused (argparse
+    would take the last one, abbreviations included, and the run would write outside its folder)."""
     try:
-        return shlex.split(text or "")
+        args = shlex.split(text or "")
     except ValueError as e:
         raise UserError(f"other flags: {e} (quote values with spaces, close every quote)") from e
+    for a in args:
+        name = a.split("=", 1)[0]
+        if len(name) > 2 and name.startswith("--"):
+            owned = [f for f in OWNED if f.startswith(name)]
+            if owned:
+                raise UserError(f"other flags: {owned[0]} is set by the page (the model field, the steps field, "
+                                f"or the run's own folder); leave it out")
+    return args
 
 
 def train_argv(form: TrainForm, run: Path, *, mask_dir: Path | None = None) -> list[str]:
@@ -121,7 +138,7 @@ def check_argv(argv: list[str]) -> str | None:
     parse = textual_inversion.parse if argv[0] == "textual-inversion" else train.parse
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with _REDIRECT, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             parse(argv[1:])
     except UserError as e:
         return f"dbtrain: error: {e}"
@@ -136,11 +153,6 @@ def check_photos(n: int) -> str | None:
         return (f"dbtrain: error: give {MIN_PHOTOS} to {MAX_PHOTOS} photos of the subject (DreamBooth's range), "
                 f"got {n}")
     return None
-
-
-def estimate_argv(argv: list[str], card_gb: float) -> list[str]:
-    """`dbtrain train ... --estimate_only --card_gb N`: the run's own flags, fitted to a card of that size."""
-    return [*argv, "--estimate_only", "--card_gb", f"{card_gb:g}"]
 
 
 def verdict(report: str) -> tuple[str, str]:

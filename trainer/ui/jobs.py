@@ -4,15 +4,17 @@ the CLI's own one-line message. One process at a time (a GPU holds one run): a s
 No Gradio here."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the trainer package
@@ -35,13 +37,13 @@ def child_env() -> dict:
     return env
 
 
-def last_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
-    """The last n lines of a log (progress bars' carriage returns count as line ends)."""
+def last_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024, start: int = 0) -> list[str]:
+    """The last n lines of a log from byte `start` on (progress bars' carriage returns count as line ends)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - max_bytes))
+            f.seek(max(start, size - max_bytes))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return []
@@ -71,11 +73,12 @@ class Job:
     started: float = 0.0
     ended: float | None = None
     stop_requested: bool = False
-    meta: dict = field(default_factory=dict)
+    offset: int = 0
 
     def start(self) -> "Job":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as f:
+            self.offset = f.tell()  # this run's output starts here (a resumed run appends to the same log)
             f.write(f"$ {command_line(self.argv)}\n")
             f.flush()
             # a new session: a Ctrl-C in the app's terminal does not reach the run; the app stops it (stop())
@@ -83,6 +86,8 @@ class Job:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
                                          cwd=os.getcwd(), start_new_session=True)
         self.started = time.time()
+        # for an app restarted while this child still runs (the app was killed): it finds the child by this file
+        write_pid(pid_file(self.log), self.proc.pid, self.argv)
         return self
 
     @property
@@ -101,7 +106,10 @@ class Job:
         """As Ctrl-C on the command line: the run finishes its step, saves a checkpoint and exits."""
         if self.running:
             self.stop_requested = True
-            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.send_signal(signal.SIGINT)  # (Popen's: no signal to a pid already reaped and reused)
+            except ProcessLookupError:
+                pass
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
@@ -113,26 +121,76 @@ class Job:
         return last_lines(self.log, n)
 
     def message(self) -> str | None:
-        """The CLI's one line when the run ended other than well (bad input, a stop, a crash)."""
+        """The CLI's one line when the run ended other than well (bad input, a stop, a crash): from this run's
+        own output, not an earlier run's in the same log."""
         rc = self.returncode
         if rc is None or rc == 0:
             return None
-        lines = self.lines(40)
+        lines = last_lines(self.log, 40, start=self.offset)
         return error_line(lines) or (lines[-1] if lines else f"exited with code {rc}")
 
 
+def pid_file(log: Path) -> Path:
+    return log.with_suffix(".pid")
+
+
+def write_pid(path: Path, pid: int, argv: list[str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": pid, "argv": argv}, f)
+    os.replace(tmp, path)
+
+
+def alive_child(path: Path) -> int | None:
+    """The pid in a pid file if that process still runs and is the `dbtrain` child it names (its command line
+    holds the same arguments: a pid reused by another program does not count)."""
+    try:
+        rec = json.loads(path.read_text())
+        pid, argv = int(rec["pid"]), list(rec["argv"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    args = [a.decode("utf-8", "replace") for a in cmdline]
+    return pid if args[-len(argv):] == argv and "trainer" in args else None
+
+
 class Slot:
-    """At most one child process at a time; the last one stays readable after it ends."""
+    """At most one child process at a time; the last one stays readable after it ends. A child of an earlier
+    app that still runs (that app was killed) holds the slot too, until it ends (`adopt`)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.job: Job | None = None
+        self.adopted: tuple[int, Path] | None = None  # (pid, its pid file)
+
+    def adopt(self, pid_files) -> None:
+        for path in pid_files:
+            pid = alive_child(path)
+            if pid is not None:
+                self.adopted = (pid, path)
+                return
+
+    def orphan(self) -> int | None:
+        """The pid of an earlier app's child that still runs."""
+        if self.adopted is not None and alive_child(self.adopted[1]) == self.adopted[0]:
+            return self.adopted[0]
+        self.adopted = None
+        return None
+
+    def busy(self) -> str | None:
+        """Why nothing can start now (a run is going), or None."""
+        if self.job is not None and self.job.running:
+            return f"a {self.job.kind} run is going"
+        pid = self.orphan()
+        if pid is not None:
+            return f"a run started by an earlier dbtrain ui is still going (pid {pid}, {self.adopted[1].parent})"
+        return None
 
     def start(self, job: Job) -> Job:
         with self._lock:
-            if self.job is not None and self.job.running:
-                raise Busy(f"a {self.job.kind} run is going ({command_line(self.job.argv)[:80]}...); stop it on "
-                           f"the Train page or wait for it to end, then try again")
+            why = self.busy()
+            if why:
+                raise Busy(f"{why}; stop it (Stop on the Train page) or wait for it to end, then try again")
             self.job = job.start()
             return job
 
@@ -141,10 +199,30 @@ class Slot:
         self.start(job).wait(timeout)
         return job
 
-    def stop_all(self, timeout: float = 120.0) -> None:
-        """When the app exits: the running child stops as a Ctrl-C stops it (its checkpoint saved)."""
+    def stop(self) -> str | None:
+        """Stop what is going (as Ctrl-C); None, or why nothing was stopped."""
+        if self.job is not None and self.job.running:
+            self.job.stop()
+            return None
+        pid = self.orphan()
+        if pid is not None:
+            os.kill(pid, signal.SIGINT)
+            return None
+        return "nothing is running"
+
+    def stop_all(self, timeout: float = 900.0) -> None:
+        """When the app exits: the running child stops as a Ctrl-C stops it (a training run saves its
+        checkpoint first, which can take a while); a second Ctrl-C leaves it running, and says so."""
         job = self.job
-        if job is not None and job.running:
-            job.stop()
+        if job is None or not job.running:
+            return
+        print(f"dbtrain ui: stopping the {job.kind} run (pid {job.proc.pid}) as Ctrl-C does; a training run saves a "
+              f"checkpoint first", file=sys.stderr, flush=True)
+        job.stop()
+        try:
             if job.wait(timeout) is None:
-                job.proc.kill()
+                print(f"dbtrain ui: the run (pid {job.proc.pid}) did not stop in {timeout:.0f} s; it goes on: "
+                      f"kill -INT {job.proc.pid} stops it", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            print(f"dbtrain ui: left the run (pid {job.proc.pid}) going: kill -INT {job.proc.pid} stops it",
+                  file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 new folder of the run (RUN/samples/sample-...) or, for another model, of the app (RUNS/samples/sample-...)."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,24 +47,22 @@ def generate(app, model, prompt, negative, num_images, steps, guidance, seed, de
     model = str(model or "").strip()
     if not model or not str(prompt or "").strip():
         return [], "dbtrain: error: give a model and a prompt", ""
-    if app.slot.job is not None and app.slot.job.running:
-        return [], (f"dbtrain: error: a {app.slot.job.kind} run is going; sample when it has ended (or stop it on "
-                    f"the Train page)"), ""
+    busy = app.slot.busy()
+    if busy:
+        return [], f"dbtrain: error: {busy}; sample when it has ended (or Stop it on the Train page)", ""
     try:
         out = samples_folder(app, model)
     except OSError as e:
         return [], f"dbtrain: error: cannot make a folder for the images: {e}", ""
-    # copies of the uploaded files beside the images: the command line shown stays true after the upload is gone
-    loras = runs.copy_in(_paths(lora_files), out / "inputs") if lora_files else []
-    embeddings = runs.copy_in(_paths(embedding_files), out / "inputs") if embedding_files else []
     try:
+        # copies of the uploaded files beside the images: the command line shown stays true after the upload
+        loras = runs.copy_in(_paths(lora_files), out / "inputs") if lora_files else []
+        embeddings = runs.copy_in(_paths(embedding_files), out / "inputs") if embedding_files else []
         argv = sample_argv(model, prompt, negative, num_images, steps, guidance, seed, device, out / "images",
                            loras, embeddings, lora_scale)
-    except (TypeError, ValueError) as e:
-        return [], f"dbtrain: error: {e}", ""
-    try:
         job = app.slot.run(Job("sample", argv, out / "ui-sample.log"))
-    except Busy as e:
+    except (TypeError, ValueError, OSError, Busy) as e:
+        shutil.rmtree(out, ignore_errors=True)  # ours, just made
         return [], f"dbtrain: error: {e}", ""
     where = f"saved in `{out / 'images'}`\n\n```\n{command_line(argv)}\n```"
     if job.returncode != 0:

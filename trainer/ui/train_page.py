@@ -86,8 +86,11 @@ def will_it_fit(card_gb, *values):
     if problem:
         return problem, ""
     argv = ["estimate", *_model_flags(argv[1:]), "--card_gb", f"{float(card_gb):g}"]
-    done = subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True, env=child_env(),
-                          timeout=600)
+    try:
+        done = subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True,
+                              env=child_env(), timeout=600)
+    except subprocess.TimeoutExpired:
+        return "dbtrain: error: the estimate took over 10 minutes; run it in a terminal: " + command_line(argv), ""
     report = (done.stdout + done.stderr).strip()
     if done.returncode:
         return next((ln for ln in reversed(report.splitlines()) if "error" in ln), report[-300:]), report
@@ -109,10 +112,13 @@ def start(app, photos, masks, *values):
         match_masks([Path(f) for f in files], [Path(m) for m in _paths(masks)])
     except (UserError, TypeError, ValueError) as e:
         return f"dbtrain: error: {e}"
-    if app.slot.job is not None and app.slot.job.running:
-        return (f"dbtrain: error: a {app.slot.job.kind} run is going; stop it (Stop) or wait for it to end, "
-                f"then start again")
-    folder = runs.new_folder(app.runs_dir, "train")
+    busy = app.slot.busy()
+    if busy:
+        return f"dbtrain: error: {busy}; stop it (Stop) or wait for it to end, then start again"
+    try:
+        folder = runs.new_folder(app.runs_dir, "train")
+    except OSError as e:
+        return f"dbtrain: error: cannot make a run folder in {app.runs_dir}: {e}"
     try:
         mask_dir = folder / "masks" if masks else None
         argv = forms.train_argv(form, folder, mask_dir=mask_dir)
@@ -126,7 +132,7 @@ def start(app, photos, masks, *values):
         record = {"argv": argv, "max_steps": form.max_train_steps, "method": form.method, "created": time.time()}
         runs.write_json(folder / runs.RUN_FILE, record)
         app.train_job = app.slot.start(Job("train", argv, folder / "ui-train.log"))
-    except (UserError, Busy) as e:
+    except (UserError, Busy, OSError) as e:
         shutil.rmtree(folder, ignore_errors=True)  # ours, just made, holding only copies
         return f"dbtrain: error: {e}"
     app.train_run = {"folder": str(folder), **record}
@@ -134,11 +140,9 @@ def start(app, photos, masks, *values):
 
 
 def stop(app):
-    job = app.train_job
-    if job is None or not job.running:
-        return "dbtrain: error: no training run is going"
-    job.stop()
-    return ""
+    """Whatever is going (a training run, a sample, a FABRIC round) stops as Ctrl-C stops it."""
+    why = app.slot.stop()
+    return f"dbtrain: error: {why}" if why else ""
 
 
 def resume(app):
@@ -146,9 +150,9 @@ def resume(app):
     run = app.train_run
     if run is None:
         return "dbtrain: error: no run to resume; start one"
-    job = app.slot.job
-    if job is not None and job.running:
-        return "dbtrain: error: a run is going; stop it first"
+    busy = app.slot.busy()
+    if busy:
+        return f"dbtrain: error: {busy}; stop it first"
     folder = Path(run["folder"])
     if not runs.checkpoints(folder / "model"):
         return f"dbtrain: error: {folder / 'model'} has no checkpoint to resume from; start a new run"
@@ -178,6 +182,8 @@ def run_state(app) -> tuple[str, str, list, str, str, str]:
     elif mine and job.returncode is not None:
         message = job.message() or ""
         state = "stopped: Resume continues it" if job.stop_requested or job.returncode in (130, 143) else "failed"
+    elif app.slot.adopted is not None and app.slot.adopted[1].parent == folder and app.slot.orphan():
+        state = f"running (started by an earlier dbtrain ui, pid {app.slot.adopted[0]}; Stop stops it)"
     elif (folder / "model" / "dreambooth.json").is_file():  # a run of an earlier app: what its folder says
         state, step = "finished", run["max_steps"] or step
     elif runs.checkpoints(folder / "model"):
@@ -247,7 +253,7 @@ def build(app) -> None:
         card = gr.Dropdown([str(c) for c in forms.CARDS_GB], value="24", label="card (GB)", scale=0, min_width=100)
         fit = gr.Button("Will it fit?", elem_id="train-fit")
         go = gr.Button("Start", variant="primary", elem_id="train-start")
-        halt = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="train-stop")
+        halt = gr.Button("Stop (as Ctrl-C: a run saves a checkpoint)", variant="stop", elem_id="train-stop")
         again = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
     verdict = gr.Markdown(elem_id="train-verdict")
