@@ -7,6 +7,7 @@ a round, one like and one dislike, the next round steered by them. Bad input: th
 DBTRAIN_UI_SCREENSHOTS=DIR saves a screenshot of each page there (docs/img/ui-*.png are made so)."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TRAIN_FLAGS = "--device cpu --optimizer adamw --num_validation_images 1"
 SHOTS = os.environ.get("DBTRAIN_UI_SCREENSHOTS")
+SLACK = float(os.environ.get("DBTRAIN_UI_TEST_SLACK", "4"))  # every wait's timeout times this
 
 
 def _free_port() -> int:
@@ -52,7 +54,7 @@ def app(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "ui", "--port", str(port), "--runs_dir",
                              str(work / "runs")], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 120 * SLACK
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
@@ -76,7 +78,7 @@ def page(app):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(60_000)
+        pg.set_default_timeout(60_000 * SLACK)
         pg.goto(app["url"])
         yield pg
         browser.close()
@@ -116,13 +118,18 @@ def _text(page, elem_id) -> str:
 
 
 def _wait(what, timeout=120.0, every=0.5):
-    deadline = time.time() + timeout
+    """what() until it is true; the timeouts are generous (x SLACK): a shared 2-core machine can be 10x slower."""
+    deadline = time.time() + timeout * SLACK
     while time.time() < deadline:
         got = what()
         if got:
             return got
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what.__doc__ or what}")
+    try:
+        source = inspect.getsource(what).strip()
+    except (OSError, TypeError):
+        source = repr(what)
+    raise AssertionError(f"timed out after {timeout * SLACK:.0f} s waiting for: {source}")
 
 
 def _state(page) -> dict:
