@@ -1,18 +1,27 @@
-// Torch bindings of the AdamW8bit step (csrc/adamw8bit.cu); built only on CUDA machines.
+// Torch bindings of the AdamW8bit / AdamW4bit step (csrc/adamw8bit.cu); built only on CUDA machines.
 //
-// Two low-level ops in the shared `dbkernels` namespace (a FRAGMENT: ops.cpp owns the
+// Low-level ops in the shared `dbkernels` namespace (a FRAGMENT: ops.cpp owns the
 // module init, Python registers the public custom ops):
 //
 //   cuda_adamw8bit_step(meta, cta_tensor, dtype, block_size, b1, omb1, b2, omb2, eps,
-//                       step_size, inv_sqrt_bc2, decay, step, stochastic_rounding) -> ()
+//                       step_size, inv_sqrt_bc2, decay, step, stochastic_rounding,
+//                       state_bits=8) -> ()
 //     table mode: meta is an int64 CUDA tensor (T, 9) of AdamWTensor rows (raw addresses
 //     of params, grads, states), cta_tensor an int32 CUDA tensor (num_ctas,). Updates
 //     every tensor of the table in one launch. The addresses are not tensors to torch:
 //     the Python caller (dbkernels/optim/cuda.py) keeps them alive and consistent.
+//     state_bits: the format of every quantized row, 8 or 4 (packed nibbles, AdamW4bit; those
+//     rows are flagged kAdamW4bit, and a row that disagrees is skipped). Last and defaulted so
+//     that the 8-bit call is the same for a build from before the 4-bit format.
 //
 //   cuda_adamw8bit_step_one(p, g, state1, absmax1, state2, absmax2, seed, block_size, ...)
 //     one parameter given as tensors (step_in_backward); state1/state2 uint8 codes with
 //     fp32 absmax1/absmax2, or fp32 exp_avg/exp_avg_sq (absmax tensors then ignored).
+//     8-bit states only: it has no format flag (AdamW4bit's glue launches a one-row table).
+//
+//   cuda_adamw_state_formats() -> int
+//     the state bit widths the kernel reads as a mask (8 | 4): an extension built before the
+//     4-bit format lacks the op, and the Python glue then asks for a rebuild.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -60,7 +69,10 @@ void check_ok(cudaError_t err) {
 
 void adamw8bit_step_cuda(const at::Tensor& meta, const at::Tensor& cta_tensor, int64_t dtype, int64_t block_size,
                          double b1, double omb1, double b2, double omb2, double eps, double step_size,
-                         double inv_sqrt_bc2, double decay, int64_t step, bool stochastic_rounding) {
+                         double inv_sqrt_bc2, double decay, int64_t step, bool stochastic_rounding,
+                         int64_t state_bits) {
+  TORCH_CHECK(dbk::adamw_state_bits_supported(static_cast<int>(state_bits)),
+              "cuda_adamw8bit_step: state_bits must be 8 or 4, got ", state_bits);
   TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
                   meta.size(1) == dbk::kAdamWMetaWords,
               "meta must be a contiguous int64 CUDA tensor of shape (T, ", dbk::kAdamWMetaWords, ")");
@@ -74,6 +86,7 @@ void adamw8bit_step_cuda(const at::Tensor& meta, const at::Tensor& cta_tensor, i
   a.cta_tensor = cta_tensor.data_ptr<int32_t>();
   a.num_ctas = cta_tensor.numel();
   a.dtype = static_cast<dbk::AdamDType>(dtype);
+  a.state_bits = static_cast<int>(state_bits);
   fill_scalars(a, block_size, b1, omb1, b2, omb2, eps, step_size, inv_sqrt_bc2, decay, step, stochastic_rounding);
   check_ok(dbk::adamw8bit_step(a, c10::cuda::getCurrentCUDAStream(meta.device().index()).stream()));
 }
@@ -133,13 +146,17 @@ void adamw8bit_step_one_cuda(const at::Tensor& p, const at::Tensor& g, const at:
   check_ok(dbk::adamw8bit_step(a, c10::cuda::getCurrentCUDAStream(p.device().index()).stream()));
 }
 
+int64_t adamw_state_formats() { return dbk::kAdamWStateFormats; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dbkernels, m) {
+  // No tensor argument, so no dispatch key: a catch-all kernel registered with the schema.
+  m.def("cuda_adamw_state_formats() -> int", &adamw_state_formats);
   m.def(
       "cuda_adamw8bit_step(Tensor meta, Tensor cta_tensor, int dtype, int block_size, float b1, float omb1, "
       "float b2, float omb2, float eps, float step_size, float inv_sqrt_bc2, float decay, int step, "
-      "bool stochastic_rounding) -> ()");
+      "bool stochastic_rounding, int state_bits=8) -> ()");
   m.def(
       "cuda_adamw8bit_step_one(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) absmax1, "
       "Tensor(d!) state2, Tensor(e!) absmax2, int seed, int block_size, float b1, float omb1, float b2, "

@@ -4,14 +4,14 @@ Every usable backend of every op (cuda, triton, reference; on a CPU the Triton k
 run under the interpreter at small shapes) against the spec, at SD 1.5 and SDXL
 shapes on a GPU: attention forward and backward (fp16, bf16, fp32, with and without a
 key bias), the fused loss and add_noise (every prediction type, min-SNR, a noise tensor
-and seeded noise, offset noise, a mask, huber / smooth_l1), and AdamW8bit (a few steps and a state_dict round
-trip). Each line says the error and the tolerance:
+and seeded noise, offset noise, a mask, huber / smooth_l1), and AdamW8bit / AdamW4bit (a few steps and a
+state_dict round trip). Each line says the error and the tolerance:
 
 * fp32: max |got - truth| <= rtol * max |truth| (+ a tiny atol), truth computed in fp32.
 * fp16 / bf16: FlashAttention's rule: our max error against the fp32 truth is at most
   twice the error of PyTorch's own computation in that precision, plus one rounding
   unit of the largest value.
-* AdamW8bit: the state codes may differ from the reference in a few places per tensor
+* AdamW8bit, AdamW4bit: the state codes may differ from the reference in a few places per tensor
   (divisions and square roots round differently on a GPU; none on a CPU), the
   parameters within the precision of their dtype; a state_dict round trip continues
   bitwise.
@@ -289,6 +289,18 @@ def check_loss(device, quick) -> list[Result]:
 def check_adamw8bit(device, quick) -> list[Result]:
     from .optim import AdamW8bit
 
+    return _check_adamw("adamw8bit", AdamW8bit, "min_8bit_size", device)
+
+
+def check_adamw4bit(device, quick) -> list[Result]:
+    from .optim import AdamW4bit
+
+    return _check_adamw("adamw4bit", AdamW4bit, "min_4bit_size", device)
+
+
+def _check_adamw(op, optimizer, min_size_key, device) -> list[Result]:
+    """Every usable backend of `op` (an AdamW8bit-like optimizer) against the reference, 3 steps of
+    a few tensors (quantized and fp32 states), then a state_dict round trip that must continue bitwise."""
     sizes = (320 * 320 + 7, 1280 * 1280, 320, 4099) if device.type == "cuda" else (5000, 300, 4099)
     steps = 3
     out = []
@@ -301,7 +313,7 @@ def check_adamw8bit(device, quick) -> list[Result]:
         def run(backend, dev, n_steps, params=None, opt=None, first=0):
             if params is None:
                 params = [torch.nn.Parameter(b.clone().to(dev)) for b in base]
-                opt = AdamW8bit(params, lr=1e-2, weight_decay=1e-2, min_8bit_size=1000)
+                opt = optimizer(params, lr=1e-2, weight_decay=1e-2, **{min_size_key: 1000})
             from . import force_backend
 
             with force_backend(backend):
@@ -312,7 +324,7 @@ def check_adamw8bit(device, quick) -> list[Result]:
             return params, opt
 
         ref_params, ref_opt = run("reference", torch.device("cpu"), steps)
-        for backend in usable_backends("adamw8bit", device):
+        for backend in usable_backends(op, device):
             def one(backend=backend):
                 params, opt = run(backend, device, steps)
                 flips, worst = 0, 0.0
@@ -327,20 +339,20 @@ def check_adamw8bit(device, quick) -> list[Result]:
                 # state_dict round trip: a copy loaded from the saved state continues bitwise
                 sd = opt.state_dict()
                 twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
-                twin_opt = AdamW8bit(twin, lr=1e-2, weight_decay=1e-2, min_8bit_size=1000)
+                twin_opt = optimizer(twin, lr=1e-2, weight_decay=1e-2, **{min_size_key: 1000})
                 twin_opt.load_state_dict(sd)
                 run(backend, device, steps, params, opt, first=steps)
                 run(backend, device, steps, twin, twin_opt, first=steps)
                 same = all(torch.equal(a, b) for a, b in zip(params, twin))
                 ok = flips <= allowed and worst <= 1.0 and same
-                res = Result("adamw8bit", f"{steps} steps, {len(sizes)} tensors + state_dict round trip", backend, dt,
+                res = Result(op, f"{steps} steps, {len(sizes)} tensors + state_dict round trip", backend, dt,
                              ok, worst, 1.0, note=f"{flips} code flips (<= {allowed}); round trip "
                                                   f"{'bitwise' if same else 'DIFFERS'}")
                 if device.type == "cuda" and dt == "fp32":
                     ps = [torch.nn.Parameter(b.clone().to(device)) for b in base]
                     for p, g in zip(ps, grads[0]):
                         p.grad = g.to(device)
-                    mine = AdamW8bit(ps, lr=1e-2)
+                    mine = optimizer(ps, lr=1e-2)
                     theirs = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2,
                                                fused=True)
                     for p, q in zip(ps, theirs.param_groups[0]["params"]):
@@ -354,7 +366,7 @@ def check_adamw8bit(device, quick) -> list[Result]:
                     res.ms, res.baseline, res.baseline_ms = time_ms(ours, device), "torch fused AdamW", time_ms(
                         theirs.step, device)
                 return res
-            out.append(_guard("adamw8bit", "steps", backend, dt, one))
+            out.append(_guard(op, "steps", backend, dt, one))
     return out
 
 
@@ -376,7 +388,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbkernels check", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes (on a CPU the shapes are small anyway)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--op", action="append", choices=["attention", "diffusion_loss", "adamw8bit"],
+    p.add_argument("--op", action="append", choices=["attention", "diffusion_loss", "adamw8bit", "adamw4bit"],
                    help="only these ops (default: all)")
     p.add_argument("--json", default=None, help="also write the results as JSON lines to this file")
     a = p.parse_args(argv)
@@ -390,12 +402,13 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(device)
     else:
         name = "CPU" + (" (Triton kernels under the interpreter)" if _backend.triton_interpreting() else "")
+    ops = ("attention", "diffusion_loss", "adamw8bit", "adamw4bit")
     print(f"dbkernels check on {device} ({name}); backends: " + ", ".join(
-        f"{op}: {'/'.join(usable_backends(op, device))}" for op in ("attention", "diffusion_loss", "adamw8bit")),
-        flush=True)
+        f"{op}: {'/'.join(usable_backends(op, device))}" for op in ops), flush=True)
     t0 = time.perf_counter()
     results = []
-    checks = {"attention": check_attention, "diffusion_loss": check_loss, "adamw8bit": check_adamw8bit}
+    checks = {"attention": check_attention, "diffusion_loss": check_loss, "adamw8bit": check_adamw8bit,
+              "adamw4bit": check_adamw4bit}
     for op, fn in checks.items():
         if a.op and op not in a.op:
             continue

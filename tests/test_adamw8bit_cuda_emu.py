@@ -91,7 +91,7 @@ inline void launch(const std::function<void()>& body, dim3 grid, dim3 block) {
 EMU_DRIVER = r"""
 #include "adamw8bit.cu"
 extern "C" int emu_step(const int64_t* meta, const int32_t* cta, int64_t num_ctas, int dtype, int block_size,
-                        const float* sc, uint32_t step, int sr, long* misaligned) {
+                        const float* sc, uint32_t step, int sr, int state_bits, long* misaligned) {
   dbk::AdamW8bitArgs a;
   a.meta = reinterpret_cast<const dbk::AdamWTensor*>(meta);
   a.cta_tensor = cta;
@@ -102,6 +102,7 @@ extern "C" int emu_step(const int64_t* meta, const int32_t* cta, int64_t num_cta
   a.step_size = sc[5]; a.inv_sqrt_bc2 = sc[6]; a.decay = sc[7];
   a.step = step;
   a.stochastic_rounding = sr != 0;
+  a.state_bits = state_bits;
   emu::misaligned = 0;
   const int rc = static_cast<int>(dbk::adamw8bit_step(a, nullptr));
   *misaligned = emu::misaligned;
@@ -146,7 +147,7 @@ def _emu_step(lib, items, group, step, dtype):
     P = ctypes.c_void_p
     rc = lib.emu_step(P(meta.data_ptr()), P(cta.data_ptr()), ctypes.c_int64(cta.numel()), C.DTYPE_CODE[dtype],
                       group["block_size"], P(sc.data_ptr()), ctypes.c_uint32(step),
-                      int(group["stochastic_rounding"] and dtype == torch.bfloat16), ctypes.byref(mis))
+                      int(group["stochastic_rounding"] and dtype == torch.bfloat16), 8, ctypes.byref(mis))
     assert rc == 0, f"cudaError_t {rc}"
     assert mis.value == 0, "misaligned vector access (would fault on a GPU)"
 
@@ -180,6 +181,7 @@ def test_multi_tensor_glue_with_emulated_kernel(emu_lib, monkeypatch):
     launches = []
 
     class FakeOps:
+        # The schema of a build from before state_bits: the 8-bit glue must leave it out (default 8).
         @staticmethod
         def cuda_adamw8bit_step(meta, cta_tensor, dtype, bs, b1, omb1, b2, omb2, eps, step_size, inv_sqrt_bc2,
                                 decay, step, sr):
@@ -188,7 +190,8 @@ def test_multi_tensor_glue_with_emulated_kernel(emu_lib, monkeypatch):
             mis = ctypes.c_long(0)
             P = ctypes.c_void_p
             rc = emu_lib.emu_step(P(meta.data_ptr()), P(cta_tensor.data_ptr()), ctypes.c_int64(cta_tensor.numel()),
-                                  dtype, bs, P(sc.data_ptr()), ctypes.c_uint32(step), int(sr), ctypes.byref(mis))
+                                  dtype, bs, P(sc.data_ptr()), ctypes.c_uint32(step), int(sr), 8,
+                                  ctypes.byref(mis))
             assert rc == 0 and mis.value == 0
 
     base = make_params(torch.bfloat16, sizes=(3000, 100, 2048)) + make_params(torch.float32, sizes=(1500,), seed=4)

@@ -46,7 +46,7 @@ def quick_rows(tmp_path_factory):
 
 
 KERNELS = {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_diffusion_loss_kernel",
-           "_add_noise_kernel", "_adamw8bit_kernel", "_ema_kernel"}
+           "_add_noise_kernel", "_adamw8bit_kernel", "_adamw4bit_kernel", "_ema_kernel"}
 BRANCHES = {  # kernel -> constexpr -> every value it takes in the library
     "_fwd_kernel": {"HAS_BIAS": {True, False}, "PREC": {"ieee", "tf32"}, "SM": {1, 8}, "HAS_HI": {True, False}},
     "_bwd_dkdv_kernel": {"HAS_BIAS": {True, False}, "PREC": {"ieee", "tf32"}, "SM": {1, 8}, "HAS_HI": {True, False}},
@@ -56,6 +56,7 @@ BRANCHES = {  # kernel -> constexpr -> every value it takes in the library
                                "LOSS_TYPE": {0, 1, 2}, "ROW_C": {True, False}},
     "_add_noise_kernel": {"HAS_NOISE": {True, False}, "HAS_OFFSET": {True, False}},
     "_adamw8bit_kernel": {"QUANT": {True, False}, "SR": {True, False}, "IS_BF16": {True, False}},
+    "_adamw4bit_kernel": {"SR": {True, False}, "IS_BF16": {True, False}},
     "_ema_kernel": {"SR": {True, False}, "ALIGNED": {True, False}},
 }
 
@@ -95,9 +96,11 @@ def _reverted_copy(tmp_path, rel, old, new) -> Path:
 @pytest.mark.parametrize("rel,old,new,op,message", [
     ("optim/triton_kernels.py", "MBITS = tl.constexpr(quant.MBITS)", "MBITS: tl.constexpr = quant.MBITS",
      "adamw8bit", "global variable MBITS"),
+    ("optim/triton_kernels4.py", "V_MBITS = tl.constexpr(quant4.V_MBITS)", "V_MBITS = quant4.V_MBITS",
+     "adamw4bit", "V_MBITS"),
     ("ops/diffusion_loss/triton_kernels.py", "PHILOX_ROUNDS = tl.constexpr(reference.PHILOX_ROUNDS)",
      "PHILOX_ROUNDS = reference.PHILOX_ROUNDS", "diffusion_loss", "PHILOX_ROUNDS"),
-], ids=["adamw8bit-constexpr", "philox-constexpr"])
+], ids=["adamw8bit-constexpr", "adamw4bit-constexpr", "philox-constexpr"])
 def test_quick_subset_fails_when_a_fix_is_reverted(tmp_path, rel, old, new, op, message):
     """The two compile failures the interpreter never showed: the CI subset catches each one."""
     root = _reverted_copy(tmp_path, rel, old, new)
@@ -126,8 +129,9 @@ def test_calls_cover_the_models_and_the_quick_subset():
     assert {c.dtype for c in att} == {"fp32", "bf16", "fp16"}
     assert any("Lk77" in c.shape for c in att) and any("bias" in c.shape for c in att)
     quick = calls.select(quick=True)
-    assert {c.op for c in quick} == {"attention", "diffusion_loss", "add_noise", "adamw8bit", "ema_update"}
-    assert len(quick) <= 14
+    assert {c.op for c in quick} == {"attention", "diffusion_loss", "add_noise", "adamw8bit", "adamw4bit",
+                                     "ema_update"}
+    assert len(quick) <= 17
     assert calls.select(models=["sdxl"], ops=["attention"]) and all(
         "sdxl" in c.models for c in calls.select(models=["sdxl"], ops=["attention"]))
 

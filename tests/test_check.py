@@ -26,7 +26,7 @@ def test_check_quick_passes_on_cpu(tmp_path):
     assert len(lines) >= 40 and "FAIL" not in proc.stdout
     backends = {(r.split('"op": "')[1].split('"')[0], r.split('"backend": "')[1].split('"')[0]) for r in lines}
     if check._backend.unavailable_reason("triton", "cpu") is None:
-        for op in ("attention", "diffusion_loss", "add_noise", "adamw8bit"):
+        for op in ("attention", "diffusion_loss", "add_noise", "adamw8bit", "adamw4bit"):
             assert (op, "triton") in backends and (op, "reference") in backends, op
 
 
@@ -58,17 +58,19 @@ def test_check_fails_on_a_wrong_loss_gradient(monkeypatch, cpu_triton):
     assert [r for r in results if not r.passed and r.op == "diffusion_loss" and r.backend == "triton"]
 
 
-def test_check_reports_an_exception_as_a_failed_line(monkeypatch):
-    from dbkernels.optim import AdamW8bit
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW4bit"])
+def test_check_reports_an_exception_as_a_failed_line(monkeypatch, name):
+    from dbkernels import optim
 
-    real = AdamW8bit.step
+    optimizer = getattr(optim, name)
+    real = optimizer.step
 
     def boom(self, *a, **k):
         if check._backend.forced_backend() != "reference":
             raise RuntimeError("no kernel image is available for execution on the device")
         return real(self, *a, **k)
-    monkeypatch.setattr(AdamW8bit, "step", boom)
-    results = check.check_adamw8bit(torch.device("cpu"), quick=True)
+    monkeypatch.setattr(optimizer, "step", boom)
+    results = getattr(check, f"check_{name.lower()}")(torch.device("cpu"), quick=True)
     failed = [r for r in results if not r.passed]
     assert failed and all(r.backend != "reference" and "no kernel image" in r.note for r in failed)
 

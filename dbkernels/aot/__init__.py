@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", choices=["sd15", "sd21", "sdxl"],
                    help="only the calls of these models (default: all three)")
     p.add_argument("--op", action="append", choices=["attention", "diffusion_loss", "add_noise", "adamw8bit",
-                                                      "ema_update"],
+                                                      "adamw4bit", "ema_update"],
                    help="only these ops (default: all)")
     p.add_argument("--calls", default=None, metavar="REGEX",
                    help="only the calls whose id matches (e.g. 'attention/sd15/.*/(self|cross)/bf16')")

@@ -1,7 +1,7 @@
 """The real calls that training SD 1.5, SD 2.x and SDXL makes into dbkernels' Triton kernels.
 
 Each call runs the library's public function (dbkernels.attention forward + backward,
-diffusion_loss, add_noise, AdamW8bit.step) on CPU stand-in tensors with the shapes,
+diffusion_loss, add_noise, AdamW8bit.step, AdamW4bit.step) on CPU stand-in tensors with the shapes,
 dtypes and memory layouts of the real call, so the JIT specialises exactly as it would
 on the GPU:
 
@@ -16,12 +16,12 @@ on the GPU:
   gradient, the UNet output in fp32 / bf16 / fp16 against fp32 latents; and the
   trainer's masked / robust losses (noise tensor, gradient, min-SNR and offset on/off):
   a (B, 1, H, W) mask on/off x l2 / huber / smooth_l1 with one c or a c per row.
-* AdamW8bit: fp32 / bf16 / fp16 parameters, 8-bit and fp32 state, every block size,
-  stochastic rounding on/off.
+* AdamW8bit and AdamW4bit: fp32 / bf16 / fp16 parameters, 8-bit (4-bit) and fp32 state, every block
+  size, stochastic rounding on/off.
 
 `quick` marks the CI subset: each kernel and each value of each constexpr branch once
 per architecture (HAS_BIAS, PREC, SM, both head-dim layouts; PRED_TYPE, USE_SNR,
-HAS_NOISE, HAS_OFFSET, WRITE_GRAD, HAS_MASK, LOSS_TYPE, ROW_C; QUANT, SR, IS_BF16).
+HAS_NOISE, HAS_OFFSET, WRITE_GRAD, HAS_MASK, LOSS_TYPE, ROW_C; QUANT, SR, IS_BF16; the 4-bit SR, IS_BF16).
 """
 from __future__ import annotations
 
@@ -196,22 +196,25 @@ def _loss_calls() -> list[Call]:
     return calls
 
 
-# ---------------------------------------------------------------------------- AdamW8bit
+# ---------------------------------------------------------------------------- AdamW8bit / AdamW4bit
 
-def _adamw(dtype, block_size, quantized, sr):
-    from dbkernels.optim import AdamW8bit
+def _adamw(dtype, block_size, quantized, sr, optimizer="AdamW8bit"):
+    from dbkernels import optim
 
     n = 320 * 320 if quantized else 320  # an SD attention projection's weight / a bias (fp32 state)
     p = torch.zeros(n, dtype=dtype, requires_grad=True)
     p.grad = torch.zeros_like(p)
-    AdamW8bit([p], lr=1e-4, block_size=block_size, stochastic_rounding=sr).step()
+    getattr(optim, optimizer)([p], lr=1e-4, block_size=block_size, stochastic_rounding=sr).step()
 
 
 _QUICK_ADAMW = {("fp32", 256, True, True), ("bf16", 4096, True, True), ("bf16", 32, True, False),
                 ("fp16", 256, False, True)}
+# 4-bit (its fp32 states run AdamW8bit's kernel): SR and IS_BF16 each both ways, bf16 without SR (the hand
+# round to nearest), the paper's block and the largest
+_QUICK_ADAMW4 = {("bf16", 128, True, True), ("bf16", 4096, True, False), ("fp16", 256, True, True)}
 
 
-def _adamw_calls() -> list[Call]:
+def _adamw_calls(op="adamw8bit", optimizer="AdamW8bit", bits=8, quick_set=_QUICK_ADAMW) -> list[Call]:
     from dbkernels.optim.adamw8bit import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
     blocks = [1 << k for k in range(MIN_BLOCK_SIZE.bit_length() - 1, MAX_BLOCK_SIZE.bit_length())]
@@ -221,11 +224,15 @@ def _adamw_calls() -> list[Call]:
             for quantized, bs_list in ((True, blocks), (False, [256])):
                 for bs in bs_list:
                     calls.append(Call(
-                        id=f"adamw8bit/{dt}/{'8bit' if quantized else 'fp32state'}/bs{bs}/sr{int(sr)}",
-                        op="adamw8bit", shape=f"{320 * 320 if quantized else 320} params block {bs}", dtype=dt,
-                        models=tuple(MODELS), quick=(dt, bs, quantized, sr) in _QUICK_ADAMW,
-                        fn=lambda a=(DTYPES[dt], bs, quantized, sr): _adamw(*a)))
+                        id=f"{op}/{dt}/{f'{bits}bit' if quantized else 'fp32state'}/bs{bs}/sr{int(sr)}",
+                        op=op, shape=f"{320 * 320 if quantized else 320} params block {bs}", dtype=dt,
+                        models=tuple(MODELS), quick=(dt, bs, quantized, sr) in quick_set,
+                        fn=lambda a=(DTYPES[dt], bs, quantized, sr): _adamw(*a, optimizer=optimizer)))
     return calls
+
+
+def _adamw4bit_calls() -> list[Call]:
+    return _adamw_calls("adamw4bit", "AdamW4bit", 4, _QUICK_ADAMW4)
 
 
 # ---------------------------------------------------------------------------- EMA (--use_ema)
@@ -260,7 +267,7 @@ def _ema_calls() -> list[Call]:
 
 
 def all_calls() -> list[Call]:
-    return _attention_calls() + _loss_calls() + _adamw_calls() + _ema_calls()
+    return _attention_calls() + _loss_calls() + _adamw_calls() + _adamw4bit_calls() + _ema_calls()
 
 
 def by_id() -> dict[str, Call]:

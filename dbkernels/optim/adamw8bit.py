@@ -80,6 +80,8 @@ class AdamW8bit(torch.optim.Optimizer):
     kernel launch updates all parameters of one dtype in a param group.
     """
 
+    _CPU_MULTI_TENSOR = True  # the reference case on CPU tensors: multi_tensor.py (8-bit states only)
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
                  stochastic_rounding: bool = True):
@@ -130,6 +132,10 @@ class AdamW8bit(torch.optim.Optimizer):
         self.__dict__.setdefault("_cuda_cache", {})
         self.__dict__.setdefault("_cpu_cache", {})
 
+    @staticmethod
+    def _backend(device: torch.device, block_size: int):
+        return _impl(device, block_size)
+
     # ------------------------------------------------------------------ state
     def _index_of(self) -> dict:
         out, k = {}, 0
@@ -158,6 +164,21 @@ class AdamW8bit(torch.optim.Optimizer):
         self._cuda_cache.clear()
         self._cpu_cache.clear()
         return state
+
+    @staticmethod
+    def _codes_numel(n: int) -> int:
+        """Bytes of one moment's codes for n elements (one per element at 8 bits)."""
+        return n
+
+    @staticmethod
+    def _check_saved_by(saved_groups) -> None:
+        """A state_dict of another optimizer is refused in one line (its states would be misread)."""
+        if any(g.get("state_bits") == 4 for g in saved_groups):
+            raise ValueError("this optimizer state was saved by AdamW4bit (4-bit states); load it into "
+                             "dbkernels.optim.AdamW4bit, not AdamW8bit")
+        if any("amsgrad" in g for g in saved_groups):
+            raise ValueError("this optimizer state was saved by torch.optim.AdamW (fp32 states of another "
+                             "layout); AdamW8bit cannot continue it: start the optimizer afresh")
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors (codes, absmax, fp32 moments)."""
@@ -207,14 +228,14 @@ class AdamW8bit(torch.optim.Optimizer):
                 buckets[(p.device, p.dtype, state["step"])].append((p, g, state))
             seen = defaultdict(int)
             for (device, dtype, step), items in buckets.items():
-                name, impl = _impl(device, group["block_size"])
+                name, impl = self._backend(device, group["block_size"])
                 if name == "cuda":
                     # cache key without the step (it changes every call); several step
                     # values in one group (rare: parameters added mid-run) get one table each
                     k = seen[(device, dtype)]
                     seen[(device, dtype)] += 1
                     impl.multi_tensor_step(self._cuda_cache, (gi, device, dtype, k), items, group, step)
-                elif name == "reference" and device.type == "cpu":
+                elif name == "reference" and device.type == "cpu" and self._CPU_MULTI_TENSOR:
                     k = seen[(device, dtype)]
                     seen[(device, dtype)] += 1
                     multi_tensor.step_(self._cpu_cache, (gi, dtype, k), items, group, step)
@@ -234,7 +255,7 @@ class AdamW8bit(torch.optim.Optimizer):
             self._init_state(p, group, self._index_of()[p])
         state = self.state[p]
         state["step"] += 1
-        name, impl = _impl(p.device, group["block_size"])
+        name, impl = self._backend(p.device, group["block_size"])
         _update_one(impl, p, g, state, group, state["step"])
 
     # ------------------------------------------------------------------ state_dict
@@ -243,6 +264,7 @@ class AdamW8bit(torch.optim.Optimizer):
         dtypes are kept (uint8 codes, fp32 absmax / moments), nothing is cast."""
         groups = self.param_groups
         saved = state_dict["param_groups"]
+        self._check_saved_by(saved)
         if len(groups) != len(saved):
             raise ValueError(f"loaded state dict has {len(saved)} parameter groups, the optimizer has {len(groups)}")
         for i, (g, s) in enumerate(zip(groups, saved)):
@@ -262,7 +284,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 out[key] = int(val) if key in ("step", "seed") else val
             n = p.numel()
             codes = out.get("state1", out.get("exp_avg"))
-            if codes is None or codes.numel() != n:
+            want = self._codes_numel(n) if "state1" in out else n
+            if codes is None or codes.numel() != want:
                 raise ValueError(f"loaded state of parameter {k} does not fit a parameter of shape {tuple(p.shape)}")
             new_state[p] = out
         new_groups = []
@@ -285,7 +308,7 @@ def _update_one(impl, p, g, state, group, step: int) -> None:
     """One parameter with a per-tensor backend (reference / triton / cuda single-tensor op)."""
     pc = p if p.is_contiguous() else p.contiguous()
     gc = g.contiguous()
-    if gc.dtype != p.dtype and impl is not reference:
+    if gc.dtype != p.dtype and not getattr(impl, "IS_REFERENCE", False):
         gc = gc.to(p.dtype)
     impl.update_(pc, gc, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                  weight_decay=group["weight_decay"], step=step, block_size=group["block_size"],

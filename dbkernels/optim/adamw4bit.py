@@ -1,0 +1,111 @@
+"""AdamW4bit: AdamW with blockwise 4-bit states (dbkernels.optim.quant4), AdamW8bit's contract.
+
+The same optimizer as AdamW8bit (param groups, schedulers, state_dict resume bitwise, fp32 / bf16 / fp16
+parameters, stochastic rounding of bf16 weights, small tensors in fp32 state, state_bytes(), step_in_backward);
+only the state format differs: two 4-bit codes per byte and one fp32 absmax per block of 128, about 1.06 bytes
+of state per parameter instead of 2.03. Backends (dispatcher op "adamw4bit"): `cuda` = AdamW8bit's
+multi-tensor launch with state_bits=4 (csrc/adamw8bit.cu), `triton` = one launch per parameter
+(triton_kernels4.py), `reference` = PyTorch (reference4.py, the spec; also the CPU path).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from . import quant, quant4, reference4
+from .adamw8bit import AdamW8bit, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+_backend.register_op("adamw4bit", ("cuda", "triton", "reference"))
+
+CUDA_BLOCK_SIZES = (128, 256, 512, 1024)
+
+
+def _impl(device: torch.device, block_size: int):
+    """(backend name, module with update_) for one device."""
+    name = _backend.choose("adamw4bit", device.type)
+    why = None
+    if name == "cuda":
+        from . import cuda
+
+        why = cuda.unavailable_reason(bits=4)
+        if why is None and block_size not in CUDA_BLOCK_SIZES:
+            why = f"the CUDA step supports block_size in {CUDA_BLOCK_SIZES}, got {block_size}"
+    if why is not None:
+        if _backend.forced_backend() == "cuda":
+            raise _backend.BackendUnavailable(f"dbkernels backend 'cuda' was forced for adamw4bit but {why}")
+        name = "triton" if _backend.unavailable_reason("triton", device.type) is None else "reference"
+    if name == "reference":
+        return name, reference4
+    if name == "triton":
+        return name, _backend.import_triton_kernels("dbkernels.optim.triton_kernels4")
+    from . import cuda
+
+    return name, cuda.FourBit
+
+
+class AdamW4bit(AdamW8bit):
+    """AdamW (decoupled weight decay) with 4-bit blockwise-quantized moments.
+
+    m on a signed dynamic-exponent map, v on an unsigned map without zero, one fp32 absmax per `block_size`
+    elements (128, the paper's), two codes per byte: 1 + 8 / block_size bytes of state per parameter (1.06 at
+    128). Parameters with fewer than `min_4bit_size` elements keep fp32 moments. Everything else is AdamW8bit's
+    (see its docstring); the format and why: dbkernels/optim/quant4.py.
+    """
+
+    _CPU_MULTI_TENSOR = False  # multi_tensor.py is AdamW8bit's; the CPU step here is reference4 per tensor
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, block_size: int = quant4.BLOCK_SIZE, min_4bit_size: int = 4096,
+                 stochastic_rounding: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
+                        min_4bit_size=min_4bit_size, stochastic_rounding=stochastic_rounding, state_bits=4)
+        self._check_hyper(defaults)
+        self._sib_handle = None
+        self._cuda_cache: dict = {}
+        self._cpu_cache: dict = {}
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    @staticmethod
+    def _check_hyper(g: dict) -> None:
+        AdamW8bit._check_hyper({**g, "min_8bit_size": g["min_4bit_size"]})
+        if g["block_size"] % 2 or not MIN_BLOCK_SIZE <= g["block_size"] <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be an even power of two, got {g['block_size']!r}")
+
+    @staticmethod
+    def _backend(device: torch.device, block_size: int):
+        return _impl(device, block_size)
+
+    @staticmethod
+    def _codes_numel(n: int) -> int:
+        return quant4.packed_bytes(n)
+
+    @staticmethod
+    def _check_saved_by(saved_groups) -> None:
+        if any("amsgrad" in g for g in saved_groups):
+            raise ValueError("this optimizer state was saved by torch.optim.AdamW (fp32 states of another "
+                             "layout); AdamW4bit cannot continue it: start the optimizer afresh")
+        if not all(g.get("state_bits") == 4 for g in saved_groups):
+            raise ValueError("this optimizer state was saved by AdamW8bit (8-bit states); load it into "
+                             "dbkernels.optim.AdamW8bit, or start AdamW4bit afresh")
+
+    def _init_state(self, p, group, index: int) -> dict:
+        state = self.state[p]
+        if state:
+            return state
+        from .adamw8bit import _param_seed
+
+        n = p.numel()
+        state["step"] = 0
+        state["seed"] = _param_seed(index)
+        if n >= group["min_4bit_size"] and n > 0:
+            nb, nbytes = quant.num_blocks(n, group["block_size"]), quant4.packed_bytes(n)
+            state["state1"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
+            state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+            state["state2"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
+            state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+        else:
+            state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+        self._cuda_cache.clear()
+        self._cpu_cache.clear()
+        return state
