@@ -334,3 +334,24 @@ def test_shard_with_the_token_rows_own_lr_equals_unsharded(world):
     assert torch.equal(*rows)
     groups = torch.load(split / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
     assert [g["initial_lr"] for g in groups] == [1e-3, 1e-2]
+
+
+def test_shard_with_adamw4bit_equals_unsharded(world):
+    """--optimizer adamw4bit under --shard: each rank keeps only its parameters' 4-bit states, and the 2-rank
+    run is the unsharded 2-rank run bit for bit (same losses, same weights, and the checkpoint gathered on rank 0
+    holds every parameter's packed codes)."""
+    base, model = world
+    extra = ["--optimizer", "adamw4bit", "--max_train_steps", "2"]
+    two, split = base / "four-two", base / "four-shard"
+    for out, more in ((two, []), (split, ["--shard"])):
+        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
+            assert code == 0, err[-3000:]
+    assert [r["loss"] for r in log(split)] == [r["loss"] for r in log(two)]
+    a, b = unet(two), unet(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(d / "checkpoint-2" / "optimizer.pt", weights_only=True) for d in (two, split))
+    assert sa["state"].keys() == sb["state"].keys()
+    for k, s in sa["state"].items():
+        assert all(torch.equal(v, sb["state"][k][n]) if isinstance(v, torch.Tensor) else v == sb["state"][k][n]
+                   for n, v in s.items())
+    assert any("state1" in s and s["state1"].dtype == torch.uint8 for s in sa["state"].values())

@@ -19,8 +19,10 @@ def oom_advice(opts) -> str:
         tips.append("--gradient_checkpointing")
     if memory.mixed_precision == "no":
         tips.append("--mixed_precision bf16")
-    if opts.optim.optimizer != "adamw8bit":
+    if opts.optim.optimizer in ("adamw", "bnb8bit"):
         tips.append("--optimizer adamw8bit")
+    if opts.optim.optimizer == "adamw8bit":
+        tips.append("--optimizer adamw4bit")
     if not memory.step_in_backward and training.gradient_accumulation_steps == 1:
         tips.append("--step_in_backward")
     if memory.weights_dtype == "fp32":

@@ -36,6 +36,10 @@ def make_optimizer(opts, params):
         from dbkernels.optim import AdamW8bit
 
         return AdamW8bit(params, **kw)
+    if o.optimizer == "adamw4bit":
+        from dbkernels.optim import AdamW4bit
+
+        return AdamW4bit(params, **kw)
     if o.optimizer == "bnb8bit":
         try:
             import bitsandbytes as bnb

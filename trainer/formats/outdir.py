@@ -301,7 +301,7 @@ def run_bytes(opts) -> int:
     root = Path(opts.model.pretrained_model_name_or_path)
     n = {c: _component_numel(root / c) for c in ("unet", "vae", "text_encoder")}
     wbytes = 2 if opts.memory.weights_dtype == "bf16" else 4
-    state = {"adamw": 2 * wbytes, "adamw8bit": 2.1, "bnb8bit": 2.1}[opts.optim.optimizer]
+    state = {"adamw": 2 * wbytes, "adamw8bit": 2.1, "adamw4bit": 1.1, "bnb8bit": 2.1}[opts.optim.optimizer]
     trained = n["unet"] + (n["text_encoder"] if opts.training.train_text_encoder else 0)
     small = sum(f.stat().st_size for c in ("tokenizer", "scheduler") for f in (root / c).glob("*") if f.is_file())
     ema = opts.ema

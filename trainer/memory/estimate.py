@@ -17,6 +17,7 @@ from typing import Callable
 
 from trainer.errors import UserError
 from trainer.families import family_of
+from trainer.memory.differences import DIFFERENCES
 from trainer.options.estimate import EstimateOptions
 
 ARCH_DIR = Path(__file__).with_name("arch_configs")
@@ -37,31 +38,7 @@ ALLOWANCE = {"cuda_context": 500 * MIB, "cublas_workspace": 32 * MIB, "cudnn_wor
 FRAGMENTATION = 0.10
 ROUND = 512
 
-# (applies to the run?, what differs on the GPU)
-DIFFERENCES = (  # of an EstimateOptions
-    (lambda c: c.train.memory.mixed_precision != "no",
-     "autocast's op lists differ between CPU (this run) and CUDA: a few ops (norms, softmax) may keep another "
-     "dtype on the GPU"),
-    (lambda c: c.train.memory.mixed_precision == "fp16",
-     "GradScaler: modelled as a scaled loss and an in-place unscale (its inf checks need values)"),
-    (lambda c: c.train.optim.optimizer in ("adamw8bit", "bnb8bit"),
-     "AdamW8bit: the fake run creates its states but skips the update, which the CUDA kernel does in place "
-     "(no temporaries besides a small launch table)"),
-    (lambda c: c.train.optim.optimizer == "adamw",
-     "torch AdamW: the fake run uses the fused step for fp32 weights and foreach otherwise, as the trainer and "
-     "torch pick on a GPU"),
-    (lambda c: c.train.training.kernels,
-     "Triton attention: its backward's fp32 row sums (batch x heads x tokens x 4 B, one layer at a time) are "
-     "not seen"),
-    (lambda c: c.train.ema.use_ema and c.train.ema.ema_device != "cpu",
-     "--use_ema: the average is counted in every phase as category ema; its update after the step is one fused "
-     "in-place kernel (no temporaries)"),
-    (lambda c: not c.stock_recipe and not c.train.data.shuffle_caption,
-     "latents and prompt embeddings are cached as the trainer does for square or center-cropped images: the VAE "
-     "(and frozen text encoders) are not on the GPU during the steps; random crops would keep the VAE there"),
-    (lambda c: c.train.data.shuffle_caption,
-     "--shuffle_caption: the frozen text encoders stay on the GPU (each step's shuffled prompts are encoded)"),
-)
+
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -275,7 +252,12 @@ SAME_TRAINING = (
     Lever("--optimizer adamw8bit", lambda t: t.optim.optimizer == "adamw",
           lambda t: _with(t, "optim", optimizer="adamw8bit"), lambda c, n: max(0, c["optimizer_state"] - 2 * n),
           "8-bit AdamW states (2 B per trained parameter instead of 8)"),
-    Lever("--step_in_backward", lambda t: (not t.memory.step_in_backward and t.optim.optimizer == "adamw8bit" and
+    Lever("--optimizer adamw4bit", lambda t: t.optim.optimizer == "adamw8bit",
+          lambda t: _with(t, "optim", optimizer="adamw4bit"),
+          lambda c, n: max(0, c["optimizer_state"] - int(1.07 * n)),
+          "4-bit AdamW states (about 1.06 B per trained parameter instead of 2.03)"),
+    Lever("--step_in_backward", lambda t: (not t.memory.step_in_backward and
+                                           t.optim.optimizer in ("adamw8bit", "adamw4bit") and
                                            t.training.gradient_accumulation_steps == 1 and
                                            t.memory.mixed_precision != "fp16"),
           lambda t: _with(t, "memory", step_in_backward=True), lambda c, n: c["gradients"],
@@ -473,11 +455,13 @@ def savings(r: dict, train) -> list[tuple[str, int]]:
     out = []
     if optimizer == "adamw":
         out.append(("--optimizer adamw8bit", max(0, cat["optimizer_state"] - 2 * n)))
+    if optimizer == "adamw8bit":
+        out.append(("--optimizer adamw4bit", max(0, cat["optimizer_state"] - int(1.07 * n))))
     if not memory.gradient_checkpointing:  # most saved activations are recomputed in backward instead
         out.append(("--gradient_checkpointing", int(0.7 * cat["activations"])))
     if (not memory.step_in_backward and train.training.gradient_accumulation_steps == 1
             and memory.mixed_precision != "fp16"):
-        out.append(("--step_in_backward" + ("" if optimizer == "adamw8bit" else " (needs adamw8bit)"),
+        out.append(("--step_in_backward" + ("" if optimizer in ("adamw8bit", "adamw4bit") else " (needs adamw8bit)"),
                     cat["gradients"]))
     if memory.weights_dtype != "bf16" and not train.uses_lora:
         out.append(("--weights_dtype bf16", cat["weights"] // 2 + cat["gradients"] // 2))

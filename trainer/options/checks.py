@@ -79,8 +79,8 @@ def check(opts) -> None:
     if not str(data.identifier).strip() or len(str(data.identifier).split()) != 1:
         raise UserError(f"--identifier must be one word (or auto), got {data.identifier!r}")
     if opts.memory.step_in_backward:
-        if optim.optimizer != "adamw8bit":
-            raise UserError("--step_in_backward needs --optimizer adamw8bit")
+        if optim.optimizer not in ("adamw8bit", "adamw4bit"):
+            raise UserError("--step_in_backward needs --optimizer adamw8bit or adamw4bit")
         if training.gradient_accumulation_steps > 1:
             raise UserError("--step_in_backward cannot accumulate gradients (each is applied and freed in "
                             "backward); use --gradient_accumulation_steps 1")

@@ -15,7 +15,7 @@ from trainer.options.spec import flag, on_off
 
 INTERPOLATIONS = ("bilinear", "nearest", "nearest_exact", "bicubic", "box", "hamming", "lanczos")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw8bit", "adamw", "bnb8bit")
+OPTIMIZERS = ("adamw8bit", "adamw4bit", "adamw", "bnb8bit")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 DEFAULT_STEPS = 800  # --max_train_steps when neither it nor --num_train_epochs is given
@@ -144,8 +144,8 @@ class TrainingOptions:
 
 @dataclass
 class OptimizerOptions:
-    optimizer: str = flag("adamw8bit", "adamw8bit: ours (8-bit states); adamw: torch.optim.AdamW; bnb8bit: "
-                          "bitsandbytes", choices=OPTIMIZERS)
+    optimizer: str = flag("adamw8bit", "adamw8bit: ours (8-bit states); adamw4bit: ours, 4-bit states (half "
+                          "adamw8bit's memory); adamw: torch.optim.AdamW; bnb8bit: bitsandbytes", choices=OPTIMIZERS)
     learning_rate: float = flag(5e-6, "peak learning rate", type=float)
     scale_lr: bool = flag(False, "multiply the learning rate by accumulation steps x batch size x processes (1)")
     lr_scheduler: str = flag("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
@@ -167,8 +167,8 @@ class MemoryOptions:
                                 "as no)", choices=("no", "fp16", "bf16"))
     allow_tf32: bool = flag(False, "TF32 matmuls and convolutions on Ampere+ GPUs")
     weights_dtype: str = flag("fp32", "fp32 master weights, or pure bf16 weights (stochastic rounding with "
-                              "adamw8bit)", choices=("fp32", "bf16"))
-    step_in_backward: bool = flag(False, "optimizer step inside backward, gradients freed at once (adamw8bit; less "
+                              "adamw8bit / adamw4bit)", choices=("fp32", "bf16"))
+    step_in_backward: bool = flag(False, "optimizer step inside backward, gradients freed at once (adamw8bit, adamw4bit; less "
                                   "memory)")
     enable_xformers_memory_efficient_attention: bool = flag(False, "diffusers' switch: our fused attention kernels "
                                                             "(--kernels on) instead")

@@ -232,7 +232,7 @@ def build(app) -> None:
                 rank = gr.Number(form.lora_rank, label="LoRA rank", precision=0)
             with gr.Row():
                 precision = gr.Dropdown(["no", "fp16", "bf16"], value=form.mixed_precision, label="mixed precision")
-                optimizer = gr.Dropdown(["adamw8bit", "adamw"], value=form.optimizer,
+                optimizer = gr.Dropdown(["adamw8bit", "adamw4bit", "adamw"], value=form.optimizer,
                                         label="optimizer", allow_custom_value=True)
                 device = gr.Dropdown(["auto", "cuda", "cpu"], value=form.device, label="device")
             with gr.Row():
