@@ -1,4 +1,4 @@
-"""The five experiments of `python -m bench features` (bench/features.py runs them): their data, arms, training
+"""The six experiments of `python -m bench features` (bench/features.py runs them): their data, arms, training
 command lines, the models each arm is scored as, and the measures beyond the paper's metrics.
 
 An experiment is data written once (seed-independent), then per training seed a Plan: the `dbtrain train` runs and
@@ -342,4 +342,24 @@ def _one_run_per_arm(seed, work, subject_dir, cfg, arms, flags, subject) -> Plan
     return Plan(runs, scored, [(runs[0].args, scenes.SUBJECT_CLASS)] if runs else [])
 
 
-EXPERIMENTS = {e.name: e for e in (Masks(), Buckets(), Ema(), Huber(), Concepts())}
+class Optimizers(Experiment):
+    """The demo's recipe with each optimizer: AdamW4bit (4-bit states) against AdamW8bit and torch AdamW (fp32
+    states); nothing else differs."""
+
+    name = "optimizers"
+    arms = ("adamw", "adamw8bit", "adamw4bit")
+    eval_images = 20
+    reading = ("each arm's DINO, CLIP-I, PRES and PLACE against adamw8bit's: an arm inside adamw8bit's intervals "
+               "learned as well; ms/step is the CPU step (torch AdamW's is the fastest there)")
+
+    def prepare(self, data, write=True):
+        return {"subject": _save(data / "subject", scenes.subject_images(5), place_captions(), write)}
+
+    def plan(self, seed, work, data, cfg, arms):
+        plan = _one_run_per_arm(seed, work, data["subject"], cfg, arms, {a: [] for a in self.arms}, subject_of())
+        for run, arm in zip(plan.runs, arms):  # the recipe's own --optimizer (adamw on a CPU) gives way to the arm's
+            run.args = without(run.args, ["--optimizer"]) + ["--optimizer", arm]
+        return plan
+
+
+EXPERIMENTS = {e.name: e for e in (Masks(), Buckets(), Ema(), Huber(), Concepts(), Optimizers())}

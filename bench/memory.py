@@ -41,6 +41,8 @@ GB = 10 ** 9
 GIB = 1 << 30
 # prior preservation, batch 1+1: SD1.5 at 512 (both), SDXL's full UNet at 1024 (issue 19)
 TARGETS = {"sd15": {"unet": 6 * GB, "unet+te": 8 * GB}, "sdxl": {"unet": 16 * GB}}
+# issue 32, with AdamW4bit: SD1.5 at 512 with its text encoder <= 4.5 GB, SDXL at 1024 with both <= 12 GB
+SETTING_TARGETS = {("sd15", "ours-best-4bit+te"): int(4.5 * GB), ("sdxl", "ours-best-4bit+te"): 12 * GB}
 STOCK = ["--mixed_precision", "fp16", "--weights_dtype", "fp32", "--kernels", "off"]
 OURS = ["--mixed_precision", "bf16"]
 BEST = OURS + ["--gradient_checkpointing", "--weights_dtype", "bf16", "--step_in_backward"]
@@ -67,6 +69,10 @@ SETTINGS = (
     ("ours-adamw8bit-sib", OURS + ["--step_in_backward"], False, "ours + AdamW8bit + step in backward"),
     ("ours-best", BEST, False, "ours, all options: AdamW8bit, checkpointing, bf16 weights, step in backward"),
     ("ours-best+te", BEST + ["--train_text_encoder"], False, "ours, all options, with text-encoder training"),
+    ("ours-best-4bit", BEST + ["--optimizer", "adamw4bit"], False,
+     "ours, all options with AdamW4bit: checkpointing, bf16 weights, step in backward"),
+    ("ours-best-4bit+te", BEST + ["--optimizer", "adamw4bit", "--train_text_encoder"], False,
+     "ours, all options with AdamW4bit, with text-encoder training (SDXL: both encoders)"),
     ("ours-lora4-gc+te", OURS + ["--lora_rank", "4", "--gradient_checkpointing", "--train_text_encoder"], False,
      "ours, LoRA rank 4 on UNet and text encoder, checkpointing"),
     # SDXL only (not in the SD1.5/SD2.1 rows)
@@ -98,7 +104,7 @@ ARCH_SETTINGS = {
     "sd21": ("stock-adamw-gc", "stock-bnb8bit-gc", "ours-best", "ours-best+te"),
     "sdxl": ("stock-lora4", "stock-lora4-gc", "stock-adamw-gc", "stock-bnb8bit-gc", "ours-adamw", "ours-adamw8bit",
              "ours-adamw-gc", "ours-adamw-bf16w", "ours-adamw8bit-sib", "ours-adamw8bit-gc", "ours-best",
-             "ours-best+te", "ours-lora4-gc", "ours-lora4-gc+te", *SHARD),
+             "ours-best+te", "ours-best-4bit", "ours-best-4bit+te", "ours-lora4-gc", "ours-lora4-gc+te", *SHARD),
 }
 
 
@@ -129,7 +135,7 @@ def make_row(arch: str, name: str, what: str, argv: list[str], cfg, r: dict) -> 
     target_key = "unet+te" if train.training.train_text_encoder else "unet"
     if train.uses_lora and arch == "sdxl":  # issue 19's target is for the full UNet
         target_key = None
-    target = TARGETS.get(arch, {}).get(target_key)
+    target = SETTING_TARGETS.get((arch, name), TARGETS.get(arch, {}).get(target_key))
     over = r["peak_bytes"] - target if target is not None else None
     extras = {"estimate": True, "arch": arch, "resolution": train.data.resolution, "rows_per_step": 2,
               "what": what, "flags": argv, "stock_recipe": cfg.stock_recipe,
@@ -175,7 +181,9 @@ def table(rows: list[dict]) -> str:
              "Estimated on the CPU with `dbtrain estimate` (the trainer's own step on fake tensors, plus the "
              "allowance in trainer/memory/estimate.py); not measured on a GPU. Prior preservation, batch 1+1. "
              "Targets: SD1.5 at 512, UNet only <= 6 GB, with text-encoder training <= 8 GB; SDXL at 1024, full "
-             "UNet <= 16 GB (issue 19; GB = 10^9 B). Regenerate: `python -m bench memory`.", "",
+             "UNet <= 16 GB (issue 19; GB = 10^9 B); with AdamW4bit, SD1.5 with its text encoder <= 4.5 GB and SDXL with both "
+             "<= 12 GB (issue 32). Regenerate: `python -m bench memory` (`--only NAME,...`: those rows, the others "
+             "kept).", "",
              "| model | setting | predicted peak | GB | weights | grads | opt. state | activations | temp. "
              "| smallest card | target | what |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -184,7 +192,7 @@ def table(rows: list[dict]) -> str:
         tgt = "-"
         if e["target_bytes"] is not None:
             tgt = ("meets" if e["meets_target"] else f"over by {e['over_target_bytes'] / GB:.2f} GB") + \
-                f" ({e['target_bytes'] // GB} GB)"
+                f" ({e['target_bytes'] / GB:g} GB)"
             helps = [h["flag"] for h in e.get("would_help", []) if h["saves_bytes"] >= GB // 10]
             if helps:
                 tgt += "; would help: " + ", ".join(helps)
@@ -197,6 +205,18 @@ def table(rows: list[dict]) -> str:
               "would lower it (by >= 0.1 GB each) are named, biggest saving first; the JSONL row's extras.would_help "
               "has the bytes.", ""]
     return "\n".join(lines)
+
+
+def _merged(path: Path, new: list[dict]) -> list[dict]:
+    """The rows of `path` with `new` in place of those of the same (model, setting), in the order of ARCH_RES and
+    SETTINGS."""
+    key = lambda r: (r["variant"], r["provider"])  # noqa: E731
+    rows = {key(r): r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+    rows.update({key(r): r for r in new})
+    arch_order, name_order = list(ARCH_RES), [n for n, *_ in SETTINGS]
+    rank = lambda k: (arch_order.index(k[0]) if k[0] in arch_order else 99,  # noqa: E731
+                      name_order.index(k[1]) if k[1] in name_order else 999)
+    return [rows[k] for k in sorted(rows, key=rank)]
 
 
 def run_all(opts) -> int:
@@ -225,6 +245,9 @@ def run_all(opts) -> int:
             print(f"{arch} {name:22s} {r['peak_bytes'] / GB:6.2f} GB predicted ({r['seconds']:.0f} s)"
                   + (f"  target {'met' if e['meets_target'] else 'missed'}" if e["target_bytes"] else ""),
                   flush=True)
+    if only and (out / "memory.jsonl").is_file():  # --only: the other settings' rows stay as they were
+        rows = _merged(out / "memory.jsonl", rows)
+        partial.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     tmp = out / "memory.md.tmp"
     tmp.write_text(table(rows))
     os.replace(tmp, out / "memory.md")

@@ -1,4 +1,4 @@
-"""Benchmark suite `optim` (op `adamw8bit`): one optimizer step over the SD1.5 UNet.
+"""Benchmark suite `optim` (op `adamw8bit`): one optimizer step over the SD1.5 UNet, AdamW8bit and AdamW4bit.
 
 The parameter set is the full Stable Diffusion 1.5 UNet (shapes from diffusers'
 UNet2DConditionModel with the SD1.5 config, built on the meta device: 686 tensors,
@@ -9,9 +9,12 @@ Providers
   dbkernels-cuda       dbkernels.optim.AdamW8bit, force_backend("cuda"): one multi-tensor launch
   dbkernels-triton     the same, force_backend("triton"): one launch per tensor
   dbkernels-reference  the PyTorch reference (the CPU path)
+  dbkernels4-*         dbkernels.optim.AdamW4bit with the same three backends
+  torch                torch.optim.AdamW (its default: foreach), states in the parameter dtype
   torch-fused          torch.optim.AdamW(fused=True), states in the parameter dtype
   bnb                  bitsandbytes.optim.AdamW8bit (if installed)
   torchao              torchao.optim.AdamW8bit (if installed)
+  torchao4             torchao.optim.AdamW4bit (if installed)
 
 Rows: mode "step", ms p20/p50/p80 of opt.step() (states initialised by a first step),
 GB/s from a bytes model (read p, g, states; write p, states:
@@ -20,7 +23,8 @@ extras.state_bytes_per_param. The dbkernels providers are checked against the
 reference on a few tensors before timing. With --memory (default on CUDA, not with
 --quick) rows of mode "train-step" give the peak memory of one training step of the
 SD1.5 UNet (bf16 weights, batch 1, 64x64 latents, AdamW8bit CUDA) with and without
-step_in_backward.
+step_in_backward. Rows of mode "state-bytes" (with the SD1.5 shapes, the default; meta tensors, no time): the bytes of AdamW8bit's and
+AdamW4bit's states over the whole SD1.5 and SDXL UNets, from their state_bytes(), per parameter.
 """
 from __future__ import annotations
 
@@ -36,9 +40,11 @@ from . import common
 
 OP = "adamw8bit"
 ALIASES = ("optim", "adamw8bit")
-ALL_PROVIDERS = ("dbkernels-cuda", "dbkernels-triton", "dbkernels-reference", "torch-fused", "bnb", "torchao")
-GPU_DEFAULT_PROVIDERS = ("torch-fused", "bnb", "torchao", "dbkernels-triton", "dbkernels-cuda")
-CPU_DEFAULT_PROVIDERS = ("dbkernels-reference",)
+ALL_PROVIDERS = ("dbkernels-cuda", "dbkernels-triton", "dbkernels-reference", "dbkernels4-cuda", "dbkernels4-triton",
+                 "dbkernels4-reference", "torch", "torch-fused", "bnb", "torchao", "torchao4")
+GPU_DEFAULT_PROVIDERS = ("torch-fused", "bnb", "torchao", "torchao4", "dbkernels-triton", "dbkernels-cuda",
+                         "dbkernels4-triton", "dbkernels4-cuda")
+CPU_DEFAULT_PROVIDERS = ("torch", "dbkernels-reference", "dbkernels4-reference")
 QUICK_SHAPES = [(320, 4, 3, 3), (320,), (1280, 320), (77, 33), (5003,)]
 
 SD15_CONFIG = dict(
@@ -65,6 +71,16 @@ def sd15_shapes() -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in sd15_unet("meta").parameters()]
 
 
+def tiny_world_shapes() -> list[tuple[int, ...]]:
+    from diffusers import UNet2DConditionModel
+
+    from trainer.options.sampling import BUILTIN_MODEL
+
+    config = UNet2DConditionModel.load_config(BUILTIN_MODEL / "unet")
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in UNet2DConditionModel.from_config(config).parameters()]
+
+
 def make_params(shapes, dtype, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     params, grads = [], []
@@ -75,11 +91,15 @@ def make_params(shapes, dtype, device, seed=0):
     return params, grads
 
 
-def _dbk(backend: str):
-    def make(params):
-        from dbkernels.optim import AdamW8bit
+def _optimizer_class(provider: str):
+    import dbkernels.optim
 
-        return AdamW8bit(params, lr=1e-4), lambda: __import__("dbkernels").force_backend(backend)
+    return dbkernels.optim.AdamW4bit if provider.startswith("dbkernels4") else dbkernels.optim.AdamW8bit
+
+
+def _dbk(backend: str, provider: str):
+    def make(params):
+        return _optimizer_class(provider)(params, lr=1e-4), lambda: __import__("dbkernels").force_backend(backend)
     return make
 
 
@@ -105,13 +125,22 @@ def _torchao(params):
     return mod.AdamW8bit(params, lr=1e-4), contextlib.nullcontext
 
 
+def _torchao4(params):
+    try:
+        mod = importlib.import_module("torchao.optim")
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"torchao not importable ({type(exc).__name__})") from exc
+    return mod.AdamW4bit(params, lr=1e-4), contextlib.nullcontext
+
+
 PROVIDERS: dict[str, Callable] = {
-    "dbkernels-cuda": _dbk("cuda"),
-    "dbkernels-triton": _dbk("triton"),
-    "dbkernels-reference": _dbk("reference"),
+    **{f"{prefix}-{b}": _dbk(b, prefix) for prefix in ("dbkernels", "dbkernels4")
+       for b in ("cuda", "triton", "reference")},
+    "torch": lambda params: (torch.optim.AdamW(params, lr=1e-4), contextlib.nullcontext),
     "torch-fused": _torch_fused,
     "bnb": _bnb,
     "torchao": _torchao,
+    "torchao4": _torchao4,
 }
 
 
@@ -130,14 +159,14 @@ def state_bytes(opt) -> int:
 def check_against_reference(name: str, dtype, device) -> str:
     """One step of a few tensors vs the reference; returns 'ok' or raises AssertionError."""
     from dbkernels import force_backend
-    from dbkernels.optim import AdamW8bit
 
+    cls = _optimizer_class(name)
     shapes = [(1280, 320), (5003,), (320,)]
     outs = []
     for backend in ("reference", name.split("-", 1)[1]):
         params, grads = make_params(shapes, dtype, device, seed=3)
         params = [torch.nn.Parameter(p.detach().cpu().to(device)) for p in params]
-        opt = AdamW8bit(params, lr=1e-3, min_8bit_size=1000)
+        opt = cls(params, lr=1e-3, **{("min_4bit_size" if "4" in cls.__name__ else "min_8bit_size"): 1000})
         with force_backend(backend):
             for _ in range(2):
                 for p, g in zip(params, grads):
@@ -158,6 +187,9 @@ def check_against_reference(name: str, dtype, device) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", choices=("sd15-unet", "quick", "tiny-world-unet"), default=None,
+                        help="the parameter set: SD1.5's UNet (default), a few odd shapes (default with --quick), or "
+                             "the built-in model's UNet (3.2M parameters: the CPU step of a demo run)")
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
                         help="peak memory of an SD1.5 UNet training step with/without step_in_backward "
                              "(auto: on for CUDA without --quick)")
@@ -175,8 +207,8 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {list(ALL_PROVIDERS)}")
     common.use_triton_interpreter_on_cpu(device, names)
-    shapes = QUICK_SHAPES if opts.quick else sd15_shapes()
-    shape_name = "quick" if opts.quick else "sd15-unet"
+    shape_name = getattr(opts, "shapes", None) or ("quick" if opts.quick else "sd15-unet")
+    shapes = {"quick": lambda: QUICK_SHAPES, "sd15-unet": sd15_shapes, "tiny-world-unet": tiny_world_shapes}[shape_name]()
     numel = sum(math.prod(s) for s in shapes)
     budget = common.QUICK_BUDGET if opts.quick else common.TimingBudget(warmup_ms=100.0, rep_ms=500.0)
     env = common.environment(device)
@@ -228,6 +260,9 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
                     print(f"  {failures[-1]}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if shape_name == "sd15-unet":  # the whole-UNet run: its state bytes, and SDXL's
+        for row in state_bytes_rows(env):
+            writer.write(row)
     memory = opts.memory == "on" or (opts.memory == "auto" and device.type == "cuda" and not opts.quick)
     if memory:
         try:
@@ -242,6 +277,40 @@ def run(opts: argparse.Namespace, writer: common.ResultWriter) -> int:
         print(f"{len(failures)} failure(s); their rows were not written")
         return 1
     return 0
+
+
+def state_bytes_rows(env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bytes of AdamW8bit's and AdamW4bit's states over the SD1.5 and SDXL UNets (their configs in
+    trainer/memory/arch_configs, built on the meta device: the states are created, nothing is allocated), read
+    from the optimizers' own state_bytes()."""
+    from diffusers import UNet2DConditionModel
+
+    from dbkernels.optim import AdamW4bit, AdamW8bit
+    from trainer.memory.estimate import model_configs
+
+    rows = []
+    for arch in ("sd15", "sdxl"):
+        config = {k: v for k, v in model_configs(arch=arch)["unet"].items() if not k.startswith("_")}
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        params = list(unet.parameters())
+        numel = sum(p.numel() for p in params)
+        for cls in (AdamW8bit, AdamW4bit):
+            opt = cls(params, lr=1e-4)
+            group = opt.param_groups[0]
+            for i, p in enumerate(params):
+                opt._init_state(p, group, i)
+            sbytes = opt.state_bytes()
+            row = common.make_row(
+                op=OP, provider=f"dbkernels{'4' if cls is AdamW4bit else ''}-state", shape=[numel],
+                dtype=torch.float32, mode="state-bytes", variant=f"{arch}-unet", ms=(0.0, 0.0, 0.0), env=env,
+                extras={"optimizer": cls.__name__, "num_tensors": len(params), "numel": numel,
+                        "state_bytes": sbytes, "state_bytes_per_param": sbytes / numel,
+                        "block_size": group["block_size"]})
+            rows.append({**row, "ms_p20": None, "ms_p50": None, "ms_p80": None})  # counted, not timed
+            print(f"  {arch} UNet ({numel / 1e6:.0f}M params): {cls.__name__} state {sbytes / 2**30:.2f} GiB, "
+                  f"{sbytes / numel:.3f} B/param")
+    return rows
 
 
 def train_step_memory(device: torch.device, env: dict[str, Any]) -> list[dict[str, Any]]:
