@@ -13,34 +13,13 @@ import torch
 
 from .. import _backend
 from . import quant, quant4, reference4
-from .adamw8bit import AdamW8bit, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+from .adamw8bit import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, AdamW8bit, choose_backend
 
 _backend.register_op("adamw4bit", ("cuda", "triton", "reference"))
 
-CUDA_BLOCK_SIZES = (128, 256, 512, 1024)
-
-
 def _impl(device: torch.device, block_size: int):
-    """(backend name, module with update_) for one device."""
-    name = _backend.choose("adamw4bit", device.type)
-    why = None
-    if name == "cuda":
-        from . import cuda
-
-        why = cuda.unavailable_reason(bits=4)
-        if why is None and block_size not in CUDA_BLOCK_SIZES:
-            why = f"the CUDA step supports block_size in {CUDA_BLOCK_SIZES}, got {block_size}"
-    if why is not None:
-        if _backend.forced_backend() == "cuda":
-            raise _backend.BackendUnavailable(f"dbkernels backend 'cuda' was forced for adamw4bit but {why}")
-        name = "triton" if _backend.unavailable_reason("triton", device.type) is None else "reference"
-    if name == "reference":
-        return name, reference4
-    if name == "triton":
-        return name, _backend.import_triton_kernels("dbkernels.optim.triton_kernels4")
-    from . import cuda
-
-    return name, cuda.FourBit
+    return choose_backend("adamw4bit", device, block_size, bits=4, reference_module=reference4,
+                          triton_module="dbkernels.optim.triton_kernels4")
 
 
 class AdamW4bit(AdamW8bit):

@@ -41,27 +41,33 @@ def _check_param(p, where: str) -> None:
         raise TypeError(f"{where}: parameter dtype must be float32, bfloat16 or float16, got {p.dtype}")
 
 
-def _impl(device: torch.device, block_size: int):
-    """(backend name, module with update_) for one device."""
-    name = _backend.choose("adamw8bit", device.type)
+def choose_backend(op: str, device: torch.device, block_size: int, *, bits: int, reference_module,
+                   triton_module: str):
+    """(backend name, module with update_) of optimizer op `op` (states of `bits` bits) for one device."""
+    name = _backend.choose(op, device.type)
     why = None
     if name == "cuda":
         from . import cuda
 
-        why = cuda.unavailable_reason()
+        why = cuda.unavailable_reason(bits=bits)
         if why is None and block_size not in CUDA_BLOCK_SIZES:
             why = f"the CUDA step supports block_size in {CUDA_BLOCK_SIZES}, got {block_size}"
     if why is not None:
         if _backend.forced_backend() == "cuda":
-            raise _backend.BackendUnavailable(f"dbkernels backend 'cuda' was forced for adamw8bit but {why}")
+            raise _backend.BackendUnavailable(f"dbkernels backend 'cuda' was forced for {op} but {why}")
         name = "triton" if _backend.unavailable_reason("triton", device.type) is None else "reference"
     if name == "reference":
-        return name, reference
+        return name, reference_module
     if name == "triton":
-        return name, _backend.import_triton_kernels("dbkernels.optim.triton_kernels")
+        return name, _backend.import_triton_kernels(triton_module)
     from . import cuda
 
-    return name, cuda
+    return name, cuda if bits == 8 else cuda.FourBit
+
+
+def _impl(device: torch.device, block_size: int):
+    return choose_backend("adamw8bit", device, block_size, bits=8, reference_module=reference,
+                          triton_module="dbkernels.optim.triton_kernels")
 
 
 class AdamW8bit(torch.optim.Optimizer):

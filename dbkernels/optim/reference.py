@@ -138,12 +138,23 @@ def adam_math(x, g, m, v, h):
     return x, m, v
 
 
+class EightBit:
+    """The 8-bit state format (quant.py) as update_ reads and writes it; quant4 is the 4-bit one."""
+
+    @staticmethod
+    def dequantize_blockwise(codes, absmax, n: int, block_size: int, signed: bool) -> torch.Tensor:
+        return quant.dequantize_blockwise(codes, absmax, block_size, signed)
+
+    quantize_blockwise = staticmethod(quant.quantize_blockwise)
+
+
 def update_(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, betas, eps: float,
-            weight_decay: float, step: int, block_size: int, stochastic_rounding: bool) -> None:
+            weight_decay: float, step: int, block_size: int, stochastic_rounding: bool,
+            state_format=EightBit) -> None:
     """One step of one parameter, in place on p (contiguous) and the state tensors.
 
-    state holds either 8-bit tensors {"state1", "absmax1", "state2", "absmax2"} or fp32
-    {"exp_avg", "exp_avg_sq"} (flat), plus "seed" (int, stochastic rounding).
+    state holds either quantized tensors {"state1", "absmax1", "state2", "absmax2"} (codes of `state_format`)
+    or fp32 {"exp_avg", "exp_avg_sq"} (flat), plus "seed" (int, stochastic rounding).
     """
     h = hyperparams(lr, betas[0], betas[1], eps, weight_decay, step)
     n = p.numel()
@@ -151,8 +162,8 @@ def update_(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, betas, 
     gf = g.reshape(-1).float()
     quantized = "state1" in state
     if quantized:
-        m = quant.dequantize_blockwise(state["state1"], state["absmax1"], block_size, signed=True)
-        v = quant.dequantize_blockwise(state["state2"], state["absmax2"], block_size, signed=False)
+        m = state_format.dequantize_blockwise(state["state1"], state["absmax1"], n, block_size, signed=True)
+        v = state_format.dequantize_blockwise(state["state2"], state["absmax2"], n, block_size, signed=False)
     else:
         m, v = state["exp_avg"], state["exp_avg_sq"]
     x, m, v = adam_math(x, gf, m, v, h)
@@ -161,8 +172,8 @@ def update_(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, betas, 
     p.detach().view(-1).copy_(write_param(x, p.dtype, stochastic_rounding=stochastic_rounding, key=key, r=r))
     if quantized:
         u_m, u_v = state_uniforms(r)
-        c1, a1 = quant.quantize_blockwise(m, block_size, signed=True, u=u_m)
-        c2, a2 = quant.quantize_blockwise(v, block_size, signed=False, u=u_v)
+        c1, a1 = state_format.quantize_blockwise(m, block_size, signed=True, u=u_m)
+        c2, a2 = state_format.quantize_blockwise(v, block_size, signed=False, u=u_v)
         state["state1"].copy_(c1)
         state["absmax1"].copy_(a1)
         state["state2"].copy_(c2)
