@@ -1,6 +1,6 @@
 """`dbtrain ui` in a real browser: Playwright driving headless Chromium (Debian's, launched by its path)
-against the app on 127.0.0.1, started and stopped here. Train: 4 photos, "Will it fit?", a short run on the
-built-in model, the loss plot gaining points and a validation image, Stop (a checkpoint), Resume to the end;
+against the app on 127.0.0.1, started and stopped here. Train: 4 photos and their masks, "Will it fit?", a short
+run on the built-in model, the loss plot gaining points and a validation image, Stop (a checkpoint), Resume to the end;
 a second start while it runs is refused. Sample: images from the run's model into the run's folder. FABRIC:
 a round, one like and one dislike, the next round steered by them. Bad input: the CLI's one line on the page.
 
@@ -96,6 +96,18 @@ def photos(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory, photos):
+    """A mask per photo, of its name and size (white: the whole picture trains)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("masks")
+    for p in photos:
+        with Image.open(p) as im:
+            Image.new("L", im.size, 255).save(folder / Path(p).name)
+    return [str(folder / Path(p).name) for p in photos]
+
+
 def _upload(page, elem_id, files):
     """Files into a gr.File, replacing what it holds (a second upload would add to them)."""
     clear = page.locator(f"#{elem_id} button[aria-label=Clear]")
@@ -166,10 +178,12 @@ def test_bad_input_shows_the_clis_message(page, photos):
     _fill(page, "train-other", "")
 
 
-def test_train_stop_resume(page, app, photos):
+def test_train_stop_resume(page, app, photos, masks):
     _tab(page, "Train")
     _upload(page, "train-photos", photos)
     _wait(lambda: page.locator("#train-preview img").count() == 4, 30)
+    page.locator("#train-masks input[type=file]").set_input_files(masks)  # white: train everywhere
+    _wait(lambda: "mask star3.png" in _text(page, "train-preview"), 30)
     _fill(page, "train-steps", 300)
     _fill(page, "train-val-steps", 20)
     _fill(page, "train-other", TRAIN_FLAGS)
@@ -184,6 +198,7 @@ def test_train_stop_resume(page, app, photos):
     _wait(lambda: points() > first, 60)  # the plot gains points as the run logs
     _wait(lambda: page.locator("#train-validation img").count() >= 1, 120)
     assert "dbtrain train --instance_data_dir" in _text(page, "train-where")
+    assert "--mask_dir" in _text(page, "train-where")
     # a second start while it runs: refused, the run goes on
     page.locator("#train-start").click()
     _wait(lambda: "run is going" in _text(page, "train-message"), 30)
