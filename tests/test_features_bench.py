@@ -128,10 +128,11 @@ def test_the_outlier_replaces_one_picture_by_another_object():
 
 # ---------------------------------------------------------------- the harness
 
-RUNS = {"masks": 3, "buckets": 2, "ema": 1, "huber": 2, "concepts": 3}
+RUNS = {"masks": 3, "buckets": 2, "ema": 1, "huber": 2, "concepts": 3, "optimizers": 3}
 FLAGS = {"masks": ["--mask_normalization mean", "--mask_dir"], "buckets": ["--aspect_ratio_buckets auto",
          "--bucket_reso_steps 16", "--center_crop"], "ema": ["--use_ema --save_raw_weights"],
-         "huber": ["--loss_type huber --huber_schedule snr", "--loss_type l2"], "concepts": ["--concepts "]}
+         "huber": ["--loss_type huber --huber_schedule snr", "--loss_type l2"], "concepts": ["--concepts "],
+         "optimizers": ["--optimizer adamw4bit", "--optimizer adamw8bit"]}
 
 
 @pytest.mark.parametrize("experiment", sorted(plans.EXPERIMENTS))
@@ -249,3 +250,11 @@ def test_one_tiny_experiment_end_to_end(tmp_path, capsys):
     features.train_one(run, work / "seed0" / "no-mask", 1)
     assert "trained already" in capsys.readouterr().out
     assert (work / "seed0" / "no-mask" / "bench-time.json").stat().st_mtime == mtime
+
+
+def test_each_optimizer_arm_trains_with_its_own_optimizer_only(tmp_path):
+    """The recipe's own --optimizer (adamw on a CPU) gives way to the arm's: one --optimizer per run."""
+    a = features.parse(["optimizers", "--seeds", "0", "--work", str(tmp_path)])
+    _, _, by_seed = features.plan_of(a)
+    for run in by_seed[0].runs:
+        assert run.args.count("--optimizer") == 1 and run.args[run.args.index("--optimizer") + 1] == run.name
