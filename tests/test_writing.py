@@ -398,3 +398,16 @@ def test_fabric_into_a_full_disk_is_one_line(tiny, tmp_path, capsys, monkeypatch
                            capsys)
     one_line_error(code, err, f"could not write the images in {tmp_path / 'out'}", os.strerror(errno.ENOSPC),
                    "needs about")
+
+
+def test_another_ranks_write_probe_does_not_make_the_folder_foreign(tmp_path):
+    """torchrun: rank 0 probes --output_dir with a temporary file while rank 1 checks that the folder is empty
+    (seen in CI: 'holds files dbtrain did not write (.dbtrain-probe-...)')."""
+    from trainer.formats import outdir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{outdir.PROBE}abc123").write_text("")
+    assert outdir.check_output_dir(tmp_path / "out", resume=False) == "empty"
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    with pytest.raises(Exception, match="holds files dbtrain did not write"):
+        outdir.check_output_dir(tmp_path / "out", resume=False)

@@ -150,9 +150,13 @@ def release(folder) -> None:
     f.close()
 
 
+PROBE = ".dbtrain-probe-"  # writable()'s file, there for an instant (another rank of a torchrun may be probing)
+
+
 def _own_entries(out: Path) -> list[str]:
-    """A folder's entries, without the lock file (which alone does not make a folder ours or not empty)."""
-    return sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    """A folder's entries, without the lock file (which alone does not make a folder ours or not empty) and the
+    write probes of other processes of the same run."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(PROBE))
 
 
 # ------------------------------------------------------------------ where we may write
@@ -170,7 +174,7 @@ def writable(folder: Path) -> bool:
     if not os.access(folder, os.W_OK | os.X_OK):
         return False
     try:
-        fd, name = tempfile.mkstemp(prefix=".dbtrain-probe-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=PROBE, dir=folder)
     except OSError:
         return False
     os.close(fd)
