@@ -117,20 +117,14 @@ def _bnb(params):
     return bnb.optim.AdamW8bit(params, lr=1e-4), contextlib.nullcontext
 
 
-def _torchao(params):
-    try:
-        mod = importlib.import_module("torchao.optim")
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"torchao not importable ({type(exc).__name__})") from exc
-    return mod.AdamW8bit(params, lr=1e-4), contextlib.nullcontext
-
-
-def _torchao4(params):
-    try:
-        mod = importlib.import_module("torchao.optim")
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"torchao not importable ({type(exc).__name__})") from exc
-    return mod.AdamW4bit(params, lr=1e-4), contextlib.nullcontext
+def _torchao(cls: str):
+    def make(params):
+        try:
+            mod = importlib.import_module("torchao.optim")
+        except Exception as exc:  # noqa: BLE001
+            raise Skip(f"torchao not importable ({type(exc).__name__})") from exc
+        return getattr(mod, cls)(params, lr=1e-4), contextlib.nullcontext
+    return make
 
 
 PROVIDERS: dict[str, Callable] = {
@@ -139,8 +133,8 @@ PROVIDERS: dict[str, Callable] = {
     "torch": lambda params: (torch.optim.AdamW(params, lr=1e-4), contextlib.nullcontext),
     "torch-fused": _torch_fused,
     "bnb": _bnb,
-    "torchao": _torchao,
-    "torchao4": _torchao4,
+    "torchao": _torchao("AdamW8bit"),
+    "torchao4": _torchao("AdamW4bit"),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from . import quant, quant4, reference4
+from . import quant4, reference4
 from .adamw8bit import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, AdamW8bit, choose_backend
 
 _backend.register_op("adamw4bit", ("cuda", "triton", "reference"))
@@ -32,17 +32,14 @@ class AdamW4bit(AdamW8bit):
     """
 
     _CPU_MULTI_TENSOR = False  # multi_tensor.py is AdamW8bit's; the CPU step here is reference4 per tensor
+    _MIN_SIZE = "min_4bit_size"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = quant4.BLOCK_SIZE, min_4bit_size: int = 4096,
                  stochastic_rounding: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_4bit_size=min_4bit_size, stochastic_rounding=stochastic_rounding, state_bits=4)
-        self._check_hyper(defaults)
-        self._sib_handle = None
-        self._cuda_cache: dict = {}
-        self._cpu_cache: dict = {}
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        self._start(params, defaults)
 
     @staticmethod
     def _check_hyper(g: dict) -> None:
@@ -66,25 +63,3 @@ class AdamW4bit(AdamW8bit):
         if not all(g.get("state_bits") == 4 for g in saved_groups):
             raise ValueError("this optimizer state was saved by AdamW8bit (8-bit states); load it into "
                              "dbkernels.optim.AdamW8bit, or start AdamW4bit afresh")
-
-    def _init_state(self, p, group, index: int) -> dict:
-        state = self.state[p]
-        if state:
-            return state
-        from .adamw8bit import _param_seed
-
-        n = p.numel()
-        state["step"] = 0
-        state["seed"] = _param_seed(index)
-        if n >= group["min_4bit_size"] and n > 0:
-            nb, nbytes = quant.num_blocks(n, group["block_size"]), quant4.packed_bytes(n)
-            state["state1"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
-            state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-            state["state2"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
-            state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-        else:
-            state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=p.device)
-        self._cuda_cache.clear()
-        self._cpu_cache.clear()
-        return state

@@ -87,17 +87,22 @@ class AdamW8bit(torch.optim.Optimizer):
     """
 
     _CPU_MULTI_TENSOR = True  # the reference case on CPU tensors: multi_tensor.py (8-bit states only)
+    _MIN_SIZE = "min_8bit_size"  # the group key: tensors under it keep fp32 states
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
                  stochastic_rounding: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size, stochastic_rounding=stochastic_rounding)
+        self._start(params, defaults)
+
+    def _start(self, params, defaults: dict) -> None:
+        """The optimizer over `params` with these group defaults (checked first)."""
         self._check_hyper(defaults)
         self._sib_handle = None
         self._cuda_cache: dict = {}
         self._cpu_cache: dict = {}
-        super().__init__(params, defaults)
+        torch.optim.Optimizer.__init__(self, params, defaults)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -158,11 +163,11 @@ class AdamW8bit(torch.optim.Optimizer):
         n = p.numel()
         state["step"] = 0
         state["seed"] = _param_seed(index)
-        if n >= group["min_8bit_size"] and n > 0:
-            nb = quant.num_blocks(n, group["block_size"])
-            state["state1"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+        if n >= group[self._MIN_SIZE] and n > 0:
+            nb, nbytes = quant.num_blocks(n, group["block_size"]), self._codes_numel(n)
+            state["state1"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
             state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-            state["state2"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+            state["state2"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
             state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         else:
             state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=p.device)

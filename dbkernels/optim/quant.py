@@ -134,15 +134,21 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.view(-1, block_size)
 
 
+def normalized_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / its block's absmax as (nblocks, block_size), zero padded; fp32 absmax per block); an all-zero
+    block stays zero (both state formats quantize these)."""
+    xb = _blocks(x, block_size)
+    absmax = xb.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return torch.where(absmax[:, None] > 0, xb / safe[:, None], torch.zeros_like(xb)), absmax
+
+
 def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
                        u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes, flat like x; fp32 absmax per block). u: None (nearest code) or flat
     fp32 uniforms like x (stochastic rounding, see encode_magnitude)."""
     n = x.numel()
-    xb = _blocks(x, block_size)
-    absmax = xb.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    xn = torch.where(absmax[:, None] > 0, xb / safe[:, None], torch.zeros_like(xb))
+    xn, absmax = normalized_blocks(x, block_size)
     if u is not None:
         u = _blocks(u, block_size)
     codes = quantize_signed_codes(xn, u) if signed else quantize_unsigned_codes(xn, u)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import _blocks, decode_magnitude, num_blocks
+from .quant import _blocks, decode_magnitude, normalized_blocks, num_blocks
 
 BLOCK_SIZE = 128                 # the paper's block for both moments
 M_MBITS, M_EMIN, M_MAX = 0, -6, 7     # m: magnitude code 7 is 1.0 (2^(7 - 7)); code 1 is 2^-6
@@ -120,10 +120,7 @@ def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
     """(packed uint8 codes, ceil(n / 2) bytes; fp32 absmax per block) of flat fp32 x. u: None (nearest code)
     or flat fp32 uniforms like x (stochastic rounding)."""
     n = x.numel()
-    xb = _blocks(x, block_size)
-    absmax = xb.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    xn = torch.where(absmax[:, None] > 0, xb / safe[:, None], torch.zeros_like(xb))
+    xn, absmax = normalized_blocks(x, block_size)
     if u is not None:
         u = _blocks(u, block_size)
     nib = encode_m(xn, u) if signed else encode_v(xn, u)

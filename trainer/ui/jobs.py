@@ -117,9 +117,6 @@ class Job:
         except subprocess.TimeoutExpired:
             return None
 
-    def lines(self, n: int = 20) -> list[str]:
-        return last_lines(self.log, n)
-
     def message(self) -> str | None:
         """The CLI's one line when the run ended other than well (bad input, a stop, a crash): from this run's
         own output, not an earlier run's in the same log."""

@@ -39,6 +39,11 @@ def safe_name(name: str) -> str:
     return stem[:80] + _SAFE.sub("", suffix.lower())
 
 
+def upload_paths(files) -> list[str]:
+    """The paths of a gr.File value (file objects with .name, or plain paths; None: none)."""
+    return [str(getattr(f, "name", f)) for f in (files or [])]
+
+
 def copy_in(files: list[str], folder: Path) -> list[Path]:
     """Copies of the uploaded files in `folder` under their own names (a repeated name gets _2, _3, ...)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,6 @@ from trainer.ui import runs
 from trainer.ui.jobs import Busy, Job, command_line
 
 
-def _paths(files) -> list[str]:
-    return [str(getattr(f, "name", f)) for f in (files or [])]
-
-
 def samples_folder(app, model: str) -> Path:
     """A new folder for the images: beside the run whose model they come from, else the app's samples/."""
     model_dir = Path(model).resolve()
@@ -56,8 +52,8 @@ def generate(app, model, prompt, negative, num_images, steps, guidance, seed, de
         return [], f"dbtrain: error: cannot make a folder for the images: {e}", ""
     try:
         # copies of the uploaded files beside the images: the command line shown stays true after the upload
-        loras = runs.copy_in(_paths(lora_files), out / "inputs") if lora_files else []
-        embeddings = runs.copy_in(_paths(embedding_files), out / "inputs") if embedding_files else []
+        loras = runs.copy_in(runs.upload_paths(lora_files), out / "inputs") if lora_files else []
+        embeddings = runs.copy_in(runs.upload_paths(embedding_files), out / "inputs") if embedding_files else []
         argv = sample_argv(model, prompt, negative, num_images, steps, guidance, seed, device, out / "images",
                            loras, embeddings, lora_scale)
         job = app.slot.run(Job("sample", argv, out / "ui-sample.log"))

@@ -14,13 +14,9 @@ import gradio as gr
 
 from trainer.errors import UserError
 from trainer.ui import forms, plot, runs
-from trainer.ui.jobs import Busy, Job, child_env, command_line
+from trainer.ui.jobs import Busy, Job, child_env, command_line, last_lines
 
 REFRESH_S = 1.0
-
-
-def _paths(files) -> list[str]:
-    return [str(getattr(f, "name", f)) for f in (files or [])]
 
 
 def _form(values: list) -> forms.TrainForm:
@@ -44,11 +40,11 @@ def show_photos(photos, masks, masked):
     """The gallery of the dropped photos as the trainer will read them, or the one-line message."""
     from trainer.ui.photos import match_masks, preview
 
-    files = [Path(p) for p in _paths(photos)]
+    files = [Path(p) for p in runs.upload_paths(photos)]
     if not files:
         return [], ""
     try:
-        found = match_masks(files, [Path(m) for m in _paths(masks)])
+        found = match_masks(files, [Path(m) for m in runs.upload_paths(masks)])
         shown = preview(files, found, bool(masked))
     except UserError as e:
         return [], f"dbtrain: error: {e}"
@@ -101,7 +97,7 @@ def will_it_fit(card_gb, *values):
 
 def start(app, photos, masks, *values):
     """A new run folder with copies of the photos (and masks), then `dbtrain train ...` in it."""
-    files = _paths(photos)
+    files = runs.upload_paths(photos)
     problem = forms.check_photos(len(files))
     if problem:
         return problem
@@ -109,7 +105,7 @@ def start(app, photos, masks, *values):
         form = _form(list(values))
         from trainer.ui.photos import match_masks
 
-        match_masks([Path(f) for f in files], [Path(m) for m in _paths(masks)])
+        match_masks([Path(f) for f in files], [Path(m) for m in runs.upload_paths(masks)])
     except (UserError, TypeError, ValueError) as e:
         return f"dbtrain: error: {e}"
     busy = app.slot.busy()
@@ -124,7 +120,7 @@ def start(app, photos, masks, *values):
         argv = forms.train_argv(form, folder, mask_dir=mask_dir)
         runs.copy_in(files, folder / "photos")  # (before the check: textual-inversion's parser looks for them)
         if masks:
-            runs.copy_in(_paths(masks), mask_dir)
+            runs.copy_in(runs.upload_paths(masks), mask_dir)
         problem = forms.check_argv(argv)
         if problem:
             shutil.rmtree(folder, ignore_errors=True)
@@ -191,16 +187,10 @@ def run_state(app) -> tuple[str, str, list, str, str, str]:
     else:
         state = "not running"
     grids = [(str(p), p.stem) for p in runs.validation_images(folder / "model")]
-    console = "\n".join(runs_lines(folder))
+    console = "\n".join(last_lines(folder / "ui-train.log", 15))
     where = f"run folder: `{folder}`\n\n```\n{command_line(run['argv'])}\n```"
     return (plot.progress_html(step, run["max_steps"], state), plot.loss_svg(records, run["max_steps"]), grids,
             console, where, message)
-
-
-def runs_lines(folder: Path) -> list[str]:
-    from trainer.ui.jobs import last_lines
-
-    return last_lines(folder / "ui-train.log", 15)
 
 
 def build(app) -> None:
