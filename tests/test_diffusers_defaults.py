@@ -75,7 +75,9 @@ def test_note_names_each_difference_of_textual_inversion(tmp_path, capsys):
     [line] = notes(capsys)
     assert "textual_inversion.py differs: " in line
     for said in ("no flip (theirs: random flip p=0.5, --random_flip)",
-                 "resize bilinear (theirs: bicubic, --image_interpolation_mode bicubic)", "random square crop"):
+                 "resize bilinear (theirs: bicubic, --image_interpolation_mode bicubic)",
+                 "resize to cover, then a random square crop (theirs: the whole image resized to the square, "
+                 "--image_fit squash)"):
         assert said in line, said
     assert "--optimizer" not in line  # TI's defaults are already theirs
 
@@ -91,10 +93,11 @@ def test_diffusers_defaults_takes_theirs(tmp_path, capsys):
             lora.checkpoints.output_dir) == ("adamw", 5e-4, "lanczos", "lora-dreambooth-model")
     ti = ti_config.parse(ti_readme(tmp_path) + ["--diffusers_defaults"])
     assert ti.data.random_flip and ti.data.image_interpolation_mode == "bicubic" and ti.optim.optimizer == "adamw"
+    assert ti.data.image_fit == "squash" and full.data.image_fit == lora.data.image_fit == "cover"
     err = capsys.readouterr().err
     assert "note: using diffusers' train_dreambooth.py defaults: --optimizer adamw, --train_batch_size 4" in err
-    assert "using diffusers' textual_inversion.py defaults: --random_flip, --image_interpolation_mode bicubic; " \
-           "still differs: random square crop" in err
+    assert "using diffusers' textual_inversion.py defaults: --random_flip, --image_interpolation_mode bicubic, " \
+           "--image_fit squash\n" in err
 
 
 def test_a_given_flag_is_never_overridden(tmp_path, capsys):

@@ -34,7 +34,7 @@ class Subjects:
         data = opts.data
         self.inst = images.ImageSet(self.files, data.resolution, center_crop=data.center_crop,
                                     random_flip=data.random_flip, interpolation=data.image_interpolation_mode,
-                                    buckets=buckets_of(data))
+                                    buckets=buckets_of(data), image_fit=data.image_fit)
         self.captions = []  # per instance image: its caption file's first line, or None
         for k, o in enumerate(self.options):
             files, suffix = [f for f, j in zip(self.files, self.owner) if j == k], _caption_suffix(o)
@@ -91,7 +91,7 @@ class Subjects:
             texts += images.class_prompts(mine, suffix, o.prior.class_prompt)  # kohya: captions beside them too
             owner += [k] * len(mine)
         cls = images.ImageSet(files, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
-                              interpolation=data.image_interpolation_mode)
+                              interpolation=data.image_interpolation_mode, image_fit=data.image_fit)
         return cls, texts, owner
 
     def draws(self, cls_owner: list[int] | None) -> dict:

@@ -8,8 +8,10 @@ images below half the training resolution (they are upscaled), images wider or t
 than 5:1 (a square crop keeps a small part of them), files skipped (not images, broken
 links, HEIC/HEIF photos, with how to convert those). Errors are one-line UserErrors.
 
-Preprocessing is diffusers' DreamBooth recipe: resize the short side to `resolution`
-(bilinear), center or random crop to a square, optional horizontal flip, scale to [-1, 1]; with
+Preprocessing is diffusers' DreamBooth recipe (torchvision's arithmetic, so a view equals the scripts'): resize
+the short side to `resolution` (bilinear), center or random crop to a square, optional horizontal flip, scale to
+[-1, 1]; or (--image_fit squash) textual_inversion.py's: the whole image, or its centre square with
+--center_crop, resized to the square (distorting a non-square image), scaled in float64 as it does; with
 aspect-ratio buckets (trainer.core.buckets) the same at the bucket's (h, w): resized to cover it, then
 cropped. Each view's geometry (the image's size and where the crop sits) is what SDXL conditions on
 (time ids). --masked_loss takes the alpha channel before compositing (load_alpha) as the image's mask.
@@ -229,31 +231,56 @@ def _size_hw(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+SQUASH_WHOLE, SQUASH_CENTER = "whole", "center"  # --image_fit squash without / with --center_crop
+
+
+def _squash_box(width: int, height: int, squash: str) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of what a squashed view resizes: the whole image, or (SQUASH_CENTER) its centre square
+    with textual_inversion.py's integer arithmetic."""
+    if squash != SQUASH_CENTER:
+        return 0, 0, width, height
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
 def _cover_box(width: int, height: int, size, crop_xy):
     """(resized w, h, crop left, top) of a view: the image resized to cover the (h, w) target (the short
     side to `resolution` for a square), the target cropped at the relative position crop_xy (None: centre)."""
     th, tw = _size_hw(size)
-    scale = max(tw / width, th / height)  # (a square: resolution / min(w, h), exactly)
-    nw, nh = max(tw, round(width * scale)), max(th, round(height * scale))
+    if isinstance(size, int):  # torchvision's Resize(int): the long side truncated, as diffusers' scripts resize
+        nw, nh = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    else:
+        scale = max(tw / width, th / height)
+        nw, nh = max(tw, round(width * scale)), max(th, round(height * scale))
     fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
     return nw, nh, int(round((nw - tw) * fx)), int(round((nh - th) * fy))
 
 
-def fit(img: Image.Image, size, *, crop_xy, flip: bool, resample=Image.BILINEAR) -> Image.Image:
-    """The view of `img` at `size` (an int: square; or (h, w)): resized to cover it, cropped, flipped.
-    A mask goes through this with its image's arguments, so it follows the pixels exactly."""
+def fit(img: Image.Image, size, *, crop_xy, flip: bool, resample=Image.BILINEAR, squash: str | None = None
+        ) -> Image.Image:
+    """The view of `img` at `size` (an int: square; or (h, w)): resized to cover it, cropped, flipped; with
+    squash (SQUASH_WHOLE / SQUASH_CENTER) textual_inversion.py's: the whole image or its centre square resized to
+    `size`. A mask goes through this with its image's arguments, so it follows the pixels exactly."""
     th, tw = _size_hw(size)
+    if squash:
+        left, top, side_w, side_h = _squash_box(*img.size, squash)
+        img = img.crop((left, top, left + side_w, top + side_h)).resize((tw, th), resample)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
     nw, nh, left, top = _cover_box(*img.size, size, crop_xy)
     img = img.resize((nw, nh), resample).crop((left, top, left + tw, top + th))
     return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
 
 def to_tensor(img: Image.Image, resolution, *, crop_xy: tuple[float, float] | None, flip: bool,
-              resample=Image.BILINEAR) -> torch.Tensor:
+              resample=Image.BILINEAR, squash: str | None = None) -> torch.Tensor:
     """(3, h, w) float in [-1, 1] of fit(); resolution: an int (a square) or (h, w). crop_xy None = center
     crop, else the crop's relative position."""
-    arr = np.asarray(fit(img, resolution, crop_xy=crop_xy, flip=flip, resample=resample), dtype=np.float32)
-    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    view = fit(img, resolution, crop_xy=crop_xy, flip=flip, resample=resample, squash=squash)
+    if squash:  # textual_inversion.py scales in float64, then rounds to float32 (differs in the last bit)
+        arr = (np.asarray(view, dtype=np.uint8) / 127.5 - 1.0).astype(np.float32)
+    else:  # float32 throughout: bitwise torchvision's ToTensor() + Normalize([0.5], [0.5])
+        arr = np.asarray(view, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def resized_size(width: int, height: int, resolution) -> tuple[int, int]:
@@ -261,13 +288,18 @@ def resized_size(width: int, height: int, resolution) -> tuple[int, int]:
     return _cover_box(width, height, resolution, None)[:2]
 
 
-def crop_geometry(width: int, height: int, resolution, crop_xy=None, *, flip: bool = False):
+def crop_geometry(width: int, height: int, resolution, crop_xy=None, *, flip: bool = False,
+                  squash: str | None = None):
     """((orig_h, orig_w), (crop_top, crop_left)) of to_tensor's view of a width x height image.
 
     Same arithmetic as to_tensor: resized to cover `resolution` (a square, or (h, w)), the crop at the
     relative position crop_xy (None: centered). With flip, the crop's left edge is given in the mirrored
-    resized image, as diffusers' train_dreambooth_lora_sdxl.py does (it flips before cropping).
+    resized image, as diffusers' train_dreambooth_lora_sdxl.py does (it flips before cropping). Squashed views
+    give the square's place in the original image (0, 0 for the whole image).
     """
+    if squash:
+        left, top, side, _ = _squash_box(width, height, squash)
+        return (height, width), (top, width - side - left if flip else left)
     nw, _, left, top = _cover_box(width, height, resolution, crop_xy)
     if flip:
         left = nw - _size_hw(resolution)[1] - left
@@ -284,11 +316,13 @@ class ImageSet:
     """
 
     def __init__(self, files: list[Path], resolution: int, *, center_crop: bool, random_flip: bool,
-                 interpolation: str | None = None, buckets: list[tuple[int, int]] | None = None):
+                 interpolation: str | None = None, buckets: list[tuple[int, int]] | None = None,
+                 image_fit: str = "cover"):
         self.files = files
         self.resample = RESAMPLE[interpolation or "bilinear"]
         self.resolution = resolution
         self.center_crop = center_crop
+        self.squash = (SQUASH_CENTER if center_crop else SQUASH_WHOLE) if image_fit == "squash" else None
         self.random_flip = random_flip
         loaded = [load_image(f) for f in files]  # opened once: bad files fail before training
         self.images = [im for im, _ in loaded]
@@ -303,7 +337,13 @@ class ImageSet:
         if small:
             _say("warning", f"{where}: {len(small)} image(s) smaller than half the training resolution "
                             f"{resolution} (short side < {resolution / 2:g}), upscaled: {_names(small)}")
-        self._note_extreme_aspect(where, buckets)
+        if self.squash == SQUASH_WHOLE:
+            odd = [f"{f.name} ({im.size[0]}x{im.size[1]})" for f, im in zip(files, self.images) if im.size[0] != im.size[1]]
+            if odd:
+                _say("note", f"{where}: {len(odd)} image(s) not square, squashed to the square (--image_fit squash, "
+                             f"as textual_inversion.py; their proportions change): {_names(odd)}")
+        else:
+            self._note_extreme_aspect(where, buckets)
 
     def _note_extreme_aspect(self, where: str, buckets) -> None:
         """Panoramas and the like: each training view is a square (or the nearest bucket), so it keeps short/long of
@@ -331,11 +371,13 @@ class ImageSet:
 
     def cacheable(self, i: int, size=None) -> bool:
         """Whether image i's view at `size` (None: the resolution square; or a bucket (h, w)) is always the
-        same: centre crops, and images of the view's own aspect ratio (nothing to crop)."""
+        same: centre crops, squashed views, and images of the view's own aspect ratio (nothing to crop)."""
+        if self.squash or self.center_crop:
+            return True
         if size is None:
-            return self.center_crop or self.square[i]
+            return self.square[i]
         w, h = self.images[i].size
-        return self.center_crop or w * size[0] == h * size[1]
+        return w * size[0] == h * size[1]
 
     def variants(self, i: int) -> list[bool]:
         return [False, True] if self.random_flip else [False]
@@ -347,7 +389,7 @@ class ImageSet:
     def pixels(self, i: int, crop_xy, flip: bool, size=None) -> torch.Tensor:
         """(3, h, w) pixels of image i's view at `size` (None: the resolution square) for a drawn crop/flip."""
         return to_tensor(self.images[i], self.resolution if size is None else size, crop_xy=crop_xy, flip=flip,
-                         resample=self.resample)
+                         resample=self.resample, squash=self.squash)
 
     def tensor(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
         """A training view of image i drawn with `gen`: (pixels, flipped)."""
@@ -373,7 +415,7 @@ class ImageSet:
         w, h = self.images[i].size
         crop = None if self.cacheable(i, size) else crop_xy
         if size is None:
-            return crop_geometry(w, h, self.resolution, crop, flip=flip)
+            return crop_geometry(w, h, self.resolution, crop, flip=flip, squash=self.squash)
         return (*crop_geometry(w, h, size, crop, flip=flip), tuple(size))
 
 

@@ -95,7 +95,7 @@ class Masks:
         """(H, W) in [0, 1]: image i's mask through its view's resize, crop and flip."""
         im = self.images
         view = fit(self.masks[i], im.resolution if size is None else size, crop_xy=crop_xy, flip=flip,
-                   resample=im.resample)
+                   resample=im.resample, squash=im.squash)
         return torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0)
 
     def latent(self, i: int, crop_xy, flip: bool, size=None) -> torch.Tensor:

@@ -137,6 +137,9 @@ def _features(opts) -> None:
     if automatic and data.bucket_reso_steps > data.resolution:
         raise UserError(f"--bucket_reso_steps {data.bucket_reso_steps} is more than --resolution {data.resolution}: "
                         f"no bucket side fits; use e.g. --bucket_reso_steps {max(8, data.resolution // 8 // 8 * 8)}")
+    if spec and data.image_fit == "squash":
+        raise UserError("--image_fit squash resizes every image to the --resolution square; buckets keep each "
+                        "image's shape instead: drop one of them")
     buckets.buckets_of(data)  # (a list that does not parse: its one line)
     if data.keep_tokens < 0:
         raise UserError(f"--keep_tokens must be >= 0, got {data.keep_tokens}")

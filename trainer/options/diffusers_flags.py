@@ -143,10 +143,10 @@ def _differences(opts, script: str, given: set) -> list[tuple[object, str, objec
         differ(data, "random_flip", data.random_flip, True, "no flip (theirs: random flip p=0.5, --random_flip)")
         differ(data, "image_interpolation_mode", resize, "bicubic",
                f"resize {resize} (theirs: bicubic, --image_interpolation_mode bicubic)")
-        if not data.center_crop:  # their dataset squashes the whole image to a square; ours never distorts
-            out.append((None, "center_crop", False, "random square crop (theirs: no crop, the whole image squashed "
-                                                    "to a square; no flag gives that, --center_crop crops alike in "
-                                                    "both)"))
+        crop = "centre" if data.center_crop else "random"
+        theirs = "its centre square" if data.center_crop else "the whole image"
+        differ(data, "image_fit", data.image_fit, "squash", f"resize to cover, then a {crop} square crop (theirs: "
+               f"{theirs} resized to the square, --image_fit squash)")
     else:
         if not optim.use_8bit_adam:  # their --use_8bit_adam is an 8-bit AdamW too
             differ(optim, "optimizer", optim.optimizer, "adamw")

@@ -56,6 +56,7 @@ TI_LAYOUT = (
         "bucket_reso_steps", "loss_type", "huber_c", "huber_schedule", "use_ema", "ema_decay", "ema_device",
         "ema_dtype", "save_raw_weights")),
     ("ours (dbtrain's own)", ("instance_prompt", "caption_extension", "random_flip", "image_interpolation_mode",
+                              "image_fit",
                               "max_grad_norm", "snr_gamma", "optimizer", "kernels", "log_every", "device",
                               "ddp_timeout",
                               "prompt_without_identifier", "diffusers_defaults")),

@@ -53,6 +53,10 @@ class DataOptions:
     image_interpolation_mode: str | None = flag(
         None, "resize filter of the training images (not given: bilinear, as train_dreambooth.py; "
         "train_dreambooth_lora.py's is lanczos)", choices=INTERPOLATIONS)
+    image_fit: str = flag("cover", "cover: the short side resized to --resolution, then a square cropped (diffusers' "
+                          "DreamBooth scripts); squash: the whole image (with --center_crop its centre square) "
+                          "resized to the square, distorting non-square images (diffusers' textual_inversion.py)",
+                          choices=("cover", "squash"))
     tokenizer_max_length: int | None = flag(None, "tokens per prompt (not given: the tokenizer's model_max_length, "
                                             "77 for CLIP)", type=int)
     text_encoder_use_attention_mask: bool = flag(False, "pass the padding mask to the text encoder")
@@ -365,7 +369,7 @@ TRAIN_LAYOUT = (
         "pre_compute_text_embeddings", "dataloader_num_workers", "local_rank", "push_to_hub", "hub_token",
         "hub_model_id")),
     ("ours (dbtrain's own, not in diffusers' train_dreambooth.py)", (
-        "config", "identifier", "random_flip", "train_text_embedding", "text_embedding_frac", "text_embedding_lr",
+        "config", "identifier", "random_flip", "image_fit", "train_text_embedding", "text_embedding_frac", "text_embedding_lr",
         "placeholder_token", "initializer_token", "num_vectors", "class_inference_steps", "optimizer",
         "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard",
         "prompt_without_identifier", "card_gb", "estimate_only", "diffusers_defaults")),
