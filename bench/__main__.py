@@ -39,6 +39,7 @@ EXPERIMENTS: dict[str, str] = {
     "place": "bench.place",         # the PLACE classifier's own accuracy
     "export": "bench.export",       # single-file export of SD1.5 / SD2.1-sized models
     "features": "bench.features",   # issue 30: masks, buckets, EMA, Huber loss, concepts
+    "peers": "bench.peers",         # issue 29: against diffusers' own example scripts (needs a checkout)
 }
 
 
