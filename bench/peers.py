@@ -62,7 +62,7 @@ def check_examples(examples) -> str | None:
     if missing:
         return f"--diffusers_examples {examples} has no {', '.join(missing)}: give the examples/ folder of a checkout"
     try:
-        import torchvision  # noqa: F401
+        __import__("torchvision")
     except Exception as e:  # noqa: BLE001  (PyPI's wheel beside a CPU build of torch fails to import)
         return (f"diffusers' scripts need torchvision, which does not import here ({type(e).__name__}: {e}); "
                 f"install a matching torch + torchvision pair in a venv and run this there")
@@ -217,6 +217,36 @@ def train_part(a, rows_file: Path) -> list[dict]:
     return rows
 
 
+def _adapter_shapes(path: Path) -> dict:
+    """{module: (A shape, B shape)} of a diffusers LoRA file, either naming (lora_A/lora_B, lora.down/lora.up)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            for a_or_b, names in ((0, (".lora_A.weight", ".lora.down.weight")), (1, (".lora_B.weight", ".lora.up.weight"))):
+                for name in names:
+                    if key.endswith(name):
+                        out.setdefault(key[: -len(name)], [None, None])[a_or_b] = tuple(f.get_slice(key).get_shape())
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def adapters_part(a) -> list[dict]:
+    """The LoRA files of the train part's runs, module by module: which modules carry adapters, and their shapes."""
+    rows, info = [], env(a.diffusers_examples)
+    for seed in a.seeds:
+        files = {s: Path(a.work) / f"seed{seed}-lora-{s}" / "pytorch_lora_weights.safetensors"
+                 for s in ("dbtrain", "diffusers")}
+        if not all(f.is_file() for f in files.values()):
+            continue
+        ours, theirs = (_adapter_shapes(files[s]) for s in ("dbtrain", "diffusers"))
+        rows.append({"part": "adapters", "seed": seed, "modules_dbtrain": len(ours), "modules_diffusers": len(theirs),
+                     "only_dbtrain": sorted(set(ours) - set(theirs)), "only_diffusers": sorted(set(theirs) - set(ours)),
+                     "shapes_differ": sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k]),
+                     "files": {s: str(f) for s, f in files.items()}, **info})
+    return rows
+
+
 def their_fabric(examples, model):
     """diffusers' community FabricPipeline on the model's own parts (a copy of its own, as it patches the UNet)."""
     import importlib.util
@@ -304,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench peers", description=__doc__.strip().splitlines()[0])
     p.add_argument("what", nargs="?", choices=("run", "report"), default="run")
     p.add_argument("--diffusers_examples", metavar="DIR", help="examples/ folder of a diffusers checkout")
-    p.add_argument("--parts", default="transforms,train,fabric")
+    p.add_argument("--parts", default="transforms,train,adapters,fabric",
+                   help="adapters reads the LoRA files the train part left in --work")
     p.add_argument("--methods", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=STEPS)
@@ -327,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench peers: {problem}", file=sys.stderr)
         return 2
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
-    unknown = set(parts) - {"transforms", "train", "fabric"}
+    unknown = set(parts) - {"transforms", "train", "adapters", "fabric"}
     if unknown:
-        print(f"bench peers: unknown --parts {', '.join(sorted(unknown))}: transforms, train, fabric", file=sys.stderr)
+        print(f"bench peers: unknown --parts {', '.join(sorted(unknown))}: transforms, train, adapters, fabric",
+              file=sys.stderr)
         return 2
     Path(a.work).mkdir(parents=True, exist_ok=True)
     if "transforms" in parts:
@@ -341,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transforms: {sum(r['equal'] for r in rows)} of {len(rows)} views bitwise equal", flush=True)
     if "train" in parts:
         train_part(a, out / "train.jsonl")
+    if "adapters" in parts:
+        _write(out / "adapters.jsonl", adapters_part(a))
     if "fabric" in parts:
         _write(out / "fabric.jsonl", fabric_part(a))
     from bench.peers_report import write_report

@@ -72,6 +72,17 @@ def train_tables(rows: list[dict]) -> list[str]:
     return out
 
 
+def adapters_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        same = not (r["only_dbtrain"] or r["only_diffusers"] or r["shapes_differ"])
+        out.append(f"- seed {r['seed']}: dbtrain {r['modules_dbtrain']} adapted modules, diffusers "
+                   f"{r['modules_diffusers']}; " + ("the same modules with the same shapes" if same else
+                   f"only dbtrain: {r['only_dbtrain'][:5]}, only diffusers: {r['only_diffusers'][:5]}, shapes differ: "
+                   f"{r['shapes_differ'][:5]}"))
+    return out
+
+
 def fabric_table(rows: list[dict]) -> list[str]:
     out = ["| side | liked images | images | ms per image (median) | peak RSS above start (MiB) | similarity to the "
            "liked image, CLIP-like | DINO-like |", "|---|---|---|---|---|---|---|"]
@@ -89,7 +100,7 @@ def fabric_table(rows: list[dict]) -> list[str]:
 
 
 def write_report(out: Path) -> str:
-    t, tr, fa = (_read(out / f"{n}.jsonl") for n in ("transforms", "train", "fabric"))
+    t, tr, ad, fa = (_read(out / f"{n}.jsonl") for n in ("transforms", "train", "adapters", "fabric"))
     first = next(iter(t + tr + fa), {})
     lines = ["# dbtrain against diffusers' example scripts", "",
              f"`python -m bench peers --diffusers_examples DIR` (rows: `{out}/*.jsonl`, with their commands). "
@@ -104,6 +115,12 @@ def write_report(out: Path) -> str:
     if tr:
         lines += ["## Training: the same command line, as the script and as dbtrain (+ --diffusers_defaults)", ""]
         lines += train_tables(tr) + [""]
+    if ad:
+        lines += ["## LoRA files: the modules that carry adapters", "",
+                  "Both sides make the adapters with peft's LoraConfig(r=rank, lora_alpha=rank, "
+                  "init_lora_weights='gaussian') on the same target names; the saved files of the train part, "
+                  "compared module by module (diffusers' lora.down/lora.up read as lora_A/lora_B):", ""]
+        lines += adapters_lines(ad) + [""]
     if fa:
         s = fa[0]["settings"]
         lines += ["## FABRIC: `dbtrain fabric`'s sampler and diffusers' community FabricPipeline", "",

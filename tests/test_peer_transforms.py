@@ -32,7 +32,7 @@ def _torchvision_missing() -> str | None:
     if importlib.util.find_spec("torchvision") is None:
         return "torchvision is not installed"
     try:
-        import torchvision  # noqa: F401  (PyPI's wheel beside a local CPU torch build fails to import)
+        __import__("torchvision")  # (PyPI's wheel beside a local CPU torch build fails to import)
     except Exception as e:  # noqa: BLE001
         return f"torchvision does not import here ({type(e).__name__}: {e})"
     return None
