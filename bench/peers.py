@@ -217,18 +217,30 @@ def train_part(a, rows_file: Path) -> list[dict]:
     return rows
 
 
-def _adapter_shapes(path: Path) -> dict:
-    """{module: (A shape, B shape)} of a diffusers LoRA file, either naming (lora_A/lora_B, lora.down/lora.up)."""
-    from safetensors import safe_open
+_A_B = ((0, (".lora_A.weight", ".lora.down.weight")), (1, (".lora_B.weight", ".lora.up.weight")))
+
+
+def _adapters(path: Path) -> dict:
+    """{module: [A, B]} of a diffusers LoRA file, either naming (lora_A/lora_B, lora.down/lora.up)."""
+    from safetensors.torch import load_file
 
     out = {}
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            for a_or_b, names in ((0, (".lora_A.weight", ".lora.down.weight")), (1, (".lora_B.weight", ".lora.up.weight"))):
-                for name in names:
-                    if key.endswith(name):
-                        out.setdefault(key[: -len(name)], [None, None])[a_or_b] = tuple(f.get_slice(key).get_shape())
-    return {k: tuple(v) for k, v in out.items()}
+    for key, tensor in load_file(str(path)).items():
+        for a_or_b, names in _A_B:
+            for name in names:
+                if key.endswith(name):
+                    out.setdefault(key[: -len(name)], [None, None])[a_or_b] = tensor.float()
+    return out
+
+
+def _adapter_shapes(path: Path) -> dict:
+    """{module: (A shape, B shape)}."""
+    return {k: tuple(tuple(t.shape) for t in v) for k, v in _adapters(path).items()}
+
+
+def update_norm(path: Path) -> float:
+    """Frobenius norm of every module's weight change B @ A together (alpha = rank: scale 1)."""
+    return float(sum(float((b @ a).norm() ** 2) for a, b in _adapters(path).values()) ** 0.5)
 
 
 def adapters_part(a) -> list[dict]:
@@ -243,6 +255,7 @@ def adapters_part(a) -> list[dict]:
         rows.append({"part": "adapters", "seed": seed, "modules_dbtrain": len(ours), "modules_diffusers": len(theirs),
                      "only_dbtrain": sorted(set(ours) - set(theirs)), "only_diffusers": sorted(set(theirs) - set(ours)),
                      "shapes_differ": sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k]),
+                     "update_norm": {s: update_norm(f) for s, f in files.items()},
                      "files": {s: str(f) for s, f in files.items()}, **info})
     return rows
 

@@ -79,7 +79,9 @@ def adapters_lines(rows: list[dict]) -> list[str]:
         out.append(f"- seed {r['seed']}: dbtrain {r['modules_dbtrain']} adapted modules, diffusers "
                    f"{r['modules_diffusers']}; " + ("the same modules with the same shapes" if same else
                    f"only dbtrain: {r['only_dbtrain'][:5]}, only diffusers: {r['only_diffusers'][:5]}, shapes differ: "
-                   f"{r['shapes_differ'][:5]}"))
+                   f"{r['shapes_differ'][:5]}") + (f"; the trained update's norm (all modules' B @ A): dbtrain "
+                   f"{r['update_norm']['dbtrain']:.2f}, diffusers {r['update_norm']['diffusers']:.2f}"
+                   if "update_norm" in r else ""))
     return out
 
 
@@ -94,9 +96,10 @@ def fabric_table(rows: list[dict]) -> list[str]:
     for side in ("dbtrain", "diffusers"):
         two = {r["liked"]: r for r in rows if r["side"] == side}
         if len(two) == 2:
-            moved.append(f"{side} {two[1]['similarity_clip'][0] - two[0]['similarity_clip'][0]:+.3f}")
-    return out + (["", "Moved toward the liked image (CLIP-like, with minus without): " + ", ".join(moved)]
-                  if moved else [])
+            (m1, h1), (m0, h0) = two[1]["similarity_clip"], two[0]["similarity_clip"]
+            moved.append(f"{side} {m1 - m0:+.3f} ± {math.hypot(h1, h0):.3f}")
+    return out + (["", "Moved toward the liked image (CLIP-like, with minus without; ± the two half-widths "
+                   "combined in quadrature): " + ", ".join(moved)] if moved else [])
 
 
 def write_report(out: Path) -> str:

@@ -65,6 +65,7 @@ def test_lora_files_compared_across_namings(tmp_path):
     [row] = peers.adapters_part(A())
     assert row["only_dbtrain"] == ["unet.a.to_k"] and row["only_diffusers"] == ["unet.a.to_v"]
     assert row["shapes_differ"] == []
+    assert row["update_norm"] == {"dbtrain": 0.0, "diffusers": 0.0}  # B = 0: nothing trained
     assert "only dbtrain: ['unet.a.to_k']" in peers_report.adapters_lines([row])[0]
 
 
