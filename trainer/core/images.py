@@ -338,7 +338,8 @@ class ImageSet:
             _say("warning", f"{where}: {len(small)} image(s) smaller than half the training resolution "
                             f"{resolution} (short side < {resolution / 2:g}), upscaled: {_names(small)}")
         if self.squash == SQUASH_WHOLE:
-            odd = [f"{f.name} ({im.size[0]}x{im.size[1]})" for f, im in zip(files, self.images) if im.size[0] != im.size[1]]
+            odd = [f"{f.name} ({im.size[0]}x{im.size[1]})" for f, im in zip(files, self.images)
+                   if im.size[0] != im.size[1]]
             if odd:
                 _say("note", f"{where}: {len(odd)} image(s) not square, squashed to the square (--image_fit squash, "
                              f"as textual_inversion.py; their proportions change): {_names(odd)}")

@@ -369,7 +369,8 @@ TRAIN_LAYOUT = (
         "pre_compute_text_embeddings", "dataloader_num_workers", "local_rank", "push_to_hub", "hub_token",
         "hub_model_id")),
     ("ours (dbtrain's own, not in diffusers' train_dreambooth.py)", (
-        "config", "identifier", "random_flip", "image_fit", "train_text_embedding", "text_embedding_frac", "text_embedding_lr",
+        "config", "identifier", "random_flip", "image_fit", "train_text_embedding", "text_embedding_frac",
+        "text_embedding_lr",
         "placeholder_token", "initializer_token", "num_vectors", "class_inference_steps", "optimizer",
         "weights_dtype", "step_in_backward", "kernels", "log_every", "device", "ddp_timeout", "shard",
         "prompt_without_identifier", "card_gb", "estimate_only", "diffusers_defaults")),
