@@ -14,6 +14,7 @@ import json
 import runpy
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -28,13 +29,12 @@ def main(argv: list[str]) -> int:
     times: list[float] = []
     register_optimizer_step_post_hook(lambda *_: times.append(time.perf_counter()))
     code = 0
+    sys.argv = [target, *rest]
     try:
         if how == "-m":
-            sys.argv = [target, *rest]
             runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = [target, *rest]
-            sys.path.insert(0, str(__import__("pathlib").Path(target).resolve().parent))
+        else:  # as `python script.py` would: its folder first on the path
+            sys.path.insert(0, str(Path(target).resolve().parent))
             runpy.run_path(target, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,13 +37,13 @@ import time
 from pathlib import Path
 
 from bench import peer_transforms
+from bench.fabric import _write_rows
 
 OUT = Path("bench/results/peers")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"ti": "textual_inversion/textual_inversion.py", "lora": "dreambooth/train_dreambooth_lora.py",
            "full": "dreambooth/train_dreambooth.py"}
 FABRIC_PIPELINE = "community/pipeline_fabric.py"
-NAMES = {"ti": "Textual Inversion", "lora": "LoRA DreamBooth, rank 4", "full": "full DreamBooth"}
 # the recipe of bench/methods.py (300 steps, batch 2, constant lr) in the scripts' own flags
 STEPS, NUM_CLASS, EVAL_IMAGES, SAMPLE_STEPS, GUIDANCE = 300, 50, 8, 20, 5.0
 LR = {"ti": 5e-3, "lora": 3e-3, "full": 2e-4}
@@ -76,13 +77,12 @@ def script_version(examples) -> str:
 
 
 def env(examples=None) -> dict:
+    """bench fabric's environment fields, with the CPU named in `device`, diffusers and the scripts' version."""
     import diffusers
-    import torch
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
-    out = {"git": sha.strip(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "load_avg_1min": os.getloadavg()[0],
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from bench.fabric import _env
+
+    out = {**_env(), "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "diffusers": diffusers.__version__}
     if examples:
         out["examples_version"] = script_version(examples)
     return out
@@ -134,21 +134,18 @@ def steps_per_second(times_file: Path, skip: int = 5) -> tuple[int, float | None
 
 def draw_class_images(model, folder: Path, n: int) -> None:
     """The class images both sides read (drawn once here, so neither run draws them)."""
-    import torch
-
     from trainer.methods.outputs import load_pipeline
     from trainer.world import scenes
+    from trainer.world.evaluate import generate
 
     have = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(have) >= n:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model, "cpu")
-    gens = [torch.Generator().manual_seed(50_000 + k) for k in range(n)]
-    with torch.no_grad():
-        for k, im in enumerate(pipe([f"a {scenes.SUBJECT_CLASS}"] * n, num_inference_steps=SAMPLE_STEPS,
-                                    guidance_scale=GUIDANCE, generator=gens).images):
-            im.save(folder / f"class-{k:03d}.png")
+    prompt = f"a {scenes.SUBJECT_CLASS}"
+    for k, im in enumerate(generate(load_pipeline(model, "cpu"), [prompt], n, SAMPLE_STEPS, GUIDANCE, 50_000,
+                                    batch=n)[prompt]):
+        im.save(folder / f"class-{k:03d}.png")
 
 
 def pipeline_of(side: str, method: str, out: Path, model):
@@ -193,8 +190,7 @@ def train_part(a, rows_file: Path) -> list[dict]:
             sides = ("dbtrain", "diffusers") if (k + j) % 2 == 0 else ("diffusers", "dbtrain")
             for side in sides:
                 out = work / f"seed{seed}-{method}-{side}"
-                if out.exists():
-                    subprocess.run(["rm", "-rf", str(out)], check=True)
+                shutil.rmtree(out, ignore_errors=True)
                 argv = their_argv(method, MODEL_DIR, subject, class_dir, out, seed, a.steps)
                 times = work / f"seed{seed}-{method}-{side}.times.json"
                 cmd = _launch(side, method, argv, a.diffusers_examples, times)
@@ -209,7 +205,7 @@ def train_part(a, rows_file: Path) -> list[dict]:
                                **score(pipe, word, seed, scorer, real, a.eval_images, DEFAULT_PROMPTS))
                     del pipe
                 rows.append(row)
-                _write(rows_file, rows)
+                _write_rows(rows_file, rows)
                 print(f"seed {seed} {method} {side}: exit {code}, "
                       + (f"{row['steps_per_s']:.2f} steps/s, peak RSS {rss / 2**20:.0f} MiB, DINO "
                          f"{row['DINO']:.3f}" if code == 0 else f"see {work}/seed{seed}-{method}-{side}.log"),
@@ -333,15 +329,6 @@ def fabric_part(a) -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench peers", description=__doc__.strip().splitlines()[0])
@@ -382,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = peer_transforms.compare(Path(a.diffusers_examples), MODEL_DIR, Path(a.work) / "transforms")
         info = env(a.diffusers_examples)
-        _write(out / "transforms.jsonl", [{"part": "transforms", **r, **info} for r in rows])
+        _write_rows(out / "transforms.jsonl", [{"part": "transforms", **r, **info} for r in rows])
         print(f"transforms: {sum(r['equal'] for r in rows)} of {len(rows)} views bitwise equal", flush=True)
     if "train" in parts:
         train_part(a, out / "train.jsonl")
     if "adapters" in parts:
-        _write(out / "adapters.jsonl", adapters_part(a))
+        _write_rows(out / "adapters.jsonl", adapters_part(a))
     if "fabric" in parts:
-        _write(out / "fabric.jsonl", fabric_part(a))
+        _write_rows(out / "fabric.jsonl", fabric_part(a))
     from bench.peers_report import write_report
 
     print(write_report(out))

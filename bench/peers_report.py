@@ -6,6 +6,8 @@ import math
 import statistics
 from pathlib import Path
 
+from bench.fabric import _ci95
+
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
 NAMES = {"ti": "Textual Inversion", "lora": "LoRA DreamBooth, rank 4", "full": "full DreamBooth"}
 
@@ -16,11 +18,8 @@ def _read(path: Path) -> list[dict]:
 
 def _t95(xs: list[float]) -> str:
     """mean ± half-width of the 95% t-interval over seeds."""
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return f"{m:.3f}"
-    crit = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(xs), 2.0)
-    return f"{m:.3f} ± {crit * statistics.stdev(xs) / math.sqrt(len(xs)):.3f}"
+    m, h = _ci95(xs)
+    return f"{m:.3f}" if len(xs) < 2 else f"{m:.3f} ± {h:.3f}"
 
 
 def transforms_table(rows: list[dict]) -> list[str]:

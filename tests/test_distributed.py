@@ -130,6 +130,13 @@ def finish(procs, timeout=120):
     return res
 
 
+def two_ranks_with_and_without_shard(base: Path, model, two: Path, split: Path, extra: list[str]) -> None:
+    """The same run on 2 ranks at batch 1 into `two`, and with --shard into `split`; both must succeed."""
+    for out, more in ((two, []), (split, ["--shard"])):
+        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
+            assert code == 0, err[-3000:]
+
+
 def log(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
 
@@ -233,9 +240,7 @@ def sib(world):
     extra = ["--optimizer", "adamw8bit", "--step_in_backward", "--max_train_steps", "2"]
     one, two, split = base / "sib-one", base / "sib-two", base / "sib-shard"
     assert cli.main(argv(base, model, one, 2, *extra)) == 0
-    for out, more in ((two, []), (split, ["--shard"])):
-        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
-            assert code == 0, err[-3000:]
+    two_ranks_with_and_without_shard(base, model, two, split, extra)
     return one, two, split
 
 
@@ -324,9 +329,7 @@ def test_shard_with_the_token_rows_own_lr_equals_unsharded(world):
     extra = ["--train_text_embedding", "--text_embedding_lr", "1e-2", "--max_train_steps", "3",
              "--text_embedding_frac", "1"]
     two, split = base / "rows-two", base / "rows-shard"
-    for out, more in ((two, []), (split, ["--shard"])):
-        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
-            assert code == 0, err[-3000:]
+    two_ranks_with_and_without_shard(base, model, two, split, extra)
     assert [r["loss"] for r in log(split)] == [r["loss"] for r in log(two)]
     a, b = unet(two), unet(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -343,9 +346,7 @@ def test_shard_with_adamw4bit_equals_unsharded(world):
     base, model = world
     extra = ["--optimizer", "adamw4bit", "--max_train_steps", "2"]
     two, split = base / "four-two", base / "four-shard"
-    for out, more in ((two, []), (split, ["--shard"])):
-        for code, _, err in finish(launch(base, out, argv(base, model, out, 1, *extra, *more), out.name)):
-            assert code == 0, err[-3000:]
+    two_ranks_with_and_without_shard(base, model, two, split, extra)
     assert [r["loss"] for r in log(split)] == [r["loss"] for r in log(two)]
     a, b = unet(two), unet(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
